@@ -1,0 +1,117 @@
+"""The `ntsd` command: serve, check-config, status.
+
+Strategy: argparse subcommands; every expected failure (bad config, a port in use, a server not
+running) ends as one line on stderr and a documented exit status, never a traceback:
+0 success, 1 runtime failure, 2 configuration or usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import ConfigError, format_addr, iter_lines, load_config, parse_hostport
+from .core.auth import discover
+from .server.daemon import Daemon, StartupError, plugin_sections
+from .server.metrics import parse_text
+
+EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        return Daemon(args.config).run()
+    except ConfigError as exc:
+        print(f"ntsd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StartupError as exc:
+        print(f"ntsd: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file, plugin_sections(discover()))
+    except ConfigError as exc:
+        print(f"ntsd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{config.source}: OK")
+    for line in iter_lines(config):
+        print(f"  {line}")
+    return EXIT_OK
+
+
+def fetch_metrics(host: str, port: int, timeout: float = 3.0) -> str:
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        conn.sendall(b"GET /metrics HTTP/1.0\r\nHost: ntsd\r\n\r\n")
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200"):
+        raise OSError(f"unexpected answer: {head.splitlines()[0].decode(errors='replace') if head else 'nothing'}")
+    return body.decode()
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        if args.metrics:
+            host, port = parse_hostport(_CliWhere(), args.metrics, 9975)
+        else:
+            config = load_config(args.config, plugin_sections(discover()))
+            if config.metrics_listen is None:
+                print("ntsd: metrics are disabled in the configuration (metrics.listen)", file=sys.stderr)
+                return EXIT_CONFIG
+            host, port = config.metrics_listen
+    except ConfigError as exc:
+        print(f"ntsd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        text = fetch_metrics(host, port)
+    except OSError as exc:
+        print(f"ntsd: cannot read metrics from {format_addr((host, port))}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if args.raw:
+        sys.stdout.write(text)
+        return EXIT_OK
+    values = parse_text(text)
+    width = max((len(k) for k in values), default=10)
+    for name in sorted(values):
+        print(f"{name.removeprefix('ntsd_'):<{width}} {values[name]:g}")
+    return EXIT_OK
+
+
+class _CliWhere:
+    """Lets parse_hostport report command-line mistakes as ConfigError."""
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError("command line", None, "--metrics", message)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ntsd", description="NTS, NTP, legacy MAC and MS-SNTP time server")
+    parser.add_argument("--version", action="version", version=f"ntsd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the server (embedded default configuration without --config)")
+    p.add_argument("--config", "-c", metavar="FILE")
+    p.set_defaults(func=_serve)
+    p = sub.add_parser("check-config", help="validate a configuration file and exit")
+    p.add_argument("file", nargs="?", help="file to check (the embedded default if omitted)")
+    p.set_defaults(func=_check_config)
+    p = sub.add_parser("status", help="show a running server's counters")
+    p.add_argument("--config", "-c", metavar="FILE", help="find the metrics address in this file")
+    p.add_argument("--metrics", metavar="ADDR:PORT", help="metrics address (overrides --config)")
+    p.add_argument("--raw", action="store_true", help="print the Prometheus text as served")
+    p.set_defaults(func=_status)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""YAML configuration, validated on load, with errors that name file, line and key.
+
+Strategy: PyYAML's safe composer yields a node tree that keeps each value's line; `Node` wraps it so
+validators read typed values and raise `ConfigError` pointing at the offending line. Each section
+becomes a frozen settings object; unknown keys are errors (typos must not pass silently). Sections
+owned by authenticator plugins (`nts`, `mac`, `mssntp`) are validated by the plugins themselves.
+The embedded default serves plain NTP on loopback so the daemon runs with no file at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .core.clockstate import ClockSettings
+from .core.policy import Network, RateSettings
+
+DEFAULT_CONFIG = """\
+# ntsd embedded default: plain NTP on loopback, metrics on loopback.
+ntp:
+  listen: ["127.0.0.1:123", "[::1]:123"]
+  workers: 1
+access:
+  allow: []
+  deny: []
+  deny_action: kod
+rate_limit:
+  enabled: true
+clock:
+  stratum: 2
+  reference_id: KERN
+  local_reference: false
+log:
+  level: info
+metrics:
+  listen: "127.0.0.1:9975"
+"""
+
+PLUGIN_SECTIONS = ("nts", "mac", "mssntp")
+
+
+class ConfigError(Exception):
+    """A configuration problem at a known place: str() is 'FILE:LINE: KEY: message'."""
+
+    def __init__(self, source: str, line: int | None, key: str, message: str) -> None:
+        self.source, self.line, self.key, self.message = source, line, key, message
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+class Node:
+    """A YAML node with its location, for validators."""
+
+    __slots__ = ("node", "source", "key")
+
+    def __init__(self, node: yaml.Node | None, source: str, key: str) -> None:
+        self.node, self.source, self.key = node, source, key
+
+    @property
+    def line(self) -> int | None:
+        return self.node.start_mark.line + 1 if self.node is not None else None
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(self.source, self.line, self.key, message)
+
+    @property
+    def is_null(self) -> bool:
+        return self.node is None or (isinstance(self.node, yaml.ScalarNode) and self.node.tag.endswith(":null"))
+
+    def mapping(self, allowed: tuple[str, ...] | None = None) -> dict[str, Node]:
+        if self.is_null:
+            return {}
+        if not isinstance(self.node, yaml.MappingNode):
+            raise self.error("expected a mapping of keys to values")
+        out: dict[str, Node] = {}
+        for knode, vnode in self.node.value:
+            name = knode.value if isinstance(knode, yaml.ScalarNode) else None
+            child_key = f"{self.key}.{name}" if self.key else str(name)
+            if not isinstance(name, str) or not name:
+                raise ConfigError(self.source, knode.start_mark.line + 1, self.key, "keys must be plain names")
+            if name in out:
+                raise ConfigError(self.source, knode.start_mark.line + 1, child_key, "duplicate key")
+            if allowed is not None and name not in allowed:
+                raise ConfigError(
+                    self.source, knode.start_mark.line + 1, child_key, f"unknown key (expected one of: {', '.join(allowed)})"
+                )
+            out[name] = Node(vnode, self.source, child_key)
+        return out
+
+    def items(self) -> list[Node]:
+        if self.is_null:
+            return []
+        if not isinstance(self.node, yaml.SequenceNode):
+            raise self.error("expected a list")
+        return [Node(v, self.source, f"{self.key}[{i}]") for i, v in enumerate(self.node.value)]
+
+    def scalar(self) -> Any:
+        if not isinstance(self.node, yaml.ScalarNode):
+            raise self.error("expected a single value")
+        return _construct(self.node)
+
+    def string(self) -> str:
+        value = self.scalar()
+        if not isinstance(value, str) or not value:
+            raise self.error("expected a non-empty string")
+        return value
+
+    def boolean(self) -> bool:
+        value = self.scalar()
+        if not isinstance(value, bool):
+            raise self.error("expected true or false")
+        return value
+
+    def integer(self, lo: int, hi: int) -> int:
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.error(f"expected a whole number from {lo} to {hi}")
+        return value
+
+    def number(self, lo: float, hi: float) -> float:
+        value = self.scalar()
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise self.error(f"expected a number from {lo:g} to {hi:g}")
+        return float(value)
+
+    def choice(self, *options: str) -> str:
+        value = self.scalar()
+        if value not in options:
+            raise self.error(f"expected one of: {', '.join(options)}")
+        return str(value)
+
+    def network(self) -> Network:
+        text = self.string() if not isinstance(self.scalar(), int) else str(self.scalar())
+        try:
+            return ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise self.error(f"{text!r} is not an IP address or CIDR network") from None
+
+    def address(self, default_port: int | None = None) -> tuple[str, int]:
+        return parse_hostport(self, self.string(), default_port)
+
+
+def _construct(node: yaml.ScalarNode) -> Any:
+    """The Python value of a scalar node, by the safe loader's own tag rules."""
+    return yaml.SafeLoader("").construct_object(node, deep=True)
+
+
+def parse_hostport(where: Node, text: str, default_port: int | None) -> tuple[str, int]:
+    """'127.0.0.1:123', '[::1]:123', or a bare address when a default port is given."""
+    host, port_text = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or (end + 1 < len(text) and text[end + 1] != ":"):
+            raise where.error(f"{text!r}: IPv6 addresses are written [ADDRESS]:PORT")
+        host, port_text = text[1:end], text[end + 2 :] if end + 1 < len(text) else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise where.error(f"{text!r}: {host!r} is not an IP address") from None
+    if port_text is None:
+        if default_port is None:
+            raise where.error(f"{text!r}: a port is required (ADDRESS:PORT)")
+        return str(ip), default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise where.error(f"{text!r}: port must be 1 to 65535")
+    return str(ip), int(port_text)
+
+
+@dataclass(frozen=True, slots=True)
+class NtpSettings:
+    listen: tuple[tuple[str, int], ...]
+    workers: int = 1
+    user: str | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessSettings:
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+    deny_kod: bool = True
+    require_auth: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: int = logging.INFO
+    file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    ntp: NtpSettings
+    access: AccessSettings = AccessSettings()
+    rate_limit: RateSettings | None = RateSettings()
+    clock: ClockSettings = ClockSettings()
+    log: LogSettings = LogSettings()
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9975)
+    plugins: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _ntp(node: Node) -> NtpSettings:
+    m = node.mapping(("listen", "workers", "user", "group"))
+    listen = tuple(n.address() for n in m["listen"].items()) if "listen" in m else (("127.0.0.1", 123), ("::1", 123))
+    if not listen:
+        raise (m["listen"] if "listen" in m else node).error("at least one listen address is required")
+    if len(set(listen)) != len(listen):
+        raise m["listen"].error("the same address is listed twice")
+    return NtpSettings(
+        listen=listen,
+        workers=m["workers"].integer(1, 64) if "workers" in m else 1,
+        user=m["user"].string() if "user" in m and not m["user"].is_null else None,
+        group=m["group"].string() if "group" in m and not m["group"].is_null else None,
+    )
+
+
+def _access(node: Node) -> AccessSettings:
+    m = node.mapping(("allow", "deny", "deny_action", "require_auth"))
+
+    def nets(key: str) -> tuple[Network, ...]:
+        return tuple(n.network() for n in m[key].items()) if key in m else ()
+
+    return AccessSettings(
+        allow=nets("allow"),
+        deny=nets("deny"),
+        deny_kod=m["deny_action"].choice("kod", "ignore") == "kod" if "deny_action" in m else True,
+        require_auth=nets("require_auth"),
+    )
+
+
+def _rate_limit(node: Node) -> RateSettings | None:
+    m = node.mapping(("enabled", "rate", "burst", "max_clients", "action", "kod_interval"))
+    if "enabled" in m and not m["enabled"].boolean():
+        return None
+    d = RateSettings()
+    return RateSettings(
+        rate=m["rate"].number(0.001, 1e6) if "rate" in m else d.rate,
+        burst=m["burst"].integer(1, 1_000_000) if "burst" in m else d.burst,
+        max_clients=m["max_clients"].integer(16, 10_000_000) if "max_clients" in m else d.max_clients,
+        kod=m["action"].choice("kod", "ignore") == "kod" if "action" in m else d.kod,
+        kod_interval=m["kod_interval"].number(0, 3600) if "kod_interval" in m else d.kod_interval,
+    )
+
+
+def _reference_id(node: Node) -> bytes:
+    text = str(node.scalar())
+    try:
+        return ipaddress.IPv4Address(text).packed
+    except ValueError:
+        pass
+    if not 1 <= len(text) <= 4 or not text.isascii() or not text.isprintable():
+        raise node.error("expected an IPv4 address or 1 to 4 printable ASCII characters")
+    return text.encode().ljust(4, b"\0")
+
+
+def _clock(node: Node) -> ClockSettings:
+    m = node.mapping(("stratum", "reference_id", "local_reference", "root_delay", "root_dispersion"))
+    d = ClockSettings()
+    return ClockSettings(
+        stratum=m["stratum"].integer(1, 15) if "stratum" in m else d.stratum,
+        reference_id=_reference_id(m["reference_id"]) if "reference_id" in m else d.reference_id,
+        local_reference=m["local_reference"].boolean() if "local_reference" in m else d.local_reference,
+        root_delay=m["root_delay"].number(0, 16) if "root_delay" in m else d.root_delay,
+        root_dispersion=m["root_dispersion"].number(0, 16) if "root_dispersion" in m else d.root_dispersion,
+    )
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _log(node: Node) -> LogSettings:
+    m = node.mapping(("level", "file"))
+    return LogSettings(
+        level=_LEVELS[m["level"].choice(*_LEVELS)] if "level" in m else logging.INFO,
+        file=m["file"].string() if "file" in m and not m["file"].is_null else None,
+    )
+
+
+def _metrics(node: Node) -> tuple[str, int] | None:
+    m = node.mapping(("listen",))
+    if "listen" not in m or m["listen"].is_null:
+        return None
+    return m["listen"].address()
+
+
+_SECTIONS: dict[str, Callable[[Node], Any]] = {
+    "ntp": _ntp,
+    "access": _access,
+    "rate_limit": _rate_limit,
+    "clock": _clock,
+    "log": _log,
+    "metrics": _metrics,
+}
+
+
+def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = None) -> Config:
+    """Validate YAML `text`. `plugins` maps section name -> class with parse_config(Node)."""
+    plugins = plugins or {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(source, line, "", f"not valid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, None, "", f"not valid YAML: {exc}") from None
+    top = Node(root, source, "").mapping(tuple(_SECTIONS) + PLUGIN_SECTIONS)
+    values: dict[str, Any] = {}
+    for name, fn in _SECTIONS.items():
+        if name in top:
+            values[name] = fn(top[name])
+    if "ntp" not in values:
+        values["ntp"] = _ntp(Node(None, source, "ntp"))
+    plugin_values: dict[str, Any] = {}
+    for name in PLUGIN_SECTIONS:
+        if name not in top:
+            continue
+        if name not in plugins:
+            raise ConfigError(source, top[name].line, name, "no installed authenticator plugin provides this section")
+        plugin_values[name] = plugins[name].parse_config(top[name])
+    return Config(
+        source=source,
+        ntp=values["ntp"],
+        access=values.get("access", AccessSettings()),
+        rate_limit=values.get("rate_limit", RateSettings()),
+        clock=values.get("clock", ClockSettings()),
+        log=values.get("log", LogSettings()),
+        metrics_listen=values["metrics"] if "metrics" in values else ("127.0.0.1", 9975),
+        plugins=plugin_values,
+    )
+
+
+def load_config(path: str | None, plugins: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate `path` (or the embedded default when None)."""
+    if path is None:
+        return parse_config(DEFAULT_CONFIG, "<default>", plugins)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(1 << 20)
+    except OSError as exc:
+        raise ConfigError(path, None, "", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, "", "not UTF-8 text") from None
+    return parse_config(text, path, plugins)
+
+
+def iter_lines(config: Config) -> Iterator[str]:
+    """A human summary for logs and check-config."""
+    yield f"ntp listen: {', '.join(format_addr(a) for a in config.ntp.listen)} (workers {config.ntp.workers})"
+    if config.metrics_listen:
+        yield f"metrics: http://{format_addr(config.metrics_listen)}/metrics"
+    for name in config.plugins:
+        yield f"authenticator section: {name}"
+
+
+def format_addr(addr: tuple[str, int]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

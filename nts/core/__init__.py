@@ -1,0 +1,1 @@
+"""The association core: one sans-IO request pipeline shared by every authentication mode."""

@@ -1,0 +1,87 @@
+"""The authenticator interface and its registry.
+
+Strategy: every authentication mode (none, NTS, legacy MAC, MS-SNTP) is a plugin behind one small
+interface, registered under the entry-point group `ntsd.authenticators`, so `nts` names none of
+them. The pipeline asks each enabled plugin, in `order`, whether a request's shape is its
+(`matches`); the first that says yes builds the whole answer in `respond`, using the pipeline's
+`ReplyContext` for the header so every mode shares one notion of server state and time.
+A plugin's config section (`section`) is validated by the plugin itself through `parse_config`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from ..wire.packet import Packet
+from .decisions import Drop, Nak
+
+if TYPE_CHECKING:
+    from .decisions import Defer
+
+ENTRY_POINT_GROUP = "ntsd.authenticators"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A mode-3 request that got past the policy steps, with everything a plugin may need."""
+
+    data: bytes
+    packet: Packet
+    client: tuple[str, int]
+    rx_ns: int
+    local: object = None
+
+
+class ReplyContext(Protocol):
+    """What the pipeline offers plugins for building answers."""
+
+    def reply_header(self, request: bytes, rx_ns: int) -> bytes:
+        """The 48-byte mode-4 header for `request`, transmit timestamp taken now."""
+        ...
+
+    def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:
+        """A 48-byte Kiss-o'-Death reply to `request`."""
+        ...
+
+
+class Authenticator(ABC):
+    """One authentication mode. Instances are built from the plugin's validated config section."""
+
+    name: ClassVar[str]  # registry name and metrics label
+    section: ClassVar[str | None] = None  # config section that enables it (None: always on)
+    order: ClassVar[int] = 100  # lower is asked first
+    bare: ClassVar[bool] = False  # answers bare 48-byte requests (the plain mode only)
+
+    @classmethod
+    def parse_config(cls, node: Any, where: Any) -> Any:
+        """Validate this plugin's config section; raise nts.config.ConfigError with a location."""
+        return node
+
+    @abstractmethod
+    def matches(self, request: Request) -> bool:
+        """Whether the request's shape is this mode's (cheap; no cryptography)."""
+
+    @abstractmethod
+    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:
+        """Verify, build and seal the answer."""
+
+    async def complete(self, job: object) -> bytes | None:
+        """Finish a deferred reply (asynchronous signers only)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources (sockets, files) at shutdown or after a reload replaced it."""
+
+
+def discover() -> dict[str, type[Authenticator]]:
+    """All installed authenticator plugins by name."""
+    found: dict[str, type[Authenticator]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Authenticator)):
+            raise TypeError(f"entry point {ep.name!r} is not an Authenticator")
+        found[cls.name] = cls
+    return found

@@ -1,0 +1,68 @@
+"""What the pipeline decides for a datagram, and the counters it reports to.
+
+Strategy: the hot path must not allocate more than it has to, so a time reply is returned as plain
+`bytes`; drops are preallocated `Drop` singletons (one per reason); `Nak` is what an authenticator
+returns for a negative answer it wants sent (crypto-NAK, NTS NAK); `Defer` hands a job to an
+authenticator's asynchronous part (MS-SNTP signing). Counters are a flat dict keyed by label tuples,
+so a snapshot can be summed across worker processes and rendered as Prometheus text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from .auth import Authenticator
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """No reply. `reason` is a stable metrics label."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Nak:
+    """A negative reply an authenticator wants sent (counted apart from time replies)."""
+
+    data: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """The reply is finished asynchronously by `authenticator.complete(job)`."""
+
+    authenticator: Authenticator
+    job: object
+    client: tuple[str, int]
+
+
+Decision = Union[bytes, Drop, Defer]
+
+_drops: dict[str, Drop] = {}
+
+
+def drop(reason: str) -> Drop:
+    """The shared Drop for `reason` (so the hot path allocates nothing to drop)."""
+    d = _drops.get(reason)
+    if d is None:
+        d = _drops[reason] = Drop(reason)
+    return d
+
+
+class Stats:
+    """Counters keyed by (metric, label...). Cheap enough for the per-packet path."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def inc(self, key: tuple[str, ...], n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def snapshot(self) -> dict[tuple[str, ...], int]:
+        return dict(self.counts)

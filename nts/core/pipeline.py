@@ -1,0 +1,191 @@
+"""The association core: one pipeline for every datagram, whatever its authentication mode.
+
+Strategy: `handle(data, client, rx_ns, local)` runs parse -> access -> rate -> authenticator ->
+reply -> length guard and returns a Decision (reply bytes, a Drop, or a Defer), counting the outcome
+in `stats`. Only mode-3 requests of versions 1-4 are answered. The common case (a bare 48-byte
+request in plain mode) takes the same steps without building a Packet: the header's first byte
+gives mode and version, and the reply is assembled from bytes prebuilt whenever the server state
+changes. Time comes in: `rx_ns` per call, and the injected `clock()` for the transmit timestamp,
+read as the last step before the reply is returned.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+
+from ..wire.errors import ParseError
+from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, Packet, kiss_of_death, parse_header, split_body
+from ..wire.timestamps import NTP_UNIX_OFFSET
+from .auth import Authenticator, Request
+from .clockstate import ServerState
+from .decisions import Decision, Defer, Drop, Nak, Stats, drop
+from .policy import ALLOW, DENIED, RATE_KOD, RATE_OK, AccessPolicy, NetworkSet, RateLimiter
+
+_TS2 = struct.Struct(">QQ")
+_NS = 1_000_000_000
+
+# Stable counter keys, prebuilt so the hot path does not build tuples.
+K_REQUESTS = ("requests",)
+_MODE_DROPS = {m: drop(f"mode_{m}") for m in range(8)}
+_D_SHORT = drop("too_short")
+_D_VERSION = drop("bad_version")
+_D_ACCESS = drop("access_denied")
+_D_RATE = drop("rate_limited")
+_D_NOAUTH = drop("no_authenticator")
+_D_REQUIRE_AUTH = drop("auth_required")
+_D_TOO_LONG = drop("reply_too_long")
+
+
+def ntp64(ns: int) -> int:
+    sec, rem = divmod(ns, _NS)
+    return (((sec + NTP_UNIX_OFFSET) & 0xFFFFFFFF) << 32) | ((rem << 32) // _NS)
+
+
+class Pipeline:
+    """Turns datagrams into decisions. Not thread-safe; one per event loop."""
+
+    def __init__(
+        self,
+        *,
+        state: ServerState,
+        authenticators: Sequence[Authenticator],
+        clock: Callable[[], int],
+        stats: Stats | None = None,
+        access: AccessPolicy | None = None,
+        deny_kod: bool = True,
+        rate: RateLimiter | None = None,
+        require_auth: NetworkSet | None = None,
+    ) -> None:
+        self.stats = stats if stats is not None else Stats()
+        self.clock = clock
+        self._auths = sorted(authenticators, key=lambda a: a.order)
+        self._bare = next((a for a in self._auths if a.bare), None)
+        self._access = None if access is None or access.open else access
+        self._deny_kod = deny_kod
+        self._rate = rate
+        self._require_auth = require_auth if require_auth is not None and require_auth.networks else None
+        self._k_replies = {a.name: ("replies", a.name) for a in self._auths}
+        self.set_state(state)
+
+    @property
+    def authenticators(self) -> tuple[Authenticator, ...]:
+        return tuple(self._auths)
+
+    def set_state(self, state: ServerState) -> None:
+        """Rebuild the reply bytes that depend only on the server state."""
+        self.state = state
+        self._first = [bytes(((state.leap << 6) | (v << 3) | 4, state.stratum)) for v in range(8)]
+        self._middle = struct.pack(
+            ">bII4sQ", state.precision, state.root_delay, state.root_dispersion, state.reference_id, state.reference_ts
+        )
+
+    # -- the ReplyContext plugins use ------------------------------------------------------------
+    def reply_header(self, request: bytes, rx_ns: int) -> bytes:
+        return b"".join(
+            (
+                self._first[(request[0] >> 3) & 7],
+                request[2:3],
+                self._middle,
+                request[40:48],
+                _TS2.pack(ntp64(rx_ns), ntp64(self.clock())),
+            )
+        )
+
+    def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:
+        return kiss_of_death(request, code, ntp64(rx_ns), ntp64(self.clock()))
+
+    # -- the pipeline -------------------------------------------------------------------------------
+    def handle(self, data: bytes, client: tuple[str, int], rx_ns: int, local: object = None) -> Decision:
+        counts = self.stats.counts
+        counts[K_REQUESTS] = counts.get(K_REQUESTS, 0) + 1
+        n = len(data)
+        if n < HEADER_LEN:
+            return self._drop(_D_SHORT)
+        b0 = data[0]
+        if b0 & 7 != 3:
+            return self._drop(_MODE_DROPS[b0 & 7])
+        version = (b0 >> 3) & 7
+        if version < 1 or version > 4:
+            return self._drop(_D_VERSION)
+        ip = client[0]
+        if self._access is not None:
+            verdict = self._access.check(ip)
+            if verdict != ALLOW:
+                if not self._deny_kod:
+                    return self._drop(_D_ACCESS)
+                self._count(("kod", "DENY" if verdict == DENIED else "RSTR"))
+                self._drop(_D_ACCESS)
+                return self.kiss(data, KISS_DENY if verdict == DENIED else KISS_RSTR, rx_ns)
+        if self._rate is not None:
+            limited = self._rate.check(ip, rx_ns)
+            if limited != RATE_OK:
+                self._drop(_D_RATE)
+                if limited == RATE_KOD:
+                    self._count(("kod", "RATE"))
+                    return self.kiss(data, KISS_RATE, rx_ns)
+                return _D_RATE
+        if n == HEADER_LEN and self._bare is not None:
+            if self._require_auth is not None and ip in self._require_auth:
+                return self._drop(_D_REQUIRE_AUTH)
+            key = self._k_replies[self._bare.name]
+            counts[key] = counts.get(key, 0) + 1
+            return b"".join(
+                (
+                    self._first[version],
+                    data[2:3],
+                    self._middle,
+                    data[40:48],
+                    _TS2.pack(ntp64(rx_ns), ntp64(self.clock())),
+                )
+            )
+        return self._authenticated(data, client, rx_ns, local, version)
+
+    def _authenticated(self, data: bytes, client: tuple[str, int], rx_ns: int, local: object, version: int) -> Decision:
+        try:
+            fields, trailer = split_body(data, version)
+        except ParseError as exc:
+            return self._drop(drop(f"malformed_{exc.code}"))
+        request = Request(data, Packet(parse_header(data), fields, trailer), client, rx_ns, local)
+        for auth in self._auths:
+            if auth.matches(request):
+                break
+        else:
+            return self._drop(_D_NOAUTH)
+        if auth.bare and self._require_auth is not None and client[0] in self._require_auth:
+            return self._drop(_D_REQUIRE_AUTH)
+        result = auth.respond(request, self)
+        if isinstance(result, bytes):
+            if len(result) > len(data):
+                return self._drop(_D_TOO_LONG)
+            self._count(self._k_replies[auth.name])
+            return result
+        if isinstance(result, Nak):
+            if len(result.data) > len(data):
+                return self._drop(_D_TOO_LONG)
+            self._count(("naks", auth.name, result.reason))
+            return result.data
+        if isinstance(result, Drop):
+            return self._drop(result)
+        assert isinstance(result, Defer)
+        self._count(("deferred", auth.name))
+        return result
+
+    def check_deferred(self, request: bytes, reply: bytes | None, name: str, reason: str = "failed") -> bytes | None:
+        """Apply the final guard and counters to a deferred reply when it arrives (or fails)."""
+        if reply is None:
+            self._count(("drops", f"{name}_{reason}"))
+            return None
+        if len(reply) > len(request):
+            self._drop(_D_TOO_LONG)
+            return None
+        self._count(self._k_replies[name])
+        return reply
+
+    def _count(self, key: tuple[str, ...]) -> None:
+        counts = self.stats.counts
+        counts[key] = counts.get(key, 0) + 1
+
+    def _drop(self, d: Drop) -> Drop:
+        self._count(("drops", d.reason))
+        return d

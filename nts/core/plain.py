@@ -1,0 +1,21 @@
+"""The unauthenticated mode: a bare header in, a bare header out."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from .auth import Authenticator, ReplyContext, Request
+
+
+class PlainAuthenticator(Authenticator):
+    """Answers requests that carry no authentication (unknown extension fields are ignored)."""
+
+    name: ClassVar[str] = "none"
+    order: ClassVar[int] = 1000
+    bare: ClassVar[bool] = True
+
+    def matches(self, request: Request) -> bool:
+        return not request.packet.trailer
+
+    def respond(self, request: Request, ctx: ReplyContext) -> bytes:
+        return ctx.reply_header(request.data, request.rx_ns)

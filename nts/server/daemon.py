@@ -1,0 +1,434 @@
+"""The daemon: binds sockets, runs the pipeline, reloads on SIGHUP, stops cleanly on SIGTERM/SIGINT.
+
+Strategy: everything privileged happens first (bind every socket, for every worker), then the
+process optionally drops to an unprivileged user. With `workers > 1` the parent forks that many
+children that share the listen ports through SO_REUSEPORT; each child publishes a snapshot of its
+counters to a shared memory slot every second and the parent serves their sum as metrics. A reload
+validates the new file first and keeps the running configuration when it is broken; sockets whose
+addresses did not change are kept, so no packet is lost across a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import logging
+import mmap
+import os
+import pwd
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .. import __version__
+from ..config import Config, ConfigError, format_addr, load_config
+from ..core.auth import Authenticator, discover
+from ..core.clockstate import server_state
+from ..core.decisions import Stats
+from ..core.pipeline import Pipeline
+from ..core.policy import AccessPolicy, NetworkSet, RateLimiter
+from .kernelclock import measure_precision, read_kernel_clock
+from .metrics import MetricsServer
+from .udp import UdpListener, open_udp_socket
+
+log = logging.getLogger("ntsd")
+
+STATE_INTERVAL = 1.0  # seconds between kernel clock reads
+SLOT_SIZE = 1 << 18  # shared memory per worker for its counter snapshot
+_SLOT_HEAD = struct.Struct("<II")  # generation, length
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def plugin_sections(plugins: Mapping[str, type[Authenticator]]) -> dict[str, type[Authenticator]]:
+    return {cls.section: cls for cls in plugins.values() if cls.section}
+
+
+def build_authenticators(config: Config, plugins: Mapping[str, type[Authenticator]]) -> list[Authenticator]:
+    auths: list[Authenticator] = []
+    for cls in plugins.values():
+        if cls.section is None:
+            auths.append(cls())
+        elif cls.section in config.plugins:
+            auths.append(cls(config.plugins[cls.section]))  # type: ignore[call-arg]
+    return auths
+
+
+class DropLog:
+    """One log line per drop reason per interval, with how many were not logged."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, reason: str, addr: tuple[str, int]) -> None:
+        now = time.monotonic()
+        last = self._last.get(reason)
+        if last is not None and now - last < self._interval:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        more = self._suppressed.pop(reason, 0)
+        self._last[reason] = now
+        extra = f" ({more} more since the last such line)" if more else ""
+        log.info("dropped a request from %s: %s%s", format_addr(addr), reason, extra)
+
+
+class Server:
+    """One event loop's worth of serving: listeners, pipeline, clock-state refresh."""
+
+    def __init__(self, config: Config, plugins: Mapping[str, type[Authenticator]], precision: int) -> None:
+        self.plugins = plugins
+        self.precision = precision
+        self.stats = Stats()
+        self.listeners: dict[tuple[str, int], UdpListener] = {}
+        self.drop_log = DropLog()
+        self.config = config
+        self.pipeline = self._build(config, None)
+
+    def _build(self, config: Config, old: Pipeline | None) -> Pipeline:
+        rate = RateLimiter(config.rate_limit) if config.rate_limit is not None else None
+        if old is not None and self.config.rate_limit == config.rate_limit:
+            rate = old._rate  # keep the clients' history across a reload
+        return Pipeline(
+            state=server_state(config.clock, read_kernel_clock(), self.precision, time.time_ns()),
+            authenticators=build_authenticators(config, self.plugins),
+            clock=time.time_ns,
+            stats=self.stats,
+            access=AccessPolicy(config.access.allow, config.access.deny),
+            deny_kod=config.access.deny_kod,
+            rate=rate,
+            require_auth=NetworkSet(config.access.require_auth),
+        )
+
+    def adopt(self, sockets: Mapping[tuple[str, int], socket.socket], loop: asyncio.AbstractEventLoop) -> None:
+        for addr, sock in sockets.items():
+            listener = UdpListener(sock, lambda: self.pipeline, self.drop_log)
+            listener.start(loop)
+            self.listeners[addr] = listener
+
+    def reload(self, config: Config, loop: asyncio.AbstractEventLoop, may_bind: bool) -> None:
+        old = self.pipeline
+        self.pipeline = self._build(config, old)
+        self.config = config
+        for auth in old.authenticators:
+            auth.close()
+        if not may_bind:
+            return
+        wanted = set(config.ntp.listen)
+        for addr in list(self.listeners):
+            if addr not in wanted:
+                self.listeners.pop(addr).stop()
+                log.info("stopped listening on %s", format_addr(addr))
+        for addr in wanted - set(self.listeners):
+            try:
+                sock = open_udp_socket(*addr)
+            except OSError as exc:
+                log.error("cannot listen on %s: %s", format_addr(addr), exc.strerror)
+                continue
+            self.adopt({addr: sock}, loop)
+            log.info("listening on %s", format_addr(addr))
+
+    def refresh_state(self) -> None:
+        self.pipeline.set_state(server_state(self.config.clock, read_kernel_clock(), self.precision, time.time_ns()))
+
+    def gauges(self) -> dict[str, float]:
+        st = self.pipeline.state
+        rate = self.pipeline._rate
+        return {
+            "leap": st.leap,
+            "stratum": st.stratum,
+            "rate_limit_clients": len(rate) if rate is not None else 0,
+        }
+
+    def close(self) -> None:
+        for listener in self.listeners.values():
+            listener.stop()
+        self.listeners.clear()
+        for auth in self.pipeline.authenticators:
+            auth.close()
+
+
+def bind_all(config: Config, copies: int) -> list[dict[tuple[str, int], socket.socket]]:
+    """Bind every listen address `copies` times (SO_REUSEPORT when more than one)."""
+    sets: list[dict[tuple[str, int], socket.socket]] = [{} for _ in range(copies)]
+    try:
+        for addr in config.ntp.listen:
+            for i in range(copies):
+                sets[i][addr] = open_udp_socket(*addr, reuse_port=copies > 1)
+    except OSError as exc:
+        for s in sets:
+            for sock in s.values():
+                sock.close()
+        hint = ""
+        if exc.errno in (13, 1) and addr[1] < 1024:
+            hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE; or set ntp.listen to a higher port)"
+        elif exc.errno == 98:
+            hint = " (another NTP server is probably running on it)"
+        elif exc.errno == 99:
+            hint = " (no such local address on this host)"
+        raise StartupError(f"cannot listen on {format_addr(addr)}: {exc.strerror}{hint}") from None
+    return sets
+
+
+def drop_privileges(user: str | None, group: str | None) -> None:
+    if user is None and group is None:
+        return
+    try:
+        pw = pwd.getpwnam(user) if user else None
+        gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getgid())
+    except KeyError as exc:
+        raise StartupError(f"cannot drop privileges: no such user or group {exc.args[0]}") from None
+    try:
+        os.setgroups([gid])
+        os.setgid(gid)
+        if pw is not None:
+            os.setuid(pw.pw_uid)
+    except PermissionError:
+        raise StartupError("cannot drop privileges: not running as root") from None
+    log.info("running as user %s, group %s", user or os.getuid(), group or gid)
+
+
+def setup_logging(config: Config) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler: logging.Handler
+    handler = logging.FileHandler(config.log.file) if config.log.file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s ntsd[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(config.log.level)
+
+
+class SharedCounters:
+    """Per-worker counter snapshots in anonymous shared memory, summed by the parent."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.mem = mmap.mmap(-1, SLOT_SIZE * workers)
+        self._last: list[dict[tuple[str, ...], int]] = [{} for _ in range(workers)]
+
+    def publish(self, index: int, counts: Mapping[tuple[str, ...], int], gauges: Mapping[str, float]) -> None:
+        blob = json.dumps({"c": [[list(k), v] for k, v in counts.items()], "g": gauges}).encode()
+        if len(blob) > SLOT_SIZE - _SLOT_HEAD.size:
+            return
+        base = index * SLOT_SIZE
+        gen = _SLOT_HEAD.unpack_from(self.mem, base)[0] + 1
+        self.mem[base + _SLOT_HEAD.size : base + _SLOT_HEAD.size + len(blob)] = blob
+        _SLOT_HEAD.pack_into(self.mem, base, gen, len(blob))
+
+    def total(self) -> tuple[dict[tuple[str, ...], int], dict[str, float]]:
+        counts: dict[tuple[str, ...], int] = {}
+        gauges: dict[str, float] = {}
+        for i in range(self.workers):
+            base = i * SLOT_SIZE
+            _, length = _SLOT_HEAD.unpack_from(self.mem, base)
+            try:
+                data = json.loads(self.mem[base + _SLOT_HEAD.size : base + _SLOT_HEAD.size + length])
+                self._last[i] = {tuple(k): v for k, v in data["c"]}
+                for k, v in data["g"].items():
+                    gauges[k] = gauges.get(k, 0) + v if k == "rate_limit_clients" else v
+            except (ValueError, KeyError, TypeError):
+                pass  # torn read: use the previous snapshot
+            for k, v in self._last[i].items():
+                counts[k] = counts.get(k, 0) + v
+        gauges["workers"] = self.workers
+        return counts, gauges
+
+
+class Daemon:
+    """Process lifecycle around one or more Servers."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self.plugins = discover()
+        self.stopping: asyncio.Event | None = None
+        self.children: list[int] = []
+        self.started = time.time()
+
+    def load(self) -> Config:
+        return load_config(self.config_path, plugin_sections(self.plugins))
+
+    def run(self) -> int:
+        config = self.load()
+        setup_logging(config)
+        workers = config.ntp.workers
+        socket_sets = bind_all(config, workers)
+        metrics_sock = None
+        if config.metrics_listen is not None:
+            metrics_sock = _bind_tcp(config.metrics_listen)
+        drop_privileges(config.ntp.user, config.ntp.group)
+        precision = measure_precision()
+        log.info("ntsd %s starting (%s)", __version__, config.source)
+        if workers == 1:
+            return asyncio.run(self._serve_one(config, socket_sets[0], metrics_sock, precision))
+        shared = SharedCounters(workers)
+        for index, sockets in enumerate(socket_sets):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    if metrics_sock is not None:
+                        metrics_sock.close()
+                    for other in socket_sets:
+                        if other is not sockets:
+                            for s in other.values():
+                                s.close()
+                    code = asyncio.run(self._serve_worker(config, sockets, precision, shared, index))
+                finally:
+                    os._exit(code)
+            self.children.append(pid)
+        for sockets in socket_sets:
+            for s in sockets.values():
+                s.close()
+        return asyncio.run(self._supervise(config, metrics_sock, shared))
+
+    def _signals(self, loop: asyncio.AbstractEventLoop, on_hup: Any) -> asyncio.Event:
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        return stopping
+
+    async def _serve_one(
+        self, config: Config, sockets: dict[tuple[str, int], socket.socket], metrics_sock: socket.socket | None, precision: int
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        server = Server(config, self.plugins, precision)
+        server.adopt(sockets, loop)
+        for addr in sockets:
+            log.info("serving NTP on %s", format_addr(addr))
+
+        def on_hup() -> None:
+            try:
+                new = self.load()
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running configuration: %s", exc)
+                return
+            setup_logging(new)
+            server.reload(new, loop, may_bind=True)
+            log.info("configuration reloaded from %s", new.source)
+
+        stopping = self._signals(loop, on_hup)
+        metrics = None
+        if metrics_sock is not None:
+            metrics = MetricsServer(lambda: (server.stats.counts, {**server.gauges(), **self._uptime()}))
+            await metrics.start_on(metrics_sock)
+            log.info("metrics on http://%s/metrics", format_addr(metrics_sock.getsockname()))
+        log.info("ready")
+        await self._tick_until(stopping, server.refresh_state)
+        log.info("shutting down")
+        if metrics is not None:
+            await metrics.stop()
+        server.close()
+        log.info("stopped")
+        return 0
+
+    async def _serve_worker(
+        self, config: Config, sockets: dict[tuple[str, int], socket.socket], precision: int, shared: SharedCounters, index: int
+    ) -> int:
+        loop = asyncio.get_running_loop()
+        server = Server(config, self.plugins, precision)
+        server.adopt(sockets, loop)
+
+        def on_hup() -> None:
+            try:
+                new = self.load()
+            except ConfigError as exc:
+                log.error("worker %d: reload refused: %s", index, exc)
+                return
+            server.reload(new, loop, may_bind=False)
+
+        stopping = self._signals(loop, on_hup)
+
+        def tick() -> None:
+            server.refresh_state()
+            shared.publish(index, server.stats.counts, server.gauges())
+
+        await self._tick_until(stopping, tick)
+        tick()
+        server.close()
+        return 0
+
+    async def _supervise(self, config: Config, metrics_sock: socket.socket | None, shared: SharedCounters) -> int:
+        loop = asyncio.get_running_loop()
+
+        def on_hup() -> None:
+            try:
+                new = self.load()
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running configuration: %s", exc)
+                return
+            if new.ntp.listen != config.ntp.listen or new.ntp.workers != config.ntp.workers:
+                log.warning("ntp.listen and ntp.workers changes need a restart when workers > 1")
+            for pid in self.children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+            log.info("configuration reloaded from %s", new.source)
+
+        stopping = self._signals(loop, on_hup)
+        metrics = None
+        if metrics_sock is not None:
+            metrics = MetricsServer(lambda: _merge(shared.total(), self._uptime()))
+            await metrics.start_on(metrics_sock)
+        log.info("ready with %d workers", len(self.children))
+        code = 0
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 1.0)
+            for pid in list(self.children):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    log.error("worker %d exited unexpectedly (status %d); shutting down", pid, status)
+                    self.children.remove(pid)
+                    stopping.set()
+                    code = 1
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in self.children:
+            os.waitpid(pid, 0)
+        if metrics is not None:
+            await metrics.stop()
+        log.info("stopped")
+        return code
+
+    def _uptime(self) -> dict[str, float]:
+        return {"uptime_seconds": round(time.time() - self.started, 3)}
+
+    @staticmethod
+    async def _tick_until(stopping: asyncio.Event, tick: Any) -> None:
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), STATE_INTERVAL)
+            if not stopping.is_set():
+                tick()
+
+
+def _merge(
+    totals: tuple[dict[tuple[str, ...], int], dict[str, float]], extra: dict[str, float]
+) -> tuple[dict[tuple[str, ...], int], dict[str, float]]:
+    counts, gauges = totals
+    return counts, {**gauges, **extra}
+
+
+def _bind_tcp(addr: tuple[str, int]) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen for metrics on {format_addr(addr)}: {exc.strerror}") from None
+    return sock

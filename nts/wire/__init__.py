@@ -1,0 +1,1 @@
+"""Wire formats: bytes <-> frozen dataclasses. No I/O, no clocks."""
