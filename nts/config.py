@@ -56,7 +56,7 @@ class ConfigError(Exception):
 class Node:
     """A YAML node with its location, for validators."""
 
-    __slots__ = ("node", "source", "key")
+    __slots__ = ("key", "node", "source")
 
     def __init__(self, node: yaml.Node | None, source: str, key: str) -> None:
         self.node, self.source, self.key = node, source, key
@@ -87,7 +87,10 @@ class Node:
                 raise ConfigError(self.source, knode.start_mark.line + 1, child_key, "duplicate key")
             if allowed is not None and name not in allowed:
                 raise ConfigError(
-                    self.source, knode.start_mark.line + 1, child_key, f"unknown key (expected one of: {', '.join(allowed)})"
+                    self.source,
+                    knode.start_mark.line + 1,
+                    child_key,
+                    f"unknown key (expected one of: {', '.join(allowed)})",
                 )
             out[name] = Node(vnode, self.source, child_key)
         return out

@@ -22,8 +22,10 @@ from .clockstate import ServerState
 from .decisions import Decision, Defer, Drop, Nak, Stats, drop
 from .policy import ALLOW, DENIED, RATE_KOD, RATE_OK, AccessPolicy, NetworkSet, RateLimiter
 
-_TS2 = struct.Struct(">QQ")
+_REPLY = struct.Struct(">2s1s21s8sQQ")  # LI/VN/mode+stratum, poll, state bytes, origin, receive, transmit
 _NS = 1_000_000_000
+_MASK64 = (1 << 64) - 1
+_OFFSET_SCALED = NTP_UNIX_OFFSET * _NS << 32  # (unix_ns << 32) + this, // _NS, is the NTP timestamp
 
 # Stable counter keys, prebuilt so the hot path does not build tuples.
 K_REQUESTS = ("requests",)
@@ -38,8 +40,8 @@ _D_TOO_LONG = drop("reply_too_long")
 
 
 def ntp64(ns: int) -> int:
-    sec, rem = divmod(ns, _NS)
-    return (((sec + NTP_UNIX_OFFSET) & 0xFFFFFFFF) << 32) | ((rem << 32) // _NS)
+    """Unix ns -> NTP 64-bit timestamp (era folded), in one multiply and one divide."""
+    return (((ns << 32) + _OFFSET_SCALED) // _NS) & _MASK64
 
 
 class Pipeline:
@@ -66,6 +68,11 @@ class Pipeline:
         self._rate = rate
         self._require_auth = require_auth if require_auth is not None and require_auth.networks else None
         self._k_replies = {a.name: ("replies", a.name) for a in self._auths}
+        # Plain ints are cheaper than dict entries on the hot path; counters() merges them.
+        self.requests = 0  # incremented by the shell for every datagram
+        self.bare_replies = 0
+        # check_deferred runs on the event loop thread, apart from the thread calling handle().
+        self.deferred_stats = Stats()
         self.set_state(state)
 
     @property
@@ -82,14 +89,13 @@ class Pipeline:
 
     # -- the ReplyContext plugins use ------------------------------------------------------------
     def reply_header(self, request: bytes, rx_ns: int) -> bytes:
-        return b"".join(
-            (
-                self._first[(request[0] >> 3) & 7],
-                request[2:3],
-                self._middle,
-                request[40:48],
-                _TS2.pack(ntp64(rx_ns), ntp64(self.clock())),
-            )
+        return _REPLY.pack(
+            self._first[(request[0] >> 3) & 7],
+            request[2:3],
+            self._middle,
+            request[40:48],
+            ntp64(rx_ns),
+            ntp64(self.clock()),
         )
 
     def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:
@@ -97,8 +103,7 @@ class Pipeline:
 
     # -- the pipeline -------------------------------------------------------------------------------
     def handle(self, data: bytes, client: tuple[str, int], rx_ns: int, local: object = None) -> Decision:
-        counts = self.stats.counts
-        counts[K_REQUESTS] = counts.get(K_REQUESTS, 0) + 1
+        """Decide what to answer. The caller counts datagrams in `requests`."""
         n = len(data)
         if n < HEADER_LEN:
             return self._drop(_D_SHORT)
@@ -128,16 +133,14 @@ class Pipeline:
         if n == HEADER_LEN and self._bare is not None:
             if self._require_auth is not None and ip in self._require_auth:
                 return self._drop(_D_REQUIRE_AUTH)
-            key = self._k_replies[self._bare.name]
-            counts[key] = counts.get(key, 0) + 1
-            return b"".join(
-                (
-                    self._first[version],
-                    data[2:3],
-                    self._middle,
-                    data[40:48],
-                    _TS2.pack(ntp64(rx_ns), ntp64(self.clock())),
-                )
+            self.bare_replies += 1
+            return _REPLY.pack(
+                self._first[version],
+                data[2:3],
+                self._middle,
+                data[40:48],
+                (((rx_ns << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
+                (((self.clock() << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
             )
         return self._authenticated(data, client, rx_ns, local, version)
 
@@ -173,14 +176,27 @@ class Pipeline:
 
     def check_deferred(self, request: bytes, reply: bytes | None, name: str, reason: str = "failed") -> bytes | None:
         """Apply the final guard and counters to a deferred reply when it arrives (or fails)."""
+        stats = self.deferred_stats
         if reply is None:
-            self._count(("drops", f"{name}_{reason}"))
+            stats.inc(("drops", f"{name}_{reason}"))
             return None
         if len(reply) > len(request):
-            self._drop(_D_TOO_LONG)
+            stats.inc(("drops", _D_TOO_LONG.reason))
             return None
-        self._count(self._k_replies[name])
+        stats.inc(self._k_replies[name])
         return reply
+
+    def counters(self) -> dict[tuple[str, ...], int]:
+        """A merged copy of every counter; safe to call from another thread (nothing is reset)."""
+        merged = dict(self.stats.counts)
+        for key, value in tuple(self.deferred_stats.counts.items()):
+            merged[key] = merged.get(key, 0) + value
+        if self.requests:
+            merged[K_REQUESTS] = merged.get(K_REQUESTS, 0) + self.requests
+        if self.bare_replies and self._bare is not None:
+            key = self._k_replies[self._bare.name]
+            merged[key] = merged.get(key, 0) + self.bare_replies
+        return merged
 
     def _count(self, key: tuple[str, ...]) -> None:
         counts = self.stats.counts

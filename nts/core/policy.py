@@ -30,7 +30,7 @@ def _contains(networks: tuple[Network, ...], addr: ipaddress.IPv4Address | ipadd
 class NetworkSet:
     """A set of CIDR networks with a cached membership test keyed by address string."""
 
-    __slots__ = ("networks", "_cache")
+    __slots__ = ("_cache", "networks")
 
     def __init__(self, networks: Iterable[Network]) -> None:
         self.networks = tuple(networks)
@@ -55,7 +55,7 @@ class NetworkSet:
 class AccessPolicy:
     """allow/deny lists: deny wins; a non-empty allow list admits only its networks."""
 
-    __slots__ = ("_allow", "_deny", "_cache")
+    __slots__ = ("_allow", "_cache", "_deny")
 
     def __init__(self, allow: Iterable[Network] = (), deny: Iterable[Network] = ()) -> None:
         self._allow = tuple(allow)
@@ -107,7 +107,7 @@ RATE_DROP = 2
 class RateLimiter:
     """GCRA per client address with a bounded table."""
 
-    __slots__ = ("_interval", "_tolerance", "_max", "_kod", "_kod_interval", "_tat", "_kod_at")
+    __slots__ = ("_interval", "_kod", "_kod_at", "_kod_interval", "_max", "_tat", "_tolerance")
 
     def __init__(self, settings: RateSettings) -> None:
         self._interval = int(1e9 / settings.rate)

@@ -30,7 +30,6 @@ from .. import __version__
 from ..config import Config, ConfigError, format_addr, load_config
 from ..core.auth import Authenticator, discover
 from ..core.clockstate import server_state
-from ..core.decisions import Stats
 from ..core.pipeline import Pipeline
 from ..core.policy import AccessPolicy, NetworkSet, RateLimiter
 from .kernelclock import measure_precision, read_kernel_clock
@@ -83,52 +82,73 @@ class DropLog:
 
 
 class Server:
-    """One event loop's worth of serving: listeners, pipeline, clock-state refresh."""
+    """One process's serving: UDP listeners, each with a pipeline, and the clock-state refresh.
+
+    Authenticators, access lists and the rate limiter are shared by the listeners' pipelines;
+    counters are per pipeline and summed here. Pipelines replaced by a reload are summed for a
+    grace period (a listener may be finishing one datagram on the old one) and then folded.
+    """
+
+    RETIRE_GRACE = 5.0
 
     def __init__(self, config: Config, plugins: Mapping[str, type[Authenticator]], precision: int) -> None:
         self.plugins = plugins
         self.precision = precision
-        self.stats = Stats()
         self.listeners: dict[tuple[str, int], UdpListener] = {}
         self.drop_log = DropLog()
         self.config = config
-        self.pipeline = self._build(config, None)
+        self._retiring: list[tuple[float, Pipeline]] = []
+        self._folded: dict[tuple[str, ...], int] = {}
+        self._parts(config, keep_rate=None)
 
-    def _build(self, config: Config, old: Pipeline | None) -> Pipeline:
-        rate = RateLimiter(config.rate_limit) if config.rate_limit is not None else None
-        if old is not None and self.config.rate_limit == config.rate_limit:
-            rate = old._rate  # keep the clients' history across a reload
+    def _parts(self, config: Config, keep_rate: RateLimiter | None) -> None:
+        self.authenticators = build_authenticators(config, self.plugins)
+        self.access = AccessPolicy(config.access.allow, config.access.deny)
+        self.require_auth = NetworkSet(config.access.require_auth)
+        if keep_rate is not None:
+            self.rate: RateLimiter | None = keep_rate
+        else:
+            self.rate = RateLimiter(config.rate_limit) if config.rate_limit is not None else None
+        self.state = server_state(config.clock, read_kernel_clock(), self.precision, time.time_ns())
+
+    def new_pipeline(self) -> Pipeline:
         return Pipeline(
-            state=server_state(config.clock, read_kernel_clock(), self.precision, time.time_ns()),
-            authenticators=build_authenticators(config, self.plugins),
+            state=self.state,
+            authenticators=self.authenticators,
             clock=time.time_ns,
-            stats=self.stats,
-            access=AccessPolicy(config.access.allow, config.access.deny),
-            deny_kod=config.access.deny_kod,
-            rate=rate,
-            require_auth=NetworkSet(config.access.require_auth),
+            access=self.access,
+            deny_kod=self.config.access.deny_kod,
+            rate=self.rate,
+            require_auth=self.require_auth,
         )
 
     def adopt(self, sockets: Mapping[tuple[str, int], socket.socket], loop: asyncio.AbstractEventLoop) -> None:
         for addr, sock in sockets.items():
-            listener = UdpListener(sock, lambda: self.pipeline, self.drop_log)
+            listener = UdpListener(sock, self.new_pipeline(), self.drop_log)
             listener.start(loop)
             self.listeners[addr] = listener
 
     def reload(self, config: Config, loop: asyncio.AbstractEventLoop, may_bind: bool) -> None:
-        old = self.pipeline
-        self.pipeline = self._build(config, old)
+        old_auths = self.authenticators
+        same_rate = self.config.rate_limit == config.rate_limit
         self.config = config
-        for auth in old.authenticators:
+        self._parts(config, keep_rate=self.rate if same_rate else None)
+        now = time.monotonic()
+        for listener in self.listeners.values():
+            self._retiring.append((now, listener.pipeline))
+            listener.pipeline = self.new_pipeline()
+        for auth in old_auths:
             auth.close()
         if not may_bind:
             return
         wanted = set(config.ntp.listen)
         for addr in list(self.listeners):
             if addr not in wanted:
-                self.listeners.pop(addr).stop()
+                listener = self.listeners.pop(addr)
+                listener.stop()
+                self._retiring.append((now, listener.pipeline))
                 log.info("stopped listening on %s", format_addr(addr))
-        for addr in wanted - set(self.listeners):
+        for addr in sorted(wanted - set(self.listeners)):
             try:
                 sock = open_udp_socket(*addr)
             except OSError as exc:
@@ -138,23 +158,40 @@ class Server:
             log.info("listening on %s", format_addr(addr))
 
     def refresh_state(self) -> None:
-        self.pipeline.set_state(server_state(self.config.clock, read_kernel_clock(), self.precision, time.time_ns()))
+        self.state = server_state(self.config.clock, read_kernel_clock(), self.precision, time.time_ns())
+        for listener in self.listeners.values():
+            listener.pipeline.set_state(self.state)
+
+    def counters(self) -> dict[tuple[str, ...], int]:
+        now = time.monotonic()
+        while self._retiring and now - self._retiring[0][0] > self.RETIRE_GRACE:
+            _, old = self._retiring.pop(0)
+            _add(self._folded, old.counters())
+        total = dict(self._folded)
+        for _, old in self._retiring:
+            _add(total, old.counters())
+        for listener in list(self.listeners.values()):
+            _add(total, listener.pipeline.counters())
+        return total
 
     def gauges(self) -> dict[str, float]:
-        st = self.pipeline.state
-        rate = self.pipeline._rate
         return {
-            "leap": st.leap,
-            "stratum": st.stratum,
-            "rate_limit_clients": len(rate) if rate is not None else 0,
+            "leap": self.state.leap,
+            "stratum": self.state.stratum,
+            "rate_limit_clients": len(self.rate) if self.rate is not None else 0,
         }
 
     def close(self) -> None:
         for listener in self.listeners.values():
             listener.stop()
         self.listeners.clear()
-        for auth in self.pipeline.authenticators:
+        for auth in self.authenticators:
             auth.close()
+
+
+def _add(total: dict[tuple[str, ...], int], more: Mapping[tuple[str, ...], int]) -> None:
+    for key, value in more.items():
+        total[key] = total.get(key, 0) + value
 
 
 def bind_all(config: Config, copies: int) -> list[dict[tuple[str, int], socket.socket]]:
@@ -299,7 +336,11 @@ class Daemon:
         return stopping
 
     async def _serve_one(
-        self, config: Config, sockets: dict[tuple[str, int], socket.socket], metrics_sock: socket.socket | None, precision: int
+        self,
+        config: Config,
+        sockets: dict[tuple[str, int], socket.socket],
+        metrics_sock: socket.socket | None,
+        precision: int,
     ) -> int:
         loop = asyncio.get_running_loop()
         server = Server(config, self.plugins, precision)
@@ -320,7 +361,7 @@ class Daemon:
         stopping = self._signals(loop, on_hup)
         metrics = None
         if metrics_sock is not None:
-            metrics = MetricsServer(lambda: (server.stats.counts, {**server.gauges(), **self._uptime()}))
+            metrics = MetricsServer(lambda: (server.counters(), {**server.gauges(), **self._uptime()}))
             await metrics.start_on(metrics_sock)
             log.info("metrics on http://%s/metrics", format_addr(metrics_sock.getsockname()))
         log.info("ready")
@@ -333,7 +374,12 @@ class Daemon:
         return 0
 
     async def _serve_worker(
-        self, config: Config, sockets: dict[tuple[str, int], socket.socket], precision: int, shared: SharedCounters, index: int
+        self,
+        config: Config,
+        sockets: dict[tuple[str, int], socket.socket],
+        precision: int,
+        shared: SharedCounters,
+        index: int,
     ) -> int:
         loop = asyncio.get_running_loop()
         server = Server(config, self.plugins, precision)
@@ -351,7 +397,7 @@ class Daemon:
 
         def tick() -> None:
             server.refresh_state()
-            shared.publish(index, server.stats.counts, server.gauges())
+            shared.publish(index, server.counters(), server.gauges())
 
         await self._tick_until(stopping, tick)
         tick()
