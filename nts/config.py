@@ -56,10 +56,10 @@ class ConfigError(Exception):
 class Node:
     """A YAML node with its location, for validators."""
 
-    __slots__ = ("key", "node", "source")
+    __slots__ = ("key", "key_line", "node", "source")
 
-    def __init__(self, node: yaml.Node | None, source: str, key: str) -> None:
-        self.node, self.source, self.key = node, source, key
+    def __init__(self, node: yaml.Node | None, source: str, key: str, key_line: int | None = None) -> None:
+        self.node, self.source, self.key, self.key_line = node, source, key, key_line
 
     @property
     def line(self) -> int | None:
@@ -92,7 +92,7 @@ class Node:
                     child_key,
                     f"unknown key (expected one of: {', '.join(allowed)})",
                 )
-            out[name] = Node(vnode, self.source, child_key)
+            out[name] = Node(vnode, self.source, child_key, knode.start_mark.line + 1)
         return out
 
     def items(self) -> list[Node]:
@@ -169,7 +169,7 @@ def parse_hostport(where: Node, text: str, default_port: int | None) -> tuple[st
         raise where.error(f"{text!r}: {host!r} is not an IP address") from None
     if port_text is None:
         if default_port is None:
-            raise where.error(f"{text!r}: a port is required (ADDRESS:PORT)")
+            raise where.error(f"{text!r}: a port is required (ADDRESS:PORT, or [ADDRESS]:PORT for IPv6)")
         return str(ip), default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise where.error(f"{text!r}: port must be 1 to 65535")
@@ -327,7 +327,9 @@ def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = Non
         if name not in top:
             continue
         if name not in plugins:
-            raise ConfigError(source, top[name].line, name, "no installed authenticator plugin provides this section")
+            raise ConfigError(
+                source, top[name].key_line, name, "no installed authenticator plugin provides this section"
+            )
         plugin_values[name] = plugins[name].parse_config(top[name])
     return Config(
         source=source,

@@ -1,0 +1,135 @@
+"""Shared test helpers: free ports, a running ntsd subprocess, NTP queries, real-peer lookup."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+REQUIRE_PEERS = os.environ.get("NTSD_REQUIRE_PEERS") == "1"
+
+
+def need(tool: str) -> str:
+    """Path of a real peer's binary; skip (or fail, when NTSD_REQUIRE_PEERS=1) if it is missing."""
+    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
+    if path is None:
+        if REQUIRE_PEERS:
+            pytest.fail(f"{tool} is required (NTSD_REQUIRE_PEERS=1) but not installed")
+        pytest.skip(f"{tool} not installed")
+    return path
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def client_request(version: int = 4, transmit: int = 0x1234567890ABCDEF, poll: int = 6) -> bytes:
+    return struct.pack(">BBbb", (version << 3) | 3, 0, poll, 0) + bytes(36) + struct.pack(">Q", transmit)
+
+
+def query(
+    port: int, packet: bytes, host: str = "127.0.0.1", timeout: float = 1.0, source: str | None = None
+) -> bytes | None:
+    """Send one datagram and return the reply, or None if none came within `timeout`."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        if source is not None:
+            s.bind((source, 0))
+        s.settimeout(timeout)
+        s.sendto(packet, (host, port))
+        try:
+            return s.recv(4096)
+        except TimeoutError:
+            return None
+
+
+class Ntsd:
+    """An `ntsd serve` subprocess whose log is collected line by line (no sleeps to synchronise)."""
+
+    def __init__(self, config: Path, cwd: Path) -> None:
+        self.config = config
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nts", "serve", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=cwd,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 15.0, start: int = 0) -> int:
+        """Block until a log line containing `text` appears (at index >= start); return its index."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for i in range(start, len(self.lines)):
+                    if text in self.lines[i]:
+                        return i
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no log line with {text!r}; log:\n" + "\n".join(self.lines))
+                self._cond.wait(min(remaining, 0.5))
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+@contextmanager
+def running_ntsd(tmp_path: Path, config_text: str) -> Iterator[Ntsd]:
+    cfg = tmp_path / "ntsd.yaml"
+    cfg.write_text(config_text)
+    server = Ntsd(cfg, tmp_path)
+    try:
+        server.wait_for("ready")
+        yield server
+    finally:
+        server.stop()
+
+
+def lab_config(port: int, *, metrics_port: int | None = None, extra: str = "", listen: list[str] | None = None) -> str:
+    addrs = listen if listen is not None else [f"127.0.0.1:{port}"]
+    quoted = ", ".join(f'"{a}"' for a in addrs)
+    metrics = f'"127.0.0.1:{metrics_port}"' if metrics_port else "null"
+    return (
+        f"ntp: {{listen: [{quoted}]}}\n"
+        "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\n"
+        f"metrics: {{listen: {metrics}}}\n"
+        "log: {level: debug}\n" + extra
+    )

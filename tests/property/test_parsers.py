@@ -1,0 +1,124 @@
+"""Every parser either parses or raises its parse error (nothing else), and round-trips."""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nts.config import ConfigError, parse_config
+from nts.core.clockstate import ClockSettings, server_state
+from nts.core.decisions import Drop
+from nts.core.pipeline import Pipeline
+from nts.core.plain import PlainAuthenticator
+from nts.wire.errors import ParseError
+from nts.wire.extensions import ExtensionField, parse_extension, serialize_extension
+from nts.wire.packet import Header, Packet, parse_header, parse_packet, serialize_header, serialize_packet
+
+headers = st.builds(
+    Header,
+    leap=st.integers(0, 3),
+    version=st.integers(0, 7),
+    mode=st.integers(0, 7),
+    stratum=st.integers(0, 255),
+    poll=st.integers(-128, 127),
+    precision=st.integers(-128, 127),
+    root_delay=st.integers(0, 2**32 - 1),
+    root_dispersion=st.integers(0, 2**32 - 1),
+    reference_id=st.binary(min_size=4, max_size=4),
+    reference_ts=st.integers(0, 2**64 - 1),
+    origin_ts=st.integers(0, 2**64 - 1),
+    receive_ts=st.integers(0, 2**64 - 1),
+    transmit_ts=st.integers(0, 2**64 - 1),
+)
+fields = st.builds(
+    ExtensionField,
+    type=st.integers(0, 0xFFFF),
+    value=st.integers(3, 40).flatmap(lambda n: st.binary(min_size=4 * n, max_size=4 * n)),
+)
+
+
+@given(st.binary(max_size=600))
+def test_parse_packet_parses_or_raises_parse_error(data: bytes) -> None:
+    try:
+        packet = parse_packet(data)
+    except ParseError:
+        return
+    assert serialize_packet(packet) == data
+
+
+@given(st.binary(max_size=80), st.integers(0, 80))
+def test_parse_extension_parses_or_raises(data: bytes, pos: int) -> None:
+    try:
+        field, end = parse_extension(data, pos)
+    except ParseError:
+        return
+    assert serialize_extension(field) == data[pos:end]
+
+
+@given(headers)
+def test_header_round_trip(h: Header) -> None:
+    assert parse_header(serialize_header(h)) == h
+
+
+@given(
+    st.builds(
+        lambda h, f, t: Packet(h, tuple(f), t),
+        headers.map(
+            lambda h: Header(
+                h.leap,
+                4,
+                h.mode,
+                h.stratum,
+                h.poll,
+                h.precision,
+                h.root_delay,
+                h.root_dispersion,
+                h.reference_id,
+                h.reference_ts,
+                h.origin_ts,
+                h.receive_ts,
+                h.transmit_ts,
+            )
+        ),
+        st.lists(fields, max_size=4),
+        st.sampled_from([b"", bytes(4), bytes(20), bytes(24)]),
+    )
+)
+def test_packet_round_trip(p: Packet) -> None:
+    # A last field shorter than 28 bytes with no MAC is ambiguous on the wire (RFC 7822 section 7.5).
+    wire = serialize_packet(p)
+    try:
+        parsed = parse_packet(wire)
+    except ParseError:
+        assert p.extensions and not p.trailer
+        return
+    assert parsed == p or (p.extensions and len(serialize_extension(p.extensions[-1])) <= 24)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300)
+def test_pipeline_never_raises_and_never_replies_longer(data: bytes) -> None:
+    state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
+    p = Pipeline(state=state, authenticators=[PlainAuthenticator()], clock=time.time_ns)
+    decision = p.handle(data, ("127.0.0.1", 1), time.time_ns())
+    assert isinstance(decision, (bytes, Drop))
+    if isinstance(decision, bytes):
+        assert len(decision) <= len(data)
+        assert decision[0] & 7 == 4
+
+
+@given(st.text(max_size=300))
+def test_config_parses_or_raises_config_error(text: str) -> None:
+    try:
+        parse_config(text, "prop.yaml")
+    except ConfigError as exc:
+        assert str(exc).startswith("prop.yaml")
+
+
+@given(st.binary(min_size=48, max_size=48))
+def test_any_header_bytes_parse(data: bytes) -> None:
+    assert serialize_header(parse_header(data)) == data
+    assert struct.unpack_from(">B", data)[0] >> 6 == parse_header(data).leap

@@ -1,0 +1,99 @@
+"""Configuration: defaults, and broken files that must fail with file:line:key messages and status 2."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nts.config import DEFAULT_CONFIG, ConfigError, load_config, parse_config
+
+BROKEN = [
+    ('ntp:\n  listen: ["127.0.0.1:99999"]\n', "2: ntp.listen[0]: '127.0.0.1:99999': port must be 1 to 65535"),
+    (
+        'ntp:\n  listen: ["::1:123"]\n',
+        "2: ntp.listen[0]: '::1:123': a port is required (ADDRESS:PORT, or [ADDRESS]:PORT for IPv6)",
+    ),
+    ("ntp:\n  workers: 0\n", "2: ntp.workers: expected a whole number from 1 to 64"),
+    (
+        "access:\n  allow:\n    - 10.0.0.0/8\n    - 10.0.0.300/32\n",
+        "4: access.allow[1]: '10.0.0.300/32' is not an IP address or CIDR network",
+    ),
+    ("access:\n  deny_action: reject\n", "2: access.deny_action: expected one of: kod, ignore"),
+    ("rate_limit:\n  enabled: yes please\n", "2: rate_limit.enabled: expected true or false"),
+    ("clock:\n  stratum: 16\n", "2: clock.stratum: expected a whole number from 1 to 15"),
+    (
+        "clock:\n  refid: GPS\n",
+        "2: clock.refid: unknown key (expected one of: stratum, reference_id, local_reference, root_delay, "
+        "root_dispersion)",
+    ),
+    ("log:\n  level: loud\n", "2: log.level: expected one of: debug, info, warning, error"),
+    ("metrics:\n  listen: localhost:9975\n", "2: metrics.listen: 'localhost:9975': 'localhost' is not an IP address"),
+    ("ntp: {workers: 1}\nntp: {workers: 2}\n", "2: ntp: duplicate key"),
+    ("ntp:\n  listen: [\n", "3: not valid YAML: expected the node content, but found '<stream end>'"),
+    ("- just\n- a list\n", "1: expected a mapping of keys to values"),
+    ("mssntp:\n  socket: /x\n", "1: mssntp: no installed authenticator plugin provides this section"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BROKEN)
+def test_broken_config_message(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path))
+    assert str(exc.value) == f"{path}:{message}"
+
+
+@pytest.mark.parametrize(("text", "message"), BROKEN[:4] + BROKEN[10:12])
+def test_cli_exits_2_with_the_message(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    for args in (["check-config", str(path)], ["serve", "--config", str(path)]):
+        proc = subprocess.run([sys.executable, "-m", "nts", *args], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2
+        assert proc.stderr == f"ntsd: {path}:{message}\n"
+        assert "Traceback" not in proc.stderr
+
+
+def test_missing_file_is_status_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nts", "check-config", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == f"ntsd: {tmp_path / 'nope.yaml'}: cannot read: No such file or directory\n"
+
+
+def test_embedded_default_is_valid_and_serves_loopback() -> None:
+    config = load_config(None)
+    assert config.ntp.listen == (("127.0.0.1", 123), ("::1", 123))
+    assert config.metrics_listen == ("127.0.0.1", 9975)
+    assert config.rate_limit is not None
+    assert config.source == "<default>"
+    assert parse_config(DEFAULT_CONFIG, "x") == parse_config(DEFAULT_CONFIG, "x")
+
+
+def test_full_config_values() -> None:
+    text = """
+ntp: {listen: ["0.0.0.0:123", "[::]:123"], workers: 2, user: ntp}
+access: {allow: [10.0.0.0/8, "2001:db8::/32"], deny: [10.9.0.0/16], deny_action: ignore, require_auth: [10.1.0.0/16]}
+rate_limit: {rate: 0.5, burst: 4, max_clients: 5000, action: ignore, kod_interval: 2}
+clock: {stratum: 3, reference_id: 192.0.2.1, root_delay: 0.001, root_dispersion: 0.002}
+log: {level: warning, file: /var/log/ntsd.log}
+metrics: {listen: "[::1]:9975"}
+"""
+    c = parse_config(text, "t")
+    assert c.ntp.listen == (("0.0.0.0", 123), ("::", 123)) and c.ntp.workers == 2 and c.ntp.user == "ntp"
+    assert c.access.deny_kod is False
+    assert c.access.require_auth == (ipaddress.ip_network("10.1.0.0/16"),)
+    assert c.rate_limit is not None and (c.rate_limit.rate, c.rate_limit.burst, c.rate_limit.kod) == (0.5, 4, False)
+    assert c.clock.reference_id == bytes([192, 0, 2, 1])
+    assert c.metrics_listen == ("::1", 9975)
+    assert parse_config("rate_limit: {enabled: false}\n", "t").rate_limit is None
+    assert parse_config("metrics: {listen: null}\n", "t").metrics_listen is None
