@@ -105,11 +105,13 @@ class Pipeline:
     def handle(self, data: bytes, client: tuple[str, int], rx_ns: int, local: object = None) -> Decision:
         """Decide what to answer. The caller counts datagrams in `requests`."""
         n = len(data)
-        if n < HEADER_LEN:
+        if not n:
             return self._drop(_D_SHORT)
         b0 = data[0]
-        if b0 & 7 != 3:
+        if b0 & 7 != 3:  # before the length check: a 12-byte ntpq probe is counted as mode 6
             return self._drop(_MODE_DROPS[b0 & 7])
+        if n < HEADER_LEN:
+            return self._drop(_D_SHORT)
         version = (b0 >> 3) & 7
         if version < 1 or version > 4:
             return self._drop(_D_VERSION)

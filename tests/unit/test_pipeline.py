@@ -68,8 +68,10 @@ def test_only_mode_3_is_answered(mode: int, reason: str) -> None:
     assert p.counters()[("drops", reason)] == 1
 
 
-def test_control_query_of_12_bytes_is_dropped_as_short() -> None:
-    assert make().handle(bytes.fromhex("160200010000000000000000"), CLIENT, T0) == Drop("too_short")
+def test_short_ntpq_probe_is_counted_as_mode_6_and_short_client_as_short() -> None:
+    assert make().handle(bytes.fromhex("160200010000000000000000"), CLIENT, T0) == Drop("mode_6")
+    assert make().handle(client_request()[:47], CLIENT, T0) == Drop("too_short")
+    assert make().handle(b"", CLIENT, T0) == Drop("too_short")
 
 
 @pytest.mark.parametrize("version", [0, 5, 7])
