@@ -13,7 +13,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -153,7 +153,13 @@ def _construct(node: yaml.ScalarNode) -> Any:
     return yaml.SafeLoader("").construct_object(node, deep=True)
 
 
-def parse_hostport(where: Node, text: str, default_port: int | None) -> tuple[str, int]:
+class Where(Protocol):
+    """Anything that can turn a message into a located ConfigError (a Node, the command line)."""
+
+    def error(self, message: str) -> ConfigError: ...
+
+
+def parse_hostport(where: Where, text: str, default_port: int | None) -> tuple[str, int]:
     """'127.0.0.1:123', '[::1]:123', or a bare address when a default port is given."""
     host, port_text = text, None
     if text.startswith("["):
@@ -202,10 +208,10 @@ class LogSettings:
 class Config:
     source: str
     ntp: NtpSettings
-    access: AccessSettings = AccessSettings()
-    rate_limit: RateSettings | None = RateSettings()
-    clock: ClockSettings = ClockSettings()
-    log: LogSettings = LogSettings()
+    access: AccessSettings = field(default_factory=AccessSettings)
+    rate_limit: RateSettings | None = field(default_factory=RateSettings)
+    clock: ClockSettings = field(default_factory=ClockSettings)
+    log: LogSettings = field(default_factory=LogSettings)
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9975)
     plugins: Mapping[str, Any] = field(default_factory=dict)
 

@@ -123,12 +123,20 @@ def running_ntsd(tmp_path: Path, config_text: str) -> Iterator[Ntsd]:
         server.stop()
 
 
-def lab_config(port: int, *, metrics_port: int | None = None, extra: str = "", listen: list[str] | None = None) -> str:
+def lab_config(
+    port: int,
+    *,
+    metrics_port: int | None = None,
+    extra: str = "",
+    listen: list[str] | None = None,
+    ntp_extra: str = "",
+) -> str:
+    """A config serving as a local reference (this machine's kernel clock is unsynchronised)."""
     addrs = listen if listen is not None else [f"127.0.0.1:{port}"]
     quoted = ", ".join(f'"{a}"' for a in addrs)
     metrics = f'"127.0.0.1:{metrics_port}"' if metrics_port else "null"
     return (
-        f"ntp: {{listen: [{quoted}]}}\n"
+        f"ntp: {{listen: [{quoted}]{', ' + ntp_extra if ntp_extra else ''}}}\n"
         "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\n"
         f"metrics: {{listen: {metrics}}}\n"
         "log: {level: debug}\n" + extra

@@ -72,7 +72,7 @@ class Authenticator(ABC):
         """Finish a deferred reply (asynchronous signers only)."""
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook; most plugins hold nothing)
         """Release resources (sockets, files) at shutdown or after a reload replaced it."""
 
 

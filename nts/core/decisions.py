@@ -10,7 +10,7 @@ so a snapshot can be summed across worker processes and rendered as Prometheus t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .auth import Authenticator
@@ -40,7 +40,7 @@ class Defer:
     client: tuple[str, int]
 
 
-Decision = Union[bytes, Drop, Defer]
+Decision = bytes | Drop | Defer
 
 _drops: dict[str, Drop] = {}
 

@@ -180,14 +180,22 @@ def test_status_command_reads_metrics(tmp_path: Path) -> None:
     port, mport = free_port(), free_port(socket.SOCK_STREAM)
     with running_ntsd(tmp_path, lab_config(port, metrics_port=mport)):
         assert query(port, client_request()) is not None
-        out = subprocess.run([sys.executable, "-m", "nts", "status", "--config", str(tmp_path / "ntsd.yaml")],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, "-m", "nts", "status", "--config", str(tmp_path / "ntsd.yaml")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode == 0
         lines = dict(line.rsplit(None, 1) for line in out.stdout.splitlines())
         assert lines['replies_total{auth="none"}'] == "1"
         assert lines["stratum"] == "1"
-    down = subprocess.run([sys.executable, "-m", "nts", "status", "--metrics", f"127.0.0.1:{mport}"],
-                          capture_output=True, text=True, timeout=30)
+    down = subprocess.run(
+        [sys.executable, "-m", "nts", "status", "--metrics", f"127.0.0.1:{mport}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert down.returncode == 1
     assert down.stderr.startswith(f"ntsd: cannot read metrics from 127.0.0.1:{mport}:")
 
@@ -198,8 +206,9 @@ def test_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         cfg = tmp_path / "c.yaml"
         cfg.write_text(lab_config(port))
-        proc = subprocess.run([sys.executable, "-m", "nts", "serve", "-c", str(cfg)],
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [sys.executable, "-m", "nts", "serve", "-c", str(cfg)], capture_output=True, text=True, timeout=30
+        )
     assert proc.returncode == 1
     assert proc.stderr.endswith(
         f"ntsd: cannot listen on 127.0.0.1:{port}: Address already in use "
@@ -209,8 +218,7 @@ def test_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
 
 def test_workers_share_the_port_and_sum_their_counters(tmp_path: Path) -> None:
     port, mport = free_port(), free_port(socket.SOCK_STREAM)
-    extra = NO_RATE + "ntp: {workers: 2, listen: [\"127.0.0.1:%d\"]}\n" % port
-    config = lab_config(port, metrics_port=mport).replace(f'ntp: {{listen: ["127.0.0.1:{port}"]}}\n', "") + extra
+    config = lab_config(port, metrics_port=mport, extra=NO_RATE, ntp_extra="workers: 2")
     with running_ntsd(tmp_path, config) as server:
         server.wait_for("ready with 2 workers")
         sources = [f"127.0.3.{i}" for i in range(1, 41)]  # many source ports/addresses spread over workers
@@ -229,9 +237,7 @@ def test_workers_share_the_port_and_sum_their_counters(tmp_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_privileges_are_dropped_after_binding(tmp_path: Path) -> None:
     port = free_port()
-    with running_ntsd(tmp_path, lab_config(port, extra="ntp: {user: nobody}\n").replace(
-            f'ntp: {{listen: ["127.0.0.1:{port}"]}}\n', f'ntp: {{listen: ["127.0.0.1:{port}"], user: nobody}}\n'
-    ).replace("ntp: {user: nobody}\n", "")) as server:
+    with running_ntsd(tmp_path, lab_config(port, ntp_extra="user: nobody")) as server:
         status = Path(f"/proc/{server.proc.pid}/status").read_text()
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
         assert uid_line.split()[1:] == ["65534"] * 4

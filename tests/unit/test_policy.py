@@ -5,8 +5,18 @@ from __future__ import annotations
 import ipaddress
 
 from nts.core.clockstate import STA_UNSYNC, ClockSettings, KernelClock, server_state
-from nts.core.policy import ALLOW, DENIED, RATE_DROP, RATE_KOD, RATE_OK, RESTRICTED, AccessPolicy, NetworkSet
-from nts.core.policy import RateLimiter, RateSettings
+from nts.core.policy import (
+    ALLOW,
+    DENIED,
+    RATE_DROP,
+    RATE_KOD,
+    RATE_OK,
+    RESTRICTED,
+    AccessPolicy,
+    NetworkSet,
+    RateLimiter,
+    RateSettings,
+)
 from nts.wire.packet import Leap
 
 

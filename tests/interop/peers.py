@@ -1,0 +1,96 @@
+"""Running real peers (chronyd -Q, tshark captures) from tests, in temp dirs, on loopback only."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.helpers import free_port, need
+
+_WRONG_BY = re.compile(r"System clock wrong by (-?[0-9.]+) seconds")
+
+
+def chrony_measure(tmp: Path, server_lines: str, extra: str = "", timeout: int = 20) -> tuple[float | None, str]:
+    """Run `chronyd -Q` once against `server_lines`; return (offset or None, chrony's output)."""
+    chronyd = need("chronyd")
+    tmp.mkdir(parents=True, exist_ok=True)
+    conf = tmp / "chrony-client.conf"
+    conf.write_text(f"{server_lines}\ncmdport 0\npidfile {tmp}/chronyd-client.pid\n{extra}")
+    proc = subprocess.run(
+        [chronyd, "-Q", "-f", str(conf), "-L", "0", "-u", "root", "-t", str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 15,
+    )
+    output = proc.stdout + proc.stderr
+    m = _WRONG_BY.search(output)
+    return (float(m.group(1)) if m else None), output
+
+
+def _wait_until_live(pcap: Path, sentinel: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    """tshark says "Capturing on" before its filter is live: send sentinel datagrams until one is
+    written to the file (the file grows past its header), which proves packets are being captured."""
+    deadline = time.monotonic() + timeout
+    while not (pcap.exists() and pcap.stat().st_size) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    header = pcap.stat().st_size if pcap.exists() else 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        while time.monotonic() < deadline and proc.poll() is None:
+            s.sendto(b"sentinel", ("127.0.0.1", sentinel))
+            time.sleep(0.05)
+            if pcap.stat().st_size > header:
+                return
+    raise AssertionError("tshark never wrote a captured packet")
+
+
+@contextmanager
+def capture(tmp: Path, bpf: str) -> Iterator[Path]:
+    """Capture loopback traffic matching `bpf` into a pcap for the duration of the block."""
+    tshark = need("tshark")
+    pcap = tmp / "capture.pcapng"
+    sentinel = free_port()
+    proc = subprocess.Popen(
+        [tshark, "-i", "lo", "-f", f"({bpf}) or udp port {sentinel}", "-w", str(pcap)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    started = threading.Event()
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "Capturing on" in line:
+                started.set()
+        started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if not started.wait(30) or proc.poll() is not None:
+            raise AssertionError("tshark did not start capturing: " + "".join(lines))
+        _wait_until_live(pcap, sentinel, proc)
+        yield pcap
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        reader.join(5)
+
+
+def dissect(pcap: Path, *extra: str) -> str:
+    tshark = need("tshark")
+    return subprocess.run(
+        [tshark, "-r", str(pcap), "-V", *extra], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+
+
+def dissection_problems(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "Malformed" in line or "Expert Info (Error" in line]
