@@ -11,6 +11,7 @@ import argparse
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, format_addr, iter_lines, load_config, parse_hostport
@@ -41,6 +42,21 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"{config.source}: OK")
     for line in iter_lines(config):
         print(f"  {line}")
+    return EXIT_OK
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from .ke.devcerts import make_dev_certs
+
+    names = args.name or ["localhost", "127.0.0.1", "::1"]
+    try:
+        paths = make_dev_certs(Path(args.dir), names, args.days, args.type)
+    except OSError as exc:
+        print(f"ntsd: cannot write certificates to {args.dir}: {exc.strerror}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"development CA:     {paths.ca}  (give this to clients, e.g. chrony's ntstrustedcerts)")
+    print(f"server certificate: {paths.certificate}  for {', '.join(names)}")
+    print(f"server key:         {paths.private_key}  (mode 0600)")
     return EXIT_OK
 
 
@@ -101,6 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("file", nargs="?", help="file to check (the embedded default if omitted)")
     p.set_defaults(func=_check_config)
+    p = sub.add_parser("certs", help="make a development CA and server certificate (never for production)")
+    p.add_argument("--dir", default="certs", help="output folder (default: certs)")
+    p.add_argument(
+        "--name", action="append", help="DNS name or IP address (repeatable; default: localhost, 127.0.0.1, ::1)"
+    )
+    p.add_argument("--days", type=int, default=90, help="validity in days (default 90)")
+    p.add_argument("--type", choices=("ec", "rsa"), default="ec", help="key type (default ec, P-256)")
+    p.set_defaults(func=_certs)
     p = sub.add_parser("status", help="show a running server's counters")
     p.add_argument("--config", "-c", metavar="FILE", help="find the metrics address in this file")
     p.add_argument("--metrics", metavar="ADDR:PORT", help="metrics address (overrides --config)")

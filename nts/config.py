@@ -21,7 +21,7 @@ from .core.clockstate import ClockSettings
 from .core.policy import Network, RateSettings
 
 DEFAULT_CONFIG = """\
-# ntsd embedded default: plain NTP on loopback, metrics on loopback.
+# ntsd embedded default: NTP and NTS on loopback, metrics on loopback.
 ntp:
   listen: ["127.0.0.1:123", "[::1]:123"]
   workers: 1
@@ -39,6 +39,11 @@ log:
   level: info
 metrics:
   listen: "127.0.0.1:9975"
+nts:
+  listen: ["127.0.0.1:4460", "[::1]:4460"]
+  certificate: certs/server.pem   # made by `ntsd certs`
+  private_key: certs/server.key
+  key_dir: certs                  # the NTS master secret is kept here (mode 0600)
 """
 
 PLUGIN_SECTIONS = ("nts", "mac", "mssntp")

@@ -11,6 +11,7 @@ A plugin's config section (`section`) is validated by the plugin itself through 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -56,8 +57,8 @@ class Authenticator(ABC):
     bare: ClassVar[bool] = False  # answers bare 48-byte requests (the plain mode only)
 
     @classmethod
-    def parse_config(cls, node: Any, where: Any) -> Any:
-        """Validate this plugin's config section; raise nts.config.ConfigError with a location."""
+    def parse_config(cls, node: Any) -> Any:
+        """Validate this plugin's config section (an nts.config.Node); raise ConfigError with a location."""
         return node
 
     @abstractmethod
@@ -72,8 +73,26 @@ class Authenticator(ABC):
         """Finish a deferred reply (asynchronous signers only)."""
         raise NotImplementedError
 
+    async def start(self) -> None:  # noqa: B027 (optional hook)
+        """Start background services (listeners, signer connections) on the running loop."""
+
+    async def stop(self) -> None:  # noqa: B027 (optional hook)
+        """Stop what start() started."""
+
+    def reconfigure(self, config: Any) -> bool:
+        """Apply a reloaded config section in place; False means "replace me with a new instance"."""
+        return False
+
+    def counters(self) -> Mapping[tuple[str, ...], int]:
+        """The plugin's own counters (those of its background services), for the metrics."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 (an optional hook; most plugins hold nothing)
         """Release resources (sockets, files) at shutdown or after a reload replaced it."""
+
+
+class PluginError(Exception):
+    """A plugin cannot start with its configuration (missing certificate, unusable key, ...)."""
 
 
 def discover() -> dict[str, type[Authenticator]]:

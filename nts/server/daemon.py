@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import Config, ConfigError, format_addr, load_config
-from ..core.auth import Authenticator, discover
+from ..core.auth import Authenticator, PluginError, discover
 from ..core.clockstate import server_state
 from ..core.pipeline import Pipeline
 from ..core.policy import AccessPolicy, NetworkSet, RateLimiter
@@ -51,14 +51,30 @@ def plugin_sections(plugins: Mapping[str, type[Authenticator]]) -> dict[str, typ
     return {cls.section: cls for cls in plugins.values() if cls.section}
 
 
-def build_authenticators(config: Config, plugins: Mapping[str, type[Authenticator]]) -> list[Authenticator]:
-    auths: list[Authenticator] = []
+def build_authenticators(
+    config: Config, plugins: Mapping[str, type[Authenticator]], old: list[Authenticator] | None = None
+) -> tuple[list[Authenticator], list[Authenticator]]:
+    """The authenticators `config` enables, and those of `old` no longer in use.
+
+    An existing instance is kept when it can apply its new section in place (`reconfigure`), so
+    its listeners and connections survive a reload. Raises PluginError when a new one cannot start.
+    """
+    previous = {a.name: a for a in old or []}
+    current: list[Authenticator] = []
+    retired: list[Authenticator] = []
     for cls in plugins.values():
-        if cls.section is None:
-            auths.append(cls())
-        elif cls.section in config.plugins:
-            auths.append(cls(config.plugins[cls.section]))  # type: ignore[call-arg]
-    return auths
+        if cls.section is not None and cls.section not in config.plugins:
+            continue
+        section = config.plugins.get(cls.section) if cls.section else None
+        existing = previous.pop(cls.name, None)
+        if existing is not None and (cls.section is None or existing.reconfigure(section)):
+            current.append(existing)
+            continue
+        if existing is not None:
+            retired.append(existing)
+        current.append(cls() if cls.section is None else cls(section))  # type: ignore[call-arg]
+    retired.extend(previous.values())
+    return current, retired
 
 
 class DropLog:
@@ -91,18 +107,35 @@ class Server:
 
     RETIRE_GRACE = 5.0
 
-    def __init__(self, config: Config, plugins: Mapping[str, type[Authenticator]], precision: int) -> None:
+    def __init__(
+        self,
+        config: Config,
+        plugins: Mapping[str, type[Authenticator]],
+        precision: int,
+        authenticators: list[Authenticator],
+    ) -> None:
         self.plugins = plugins
         self.precision = precision
         self.listeners: dict[tuple[str, int], UdpListener] = {}
         self.drop_log = DropLog()
         self.config = config
+        self.authenticators = authenticators
         self._retiring: list[tuple[float, Pipeline]] = []
         self._folded: dict[tuple[str, ...], int] = {}
         self._parts(config, keep_rate=None)
 
+    async def start_plugins(self) -> None:
+        for auth in self.authenticators:
+            await auth.start()
+
+    async def stop_plugins(self, auths: list[Authenticator] | None = None) -> None:
+        for auth in self.authenticators if auths is None else auths:
+            try:
+                await auth.stop()
+            finally:
+                auth.close()
+
     def _parts(self, config: Config, keep_rate: RateLimiter | None) -> None:
-        self.authenticators = build_authenticators(config, self.plugins)
         self.access = AccessPolicy(config.access.allow, config.access.deny)
         self.require_auth = NetworkSet(config.access.require_auth)
         if keep_rate is not None:
@@ -128,17 +161,25 @@ class Server:
             listener.start(loop)
             self.listeners[addr] = listener
 
-    def reload(self, config: Config, loop: asyncio.AbstractEventLoop, may_bind: bool) -> None:
-        old_auths = self.authenticators
+    async def reload(self, config: Config, loop: asyncio.AbstractEventLoop, may_bind: bool) -> None:
+        try:
+            auths, retired = build_authenticators(config, self.plugins, self.authenticators)
+        except PluginError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        for auth in auths:
+            if auth not in self.authenticators:
+                await auth.start()
         same_rate = self.config.rate_limit == config.rate_limit
         self.config = config
+        self.authenticators = auths
         self._parts(config, keep_rate=self.rate if same_rate else None)
         now = time.monotonic()
         for listener in self.listeners.values():
             self._retiring.append((now, listener.pipeline))
             listener.pipeline = self.new_pipeline()
-        for auth in old_auths:
-            auth.close()
+        await self.stop_plugins(retired)
+        log.info("configuration reloaded from %s", config.source)
         if not may_bind:
             return
         wanted = set(config.ntp.listen)
@@ -172,6 +213,8 @@ class Server:
             _add(total, old.counters())
         for listener in list(self.listeners.values()):
             _add(total, listener.pipeline.counters())
+        for auth in self.authenticators:
+            _add(total, auth.counters())
         return total
 
     def gauges(self) -> dict[str, float]:
@@ -185,8 +228,6 @@ class Server:
         for listener in self.listeners.values():
             listener.stop()
         self.listeners.clear()
-        for auth in self.authenticators:
-            auth.close()
 
 
 def _add(total: dict[tuple[str, ...], int], more: Mapping[tuple[str, ...], int]) -> None:
@@ -290,6 +331,8 @@ class Daemon:
         self.stopping: asyncio.Event | None = None
         self.children: list[int] = []
         self.started = time.time()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def load(self) -> Config:
         return load_config(self.config_path, plugin_sections(self.plugins))
@@ -302,11 +345,15 @@ class Daemon:
         metrics_sock = None
         if config.metrics_listen is not None:
             metrics_sock = _bind_tcp(config.metrics_listen)
+        try:
+            auths, _ = build_authenticators(config, self.plugins)
+        except PluginError as exc:
+            raise StartupError(str(exc)) from None
         drop_privileges(config.ntp.user, config.ntp.group)
         precision = measure_precision()
         log.info("ntsd %s starting (%s)", __version__, config.source)
         if workers == 1:
-            return asyncio.run(self._serve_one(config, socket_sets[0], metrics_sock, precision))
+            return asyncio.run(self._serve_one(config, socket_sets[0], metrics_sock, precision, auths))
         shared = SharedCounters(workers)
         for index, sockets in enumerate(socket_sets):
             pid = os.fork()
@@ -319,13 +366,15 @@ class Daemon:
                         if other is not sockets:
                             for s in other.values():
                                 s.close()
-                    code = asyncio.run(self._serve_worker(config, sockets, precision, shared, index))
+                    code = asyncio.run(self._serve_worker(config, sockets, precision, shared, index, auths))
                 finally:
                     os._exit(code)
             self.children.append(pid)
         for sockets in socket_sets:
             for s in sockets.values():
                 s.close()
+        for auth in auths:
+            auth.close()  # the workers hold their own copies
         return asyncio.run(self._supervise(config, metrics_sock, shared))
 
     def _signals(self, loop: asyncio.AbstractEventLoop, on_hup: Any) -> asyncio.Event:
@@ -341,24 +390,15 @@ class Daemon:
         sockets: dict[tuple[str, int], socket.socket],
         metrics_sock: socket.socket | None,
         precision: int,
+        auths: list[Authenticator],
     ) -> int:
         loop = asyncio.get_running_loop()
-        server = Server(config, self.plugins, precision)
+        server = Server(config, self.plugins, precision, auths)
         server.adopt(sockets, loop)
         for addr in sockets:
             log.info("serving NTP on %s", format_addr(addr))
-
-        def on_hup() -> None:
-            try:
-                new = self.load()
-            except ConfigError as exc:
-                log.error("reload refused, keeping the running configuration: %s", exc)
-                return
-            setup_logging(new)
-            server.reload(new, loop, may_bind=True)
-            log.info("configuration reloaded from %s", new.source)
-
-        stopping = self._signals(loop, on_hup)
+        await server.start_plugins()
+        stopping = self._signals(loop, lambda: self._reload(server, loop, may_bind=True))
         metrics = None
         if metrics_sock is not None:
             metrics = MetricsServer(lambda: (server.counters(), {**server.gauges(), **self._uptime()}))
@@ -370,8 +410,27 @@ class Daemon:
         if metrics is not None:
             await metrics.stop()
         server.close()
+        await server.stop_plugins()
         log.info("stopped")
         return 0
+
+    def _reload(self, server: Server, loop: asyncio.AbstractEventLoop, may_bind: bool) -> None:
+        """SIGHUP: validate the file, then apply it (one reload at a time)."""
+        try:
+            new = self.load()
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        if may_bind:
+            setup_logging(new)
+
+        async def apply() -> None:
+            async with self._reload_lock:
+                await server.reload(new, loop, may_bind)
+
+        task = loop.create_task(apply())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _serve_worker(
         self,
@@ -380,20 +439,13 @@ class Daemon:
         precision: int,
         shared: SharedCounters,
         index: int,
+        auths: list[Authenticator],
     ) -> int:
         loop = asyncio.get_running_loop()
-        server = Server(config, self.plugins, precision)
+        server = Server(config, self.plugins, precision, auths)
         server.adopt(sockets, loop)
-
-        def on_hup() -> None:
-            try:
-                new = self.load()
-            except ConfigError as exc:
-                log.error("worker %d: reload refused: %s", index, exc)
-                return
-            server.reload(new, loop, may_bind=False)
-
-        stopping = self._signals(loop, on_hup)
+        await server.start_plugins()
+        stopping = self._signals(loop, lambda: self._reload(server, loop, may_bind=False))
 
         def tick() -> None:
             server.refresh_state()
@@ -402,6 +454,7 @@ class Daemon:
         await self._tick_until(stopping, tick)
         tick()
         server.close()
+        await server.stop_plugins()
         return 0
 
     async def _supervise(self, config: Config, metrics_sock: socket.socket | None, shared: SharedCounters) -> int:

@@ -1,0 +1,158 @@
+"""NTS cookies and the key ring that seals them.
+
+Strategy: cookie keys are derived, not stored: key(period) = HKDF-SHA256(master secret, period
+number), where period = unix time // rotate_interval. So every worker process, a restarted server
+and every member of a fleet that holds the same master secret file agree on all keys with no
+coordination, and rotation needs no writes. Cookies from the current period, `keep_keys` previous
+periods and one future period (clock skew between fleet members) are accepted. The master secret
+is the only thing persisted (mode 0600, written atomically). Trade-off, documented in the README:
+whoever steals the secret can open past cookies, so rotate the secret file (clients then simply
+redo NTS-KE) when a server may have been compromised.
+
+Cookie layout: key id u32 (the period, in clear) | 16-byte nonce | AES-SIV-CMAC-256 over
+(AEAD id u16 | zero u16 | C2S key | S2C key), tag first: 104 bytes for AES-SIV-CMAC-256 sessions,
+72 for AES-128-GCM-SIV, always a multiple of 4 as extension fields require. Sealing is sans-IO:
+time (and, in tests, the nonce) comes in.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .aead import AEADS, AeadError, AeadId
+
+SECRET_LEN = 32
+_COOKIE_AEAD = AEADS[AeadId.AES_SIV_CMAC_256]
+_NONCE_LEN = 16
+_HEAD = struct.Struct(">I")
+MASTER_FILE = "nts-master.key"
+
+
+class CookieError(Exception):
+    """A cookie that cannot be opened: `reason` is a stable metrics label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class CookieKeys:
+    """What a cookie carries: the negotiated AEAD and the two session keys."""
+
+    aead: int
+    c2s: bytes
+    s2c: bytes
+
+
+class KeyRing:
+    """Seals and opens cookies with keys derived per rotation period from a master secret."""
+
+    def __init__(self, secret: bytes, rotate_interval: int = 3600, keep_keys: int = 24) -> None:
+        if len(secret) < SECRET_LEN:
+            raise ValueError("master secret too short")
+        if rotate_interval < 1 or keep_keys < 0:
+            raise ValueError("bad rotation settings")
+        self._secret = secret
+        self.rotate_interval = rotate_interval
+        self.keep_keys = keep_keys
+        self._keys: dict[int, bytes] = {}
+
+    def period(self, now_s: float) -> int:
+        return int(now_s // self.rotate_interval) & 0xFFFFFFFF
+
+    def _key(self, period: int) -> bytes:
+        key = self._keys.get(period)
+        if key is None:
+            if len(self._keys) > 4 * (self.keep_keys + 2):
+                self._keys.clear()
+            kdf = HKDF(hashes.SHA256(), _COOKIE_AEAD.key_len, salt=b"ntsd cookie key v1", info=_HEAD.pack(period))
+            key = kdf.derive(self._secret)
+            self._keys[period] = key
+        return key
+
+    def seal(self, keys: CookieKeys, now_s: float, nonce: bytes | None = None) -> bytes:
+        period = self.period(now_s)
+        nonce = nonce if nonce is not None else secrets.token_bytes(_NONCE_LEN)
+        head = _HEAD.pack(period)
+        plaintext = struct.pack(">HH", keys.aead, 0) + keys.c2s + keys.s2c
+        return head + nonce + _COOKIE_AEAD.encrypt(self._key(period), nonce, plaintext, head)
+
+    def open(self, cookie: bytes, now_s: float) -> CookieKeys:
+        if len(cookie) < 4 + _NONCE_LEN + 16 + 4:
+            raise CookieError("cookie_malformed")
+        (period,) = _HEAD.unpack_from(cookie)
+        age = (self.period(now_s) - period) & 0xFFFFFFFF
+        if not (age <= self.keep_keys or age == 0xFFFFFFFF):  # accepted: past keep_keys, one future
+            raise CookieError("cookie_key_unknown")
+        nonce = cookie[4 : 4 + _NONCE_LEN]
+        try:
+            plaintext = _COOKIE_AEAD.decrypt(self._key(period), nonce, cookie[4 + _NONCE_LEN :], cookie[:4])
+        except AeadError:
+            raise CookieError("cookie_forged") from None
+        aead_id, reserved = struct.unpack_from(">HH", plaintext)
+        aead = AEADS.get(aead_id)
+        if aead is None or reserved or len(plaintext) != 4 + 2 * aead.key_len:
+            raise CookieError("cookie_malformed")
+        return CookieKeys(aead_id, plaintext[4 : 4 + aead.key_len], plaintext[4 + aead.key_len :])
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse a secret file that group or others may read (or that is not a regular file)."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise PermissionError(f"{path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise PermissionError(
+            f"{path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+        )
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically with mode 0600."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_or_create_secret(key_dir: Path) -> tuple[bytes, bool]:
+    """The master secret from key_dir (created, 0600, if absent). Returns (secret, created)."""
+    path = key_dir / MASTER_FILE
+    try:
+        check_private_file(path)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        secret = secrets.token_bytes(SECRET_LEN)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another worker created it first
+            return load_or_create_secret(key_dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret.hex().encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return secret, True
+    try:
+        secret = bytes.fromhex(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"{path}: not a hex-encoded secret") from None
+    if len(secret) < SECRET_LEN:
+        raise ValueError(f"{path}: the secret must be at least {SECRET_LEN} bytes (64 hex digits)")
+    return secret, False

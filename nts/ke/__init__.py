@@ -1,0 +1,1 @@
+"""NTS key establishment: sans-IO session logic, the TLS listener and certificate handling."""

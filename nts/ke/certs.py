@@ -1,0 +1,108 @@
+"""Server certificates for NTS-KE: load, check, and replace while serving.
+
+Strategy: a `CertStore` owns the current pyOpenSSL Context. `check()` (called periodically and
+on SIGHUP) compares the files' identity (inode, size, mtime); when they changed it builds a new
+Context from them, and only if that fully succeeds (key readable only by us, chain and key match)
+swaps it in. Connections already running keep the Context they started with, so a renewal by an
+ACME client never fails a handshake; a half-written or broken file is logged and ignored until
+it is fixed. TLS 1.3 only, ALPN "ntske/1" required.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
+from OpenSSL import SSL
+
+from ..cookies import check_private_file
+
+log = logging.getLogger("ntsd.nts")
+ALPN = b"ntske/1"
+
+
+class CertError(Exception):
+    """The certificate or key cannot be used; the message says why."""
+
+
+def _select_alpn(on_refused: Callable[[], None]) -> Callable[[SSL.Connection, list[bytes]], bytes]:
+    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+        if ALPN in offered:
+            return ALPN
+        on_refused()
+        refusal: bytes = SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[assignment]
+        return refusal
+
+    return select
+
+
+def build_context(cert_path: Path, key_path: Path, on_alpn_refused: Callable[[], None]) -> tuple[SSL.Context, str]:
+    """A TLS 1.3-only server Context; returns it with a one-line description of the certificate."""
+    try:
+        check_private_file(key_path)
+    except FileNotFoundError:
+        raise CertError(f"private key {key_path} does not exist") from None
+    except PermissionError as exc:
+        raise CertError(f"private key refused: {exc}") from None
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    try:
+        ctx.use_certificate_chain_file(str(cert_path))
+        ctx.use_privatekey_file(str(key_path))
+        ctx.check_privatekey()
+    except SSL.Error as exc:
+        raise CertError(f"cannot use {cert_path} with {key_path}: {_ssl_reason(exc)}") from None
+    ctx.set_alpn_select_callback(_select_alpn(on_alpn_refused))
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        desc = f"{cert.subject.rfc4514_string()}, expires {cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z"
+    except (ValueError, OSError):
+        desc = str(cert_path)
+    return ctx, desc
+
+
+def _ssl_reason(exc: SSL.Error) -> str:
+    parts = [str(p[2]) for p in exc.args[0] if isinstance(p, tuple) and len(p) == 3] if exc.args else []
+    return "; ".join(parts) or "invalid certificate or key"
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class CertStore:
+    """The Context new NTS-KE connections use, replaced when the files change."""
+
+    def __init__(self, cert_path: Path, key_path: Path, on_alpn_refused: Callable[[], None] = lambda: None) -> None:
+        self.cert_path, self.key_path = cert_path, key_path
+        self._on_alpn_refused = on_alpn_refused
+        self.context, self.description = build_context(cert_path, key_path, on_alpn_refused)
+        self._seen = (_identity(cert_path), _identity(key_path))
+        self.reloads = 0
+
+    def check(self, force: bool = False) -> bool:
+        """Reload if the files changed (or `force`); True when a new certificate is in use."""
+        seen = (_identity(self.cert_path), _identity(self.key_path))
+        if seen == self._seen and not force:
+            return False
+        try:
+            context, description = build_context(self.cert_path, self.key_path, self._on_alpn_refused)
+        except (CertError, OSError) as exc:
+            if seen != self._seen:
+                log.error("certificate change not applied, still serving the previous one: %s", exc)
+            self._seen = seen  # log once per change of the files
+            return False
+        self._seen = seen
+        self.context, self.description = context, description
+        self.reloads += 1
+        log.info("serving NTS-KE certificate %s", description)
+        return True

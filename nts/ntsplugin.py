@@ -1,0 +1,230 @@
+"""The `nts` authenticator plugin: NTS-KE listener, cookie key ring and NTS-protected NTP.
+
+Strategy: everything privileged or fallible happens in the constructor, before the daemon drops
+privileges and before any worker is forked: the master secret is loaded (or created), the
+certificate and key are checked and loaded, and the NTS-KE sockets are bound. `start()` then only
+attaches the listener to the running loop and begins watching the certificate files. A reload
+applies new limits, negotiation records and rotation settings in place and re-reads the
+certificate; new listen addresses or a new key_dir need a restart (said in the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .aead import AEADS, DEFAULT_AEADS
+from .config import Node, format_addr
+from .cookies import KeyRing, load_or_create_secret
+from .core.auth import Authenticator, PluginError, ReplyContext, Request
+from .core.decisions import Drop, Nak, Stats
+from .ke.certs import CertError, CertStore
+from .ke.listener import KeServer, KeSettings
+from .ntsauth import NtsPacketAuth
+from .wire.extensions import FieldType
+
+log = logging.getLogger("ntsd.nts")
+_NTS_TYPES = (FieldType.NTS_COOKIE, FieldType.NTS_AUTHENTICATOR)
+AEAD_NAMES = {
+    "AES-SIV-CMAC-256": 15,
+    "AES-SIV-CMAC-384": 16,
+    "AES-SIV-CMAC-512": 17,
+    "AES-128-GCM-SIV": 30,
+    "AES-256-GCM-SIV": 31,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NtsSettings:
+    listen: tuple[tuple[str, int], ...]
+    certificate: Path
+    private_key: Path
+    key_dir: Path
+    rotate_interval: int = 3600
+    keep_keys: int = 24
+    aeads: tuple[int, ...] = DEFAULT_AEADS
+    ntp_server: str | None = None
+    ntp_port: int | None = None
+    max_connections: int = 256
+    session_timeout: float = 5.0
+    max_request: int = 1024
+    ke_rate: float = 2.0
+    ke_burst: int = 16
+    cert_check_interval: float = 5.0
+
+    def ke(self) -> KeSettings:
+        return KeSettings(
+            supported_aeads=self.aeads,
+            max_connections=self.max_connections,
+            session_timeout=self.session_timeout,
+            max_request=self.max_request,
+            rate=self.ke_rate,
+            burst=self.ke_burst,
+            ntp_server=self.ntp_server,
+            ntp_port=self.ntp_port,
+        )
+
+
+_KEYS = (
+    "listen", "certificate", "private_key", "key_dir", "rotate_interval", "keep_keys", "aeads", "ntp_server",
+    "ntp_port", "max_connections", "session_timeout", "max_request", "ke_rate", "ke_burst", "cert_check_interval",
+)  # fmt: skip
+
+
+def _aead(node: Node) -> int:
+    value = node.scalar()
+    if isinstance(value, str) and value.upper() in AEAD_NAMES:
+        return AEAD_NAMES[value.upper()]
+    if isinstance(value, int) and not isinstance(value, bool) and value in AEADS:
+        return value
+    raise node.error(f"unknown AEAD (expected one of: {', '.join(AEAD_NAMES)} or their IANA numbers)")
+
+
+def parse_nts(node: Node) -> NtsSettings:
+    m = node.mapping(_KEYS)
+    for required in ("certificate", "private_key", "key_dir"):
+        if required not in m:
+            raise node.error(f"'{required}' is required")
+    d = NtsSettings((), Path(), Path(), Path())
+    listen = tuple(n.address() for n in m["listen"].items()) if "listen" in m else (("127.0.0.1", 4460),)
+    if not listen:
+        raise m["listen"].error("at least one listen address is required")
+    aeads = tuple(_aead(n) for n in m["aeads"].items()) if "aeads" in m else d.aeads
+    if "aeads" in m and not aeads:
+        raise m["aeads"].error("at least one AEAD is required")
+    server = m["ntp_server"].string() if "ntp_server" in m and not m["ntp_server"].is_null else None
+    if server is not None and (not server.isascii() or len(server) > 255 or not server.isprintable()):
+        raise m["ntp_server"].error("expected a host name or address in printable ASCII")
+    return NtsSettings(
+        listen=listen,
+        certificate=Path(m["certificate"].string()),
+        private_key=Path(m["private_key"].string()),
+        key_dir=Path(m["key_dir"].string()),
+        rotate_interval=m["rotate_interval"].integer(60, 30 * 86400) if "rotate_interval" in m else d.rotate_interval,
+        keep_keys=m["keep_keys"].integer(1, 1000) if "keep_keys" in m else d.keep_keys,
+        aeads=aeads,
+        ntp_server=server,
+        ntp_port=m["ntp_port"].integer(1, 65535) if "ntp_port" in m and not m["ntp_port"].is_null else None,
+        max_connections=m["max_connections"].integer(1, 100_000) if "max_connections" in m else d.max_connections,
+        session_timeout=m["session_timeout"].number(0.1, 300) if "session_timeout" in m else d.session_timeout,
+        max_request=m["max_request"].integer(64, 65536) if "max_request" in m else d.max_request,
+        ke_rate=m["ke_rate"].number(0.001, 1e6) if "ke_rate" in m else d.ke_rate,
+        ke_burst=m["ke_burst"].integer(1, 1_000_000) if "ke_burst" in m else d.ke_burst,
+        cert_check_interval=(
+            m["cert_check_interval"].number(0.1, 86400) if "cert_check_interval" in m else d.cert_check_interval
+        ),
+    )
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise PluginError(f"cannot listen for NTS-KE on {format_addr((host, port))}: {exc.strerror}") from None
+    return sock
+
+
+class NtsAuthenticator(Authenticator):
+    """NTS (RFC 8915): key establishment over TLS and authenticated NTP."""
+
+    name: ClassVar[str] = "nts"
+    section: ClassVar[str | None] = "nts"
+    order: ClassVar[int] = 10
+
+    @classmethod
+    def parse_config(cls, node: Any) -> NtsSettings:
+        return parse_nts(node)
+
+    def __init__(self, settings: NtsSettings) -> None:
+        self.settings = settings
+        self.stats = Stats()
+        try:
+            secret, created = load_or_create_secret(settings.key_dir)
+        except (OSError, ValueError) as exc:
+            raise PluginError(f"nts.key_dir: {exc}") from None
+        if created:
+            log.info("created a new NTS master secret in %s", settings.key_dir)
+        self.keyring = KeyRing(secret, settings.rotate_interval, settings.keep_keys)
+        try:
+            self.certs = CertStore(settings.certificate, settings.private_key, self._alpn_refused)
+        except CertError as exc:
+            raise PluginError(f"nts: {exc} (for a development certificate run: ntsd certs)") from None
+        self.packets = NtsPacketAuth(self.keyring, settings.aeads, time.time)
+        self.ke = KeServer(self.certs, self.keyring, settings.ke(), self.stats)
+        self.sockets: list[socket.socket] = []
+        try:
+            for host, port in settings.listen:
+                self.sockets.append(bind_tcp(host, port))
+        except PluginError:
+            self.close()
+            raise
+        self._watch: asyncio.Task[None] | None = None
+
+    def _alpn_refused(self) -> None:
+        self.stats.inc(("nts_ke", "refused_alpn"))
+
+    def matches(self, request: Request) -> bool:
+        return any(f.type in _NTS_TYPES for f in request.packet.extensions)
+
+    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop:
+        return self.packets.respond(request, ctx)
+
+    async def start(self) -> None:
+        await self.ke.start(self.sockets)
+        for sock in self.sockets:
+            log.info("serving NTS-KE on %s", format_addr(sock.getsockname()))
+        log.info("NTS-KE certificate %s", self.certs.description)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_certs())
+
+    async def _watch_certs(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.cert_check_interval)
+            self.certs.check()
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.ke.stop()
+
+    def reconfigure(self, config: Any) -> bool:
+        new: NtsSettings = config
+        old = self.settings
+        if (new.listen, new.key_dir) != (old.listen, old.key_dir):
+            log.warning("nts.listen and nts.key_dir changes need a restart; the other nts settings were applied")
+        if (new.certificate, new.private_key) != (old.certificate, old.private_key):
+            try:
+                self.ke.certs = self.certs = CertStore(new.certificate, new.private_key, self._alpn_refused)
+            except CertError as exc:
+                log.error("nts: new certificate settings not applied: %s", exc)
+        else:
+            self.certs.check(force=True)
+        self.keyring.rotate_interval, self.keyring.keep_keys = new.rotate_interval, new.keep_keys
+        self.packets.supported = new.aeads
+        self.ke.configure(new.ke())
+        self.settings = new
+        return True
+
+    def counters(self) -> Mapping[tuple[str, ...], int]:
+        return dict(self.stats.counts)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
