@@ -8,6 +8,7 @@ running) ends as one line on stderr and a documented exit status, never a traceb
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import sys
 from collections.abc import Sequence
@@ -58,6 +59,35 @@ def _certs(args: argparse.Namespace) -> int:
     print(f"server certificate: {paths.certificate}  for {', '.join(names)}")
     print(f"server key:         {paths.private_key}  (mode 0600)")
     return EXIT_OK
+
+
+def _query(args: argparse.Namespace) -> int:
+    from .client import QueryError, run_query
+
+    try:
+        result = run_query(
+            args.host,
+            port=args.port,
+            ke_port=args.ke_port,
+            ca=Path(args.ca) if args.ca else None,
+            plain=args.plain,
+            count=args.count,
+            aeads=tuple(args.aead) if args.aead else None,
+            keylog=Path(args.keylog) if args.keylog else None,
+        )
+    except QueryError as exc:
+        print(f"ntsd: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except ValueError as exc:
+        print(f"ntsd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        width = max(len(k) for k in result)
+        for key, value in result.items():
+            print(f"{key:<{width}}  {value}")
+    return EXIT_OK if not result.get("kiss") else EXIT_RUNTIME
 
 
 def fetch_metrics(host: str, port: int, timeout: float = 3.0) -> str:
@@ -125,6 +155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--days", type=int, default=90, help="validity in days (default 90)")
     p.add_argument("--type", choices=("ec", "rsa"), default="ec", help="key type (default ec, P-256)")
     p.set_defaults(func=_certs)
+    p = sub.add_parser("query", help="query an NTS (or plain NTP) server and show what it answered")
+    p.add_argument("host", help="server name or address (NTS-KE host with NTS)")
+    p.add_argument("--port", type=int, help="NTP port (default: what NTS-KE says, else 123)")
+    p.add_argument("--ke-port", type=int, default=4460, help="NTS-KE port (default 4460)")
+    p.add_argument("--ca", metavar="FILE", help="trust this CA bundle instead of the system's")
+    p.add_argument("--plain", action="store_true", help="plain NTP, no NTS")
+    p.add_argument("--count", type=int, default=1, help="NTP exchanges to make (default 1)")
+    p.add_argument("--aead", action="append", help="offer only these AEADs, in order (name or IANA number)")
+    p.add_argument("--keylog", metavar="FILE", help="append TLS secrets (SSLKEYLOGFILE format) for tshark")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_query)
     p = sub.add_parser("status", help="show a running server's counters")
     p.add_argument("--config", "-c", metavar="FILE", help="find the metrics address in this file")
     p.add_argument("--metrics", metavar="ADDR:PORT", help="metrics address (overrides --config)")

@@ -32,7 +32,6 @@ _AUTH_HEAD = struct.Struct(">HH")
 
 _D_MALFORMED = drop("nts_malformed")
 _D_PLACEHOLDER = drop("nts_placeholder_length")
-_D_AEAD = drop("nts_aead_unsupported")
 
 
 def _pad4(n: int) -> int:
@@ -125,8 +124,8 @@ class NtsPacketAuth:
         except CookieError as exc:
             return self._nak(request, ctx, parsed.uid, exc.reason)
         aead = AEADS.get(keys.aead)
-        if aead is None or keys.aead not in self.supported:
-            return _D_AEAD
+        if aead is None or keys.aead not in self.supported:  # disabled since: make the client redo NTS-KE
+            return self._nak(request, ctx, parsed.uid, "aead_disabled")
         opened = _open_auth(parsed.auth_body)
         if opened is None:
             return _D_MALFORMED

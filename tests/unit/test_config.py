@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from nts.config import DEFAULT_CONFIG, ConfigError, load_config, parse_config
+from nts.core.auth import discover
+from nts.server.daemon import plugin_sections
 
 BROKEN = [
     ('ntp:\n  listen: ["127.0.0.1:99999"]\n', "2: ntp.listen[0]: '127.0.0.1:99999': port must be 1 to 65535"),
@@ -35,8 +37,8 @@ BROKEN = [
     ("ntp: {workers: 1}\nntp: {workers: 2}\n", "2: ntp: duplicate key"),
     ("ntp:\n  listen: [\n", "3: not valid YAML: expected the node content, but found '<stream end>'"),
     ("- just\n- a list\n", "1: expected a mapping of keys to values"),
-    ("mssntp:\n  socket: /x\n", "1: mssntp: no installed authenticator plugin provides this section"),
 ]
+SECTIONS = plugin_sections(discover())
 
 
 @pytest.mark.parametrize(("text", "message"), BROKEN)
@@ -44,8 +46,16 @@ def test_broken_config_message(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as exc:
-        load_config(str(path))
+        load_config(str(path), SECTIONS)
     assert str(exc.value) == f"{path}:{message}"
+
+
+def test_section_of_a_plugin_that_is_not_installed(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("ntp: {workers: 1}\nmssntp:\n  socket: /x\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path), {})
+    assert str(exc.value) == f"{path}:2: mssntp: no installed authenticator plugin provides this section"
 
 
 @pytest.mark.parametrize(("text", "message"), BROKEN[:4] + BROKEN[10:12])
@@ -71,12 +81,13 @@ def test_missing_file_is_status_2(tmp_path: Path) -> None:
 
 
 def test_embedded_default_is_valid_and_serves_loopback() -> None:
-    config = load_config(None)
+    config = load_config(None, SECTIONS)
     assert config.ntp.listen == (("127.0.0.1", 123), ("::1", 123))
+    assert "nts" in config.plugins
     assert config.metrics_listen == ("127.0.0.1", 9975)
     assert config.rate_limit is not None
     assert config.source == "<default>"
-    assert parse_config(DEFAULT_CONFIG, "x") == parse_config(DEFAULT_CONFIG, "x")
+    assert parse_config(DEFAULT_CONFIG, "x", SECTIONS) == parse_config(DEFAULT_CONFIG, "x", SECTIONS)
 
 
 def test_full_config_values() -> None:

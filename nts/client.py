@@ -1,0 +1,391 @@
+"""`ntsd query`: an NTS (or plain) NTP client for checking servers, ours or anyone's.
+
+Strategy: blocking sockets, one exchange at a time; this is a diagnostic tool, not a daemon. The
+NTS-KE side uses pyOpenSSL (the exporter), verifies the chain against --ca (or the system store)
+and the host name or address against the certificate. The NTP side builds the request from the
+same wire and AEAD code the server uses, and checks everything in the reply a real client must:
+origin timestamp, UID echo, the authenticator over the reply, and the new cookies inside it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from OpenSSL import SSL
+
+from .aead import AEADS, DEFAULT_AEADS, AeadError
+from .ke.certs import ALPN
+from .ke.session import EXPORTER_LABEL
+from .ntsauth import _open_auth, auth_field
+from .wire.errors import ParseError
+from .wire.extensions import ExtensionField, FieldType, make_field, parse_extension, serialize_extension
+from .wire.ke_records import NEXT_PROTOCOL_NTPV4, Record, RecordReader, RecordType, serialize_records, u16_list
+from .wire.packet import KISS_NTSN, parse_packet
+from .wire.timestamps import ntp64_to_unix_ns, short_to_seconds, unix_ns_to_ntp64
+
+
+class QueryError(Exception):
+    """The server could not be queried; the message says what went wrong."""
+
+
+@dataclass
+class KeResult:
+    aead: int
+    c2s: bytes
+    s2c: bytes
+    cookies: list[bytes]
+    server: str | None
+    port: int | None
+    subject: str
+    expires: str
+    compliant_gcm: bool = False
+
+
+@dataclass
+class Sample:
+    offset: float
+    delay: float
+    stratum: int
+    leap: int
+    reference_id: str
+    root_delay: float
+    root_dispersion: float
+    kiss: str | None = None
+    new_cookies: list[bytes] = field(default_factory=list)
+
+
+def _hostname_matches(cert: x509.Certificate, host: str) -> bool:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+        return ip in san.get_values_for_type(x509.IPAddress)
+    except ValueError:
+        pass
+    host = host.lower().rstrip(".")
+    for name in san.get_values_for_type(x509.DNSName):
+        name = name.lower().rstrip(".")
+        if name == host or (name.startswith("*.") and host.split(".", 1)[-1] == name[2:] and "." in host):
+            return True
+    return False
+
+
+def key_exchange(
+    host: str,
+    port: int = 4460,
+    ca: Path | None = None,
+    aeads: tuple[int, ...] = DEFAULT_AEADS,
+    timeout: float = 5.0,
+    keylog: Path | None = None,
+    compliant_gcm: bool = True,
+    extra_records: tuple[Record, ...] = (),
+) -> KeResult:
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
+    if ca is not None:
+        ctx.load_verify_locations(str(ca))
+    else:
+        ctx.set_default_verify_paths()
+    ctx.set_alpn_protos([ALPN])
+    if keylog is not None:
+        ctx.set_keylog_callback(lambda conn, line: _append(keylog, line))
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise QueryError(f"cannot connect to NTS-KE at {host} port {port}: {exc.strerror or exc}") from None
+    # pyOpenSSL needs a blocking socket (a Python timeout makes it non-blocking underneath): bound
+    # every read and write with kernel timeouts instead, so a silent server cannot hang us.
+    sock.settimeout(None)
+    timeval = struct.pack("@qq", int(timeout), int((timeout % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    conn = SSL.Connection(ctx, sock)
+    try:
+        if not _is_ip(host):
+            conn.set_tlsext_host_name(host.encode("idna"))
+        conn.set_connect_state()
+        try:
+            conn.do_handshake()
+        except SSL.SysCallError as exc:
+            raise QueryError(f"TLS handshake with {host} port {port} failed: {_syscall_reason(exc)}") from None
+        except SSL.Error as exc:
+            raise QueryError(f"TLS handshake with {host} port {port} failed: {_ssl_text(exc)}") from None
+        if conn.get_alpn_proto_negotiated() != ALPN:
+            raise QueryError("the server did not agree to NTS-KE (ALPN ntske/1)")
+        peer = conn.get_peer_certificate()
+        if peer is None:
+            raise QueryError("the server sent no certificate")
+        cert = peer.to_cryptography()
+        if not _hostname_matches(cert, host):
+            raise QueryError(f"the server's certificate is not valid for {host}")
+        request = [Record(True, RecordType.NEXT_PROTOCOL, struct.pack(">H", NEXT_PROTOCOL_NTPV4))]
+        request.append(Record(True, RecordType.AEAD_ALGORITHM, struct.pack(f">{len(aeads)}H", *aeads)))
+        if compliant_gcm and 30 in aeads:
+            request.append(Record(False, RecordType.COMPLIANT_128GCM_EXPORT))
+        request += extra_records
+        request.append(Record(True, RecordType.END_OF_MESSAGE))
+        conn.sendall(serialize_records(request))  # one write: some servers need the request in one record
+        records = _read_response(conn)
+        result = _interpret(records, cert)
+        key_len = AEADS[result.aead].key_len
+        ctx_aead = 15 if result.aead == 30 and not result.compliant_gcm else result.aead
+        c2s = conn.export_keying_material(EXPORTER_LABEL, key_len, struct.pack(">HHB", 0, ctx_aead, 0))
+        s2c = conn.export_keying_material(EXPORTER_LABEL, key_len, struct.pack(">HHB", 0, ctx_aead, 1))
+        result.c2s, result.s2c = bytes(c2s), bytes(s2c)
+        return result
+    except (SSL.Error, OSError) as exc:
+        raise QueryError(f"NTS-KE with {host} port {port} failed: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _ssl_text(exc: SSL.Error) -> str:
+    parts = [str(p[2]) for p in exc.args[0] if isinstance(p, tuple) and len(p) == 3] if exc.args and exc.args[0] else []
+    return "; ".join(parts) or exc.__class__.__name__
+
+
+def _syscall_reason(exc: SSL.SysCallError) -> str:
+    if exc.args and exc.args[0] in (11, -1):
+        return "the server closed the connection or did not answer in time"
+    return str(exc.args[1]) if len(exc.args) > 1 else "connection error"
+
+
+def _append(path: Path, line: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(line + b"\n")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_response(conn: SSL.Connection) -> list[Record]:
+    reader = RecordReader(65536)
+    records: list[Record] = []
+    while not records or records[-1].type != RecordType.END_OF_MESSAGE:
+        try:
+            chunk = conn.recv(65536)
+        except SSL.ZeroReturnError:
+            chunk = b""
+        if not chunk:
+            raise QueryError("the server closed the connection before End of Message")
+        try:
+            records += reader.feed(chunk)
+        except ParseError as exc:
+            raise QueryError(f"bad NTS-KE response: {exc}") from None
+    return records
+
+
+def _interpret(records: list[Record], cert: x509.Certificate) -> KeResult:
+    aead: int | None = None
+    protocol_ok = compliant = False
+    cookies: list[bytes] = []
+    server: str | None = None
+    port: int | None = None
+    for r in records:
+        if r.type == RecordType.ERROR:
+            code = struct.unpack(">H", r.body)[0] if len(r.body) == 2 else -1
+            raise QueryError(f"the server answered NTS-KE Error {code}")
+        if r.type == RecordType.NEXT_PROTOCOL:
+            protocol_ok = r.body == struct.pack(">H", NEXT_PROTOCOL_NTPV4)
+        elif r.type == RecordType.AEAD_ALGORITHM:
+            try:
+                values = u16_list(r.body)
+            except ParseError:
+                raise QueryError("the server supports none of the offered AEAD algorithms") from None
+            aead = values[0]
+        elif r.type == RecordType.NEW_COOKIE:
+            cookies.append(r.body)
+        elif r.type == RecordType.NTPV4_SERVER:
+            server = r.body.decode("ascii", "replace")
+        elif r.type == RecordType.NTPV4_PORT and len(r.body) == 2:
+            port = struct.unpack(">H", r.body)[0]
+        elif r.type == RecordType.COMPLIANT_128GCM_EXPORT:
+            compliant = True
+    if not protocol_ok:
+        raise QueryError("the server does not offer NTPv4 over NTS")
+    if aead is None or aead not in AEADS:
+        raise QueryError("the server chose no AEAD algorithm that this client supports")
+    if not cookies:
+        raise QueryError("the server sent no cookies")
+    return KeResult(
+        aead, b"", b"", cookies, server, port, cert.subject.rfc4514_string(),
+        f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}", compliant,
+    )  # fmt: skip
+
+
+def nts_request(ke: KeResult, cookie: bytes, placeholders: int = 0) -> tuple[bytes, bytes, bytes]:
+    """(packet, uid, transmit) for one NTS-protected request."""
+    transmit = secrets.token_bytes(8)
+    header = bytes([0x23]) + bytes(39) + transmit
+    uid = secrets.token_bytes(32)
+    fields = serialize_extension(ExtensionField(FieldType.UNIQUE_IDENTIFIER, uid))
+    fields += serialize_extension(ExtensionField(FieldType.NTS_COOKIE, cookie))
+    for _ in range(placeholders):
+        fields += serialize_extension(make_field(FieldType.NTS_COOKIE_PLACEHOLDER, bytes(len(cookie))))
+    ad = header + fields
+    nonce = secrets.token_bytes(16)
+    return ad + auth_field(ke.aead, ke.c2s, nonce, b"", ad, 0), uid, transmit
+
+
+def check_nts_reply(ke: KeResult, reply: bytes, uid: bytes) -> tuple[bool, list[bytes]]:
+    """(is_nak, new cookies) after verifying the reply's UID and authenticator."""
+    packet = parse_packet(reply)
+    uid_ok = any(f.type == FieldType.UNIQUE_IDENTIFIER and f.value[: len(uid)] == uid for f in packet.extensions)
+    if not uid_ok:
+        raise QueryError("the reply does not echo our unique identifier")
+    if packet.header.stratum == 0 and packet.header.reference_id == KISS_NTSN:
+        return True, []
+    pos = 48
+    for f in packet.extensions:
+        if f.type == FieldType.NTS_AUTHENTICATOR:
+            opened = _open_auth(f.value)
+            if opened is None:
+                raise QueryError("malformed authenticator in the reply")
+            try:
+                plaintext = AEADS[ke.aead].decrypt(ke.s2c, opened[0], opened[1], reply[:pos])
+            except AeadError:
+                raise QueryError("the reply's authenticator does not verify") from None
+            cookies, p = [], 0
+            while p < len(plaintext):
+                inner, p = parse_extension(plaintext, p)
+                if inner.type == FieldType.NTS_COOKIE:
+                    cookies.append(inner.value)
+            return False, cookies
+        pos += 4 + len(f.value)
+    raise QueryError("the reply is not authenticated")
+
+
+def exchange(host: str, port: int, packet: bytes, timeout: float = 3.0) -> tuple[bytes, int, int]:
+    """Send one request; return (reply, t1_ns, t4_ns)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        t1 = time.time_ns()
+        s.send(packet)
+        try:
+            reply = s.recv(4096)
+        except TimeoutError:
+            raise QueryError(f"no reply from {host} port {port} within {timeout:g} s") from None
+        t4 = time.time_ns()
+    return reply, t1, t4
+
+
+def sample(reply: bytes, transmit: bytes, t1: int, t4: int) -> Sample:
+    try:
+        h = parse_packet(reply).header
+    except ParseError as exc:
+        raise QueryError(f"malformed reply: {exc}") from None
+    if h.mode != 4 or struct.pack(">Q", h.origin_ts) != transmit:
+        raise QueryError("the reply does not answer our request (mode or origin timestamp)")
+    t1x = ntp64_to_unix_ns(int.from_bytes(transmit, "big"), t1)
+    t2 = ntp64_to_unix_ns(h.receive_ts, t1)
+    t3 = ntp64_to_unix_ns(h.transmit_ts, t1)
+    del t1x  # our transmit field is random (RFC 8915 privacy); t1 is our own clock reading
+    offset = ((t2 - t1) + (t3 - t4)) / 2e9
+    delay = ((t4 - t1) - (t3 - t2)) / 1e9
+    refid = h.reference_id
+    ref = refid.decode("ascii", "replace").rstrip("\0") if h.stratum <= 1 else str(ipaddress.IPv4Address(refid))
+    kiss = ref if h.stratum == 0 else None
+    return Sample(
+        offset, delay, h.stratum, h.leap, ref, short_to_seconds(h.root_delay), short_to_seconds(h.root_dispersion), kiss
+    )
+
+
+def plain_request() -> tuple[bytes, bytes]:
+    transmit = struct.pack(">Q", unix_ns_to_ntp64(time.time_ns()) ^ secrets.randbits(24))
+    return bytes([0x23]) + bytes(39) + transmit, transmit
+
+
+def _parse_aead(text: str) -> int:
+    from .ntsplugin import AEAD_NAMES
+
+    if text.upper() in AEAD_NAMES:
+        return AEAD_NAMES[text.upper()]
+    if text.isdigit() and int(text) in AEADS:
+        return int(text)
+    raise ValueError(f"unknown AEAD {text!r} (expected one of: {', '.join(AEAD_NAMES)})")
+
+
+def run_query(
+    host: str,
+    *,
+    port: int | None = None,
+    ke_port: int = 4460,
+    ca: Path | None = None,
+    plain: bool = False,
+    count: int = 1,
+    aeads: tuple[str, ...] | None = None,
+    keylog: Path | None = None,
+) -> dict[str, object]:
+    """Query `host`; return what a person wants to see, as a flat dict (also the JSON output)."""
+    if count < 1:
+        raise ValueError("--count must be at least 1")
+    out: dict[str, object] = {}
+    if plain:
+        ntp_host, ntp_port = host, port or 123
+        out["server"] = f"{ntp_host} port {ntp_port}"
+        out["mode"] = "plain"
+        for _ in range(count):
+            packet, transmit = plain_request()
+            reply, t1, t4 = exchange(ntp_host, ntp_port, packet)
+            result = sample(reply, transmit, t1, t4)
+    else:
+        offered = tuple(_parse_aead(a) for a in aeads) if aeads else DEFAULT_AEADS
+        ke = key_exchange(host, ke_port, ca, offered, keylog=keylog)
+        ntp_host, ntp_port = ke.server or host, port or ke.port or 123
+        cookies = list(ke.cookies)
+        out["server"] = f"{ntp_host} port {ntp_port}"
+        out["mode"] = "nts"
+        out["nts_ke"] = f"{host} port {ke_port}"
+        out["certificate"] = ke.subject
+        out["certificate_expires"] = ke.expires
+        out["aead"] = f"{next(k for k, v in _aead_names().items() if v == ke.aead)} ({ke.aead})"
+        out["cookies_from_ke"] = len(ke.cookies)
+        fresh = 0
+        for _ in range(count):
+            if not cookies:
+                raise QueryError("out of cookies")
+            packet, uid, transmit = nts_request(ke, cookies.pop(0))
+            reply, t1, t4 = exchange(ntp_host, ntp_port, packet)
+            if len(reply) > len(packet):
+                raise QueryError("the reply is longer than the request")
+            nak, new = check_nts_reply(ke, reply, uid)
+            if nak:
+                raise QueryError("the server answered NTS NAK (cookie or authenticator refused)")
+            cookies += new
+            fresh += len(new)
+            result = sample(reply, transmit, t1, t4)
+        out["cookies_per_reply"] = fresh / count
+        out["authenticated"] = True
+    out["offset"] = round(result.offset, 9)
+    out["delay"] = round(result.delay, 9)
+    out["stratum"] = result.stratum
+    out["leap"] = result.leap
+    out["reference_id"] = result.reference_id
+    out["root_delay"] = result.root_delay
+    out["root_dispersion"] = result.root_dispersion
+    if result.kiss:
+        out["kiss"] = result.kiss
+    return out
+
+
+def _aead_names() -> dict[str, int]:
+    from .ntsplugin import AEAD_NAMES
+
+    return AEAD_NAMES
