@@ -161,7 +161,7 @@ class NtsAuthenticator(Authenticator):
             log.info("created a new NTS master secret in %s", settings.key_dir)
         self.keyring = KeyRing(secret, settings.rotate_interval, settings.keep_keys)
         try:
-            self.certs = CertStore(settings.certificate, settings.private_key, self._alpn_refused)
+            self.certs = CertStore(settings.certificate, settings.private_key)
         except CertError as exc:
             raise PluginError(f"nts: {exc} (for a development certificate run: ntsd certs)") from None
         self.packets = NtsPacketAuth(self.keyring, settings.aeads, time.time)
@@ -174,9 +174,6 @@ class NtsAuthenticator(Authenticator):
             self.close()
             raise
         self._watch: asyncio.Task[None] | None = None
-
-    def _alpn_refused(self) -> None:
-        self.stats.inc(("nts_ke", "refused_alpn"))
 
     def matches(self, request: Request) -> bool:
         return any(f.type in _NTS_TYPES for f in request.packet.extensions)
@@ -210,7 +207,7 @@ class NtsAuthenticator(Authenticator):
             log.warning("nts.listen and nts.key_dir changes need a restart; the other nts settings were applied")
         if (new.certificate, new.private_key) != (old.certificate, old.private_key):
             try:
-                self.ke.certs = self.certs = CertStore(new.certificate, new.private_key, self._alpn_refused)
+                self.ke.certs = self.certs = CertStore(new.certificate, new.private_key)
             except CertError as exc:
                 log.error("nts: new certificate settings not applied: %s", exc)
         else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -28,18 +27,19 @@ class CertError(Exception):
     """The certificate or key cannot be used; the message says why."""
 
 
-def _select_alpn(on_refused: Callable[[], None]) -> Callable[[SSL.Connection, list[bytes]], bytes]:
-    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
-        if ALPN in offered:
-            return ALPN
-        on_refused()
-        refusal: bytes = SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[assignment]
-        return refusal
-
-    return select
+class AlpnRefused(Exception):
+    """The client offered ALPN values but not ntske/1. Raised from the ALPN callback so that
+    OpenSSL aborts the handshake with a fatal no_application_protocol alert (RFC 7301 section 3.2);
+    pyOpenSSL re-raises it from do_handshake()."""
 
 
-def build_context(cert_path: Path, key_path: Path, on_alpn_refused: Callable[[], None]) -> tuple[SSL.Context, str]:
+def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    if ALPN in offered:
+        return ALPN
+    raise AlpnRefused
+
+
+def build_context(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str]:
     """A TLS 1.3-only server Context; returns it with a one-line description of the certificate."""
     try:
         check_private_file(key_path)
@@ -57,7 +57,7 @@ def build_context(cert_path: Path, key_path: Path, on_alpn_refused: Callable[[],
         ctx.check_privatekey()
     except SSL.Error as exc:
         raise CertError(f"cannot use {cert_path} with {key_path}: {_ssl_reason(exc)}") from None
-    ctx.set_alpn_select_callback(_select_alpn(on_alpn_refused))
+    ctx.set_alpn_select_callback(_select_alpn)
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         desc = f"{cert.subject.rfc4514_string()}, expires {cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z"
@@ -82,10 +82,9 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 class CertStore:
     """The Context new NTS-KE connections use, replaced when the files change."""
 
-    def __init__(self, cert_path: Path, key_path: Path, on_alpn_refused: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, cert_path: Path, key_path: Path) -> None:
         self.cert_path, self.key_path = cert_path, key_path
-        self._on_alpn_refused = on_alpn_refused
-        self.context, self.description = build_context(cert_path, key_path, on_alpn_refused)
+        self.context, self.description = build_context(cert_path, key_path)
         self._seen = (_identity(cert_path), _identity(key_path))
         self.reloads = 0
 
@@ -95,7 +94,7 @@ class CertStore:
         if seen == self._seen and not force:
             return False
         try:
-            context, description = build_context(self.cert_path, self.key_path, self._on_alpn_refused)
+            context, description = build_context(self.cert_path, self.key_path)
         except (CertError, OSError) as exc:
             if seen != self._seen:
                 log.error("certificate change not applied, still serving the previous one: %s", exc)

@@ -23,7 +23,7 @@ from ..cookies import CookieKeys, KeyRing
 from ..core.decisions import Stats
 from ..core.policy import RATE_OK, RateLimiter, RateSettings
 from ..wire.errors import ParseError
-from .certs import ALPN, CertStore
+from .certs import ALPN, AlpnRefused, CertStore
 from .session import COOKIES_PER_RESPONSE, EXPORTER_LABEL, KeRefusal, KeServerSession, Negotiation, response
 
 log = logging.getLogger("ntsd.nts")
@@ -153,6 +153,10 @@ class KeConnection(asyncio.Protocol):
         self.tls.bio_write(data)
         try:
             self._advance()
+        except AlpnRefused:
+            self.server.count("refused_alpn")
+            self._flush()  # the no_application_protocol alert
+            self._abort()
         except SSL.Error:
             self.server.count("tls_error" if self.handshaken else "handshake_failed")
             self._flush()

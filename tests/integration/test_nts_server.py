@@ -1,0 +1,186 @@
+"""Our NTS server as a process: every AEAD with our client, KE misuse, restarts, certificate renewal."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from OpenSSL import SSL
+
+from nts.cli import fetch_metrics
+from nts.client import QueryError, check_nts_reply, exchange, key_exchange, nts_request, run_query
+from nts.ke.devcerts import make_dev_certs
+from nts.server.metrics import parse_text
+from nts.wire.ke_records import Record, RecordType
+from tests.helpers import running_ntsd
+from tests.nts_helpers import AEAD15, NP, dev_certs, ke_raw, nts_config, ports, request
+
+
+def ke_events(mport: int) -> dict[str, float]:
+    m = parse_text(fetch_metrics("127.0.0.1", mport))
+    return {k.split('"')[1]: v for k, v in m.items() if k.startswith("ntsd_nts_ke_total")}
+
+
+@pytest.mark.parametrize(
+    "aead", ["AES-SIV-CMAC-256", "AES-SIV-CMAC-384", "AES-SIV-CMAC-512", "AES-128-GCM-SIV", "AES-256-GCM-SIV"]
+)
+def test_every_aead_with_our_client(tmp_path: Path, aead: str) -> None:
+    ntp, ke, mport = ports()
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport)):
+        out = run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca, count=3, aeads=(aead,))
+        assert out["authenticated"] is True and str(out["aead"]).startswith(aead)
+        assert out["cookies_per_reply"] == 1.0
+        assert abs(float(out["offset"])) < 0.01  # type: ignore[arg-type]
+        m = parse_text(fetch_metrics("127.0.0.1", mport))
+        assert m['ntsd_replies_total{auth="nts"}'] == 3
+
+
+def test_ke_misuse_gets_documented_outcomes_and_service_continues(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    extra = "  max_request: 512\n  session_timeout: 1.0\n"
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport, extra)):
+        assert ke_raw(ke, request(NP, AEAD15), alpn=[b"http/1.1"]).startswith("handshake failed")
+        assert ke_raw(ke, request(NP, AEAD15), max_version=SSL.TLS1_2_VERSION).startswith("handshake failed")
+        unknown = ke_raw(ke, request(Record(True, 0x4321, b"?"), NP, AEAD15))
+        assert isinstance(unknown, list)
+        assert [(r.type, r.body) for r in unknown] == [
+            (RecordType.ERROR, b"\x00\x00"),
+            (RecordType.END_OF_MESSAGE, b""),
+        ]
+        duplicate = ke_raw(ke, request(NP, NP, AEAD15))
+        assert isinstance(duplicate, list) and duplicate[0] == Record(True, RecordType.ERROR, b"\x00\x01")
+        cookie_from_client = ke_raw(ke, request(NP, AEAD15, Record(False, RecordType.NEW_COOKIE, b"x" * 8)))
+        assert isinstance(cookie_from_client, list) and cookie_from_client[0].body == b"\x00\x01"
+        assert ke_raw(ke, request(NP, AEAD15, Record(False, 0x2222, bytes(600)))) == "closed"  # oversized
+        started = time.monotonic()
+        assert ke_raw(ke, None) == "closed"  # says nothing: closed at the session deadline
+        assert 0.5 < time.monotonic() - started < 5
+        ok = ke_raw(ke, request(NP, AEAD15))
+        assert isinstance(ok, list) and [r.type for r in ok].count(RecordType.NEW_COOKIE) == 8
+        events = ke_events(mport)
+        assert events["refused_alpn"] == 1
+        assert events["handshake_failed"] == 1  # TLS 1.2 only
+        assert events["error_unknown_critical_record"] == 1
+        assert events["error_next_protocol_count"] == 1
+        assert events["error_client_sent_server_record"] == 1
+        assert events["refused_ke_too_long"] == 1
+        assert events["timeout"] == 1
+        assert events["ok_aead_15"] == 1
+
+
+def test_connection_limit_refuses_fast_and_others_are_served(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    extra = "  max_connections: 4\n  session_timeout: 30\n"
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport, extra)):
+        idle = [socket.create_connection(("127.0.0.1", ke)) for _ in range(4)]
+        try:
+            deadline = time.monotonic() + 10
+            while ke_events(mport).get("connections", 0) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            refused_at = time.monotonic()
+            assert ke_raw(ke, request(NP, AEAD15)).startswith("handshake failed")
+            assert time.monotonic() - refused_at < 2
+            assert ke_events(mport)["refused_busy"] >= 1
+            # UDP service is untouched by a KE flood
+            ca = dev_certs(tmp_path).ca
+            with pytest.raises(QueryError):
+                run_query("127.0.0.1", ke_port=ke, ca=ca)
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                out = run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca)
+                break
+            except QueryError:
+                time.sleep(0.1)
+        assert out["authenticated"] is True
+
+
+def test_cookies_survive_a_restart(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    config = nts_config(tmp_path, ntp, ke, mport)
+    ca = dev_certs(tmp_path).ca
+    with running_ntsd(tmp_path, config):
+        result = key_exchange("127.0.0.1", ke, ca)
+    secret = tmp_path / "keys" / "nts-master.key"
+    assert oct(secret.stat().st_mode & 0o777) == "0o600"
+    with running_ntsd(tmp_path, config):
+        packet, uid, _ = nts_request(result, result.cookies[0])
+        reply, _, _ = exchange("127.0.0.1", ntp, packet)
+        nak, cookies = check_nts_reply(result, reply, uid)
+        assert not nak and len(cookies) == 1
+
+
+def test_certificate_replaced_while_clients_connect(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    config = nts_config(tmp_path, ntp, ke, mport, "  cert_check_interval: 0.2\n")
+    paths = dev_certs(tmp_path)
+    new = make_dev_certs(tmp_path / "new", ["renewed.example", "127.0.0.1"], kind="rsa")  # EC -> RSA, new CA
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(paths.ca.read_bytes() + new.ca.read_bytes())
+    with running_ntsd(tmp_path, config) as server:
+        failures: list[str] = []
+        subjects: list[str] = []
+        progress = threading.Condition()
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    subject = key_exchange("127.0.0.1", ke, bundle).subject
+                except QueryError as exc:
+                    subject, _ = "", failures.append(str(exc))
+                with progress:
+                    subjects.append(subject)
+                    progress.notify_all()
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            with progress:
+                assert progress.wait_for(lambda: len(subjects) >= 10, 20)
+            mark = len(server.lines)
+            # an ACME client writes the new files beside the old ones and renames them into place
+            staged_cert, staged_key = tmp_path / "certs" / "staged.pem", tmp_path / "certs" / "staged.key"
+            shutil.copy(new.certificate, staged_cert)
+            shutil.copy(new.private_key, staged_key)
+            os.chmod(staged_key, 0o600)
+            os.replace(staged_key, paths.private_key)
+            os.replace(staged_cert, paths.certificate)
+            server.wait_for("serving NTS-KE certificate CN=renewed.example", start=mark)
+            with progress:
+                seen = len(subjects)
+                assert progress.wait_for(lambda: len(subjects) >= seen + 10, 20)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert failures == []
+        assert subjects[0] == "CN=localhost" and subjects[-1] == "CN=renewed.example"
+
+
+def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    config = nts_config(tmp_path, ntp, ke, mport)
+    key = dev_certs(tmp_path).private_key
+    key.chmod(0o644)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(config)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nts", "serve", "-c", str(cfg)], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith(
+        f"ntsd: nts: private key refused: {key} is readable by group or others (mode 0644); run: chmod 600 {key} "
+        "(for a development certificate run: ntsd certs)"
+    )

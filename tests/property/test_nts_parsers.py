@@ -1,0 +1,85 @@
+"""NTS parsers: parse or raise the parse error (nothing else), round trips, no crash on any input."""
+
+from __future__ import annotations
+
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nts.cookies import CookieError, KeyRing
+from nts.core.clockstate import ClockSettings, server_state
+from nts.core.decisions import Drop
+from nts.core.pipeline import Pipeline
+from nts.core.plain import PlainAuthenticator
+from nts.ke.session import KeRefusal, KeServerSession, Negotiation, negotiate
+from nts.ntsauth import NtsPacketAuth
+from nts.wire.errors import ParseError
+from nts.wire.ke_records import Record, RecordReader, parse_records, serialize_records
+
+records = st.builds(Record, critical=st.booleans(), type=st.integers(0, 0x7FFF), body=st.binary(max_size=40))
+
+
+@given(st.lists(records, max_size=8))
+def test_records_round_trip(rs: list[Record]) -> None:
+    assert parse_records(serialize_records(rs)) == rs
+
+
+@given(st.binary(max_size=200))
+def test_parse_records_parses_or_raises(data: bytes) -> None:
+    try:
+        rs = parse_records(data)
+    except ParseError:
+        return
+    assert serialize_records(rs) == data
+
+
+@given(st.lists(records, max_size=8), st.lists(st.integers(1, 7), max_size=30))
+def test_reader_chunking_does_not_matter(rs: list[Record], cuts: list[int]) -> None:
+    stream = serialize_records(rs)
+    reader, got, pos = RecordReader(), [], 0
+    for cut in cuts:
+        got += reader.feed(stream[pos : pos + cut])
+        pos += cut
+    got += reader.feed(stream[pos:])
+    assert got == rs
+
+
+@given(st.lists(records, max_size=10))
+def test_negotiate_always_decides(rs: list[Record]) -> None:
+    assert isinstance(negotiate(rs, (15, 30)), Negotiation | KeRefusal)
+
+
+@given(st.binary(max_size=300))
+def test_ke_session_parses_or_raises(data: bytes) -> None:
+    try:
+        KeServerSession((15,), max_request=256).receive(data)
+    except ParseError:
+        pass
+
+
+@given(st.binary(max_size=200))
+def test_cookie_open_raises_only_cookie_error(data: bytes) -> None:
+    try:
+        KeyRing(bytes(32)).open(data, 1e9)
+    except CookieError:
+        pass
+
+
+NTS_PREFIX = st.sampled_from([b"", bytes.fromhex("01040024") + bytes(32), bytes.fromhex("02040068")])
+
+
+@given(NTS_PREFIX, st.binary(max_size=400))
+@settings(max_examples=300)
+def test_nts_path_never_raises_or_grows(prefix: bytes, tail: bytes) -> None:
+    from nts.ntsplugin import NtsAuthenticator
+
+    auth = NtsAuthenticator.__new__(NtsAuthenticator)
+    auth.packets = NtsPacketAuth(KeyRing(bytes(32)), (15, 30), time.time)
+    state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
+    p = Pipeline(state=state, authenticators=[auth, PlainAuthenticator()], clock=time.time_ns)
+    data = bytes([0x23]) + bytes(47) + prefix + tail
+    decision = p.handle(data, ("127.0.0.1", 1), time.time_ns())
+    assert isinstance(decision, bytes | Drop)
+    if isinstance(decision, bytes):
+        assert len(decision) <= len(data)

@@ -1,0 +1,134 @@
+"""NTS-KE records and negotiation, sans-IO, with byte vectors."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from nts.ke.session import KeRefusal, KeServerSession, Negotiation, negotiate, response
+from nts.wire.errors import ParseError
+from nts.wire.ke_records import Record, RecordReader, parse_records, serialize_records
+
+SUPPORTED = (15, 17, 30)
+
+RECORD_CASES = [
+    (Record(True, 0), "80000000"),
+    (Record(True, 1, b"\x00\x00"), "800100020000"),
+    (Record(True, 4, b"\x00\x0f\x00\x1e"), "80040004000f001e"),
+    (Record(False, 5, b"\xaa" * 3), "00050003aaaaaa"),
+    (Record(False, 1024), "04000000"),
+    (Record(True, 0x7FFF, b"x"), "ffff000178"),
+]
+
+
+@pytest.mark.parametrize(("record", "hexstr"), RECORD_CASES)
+def test_record_both_ways(record: Record, hexstr: str) -> None:
+    assert serialize_records([record]).hex() == hexstr
+    assert parse_records(bytes.fromhex(hexstr)) == [record]
+
+
+def test_reader_byte_by_byte_equals_whole() -> None:
+    stream = b"".join(bytes.fromhex(h) for _, h in RECORD_CASES)
+    reader = RecordReader()
+    got: list[Record] = []
+    for i in range(len(stream)):
+        got += reader.feed(stream[i : i + 1])
+    assert got == [r for r, _ in RECORD_CASES]
+    assert reader.pending == 0
+
+
+def test_reader_bound() -> None:
+    reader = RecordReader(max_bytes=10)
+    with pytest.raises(ParseError) as exc:
+        reader.feed(bytes(11))
+    assert exc.value.code == "ke_too_long"
+
+
+def test_truncated_record() -> None:
+    with pytest.raises(ParseError):
+        parse_records(bytes.fromhex("8001000200"))
+
+
+def rec(t: int, body: bytes = b"", critical: bool = True) -> Record:
+    return Record(critical, t, body)
+
+
+NP = rec(1, b"\x00\x00")
+AEAD = rec(4, struct.pack(">HH", 15, 30))
+
+
+@pytest.mark.parametrize(
+    ("records", "expected"),
+    [
+        ([NP, AEAD], Negotiation(0, 15)),
+        ([NP, rec(4, struct.pack(">HH", 30, 15), critical=False)], Negotiation(0, 30)),
+        ([NP, rec(4, struct.pack(">HH", 30, 15)), rec(1024, critical=False)], Negotiation(0, 30, True)),
+        ([NP, rec(4, struct.pack(">H", 15)), rec(1024, critical=False)], Negotiation(0, 15, False)),
+        ([NP, rec(4, struct.pack(">H", 99))], Negotiation(0, None)),
+        ([rec(1, b"\x80\x01"), AEAD], Negotiation(None, None)),
+        ([NP, AEAD, rec(6, b"ntp.example"), rec(7, b"\x00\x7b")], Negotiation(0, 15)),
+        ([NP, AEAD, rec(2000, b"x", critical=False)], Negotiation(0, 15)),
+        # an unknown critical record before Next Protocol and AEAD: Error 0, not Error 1 (chrony's fix)
+        ([rec(2000, b"x"), NP, AEAD], KeRefusal(0, "unknown_critical_record")),
+        ([rec(2000), NP, NP], KeRefusal(0, "unknown_critical_record")),
+        ([NP, NP, AEAD], KeRefusal(1, "next_protocol_count")),
+        ([NP, AEAD, AEAD], KeRefusal(1, "aead_count")),
+        ([NP], KeRefusal(1, "aead_count")),
+        ([AEAD], KeRefusal(1, "next_protocol_count")),
+        ([rec(1, b"\x00\x00", critical=False), AEAD], KeRefusal(1, "bad_next_protocol")),
+        ([rec(1, b"\x00"), AEAD], KeRefusal(1, "bad_next_protocol")),
+        ([NP, rec(4, b"")], KeRefusal(1, "bad_aead")),
+        ([NP, AEAD, rec(2, b"\x00\x00")], KeRefusal(1, "client_sent_server_record")),
+        ([NP, AEAD, rec(3, b"\x00\x00")], KeRefusal(1, "client_sent_server_record")),
+        ([NP, AEAD, rec(5, b"cookie", critical=False)], KeRefusal(1, "client_sent_server_record")),
+        ([NP, AEAD, rec(1024, b"x", critical=False)], KeRefusal(1, "bad_compliance_record")),
+    ],
+)
+def test_negotiation(records: list[Record], expected: Negotiation | KeRefusal) -> None:
+    assert negotiate(records, SUPPORTED) == expected
+
+
+def test_exporter_contexts() -> None:
+    assert Negotiation(0, 15).exporter_context(False) == bytes.fromhex("0000000f00")
+    assert Negotiation(0, 15).exporter_context(True) == bytes.fromhex("0000000f01")
+    assert Negotiation(0, 30, True).exporter_context(True) == bytes.fromhex("0000001e01")
+    # chrony before 4.6 derives AES-128-GCM-SIV keys with AEAD id 15 in the context
+    assert Negotiation(0, 30, False).exporter_context(False) == bytes.fromhex("0000000f00")
+
+
+def test_response_vectors() -> None:
+    ok = response(Negotiation(0, 15), [b"\x01" * 4, b"\x02" * 4], server="ntp.example", port=123)
+    assert ok.hex() == (
+        "800100020000"
+        "80040002000f"
+        "80070002007b"
+        "8006000b" + b"ntp.example".hex() + "0005000401010101"
+        "0005000402020202"
+        "80000000"
+    )
+    assert response(Negotiation(0, 30, True), []).hex() == "80010002000080040002001e0400000080000000"
+    assert response(KeRefusal(0, "x")).hex() == "80020002000080000000"
+    assert response(Negotiation(None, None)).hex() == "8001000080000000"
+    assert response(Negotiation(0, None)).hex() == "8001000200008004000080000000"
+
+
+def test_session_collects_until_end_of_message() -> None:
+    s = KeServerSession(SUPPORTED)
+    request = serialize_records([NP, AEAD, rec(0)])
+    for b in request[:-1]:
+        assert s.receive(bytes([b])) is None
+    assert s.receive(request[-1:]) == Negotiation(0, 15)
+    with pytest.raises(ParseError):
+        s.receive(b"more")
+
+
+def test_session_refuses_trailing_bytes_and_bad_end() -> None:
+    with pytest.raises(ParseError) as exc:
+        KeServerSession(SUPPORTED).receive(serialize_records([NP, AEAD, rec(0)]) + b"\x00")
+    assert exc.value.code == "ke_after_end"
+    bad_end = KeServerSession(SUPPORTED).receive(serialize_records([NP, AEAD, rec(0, b"x")]))
+    assert bad_end == KeRefusal(1, "bad_end_of_message")
+    with pytest.raises(ParseError) as exc:
+        KeServerSession(SUPPORTED, max_request=64).receive(serialize_records([NP, AEAD, rec(9, bytes(80), False)]))
+    assert exc.value.code == "ke_too_long"

@@ -1,0 +1,176 @@
+"""Cookies and NTS-protected NTP, sans-IO: our client's requests through the server's pipeline."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from nts.client import KeResult, check_nts_reply, nts_request
+from nts.cookies import CookieError, CookieKeys, KeyRing, check_private_file, load_or_create_secret
+from nts.core.clockstate import ClockSettings, server_state
+from nts.core.pipeline import Pipeline
+from nts.core.plain import PlainAuthenticator
+from nts.ntsauth import NtsPacketAuth
+from nts.wire.extensions import ExtensionField, FieldType, make_field, serialize_extension
+from nts.wire.packet import parse_packet
+
+NOW = 1_800_000_000.0
+SECRET = bytes(range(32))
+
+
+def keys(aead: int) -> CookieKeys:
+    n = {15: 32, 16: 48, 17: 64, 30: 16, 31: 32}[aead]
+    return CookieKeys(aead, os.urandom(n), os.urandom(n))
+
+
+def test_cookie_round_trip_and_sizes() -> None:
+    ring = KeyRing(SECRET)
+    for aead, size in ((15, 104), (17, 168), (30, 72), (31, 104)):
+        k = keys(aead)
+        cookie = ring.seal(k, NOW)
+        assert len(cookie) == size and len(cookie) % 4 == 0
+        assert ring.open(cookie, NOW) == k
+    a, b = ring.seal(keys(15), NOW), ring.seal(keys(15), NOW)
+    assert a[4:] != b[4:]  # unlinkable: fresh nonce each time
+
+
+def test_cookie_vector_is_stable() -> None:
+    """Issued cookies must keep opening across upgrades, restarts and a fleet: pin the bytes."""
+    ring = KeyRing(SECRET, rotate_interval=3600)
+    k = CookieKeys(30, bytes(16), bytes(range(16)))
+    cookie = ring.seal(k, NOW, nonce=bytes(16))
+    assert cookie[:4] == struct.pack(">I", int(NOW // 3600))
+    assert cookie.hex() == (
+        "0007a120"
+        "00000000000000000000000000000000"
+        "da4ce4cd6540d9a3cc9b8c03f65a5915e2b09c8630ed216648485a9f0c5c21ca"
+        "17579c40de7a2e1346330f3ce0a2e6000c9817a8"
+    )
+    assert KeyRing(SECRET).open(cookie, NOW) == k
+
+
+def test_cookie_failures() -> None:
+    ring = KeyRing(SECRET, rotate_interval=3600, keep_keys=2)
+    cookie = ring.seal(keys(15), NOW)
+    cases = {
+        "cookie_forged": cookie[:-1] + bytes([cookie[-1] ^ 1]),
+        "cookie_malformed": cookie[:30],
+    }
+    for reason, bad in cases.items():
+        with pytest.raises(CookieError) as exc:
+            ring.open(bad, NOW)
+        assert exc.value.reason == reason
+    assert ring.open(cookie, NOW + 2 * 3600)  # two periods later: still kept
+    with pytest.raises(CookieError) as exc:
+        ring.open(cookie, NOW + 3 * 3600)
+    assert exc.value.reason == "cookie_key_unknown"
+    assert ring.open(cookie, NOW - 3600)  # a fleet member one period behind accepts it
+    with pytest.raises(CookieError):
+        KeyRing(bytes(32)).open(cookie, NOW)  # another secret: forged
+
+
+def test_secret_file_created_private_and_refused_when_readable(tmp_path: Path) -> None:
+    secret, created = load_or_create_secret(tmp_path / "k")
+    assert created and len(secret) == 32
+    path = tmp_path / "k" / "nts-master.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_secret(tmp_path / "k") == (secret, False)
+    path.chmod(0o644)
+    with pytest.raises(PermissionError) as exc:
+        check_private_file(path)
+    assert str(exc.value) == f"{path} is readable by group or others (mode 0644); run: chmod 600 {path}"
+
+
+class Fixture:
+    def __init__(self, aead: int, supported: tuple[int, ...] = (15, 16, 17, 30, 31)) -> None:
+        self.ring = KeyRing(SECRET)
+        self.keys = keys(aead)
+        self.ke = KeResult(aead, self.keys.c2s, self.keys.s2c, [], None, None, "", "")
+        state = server_state(ClockSettings(local_reference=True), None, -20, int(NOW * 1e9))
+        from nts.ntsplugin import NtsAuthenticator
+
+        auth = NtsAuthenticator.__new__(NtsAuthenticator)  # the packet path only: no sockets, no certificates
+        auth.packets = NtsPacketAuth(self.ring, supported, lambda: NOW)
+        self.pipeline = Pipeline(state=state, authenticators=[auth, PlainAuthenticator()], clock=time.time_ns)
+
+    def cookie(self) -> bytes:
+        return self.ring.seal(self.keys, NOW)
+
+    def handle(self, packet: bytes) -> object:
+        return self.pipeline.handle(packet, ("192.0.2.1", 123), int(NOW * 1e9))
+
+
+@pytest.mark.parametrize("aead", [15, 16, 17, 30, 31])
+@pytest.mark.parametrize("placeholders", [0, 1, 7, 9])
+def test_request_reply(aead: int, placeholders: int) -> None:
+    f = Fixture(aead)
+    packet, uid, _ = nts_request(f.ke, f.cookie(), placeholders)
+    reply = f.handle(packet)
+    assert isinstance(reply, bytes)
+    assert len(reply) == len(packet)  # padded to exactly the request's length
+    nak, cookies = check_nts_reply(f.ke, reply, uid)
+    assert not nak
+    assert len(cookies) == min(8, 1 + placeholders)
+    assert all(f.ring.open(c, NOW) == f.keys for c in cookies)
+    assert f.pipeline.counters()[("replies", "nts")] == 1
+
+
+def test_bad_cookie_gets_nts_nak_with_uid_only() -> None:
+    f = Fixture(15)
+    cookie = bytearray(f.cookie())
+    cookie[-1] ^= 0xFF
+    packet, uid, _ = nts_request(f.ke, bytes(cookie))
+    reply = f.handle(packet)
+    assert isinstance(reply, bytes)
+    p = parse_packet(reply)
+    assert (p.header.stratum, p.header.reference_id, p.header.mode) == (0, b"NTSN", 4)
+    assert [e.type for e in p.extensions] == [FieldType.UNIQUE_IDENTIFIER]
+    assert p.extensions[0].value == uid
+    assert check_nts_reply(f.ke, reply, uid) == (True, [])
+    assert f.pipeline.counters()[("naks", "nts", "cookie_forged")] == 1
+
+
+def test_bad_authenticator_gets_nak() -> None:
+    f = Fixture(30)
+    packet, uid, _ = nts_request(f.ke, f.cookie())
+    broken = packet[:-20] + bytes(b ^ 0x55 for b in packet[-20:])
+    reply = f.handle(broken)
+    assert isinstance(reply, bytes) and parse_packet(reply).header.reference_id == b"NTSN"
+    assert check_nts_reply(f.ke, reply, uid) == (True, [])
+    assert f.pipeline.counters()[("naks", "nts", "authenticator_invalid")] == 1
+
+
+def test_cookie_of_a_disabled_aead_gets_nak() -> None:
+    f = Fixture(17, supported=(15,))
+    packet, uid, _ = nts_request(f.ke, f.cookie())
+    reply = f.handle(packet)
+    assert isinstance(reply, bytes) and parse_packet(reply).header.reference_id == b"NTSN"
+    assert check_nts_reply(f.ke, reply, uid) == (True, [])
+
+
+def _fields(*fields: ExtensionField) -> bytes:
+    return b"".join(serialize_extension(x) for x in fields)
+
+
+@pytest.mark.parametrize("case", ["auth_not_last", "two_cookies", "short_uid", "placeholder_size", "no_uid"])
+def test_malformed_nts_requests_are_dropped(case: str) -> None:
+    f = Fixture(15)
+    cookie = f.cookie()
+    header = bytes([0x23]) + bytes(47)
+    uid = ExtensionField(FieldType.UNIQUE_IDENTIFIER, os.urandom(32))
+    ck = ExtensionField(FieldType.NTS_COOKIE, cookie)
+    auth = make_field(FieldType.NTS_AUTHENTICATOR, struct.pack(">HH", 16, 16) + bytes(32))
+    body = {
+        "auth_not_last": _fields(uid, ck, auth, make_field(0x7777, bytes(24))),
+        "two_cookies": _fields(uid, ck, ck, auth),
+        "short_uid": _fields(ExtensionField(FieldType.UNIQUE_IDENTIFIER, bytes(28)), ck, auth),
+        "placeholder_size": _fields(uid, ck, make_field(FieldType.NTS_COOKIE_PLACEHOLDER, bytes(8)), auth),
+        "no_uid": _fields(ck, auth),
+    }[case]
+    decision = f.handle(header + body)
+    assert not isinstance(decision, bytes)
