@@ -300,7 +300,9 @@ def sample(reply: bytes, transmit: bytes, t1: int, t4: int) -> Sample:
     offset = ((t2 - t1) + (t3 - t4)) / 2e9
     delay = ((t4 - t1) - (t3 - t2)) / 1e9
     refid = h.reference_id
-    ref = refid.decode("ascii", "replace").rstrip("\0") if h.stratum <= 1 else str(ipaddress.IPv4Address(refid))
+    text = refid.rstrip(b"\0")
+    printable = h.stratum <= 1 and text.isascii() and text.decode("ascii").isprintable()
+    ref = text.decode("ascii") if printable else str(ipaddress.IPv4Address(refid))
     kiss = ref if h.stratum == 0 else None
     return Sample(
         offset, delay, h.stratum, h.leap, ref, short_to_seconds(h.root_delay), short_to_seconds(h.root_dispersion), kiss

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import socket
 import subprocess
 import threading
@@ -33,20 +34,22 @@ def chrony_measure(tmp: Path, server_lines: str, extra: str = "", timeout: int =
     return (float(m.group(1)) if m else None), output
 
 
-def _wait_until_live(pcap: Path, sentinel: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
-    """tshark says "Capturing on" before its filter is live: send sentinel datagrams until one is
-    written to the file (the file grows past its header), which proves packets are being captured."""
+def _wait_for_sentinel(pcap: Path, sentinel: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    """Send a unique datagram until its bytes are in the capture file.
+
+    tshark says "Capturing on" before its filter is live, and dumpcap writes in batches, so
+    neither the start nor the end of a capture can be assumed. pcapng stores packet bytes as they
+    are and in capture order: once this datagram's payload is in the file, so is all before it.
+    """
+    token = b"ntsd-sentinel-" + secrets.token_hex(8).encode()
     deadline = time.monotonic() + timeout
-    while not (pcap.exists() and pcap.stat().st_size) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    header = pcap.stat().st_size if pcap.exists() else 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         while time.monotonic() < deadline and proc.poll() is None:
-            s.sendto(b"sentinel", ("127.0.0.1", sentinel))
+            s.sendto(token, ("127.0.0.1", sentinel))
             time.sleep(0.05)
-            if pcap.stat().st_size > header:
+            if pcap.exists() and token in pcap.read_bytes():
                 return
-    raise AssertionError("tshark never wrote a captured packet")
+    raise AssertionError("tshark never wrote the sentinel datagram to its capture file")
 
 
 @contextmanager
@@ -77,8 +80,9 @@ def capture(tmp: Path, bpf: str) -> Iterator[Path]:
     try:
         if not started.wait(30) or proc.poll() is not None:
             raise AssertionError("tshark did not start capturing: " + "".join(lines))
-        _wait_until_live(pcap, sentinel, proc)
+        _wait_for_sentinel(pcap, sentinel, proc)
         yield pcap
+        _wait_for_sentinel(pcap, sentinel, proc)
     finally:
         proc.terminate()
         proc.wait(15)
@@ -94,3 +98,18 @@ def dissect(pcap: Path, *extra: str) -> str:
 
 def dissection_problems(text: str) -> list[str]:
     return [line for line in text.splitlines() if "Malformed" in line or "Expert Info (Error" in line]
+
+
+def decrypted_tls(pcap: Path, keylog: Path, port: int) -> list[tuple[int, bytes]]:
+    """(source port, application bytes) of each TLS record tshark decrypts on `port`."""
+    tshark = need("tshark")
+    out = subprocess.run(
+        [tshark, "-r", str(pcap), "-o", f"tls.keylog_file:{keylog}", "-d", f"tcp.port=={port},tls",
+         "-Y", f"tcp.port=={port} && data", "-T", "fields", "-e", "tcp.srcport", "-e", "data.data"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    rows = []
+    for line in out.splitlines():
+        src, _, hexdata = line.partition("\t")
+        rows.append((int(src), bytes.fromhex(hexdata.replace(",", ""))))
+    return rows
