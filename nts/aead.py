@@ -15,6 +15,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV, AESSIV
 
 TAG_LEN = 16
+Cipher = AESSIV | AESGCMSIV
 
 
 class AeadId(IntEnum):
@@ -35,20 +36,24 @@ class Aead:
     key_len: int
     nonce_len: int | None  # None: any length (SIV); else exactly this many bytes
 
-    def encrypt(self, key: bytes, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:
-        if self.nonce_len is None:
-            return AESSIV(key).encrypt(plaintext, [ad, nonce])
-        return AESGCMSIV(key).encrypt(nonce, plaintext, ad)
+    def cipher(self, key: bytes) -> Cipher:
+        """The keyed cipher (its key schedule is most of the cost: reuse it where a key repeats)."""
+        return AESSIV(key) if self.nonce_len is None else AESGCMSIV(key)
 
-    def decrypt(self, key: bytes, nonce: bytes, ciphertext: bytes, ad: bytes) -> bytes:
-        if len(ciphertext) < TAG_LEN or (self.nonce_len is not None and len(nonce) != self.nonce_len):
+    def encrypt(self, key: bytes | Cipher, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:
+        c = self.cipher(key) if isinstance(key, bytes) else key
+        if isinstance(c, AESSIV):
+            return c.encrypt(plaintext, [ad, nonce])
+        return c.encrypt(nonce, plaintext, ad)
+
+    def decrypt(self, key: bytes | Cipher, nonce: bytes, ciphertext: bytes, ad: bytes) -> bytes:
+        if len(ciphertext) < TAG_LEN or (self.nonce_len is not None and len(nonce) != self.nonce_len) or not nonce:
             raise AeadError("bad nonce or ciphertext length")
+        c = self.cipher(key) if isinstance(key, bytes) else key
         try:
-            if self.nonce_len is None:
-                if not nonce:
-                    raise AeadError("empty nonce")
-                return AESSIV(key).decrypt(ciphertext, [ad, nonce])
-            return AESGCMSIV(key).decrypt(nonce, ciphertext, ad)
+            if isinstance(c, AESSIV):
+                return c.decrypt(ciphertext, [ad, nonce])
+            return c.decrypt(nonce, ciphertext, ad)
         except InvalidTag:
             raise AeadError("authentication failed") from None
 

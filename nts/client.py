@@ -239,7 +239,7 @@ def nts_request(ke: KeResult, cookie: bytes, placeholders: int = 0) -> tuple[byt
         fields += serialize_extension(make_field(FieldType.NTS_COOKIE_PLACEHOLDER, bytes(len(cookie))))
     ad = header + fields
     nonce = secrets.token_bytes(16)
-    return ad + auth_field(ke.aead, ke.c2s, nonce, b"", ad, 0), uid, transmit
+    return ad + auth_field(AEADS[ke.aead], ke.c2s, nonce, b"", ad, 0), uid, transmit
 
 
 def check_nts_reply(ke: KeResult, reply: bytes, uid: bytes) -> tuple[bool, list[bytes]]:

@@ -24,10 +24,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .aead import AEADS, AeadError, AeadId
+from .aead import AEADS, AeadId
 
 SECRET_LEN = 32
 _COOKIE_AEAD = AEADS[AeadId.AES_SIV_CMAC_256]
@@ -64,27 +66,38 @@ class KeyRing:
         self._secret = secret
         self.rotate_interval = rotate_interval
         self.keep_keys = keep_keys
-        self._keys: dict[int, bytes] = {}
+        self._ciphers: dict[int, AESSIV] = {}  # per period; the key schedule is the costly part
 
     def period(self, now_s: float) -> int:
         return int(now_s // self.rotate_interval) & 0xFFFFFFFF
 
-    def _key(self, period: int) -> bytes:
-        key = self._keys.get(period)
-        if key is None:
-            if len(self._keys) > 4 * (self.keep_keys + 2):
-                self._keys.clear()
+    def _cipher(self, period: int) -> AESSIV:
+        cipher = self._ciphers.get(period)
+        if cipher is None:
+            if len(self._ciphers) > 4 * (self.keep_keys + 2):
+                self._ciphers.clear()
             kdf = HKDF(hashes.SHA256(), _COOKIE_AEAD.key_len, salt=b"ntsd cookie key v1", info=_HEAD.pack(period))
-            key = kdf.derive(self._secret)
-            self._keys[period] = key
-        return key
+            cipher = self._ciphers[period] = AESSIV(kdf.derive(self._secret))
+        return cipher
 
     def seal(self, keys: CookieKeys, now_s: float, nonce: bytes | None = None) -> bytes:
+        return self.seal_many(keys, now_s, 1, nonce)[0]  # `nonce`: tests pin it for vectors
+
+    def seal_many(self, keys: CookieKeys, now_s: float, count: int, nonces: bytes | None = None) -> list[bytes]:
+        """`count` unlinkable cookies for the same keys; `nonces` (16 bytes each) default to random."""
         period = self.period(now_s)
-        nonce = nonce if nonce is not None else secrets.token_bytes(_NONCE_LEN)
+        cipher = self._cipher(period)
         head = _HEAD.pack(period)
         plaintext = struct.pack(">HH", keys.aead, 0) + keys.c2s + keys.s2c
-        return head + nonce + _COOKIE_AEAD.encrypt(self._key(period), nonce, plaintext, head)
+        if nonces is None:
+            nonces = secrets.token_bytes(_NONCE_LEN * count)
+        elif len(nonces) != _NONCE_LEN * count:
+            raise ValueError("need 16 bytes of nonce per cookie")
+        out = []
+        for i in range(0, _NONCE_LEN * count, _NONCE_LEN):
+            n = nonces[i : i + _NONCE_LEN]
+            out.append(head + n + cipher.encrypt(plaintext, [head, n]))
+        return out
 
     def open(self, cookie: bytes, now_s: float) -> CookieKeys:
         if len(cookie) < 4 + _NONCE_LEN + 16 + 4:
@@ -95,8 +108,8 @@ class KeyRing:
             raise CookieError("cookie_key_unknown")
         nonce = cookie[4 : 4 + _NONCE_LEN]
         try:
-            plaintext = _COOKIE_AEAD.decrypt(self._key(period), nonce, cookie[4 + _NONCE_LEN :], cookie[:4])
-        except AeadError:
+            plaintext = self._cipher(period).decrypt(cookie[4 + _NONCE_LEN :], [cookie[:4], nonce])
+        except InvalidTag:
             raise CookieError("cookie_forged") from None
         aead_id, reserved = struct.unpack_from(">HH", plaintext)
         aead = AEADS.get(aead_id)

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .aead import AEADS, TAG_LEN, AeadError
+from .aead import AEADS, TAG_LEN, Aead, AeadError, Cipher
 from .cookies import CookieError, KeyRing
 from .core.auth import ReplyContext, Request
 from .core.decisions import Drop, Nak, drop
@@ -53,7 +53,7 @@ def _parse(request: Request) -> _Parsed | Drop:
     placeholders = 0
     size: int | None = None
     pos = HEADER_LEN
-    fields = request.packet.extensions
+    fields = request.extensions
     for i, field in enumerate(fields):
         start = pos
         pos += 4 + len(field.value)
@@ -72,7 +72,7 @@ def _parse(request: Request) -> _Parsed | Drop:
             else:
                 placeholders += 1
         elif field.type == FieldType.NTS_AUTHENTICATOR:
-            if i != len(fields) - 1 or uid is None or cookie is None or request.packet.trailer:
+            if i != len(fields) - 1 or uid is None or cookie is None or request.trailer:
                 return _D_MALFORMED
             return _Parsed(uid, cookie, placeholders, start, field.value)
     return _D_MALFORMED
@@ -90,9 +90,8 @@ def _open_auth(body: bytes) -> tuple[bytes, bytes] | None:
     return nonce, body[start : start + ct_len]
 
 
-def auth_field(aead_id: int, key: bytes, nonce: bytes, plaintext: bytes, ad: bytes, min_length: int) -> bytes:
+def auth_field(aead: Aead, key: bytes | Cipher, nonce: bytes, plaintext: bytes, ad: bytes, min_length: int) -> bytes:
     """A serialized NTS Authenticator field, at least `min_length` bytes long (padded)."""
-    aead = AEADS[aead_id]
     if aead.nonce_len is not None:
         nonce = nonce[: aead.nonce_len]
     ciphertext = aead.encrypt(key, nonce, plaintext, ad)
@@ -105,13 +104,29 @@ def auth_field(aead_id: int, key: bytes, nonce: bytes, plaintext: bytes, ad: byt
     return struct.pack(">HH", FieldType.NTS_AUTHENTICATOR, length) + body + bytes(length - 4 - len(body))
 
 
+CIPHER_CACHE = 8192  # keyed session ciphers kept (a client's cookies all carry the same keys)
+
+
 class NtsPacketAuth:
-    """The packet side of NTS: verify a request and build its reply (used by the plugin)."""
+    """The packet side of NTS: verify a request and build its reply (used by the plugin).
+
+    Keyed ciphers for session keys are cached (bounded, cleared when full): every cookie a client
+    holds carries the same C2S/S2C keys, and setting up an AES-SIV key costs more than using it.
+    """
 
     def __init__(self, keyring: KeyRing, supported: tuple[int, ...], wall_clock: Callable[[], float]) -> None:
         self.keyring = keyring
         self.supported = supported
         self.wall_clock = wall_clock
+        self._ciphers: dict[bytes, Cipher] = {}
+
+    def _cipher(self, aead: Aead, key: bytes) -> Cipher:
+        c = self._ciphers.get(key)
+        if c is None:
+            if len(self._ciphers) >= CIPHER_CACHE:
+                self._ciphers.clear()
+            c = self._ciphers[key] = aead.cipher(key)
+        return c
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop:
         parsed = _parse(request)
@@ -131,7 +146,7 @@ class NtsPacketAuth:
             return _D_MALFORMED
         nonce, ciphertext = opened
         try:
-            plaintext = aead.decrypt(keys.c2s, nonce, ciphertext, data[: parsed.auth_start])
+            plaintext = aead.decrypt(self._cipher(aead, keys.c2s), nonce, ciphertext, data[: parsed.auth_start])
         except AeadError:
             return self._nak(request, ctx, parsed.uid, "authenticator_invalid")
         wanted = 1 + parsed.placeholders
@@ -145,13 +160,15 @@ class NtsPacketAuth:
                     wanted += 1
         except ParseError:
             return _D_MALFORMED
+        count = min(wanted, MAX_COOKIES)
+        randomness = secrets.token_bytes(SERVER_NONCE_LEN + 16 * count)  # one draw for all nonces
         cookies = b"".join(
-            serialize_extension(ExtensionField(FieldType.NTS_COOKIE, self.keyring.seal(keys, now)))
-            for _ in range(min(wanted, MAX_COOKIES))
+            serialize_extension(ExtensionField(FieldType.NTS_COOKIE, cookie))
+            for cookie in self.keyring.seal_many(keys, now, count, randomness[SERVER_NONCE_LEN:])
         )
-        server_nonce = secrets.token_bytes(SERVER_NONCE_LEN)
         head = ctx.reply_header(data, request.rx_ns) + serialize_extension(parsed.uid)
-        return head + auth_field(keys.aead, keys.s2c, server_nonce, cookies, head, len(data) - len(head))
+        s2c = self._cipher(aead, keys.s2c)
+        return head + auth_field(aead, s2c, randomness[:SERVER_NONCE_LEN], cookies, head, len(data) - len(head))
 
     @staticmethod
     def _nak(request: Request, ctx: ReplyContext, uid: ExtensionField, reason: str) -> Nak:

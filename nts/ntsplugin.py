@@ -176,7 +176,10 @@ class NtsAuthenticator(Authenticator):
         self._watch: asyncio.Task[None] | None = None
 
     def matches(self, request: Request) -> bool:
-        return any(f.type in _NTS_TYPES for f in request.packet.extensions)
+        for f in request.extensions:
+            if f.type in _NTS_TYPES:
+                return True
+        return False
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop:
         return self.packets.respond(request, ctx)

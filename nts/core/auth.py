@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from ..wire.packet import Packet
+from ..wire.extensions import ExtensionField
+from ..wire.packet import Header, Packet, parse_header
 from .decisions import Drop, Nak
 
 if TYPE_CHECKING:
@@ -25,15 +25,37 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "ntsd.authenticators"
 
 
-@dataclass(frozen=True, slots=True)
 class Request:
-    """A mode-3 request that got past the policy steps, with everything a plugin may need."""
+    """A mode-3 request that got past the policy steps, with everything a plugin may need.
 
-    data: bytes
-    packet: Packet
-    client: tuple[str, int]
-    rx_ns: int
-    local: object = None
+    Not a wire structure but a pipeline object: the extension fields and trailer are split once;
+    the header dataclass is only built if a plugin asks for it (most need only the raw bytes).
+    """
+
+    __slots__ = ("_header", "client", "data", "extensions", "local", "rx_ns", "trailer")
+
+    def __init__(
+        self,
+        data: bytes,
+        extensions: tuple[ExtensionField, ...],
+        trailer: bytes,
+        client: tuple[str, int],
+        rx_ns: int,
+        local: object = None,
+    ) -> None:
+        self.data, self.extensions, self.trailer = data, extensions, trailer
+        self.client, self.rx_ns, self.local = client, rx_ns, local
+        self._header: Header | None = None
+
+    @property
+    def header(self) -> Header:
+        if self._header is None:
+            self._header = parse_header(self.data)
+        return self._header
+
+    @property
+    def packet(self) -> Packet:
+        return Packet(self.header, self.extensions, self.trailer)
 
 
 class ReplyContext(Protocol):

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable, Sequence
 
 from ..wire.errors import ParseError
-from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, Packet, kiss_of_death, parse_header, split_body
+from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, kiss_of_death, split_body
 from ..wire.timestamps import NTP_UNIX_OFFSET
 from .auth import Authenticator, Request
 from .clockstate import ServerState
@@ -151,7 +151,7 @@ class Pipeline:
             fields, trailer = split_body(data, version)
         except ParseError as exc:
             return self._drop(drop(f"malformed_{exc.code}"))
-        request = Request(data, Packet(parse_header(data), fields, trailer), client, rx_ns, local)
+        request = Request(data, fields, trailer, client, rx_ns, local)
         for auth in self._auths:
             if auth.matches(request):
                 break

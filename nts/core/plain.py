@@ -15,7 +15,7 @@ class PlainAuthenticator(Authenticator):
     bare: ClassVar[bool] = True
 
     def matches(self, request: Request) -> bool:
-        return not request.packet.trailer
+        return not request.trailer
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes:
         return ctx.reply_header(request.data, request.rx_ns)

@@ -95,7 +95,7 @@ class KeServer:
         s2c = conn.export_keying_material(EXPORTER_LABEL, key_len, outcome.exporter_context(True))
         keys = CookieKeys(outcome.aead, bytes(c2s), bytes(s2c))
         now = self.wall_clock()
-        cookies = [self.keyring.seal(keys, now) for _ in range(COOKIES_PER_RESPONSE)]
+        cookies = self.keyring.seal_many(keys, now, COOKIES_PER_RESPONSE)
         self.count(f"ok_aead_{outcome.aead}")
         return response(outcome, cookies, self.settings.ntp_server, self.settings.ntp_port)
 

@@ -100,7 +100,7 @@ int main(int argc, char **argv) {
         if (r <= 0) continue;
         for (int i = 0; i < r; i++) {
             unsigned len = rmsgs[i].msg_len;
-            if (len >= 48 && (rbuf[i][0] & 7) == 4) replies++; else shortr++;
+            if (len >= 48 && (rbuf[i][0] & 7) == 4 && rbuf[i][1] != 0) replies++; else shortr++;
         }
         inflight -= r;
         if (inflight < 0) inflight = 0;

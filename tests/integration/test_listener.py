@@ -22,10 +22,10 @@ class SlowSigner(Authenticator):
     order: ClassVar[int] = 10
 
     def matches(self, request: Request) -> bool:
-        return len(request.packet.trailer) == 20
+        return len(request.trailer) == 20
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:
-        return Defer(self, (ctx.reply_header(request.data, request.rx_ns), request.packet.trailer), request.client)
+        return Defer(self, (ctx.reply_header(request.data, request.rx_ns), request.trailer), request.client)
 
     async def complete(self, job: object) -> bytes | None:
         header, trailer = job  # type: ignore[misc]

@@ -142,11 +142,11 @@ class TrailerAuth(Authenticator):
         self.answer = answer
 
     def matches(self, request: Request) -> bool:
-        return len(request.packet.trailer) == 20
+        return len(request.trailer) == 20
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:
         if self.answer == "time":
-            return ctx.reply_header(request.data, request.rx_ns) + request.packet.trailer
+            return ctx.reply_header(request.data, request.rx_ns) + request.trailer
         if self.answer == "long":
             return ctx.reply_header(request.data, request.rx_ns) + bytes(40)
         if self.answer == "nak":
