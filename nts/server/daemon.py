@@ -122,6 +122,7 @@ class Server:
         self.authenticators = authenticators
         self._retiring: list[tuple[float, Pipeline]] = []
         self._folded: dict[tuple[str, ...], int] = {}
+        self._alarm: bool | None = None
         self._parts(config, keep_rate=None)
 
     async def start_plugins(self) -> None:
@@ -143,6 +144,7 @@ class Server:
         else:
             self.rate = RateLimiter(config.rate_limit) if config.rate_limit is not None else None
         self.state = server_state(config.clock, read_kernel_clock(), self.precision, time.time_ns())
+        self._log_state()
 
     def new_pipeline(self) -> Pipeline:
         return Pipeline(
@@ -200,8 +202,23 @@ class Server:
 
     def refresh_state(self) -> None:
         self.state = server_state(self.config.clock, read_kernel_clock(), self.precision, time.time_ns())
+        self._log_state()
         for listener in self.listeners.values():
             listener.pipeline.set_state(self.state)
+
+    def _log_state(self) -> None:
+        """Say so when the clock state changes whether clients will use our time."""
+        alarm = self.state.leap == 3
+        if alarm == self._alarm:
+            return
+        self._alarm = alarm
+        if alarm:
+            log.warning(
+                "the kernel clock is not synchronised: replies say leap 3 (alarm), stratum 16, and clients "
+                "will not use them; run a synchronising daemon, or set clock.local_reference for a lab"
+            )
+        else:
+            log.info("serving time as stratum %d (reference %r)", self.state.stratum, self.state.reference_id)
 
     def counters(self) -> dict[tuple[str, ...], int]:
         now = time.monotonic()
