@@ -184,3 +184,44 @@ def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
         f"ntsd: nts: private key refused: {key} is readable by group or others (mode 0644); run: chmod 600 {key} "
         "(for a development certificate run: ntsd certs)"
     )
+
+
+def test_fleet_members_sharing_the_secret_file_accept_each_others_cookies(tmp_path: Path) -> None:
+    a_dir, b_dir, c_dir = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d in (a_dir, b_dir, c_dir):
+        d.mkdir()
+    ntp_a, ke_a, _ = ports()
+    ntp_b, ke_b, _ = ports()
+    ntp_c, ke_c, _ = ports()
+    with running_ntsd(a_dir, nts_config(a_dir, ntp_a, ke_a)):
+        result = key_exchange("127.0.0.1", ke_a, dev_certs(a_dir).ca)
+    (b_dir / "keys").mkdir(mode=0o700)
+    shutil.copy2(a_dir / "keys" / "nts-master.key", b_dir / "keys" / "nts-master.key")  # the fleet's one file
+    with running_ntsd(b_dir, nts_config(b_dir, ntp_b, ke_b)), running_ntsd(c_dir, nts_config(c_dir, ntp_c, ke_c)):
+        for port, shares in ((ntp_b, True), (ntp_c, False)):
+            packet, uid, _ = nts_request(result, result.cookies[0])
+            reply, _, _ = exchange("127.0.0.1", port, packet)
+            nak, cookies = check_nts_reply(result, reply, uid)
+            assert nak is not shares
+            assert len(cookies) == (1 if shares else 0)
+
+
+def test_workers_share_cookie_keys(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    config = nts_config(tmp_path, ntp, ke, mport).replace(
+        f'["127.0.0.1:{ntp}"]}}', f'["127.0.0.1:{ntp}"], workers: 2}}'
+    )
+    assert "workers: 2" in config
+    with running_ntsd(tmp_path, config) as server:
+        server.wait_for("ready with 2 workers")
+        ca = dev_certs(tmp_path).ca
+        naks = replies = 0
+        for _ in range(6):  # sessions land on either worker; requests (new source ports) on either
+            result = key_exchange("127.0.0.1", ke, ca)
+            for cookie in result.cookies[:4]:
+                packet, uid, _ = nts_request(result, cookie)
+                reply, _, _ = exchange("127.0.0.1", ntp, packet)
+                nak, _ = check_nts_reply(result, reply, uid)
+                naks += nak
+                replies += not nak
+        assert (naks, replies) == (0, 24)
