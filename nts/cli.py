@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import __version__
@@ -91,9 +92,9 @@ def _query(args: argparse.Namespace) -> int:
     return EXIT_OK if not result.get("kiss") else EXIT_RUNTIME
 
 
-def fetch_metrics(host: str, port: int, timeout: float = 3.0) -> str:
+def fetch_metrics(host: str, port: int, timeout: float = 3.0, path: str = "/metrics") -> str:
     with socket.create_connection((host, port), timeout=timeout) as conn:
-        conn.sendall(b"GET /metrics HTTP/1.0\r\nHost: ntsd\r\n\r\n")
+        conn.sendall(f"GET {path} HTTP/1.0\r\nHost: ntsd\r\n\r\n".encode())
         chunks = []
         while chunk := conn.recv(65536):
             chunks.append(chunk)
@@ -101,6 +102,45 @@ def fetch_metrics(host: str, port: int, timeout: float = 3.0) -> str:
     if not head.startswith(b"HTTP/1.0 200"):
         raise OSError(f"unexpected answer: {head.splitlines()[0].decode(errors='replace') if head else 'nothing'}")
     return body.decode()
+
+
+def _metrics_address(args: argparse.Namespace) -> tuple[str, int] | int:
+    """The metrics endpoint from --metrics or the config, or an exit status after saying why not."""
+    try:
+        if args.metrics:
+            return parse_hostport(_CliWhere(), args.metrics, 9975)
+        config = load_config(args.config, plugin_sections(discover()))
+    except ConfigError as exc:
+        print(f"ntsd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if config.metrics_listen is None:
+        print("ntsd: metrics are disabled in the configuration (metrics.listen)", file=sys.stderr)
+        return EXIT_CONFIG
+    return config.metrics_listen
+
+
+def _clients(args: argparse.Namespace) -> int:
+    where = _metrics_address(args)
+    if isinstance(where, int):
+        return where
+    try:
+        rows = json.loads(fetch_metrics(*where, path="/report/clients"))
+    except (OSError, ValueError) as exc:
+        print(f"ntsd: cannot read the clients report from {format_addr(where)}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    head = ("client", "key", "algorithm", "requests", "first seen", "last seen", "")
+    table = [head] + [
+        (r["client"], str(r["key_id"]), r["algorithm"], str(r["requests"]), r["first_seen"], r["last_seen"],
+         "deprecated: move to NTS" if r["deprecated"] else "")
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -172,6 +212,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--metrics", metavar="ADDR:PORT", help="metrics address (overrides --config)")
     p.add_argument("--raw", action="store_true", help="print the Prometheus text as served")
     p.set_defaults(func=_status)
+    p = sub.add_parser("clients", help="show which clients use legacy MAC keys (for the move to NTS)")
+    p.add_argument("--config", "-c", metavar="FILE", help="find the metrics address in this file")
+    p.add_argument("--metrics", metavar="ADDR:PORT", help="metrics address (overrides --config)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_clients)
+    for ep in entry_points(group="ntsd.commands"):  # commands that plugins add (e.g. keygen)
+        ep.load()(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -109,6 +109,10 @@ class Authenticator(ABC):
         """The plugin's own counters (those of its background services), for the metrics."""
         return {}
 
+    def reports(self) -> Mapping[str, Any]:
+        """Named JSON-ready reports served by the metrics endpoint at /report/NAME (e.g. clients)."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 (an optional hook; most plugins hold nothing)
         """Release resources (sockets, files) at shutdown or after a reload replaced it."""
 

@@ -53,6 +53,24 @@ def drop(reason: str) -> Drop:
     return d
 
 
+# metric -> (label names, help text), for the metrics endpoint; plugins add theirs with describe().
+LABELS: dict[str, tuple[tuple[str, ...], str]] = {
+    "requests": ((), "Datagrams received on NTP sockets."),
+    "replies": (("auth",), "Time replies sent, by authentication mode."),
+    "drops": (("reason",), "Datagrams not answered with time, by reason."),
+    "kod": (("code",), "Kiss-o'-Death replies sent, by kiss code."),
+    "naks": (("auth", "reason"), "Negative authentication replies sent (crypto-NAK, NTS NAK)."),
+    "deferred": (("auth",), "Replies handed to an asynchronous signer."),
+    "socket_errors": (("error",), "Errors reported by the NTP sockets."),
+    "nts_ke": (("event",), "NTS-KE sessions: connections, outcomes (ok_aead_N, error_*), refusals, timeouts."),
+}
+
+
+def describe(metric: str, labels: tuple[str, ...], help_text: str) -> None:
+    """Declare a counter's label names and help text."""
+    LABELS.setdefault(metric, (labels, help_text))
+
+
 class Stats:
     """Counters keyed by (metric, label...). Cheap enough for the per-packet path."""
 

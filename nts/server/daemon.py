@@ -234,6 +234,14 @@ class Server:
             _add(total, auth.counters())
         return total
 
+    def reports(self) -> dict[str, Any]:
+        """Plugin reports by name; lists from several plugins under one name are joined."""
+        merged: dict[str, Any] = {}
+        for auth in self.authenticators:
+            for name, value in auth.reports().items():
+                merged[name] = merged.get(name, []) + value if isinstance(value, list) else value
+        return merged
+
     def gauges(self) -> dict[str, float]:
         return {
             "leap": self.state.leap,
@@ -310,9 +318,21 @@ class SharedCounters:
         self.workers = workers
         self.mem = mmap.mmap(-1, SLOT_SIZE * workers)
         self._last: list[dict[tuple[str, ...], int]] = [{} for _ in range(workers)]
+        self._last_reports: list[dict[str, Any]] = [{} for _ in range(workers)]
 
-    def publish(self, index: int, counts: Mapping[tuple[str, ...], int], gauges: Mapping[str, float]) -> None:
-        blob = json.dumps({"c": [[list(k), v] for k, v in counts.items()], "g": gauges}).encode()
+    def publish(
+        self,
+        index: int,
+        counts: Mapping[tuple[str, ...], int],
+        gauges: Mapping[str, float],
+        reports: Mapping[str, Any] | None = None,
+    ) -> None:
+        doc: dict[str, Any] = {"c": [[list(k), v] for k, v in counts.items()], "g": gauges, "r": reports or {}}
+        blob = json.dumps(doc).encode()
+        while len(blob) > SLOT_SIZE - _SLOT_HEAD.size and doc["r"]:
+            # reports are the large part: keep the most recent half of each until the slot holds it
+            doc["r"] = {k: v[: len(v) // 2] for k, v in doc["r"].items() if isinstance(v, list) and len(v) > 1}
+            blob = json.dumps(doc).encode()
         if len(blob) > SLOT_SIZE - _SLOT_HEAD.size:
             return
         base = index * SLOT_SIZE
@@ -329,6 +349,7 @@ class SharedCounters:
             try:
                 data = json.loads(self.mem[base + _SLOT_HEAD.size : base + _SLOT_HEAD.size + length])
                 self._last[i] = {tuple(k): v for k, v in data["c"]}
+                self._last_reports[i] = data.get("r", {})
                 for k, v in data["g"].items():
                     gauges[k] = gauges.get(k, 0) + v if k == "rate_limit_clients" else v
             except (ValueError, KeyError, TypeError):
@@ -337,6 +358,14 @@ class SharedCounters:
                 counts[k] = counts.get(k, 0) + v
         gauges["workers"] = self.workers
         return counts, gauges
+
+    def reports(self) -> dict[str, Any]:
+        self.total()  # refresh the snapshots
+        merged: dict[str, Any] = {}
+        for worker in self._last_reports:
+            for name, value in worker.items():
+                merged[name] = merged.get(name, []) + value if isinstance(value, list) else value
+        return merged
 
 
 class Daemon:
@@ -418,7 +447,7 @@ class Daemon:
         stopping = self._signals(loop, lambda: self._reload(server, loop, may_bind=True))
         metrics = None
         if metrics_sock is not None:
-            metrics = MetricsServer(lambda: (server.counters(), {**server.gauges(), **self._uptime()}))
+            metrics = MetricsServer(lambda: (server.counters(), {**server.gauges(), **self._uptime()}), server.reports)
             await metrics.start_on(metrics_sock)
             log.info("metrics on http://%s/metrics", format_addr(metrics_sock.getsockname()))
         log.info("ready")
@@ -466,7 +495,7 @@ class Daemon:
 
         def tick() -> None:
             server.refresh_state()
-            shared.publish(index, server.counters(), server.gauges())
+            shared.publish(index, server.counters(), server.gauges(), server.reports())
 
         await self._tick_until(stopping, tick)
         tick()
@@ -493,7 +522,7 @@ class Daemon:
         stopping = self._signals(loop, on_hup)
         metrics = None
         if metrics_sock is not None:
-            metrics = MetricsServer(lambda: _merge(shared.total(), self._uptime()))
+            metrics = MetricsServer(lambda: _merge(shared.total(), self._uptime()), shared.reports)
             await metrics.start_on(metrics_sock)
         log.info("ready with %d workers", len(self.children))
         code = 0

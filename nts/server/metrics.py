@@ -8,28 +8,15 @@ answers GET /metrics; anything else gets 404 or 400. It is meant for a local add
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..core.decisions import LABELS
 
 log = logging.getLogger("ntsd.metrics")
-
-# metric -> (label names, help text)
-LABELS: dict[str, tuple[tuple[str, ...], str]] = {
-    "requests": ((), "Datagrams received on NTP sockets."),
-    "replies": (("auth",), "Time replies sent, by authentication mode."),
-    "drops": (("reason",), "Datagrams not answered with time, by reason."),
-    "kod": (("code",), "Kiss-o'-Death replies sent, by kiss code."),
-    "naks": (("auth", "reason"), "Negative authentication replies sent (crypto-NAK, NTS NAK)."),
-    "deferred": (("auth",), "Replies handed to an asynchronous signer."),
-    "socket_errors": (("error",), "Errors reported by the NTP sockets."),
-    "nts_ke": (("event",), "NTS-KE sessions: connections, outcomes (ok_aead_N, error_*), refusals, timeouts."),
-}
-
-
-def describe(metric: str, labels: tuple[str, ...], help_text: str) -> None:
-    """Let a plugin declare a counter of its own."""
-    LABELS.setdefault(metric, (labels, help_text))
 
 
 def _escape(value: str) -> str:
@@ -75,10 +62,15 @@ def parse_text(text: str) -> dict[str, float]:
 
 
 class MetricsServer:
-    """Serves `source()` (counts, gauges) as Prometheus text."""
+    """Serves `source()` (counts, gauges) as Prometheus text, and plugin reports as JSON."""
 
-    def __init__(self, source: Callable[[], tuple[Mapping[tuple[str, ...], int], Mapping[str, float]]]) -> None:
+    def __init__(
+        self,
+        source: Callable[[], tuple[Mapping[tuple[str, ...], int], Mapping[str, float]]],
+        reports: Callable[[], Mapping[str, Any]] = dict,
+    ) -> None:
         self._source = source
+        self._reports = reports
         self._server: asyncio.Server | None = None
 
     async def start_on(self, sock: socket.socket) -> None:
@@ -97,6 +89,8 @@ class MetricsServer:
                 status, body = "400 Bad Request", "bad request\n"
             elif parts[1] in ("/metrics", "/"):
                 status, body = "200 OK", render(*self._source())
+            elif parts[1].startswith("/report/") and parts[1][8:] in (reports := self._reports()):
+                status, body = "200 OK", json.dumps(reports[parts[1][8:]], indent=1) + "\n"
             else:
                 status, body = "404 Not Found", "not found\n"
             payload = body.encode()

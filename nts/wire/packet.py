@@ -50,10 +50,18 @@ class TrailerKind(IntEnum):
     CRYPTO_NAK = 4  # key id only (RFC 5905 section 7.4)
     MAC_20 = 20  # key id + 16-byte digest (MD5-sized; also the MS-SNTP 68-byte request)
     MAC_24 = 24  # key id + 20-byte digest (SHA-1, and SHA-2 digests truncated to 20 bytes)
+    MAC_32 = 32  # key id + untruncated 28-byte digest (SHA-224), as chrony sends in NTPv3
+    MAC_36 = 36  # key id + untruncated SHA-256 / SHA3-256 digest (chrony: NTPv3; ntpdig: NTPv4)
+    MAC_52 = 52  # key id + untruncated SHA-384 digest
+    MAC_68 = 68  # key id + untruncated SHA-512 digest
     MSSNTP_EXTENDED = 72  # [MS-SNTP] 2.2.4 extended authenticator (120-byte request)
 
 
 _TRAILER_KINDS = {k.value: k for k in TrailerKind}
+# In NTPv4 anything longer than a 24-byte MAC is extension fields (RFC 7822), so the long MAC
+# shapes exist only in earlier versions; chrony sends long digests in NTPv3 packets for that reason.
+_V4_TRAILERS = frozenset({0, 4, 20, 24})
+_LONG_MACS = frozenset({32, 36, 52, 68})
 
 # RFC 5905 section 7.4 kiss codes, and RFC 8915 section 5.7 NTSN.
 KISS_RATE = b"RATE"
@@ -127,11 +135,19 @@ def split_body(data: bytes, version: int) -> tuple[tuple[ExtensionField, ...], b
     pos = HEADER_LEN
     end = len(data)
     if version >= 4:
-        while end - pos > MAX_MAC_LEN:
-            field, pos = parse_extension(data, pos)
-            fields.append(field)
+        try:
+            while end - pos > MAX_MAC_LEN:
+                field, pos = parse_extension(data, pos)
+                fields.append(field)
+        except ParseError:
+            # Clients older than RFC 7822 (ntpdig with SHA-256 keys, for one) send a long MAC in an
+            # NTPv4 packet. When nothing after the header parses as a field but its length is that
+            # of a long MAC, it is one.
+            if fields or end - HEADER_LEN not in _LONG_MACS:
+                raise
+            return (), bytes(data[HEADER_LEN:])
     rest = end - pos
-    if rest not in _TRAILER_KINDS:
+    if rest not in (_V4_TRAILERS if version >= 4 else _TRAILER_KINDS):
         raise ParseError("trailer", f"{rest} bytes after the extension fields fit no MAC or authenticator")
     return tuple(fields), bytes(data[pos:])
 

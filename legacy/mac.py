@@ -1,0 +1,225 @@
+"""MAC computation and the `mac` authenticator plugin.
+
+Strategy: a request whose trailer is 20 or 24 bytes (key id + MAC) is this plugin's. The key id
+selects the key; it must be in the file, trusted, allowed for the client's network, and of an
+algorithm whose MAC has the trailer's length. Then the MAC over everything before the trailer is
+compared in constant time. Success: the reply header signed with the same key and algorithm.
+Any failure: a crypto-NAK (RFC 5905 section 7.4: key id 0, no MAC) on a header that carries no
+time (stratum 0, leap 3, zero receive/transmit), counted by reason. Legacy digests are
+H(key || data) truncated to 20 bytes; AES-CMAC (RFC 8573) is CMAC(key, data), 16 bytes.
+The key table is swapped whole on reload, so a request sees the old table or the new, never a mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.cmac import CMAC
+
+from nts.core.auth import Authenticator, PluginError, ReplyContext, Request
+from nts.core.decisions import Drop, Nak, describe
+from nts.core.policy import Network, NetworkSet
+
+from .keyfile import Algorithm, Key, KeyFileError, load_keyfile
+from .migration import ClientLedger
+
+log = logging.getLogger("ntsd.mac")
+_KEYID = struct.Struct(">I")
+_MAC_TRAILERS = frozenset({20, 24, 32, 36, 52, 68})  # key id + 16/20-byte MAC, or a full digest (NTPv1-3)
+_NAK_HEADER = struct.Struct(">BBbbII4sQQQQ")
+
+
+def compute_mac(algorithm: Algorithm, secret: bytes, data: bytes, length: int | None = None) -> bytes:
+    """The MAC of `data`; digests are truncated to `length` (default: NTPv4's 20 bytes)."""
+    if algorithm.is_cmac:
+        c = CMAC(algorithms.AES(secret))
+        c.update(data)
+        return c.finalize()
+    return hashlib.new(algorithm.value[1], secret + data).digest()[: length or algorithm.mac_len]
+
+
+def crypto_nak(request: bytes) -> bytes:
+    """A header with no time (stratum 0, leap 3) answering `request`, then key id 0 (4 bytes)."""
+    version = (request[0] >> 3) & 7
+    origin = struct.unpack_from(">Q", request, 40)[0]
+    return _NAK_HEADER.pack(0xC0 | (version << 3) | 4, 0, request[2] - 256 if request[2] > 127 else request[2], 0,
+                            0, 0, b"\0\0\0\0", 0, origin, 0, 0) + bytes(4)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class MacSettings:
+    keys: Path
+    format: str = "ntp"
+    trusted: frozenset[int] | None = None  # None: every key in the file
+    networks: Mapping[int, tuple[Network, ...]] = field(default_factory=dict)  # per-key allowed clients
+    allow_bad_lines: bool = False
+    check_interval: float = 5.0
+    max_clients: int = 10_000
+
+
+def parse_mac(node: Any) -> MacSettings:
+    m = node.mapping(("keys", "format", "trusted", "networks", "allow_bad_lines", "check_interval", "max_clients"))
+    if "keys" not in m:
+        raise node.error("'keys' is required (the key file)")
+    trusted = None
+    if "trusted" in m:
+        trusted = frozenset(n.integer(1, 2**32 - 1) for n in m["trusted"].items())
+    networks: dict[int, tuple[Network, ...]] = {}
+    if "networks" in m:
+        for key_node_name, nets in m["networks"].mapping().items():
+            if not key_node_name.isdigit():
+                raise nets.error("keys of mac.networks are key ids")
+            networks[int(key_node_name)] = tuple(n.network() for n in nets.items())
+    return MacSettings(
+        keys=Path(m["keys"].string()),
+        format=m["format"].choice("ntp", "chrony") if "format" in m else "ntp",
+        trusted=trusted,
+        networks=networks,
+        allow_bad_lines=m["allow_bad_lines"].boolean() if "allow_bad_lines" in m else False,
+        check_interval=m["check_interval"].number(0.1, 86400) if "check_interval" in m else 5.0,
+        max_clients=m["max_clients"].integer(16, 10_000_000) if "max_clients" in m else 10_000,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """What a request is checked against; replaced whole on reload."""
+
+    keys: dict[int, Key]
+    trusted: frozenset[int] | None
+    networks: dict[int, NetworkSet]
+
+
+def _nak(request: Request, reason: str) -> Nak:
+    return Nak(crypto_nak(request.data), reason)
+
+
+describe("mac_requests", ("algorithm", "key"), "Requests authenticated with legacy MAC keys, by algorithm and key id.")
+
+
+class MacAuthenticator(Authenticator):
+    """Legacy symmetric-key MAC (RFC 5905 section 7.3, RFC 8573 AES-CMAC)."""
+
+    name: ClassVar[str] = "mac"
+    section: ClassVar[str | None] = "mac"
+    order: ClassVar[int] = 20
+
+    @classmethod
+    def parse_config(cls, node: Any) -> MacSettings:
+        return parse_mac(node)
+
+    def __init__(self, settings: MacSettings) -> None:
+        self.settings = settings
+        self.ledger = ClientLedger(settings.max_clients)
+        try:
+            self.table = self._load(settings)
+        except KeyFileError as exc:
+            raise PluginError(f"mac: {exc}") from None
+        self._seen = _identity(settings.keys)
+        self._watch: asyncio.Task[None] | None = None
+
+    def _load(self, settings: MacSettings) -> _Table:
+        keyfile = load_keyfile(settings.keys, settings.format, settings.allow_bad_lines)
+        for p in keyfile.problems:  # only when allow_bad_lines
+            log.error("%s (line skipped)", keyfile.describe(p))
+        for p in keyfile.warnings:
+            log.warning("%s", keyfile.describe(p))
+        keys = keyfile.keys
+        trusted = settings.trusted
+        active = [k for k in keys.values() if trusted is None or k.id in trusted]
+        old = sorted(k.id for k in active if k.algorithm.deprecated)
+        if old:
+            log.warning(
+                "MD5/SHA1 keys in use (deprecated by RFC 8573; move these clients to NTS or AES-CMAC): %s",
+                ", ".join(map(str, old)),
+            )
+        if trusted is not None:
+            missing = sorted(trusted - keys.keys())
+            if missing:
+                log.warning("trusted key ids not in %s: %s", settings.keys, ", ".join(map(str, missing)))
+        log.info("loaded %d keys (%d trusted) from %s", len(keys), len(active), settings.keys)
+        return _Table(keys, trusted, {k: NetworkSet(v) for k, v in settings.networks.items()})
+
+    def matches(self, request: Request) -> bool:
+        return len(request.trailer) in _MAC_TRAILERS
+
+    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop:
+        trailer = request.trailer
+        (key_id,) = _KEYID.unpack_from(trailer)
+        table = self.table
+        key = table.keys.get(key_id)
+        if key is None:
+            return _nak(request, "unknown_key")
+        if table.trusted is not None and key_id not in table.trusted:
+            return _nak(request, "untrusted_key")
+        mac_len = len(trailer) - 4
+        if mac_len not in key.algorithm.mac_lengths:
+            return _nak(request, "wrong_mac_length")
+        allowed = table.networks.get(key_id)
+        if allowed is not None and request.client[0] not in allowed:
+            return _nak(request, "key_not_allowed_for_client")
+        data = request.data
+        expected = compute_mac(key.algorithm, key.secret, data[: len(data) - len(trailer)], mac_len)
+        if not hmac.compare_digest(expected, trailer[4:]):
+            return _nak(request, "bad_mac")
+        self.ledger.record(request.client[0], key_id, key.algorithm, request.rx_ns)
+        header = ctx.reply_header(data, request.rx_ns)
+        return header + trailer[:4] + compute_mac(key.algorithm, key.secret, header, mac_len)
+
+    async def start(self) -> None:
+        self._watch = asyncio.get_running_loop().create_task(self._watch_file())
+
+    async def _watch_file(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.check_interval)
+            seen = _identity(self.settings.keys)
+            if seen != self._seen:
+                self._seen = seen
+                self._reload(self.settings, "the key file changed")
+
+    def _reload(self, settings: MacSettings, why: str) -> bool:
+        try:
+            self.table = self._load(settings)
+        except KeyFileError as exc:
+            log.error("%s, but it cannot be used; keeping the keys in use: %s", why, exc)
+            return False
+        return True
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+
+    def reconfigure(self, config: Any) -> bool:
+        settings: MacSettings = config
+        if self._reload(settings, "reload"):
+            self.settings = settings
+            self._seen = _identity(settings.keys)
+            self.ledger.max_clients = settings.max_clients
+        return True  # on failure the running keys stay; the error was logged
+
+    def counters(self) -> Mapping[tuple[str, ...], int]:
+        return {("mac_requests", alg, key): n for (alg, key), n in tuple(self.ledger.totals.items())}
+
+    def reports(self) -> Mapping[str, Any]:
+        return {"clients": self.ledger.report()}
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
