@@ -1,0 +1,33 @@
+"""Helpers for MAC tests: one set of secrets written as ntp.keys (ours, ntpdig) and chrony keyfile."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from legacy.keyfile import Algorithm, Key, format_chrony_keys, format_ntp_keys
+
+ALGORITHMS = {
+    1: Algorithm.MD5,
+    2: Algorithm.SHA1,
+    3: Algorithm.SHA256,
+    4: Algorithm.AES128CMAC,
+    5: Algorithm.SHA512,
+    6: Algorithm.AES256CMAC,
+}
+
+
+def write_keys(tmp: Path) -> tuple[Path, Path]:
+    keys = [Key(i, a, os.urandom(a.cmac_key_len if a.is_cmac else 20)) for i, a in ALGORITHMS.items()]
+    ntp, chrony = tmp / "ntp.keys", tmp / "chrony.keys"
+    for path, text in ((ntp, format_ntp_keys(keys)), (chrony, format_chrony_keys(keys))):
+        path.write_text(text)
+        path.chmod(0o600)
+    return ntp, chrony
+
+
+def mac_section(keys: Path, trusted: list[int] | None = None, extra: str = "") -> str:
+    line = f"mac:\n  keys: {keys}\n  check_interval: 0.2\n"
+    if trusted is not None:
+        line += f"  trusted: [{', '.join(map(str, trusted))}]\n"
+    return line + extra

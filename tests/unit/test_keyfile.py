@@ -1,0 +1,132 @@
+"""Key files: every accepted form, every rejected form with its exact message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from legacy.keyfile import Algorithm, KeyFileError, load_keyfile, parse_keyfile
+
+NTP_ACCEPTED = [
+    ("1 MD5 abcdefghij", 1, Algorithm.MD5, b"abcdefghij"),
+    ("2 md5 12345678901234567890", 2, Algorithm.MD5, b"12345678901234567890"),  # 20 chars: still ASCII
+    ("3 SHA1 " + "ab" * 20, 3, Algorithm.SHA1, bytes([0xAB]) * 20),  # > 20 chars: hex
+    ("4 sha256 " + "0F" * 16 + "  # comment", 4, Algorithm.SHA256, bytes([0x0F]) * 16),
+    (
+        "5 AES " + "00112233445566778899aabbccddeeff",
+        5,
+        Algorithm.AES128CMAC,
+        bytes.fromhex("00112233445566778899aabbccddeeff"),
+    ),
+    ("6 AES128CMAC " + "11" * 16, 6, Algorithm.AES128CMAC, bytes([0x11]) * 16),
+    ("7 M secret", 7, Algorithm.MD5, b"secret"),  # NTPsec: unknown names starting with M mean MD5
+    ("65535 SHA512 " + "22" * 32, 65535, Algorithm.SHA512, bytes([0x22]) * 32),
+    ("\t8\tSHA1\tpass#word", 8, Algorithm.SHA1, b"pass"),  # '#' starts a comment, even inside a token
+]
+
+
+@pytest.mark.parametrize(("line", "key_id", "algorithm", "secret"), NTP_ACCEPTED)
+def test_ntp_keys_accepted(line: str, key_id: int, algorithm: Algorithm, secret: bytes) -> None:
+    kf = parse_keyfile(f"# header\n\n{line}\n", "ntp.keys", "ntp")
+    assert kf.problems == ()
+    key = kf.keys[key_id]
+    assert (key.algorithm, key.secret, key.line) == (algorithm, secret, 3)
+    assert secret.hex() not in repr(key) and "secret" not in repr(key).replace("secret=", "")
+
+
+def test_ntp_cmac_keys_padded_or_truncated_with_warnings() -> None:
+    kf = parse_keyfile("1 AES short\n2 AES " + "33" * 20 + "\n", "k", "ntp")
+    assert kf.keys[1].secret == b"short" + bytes(11)
+    assert kf.keys[2].secret == bytes([0x33]) * 16
+    assert [kf.describe(w) for w in kf.warnings] == [
+        "k:1: key 1: AES-128-CMAC key padded to 16 bytes",
+        "k:2: key 2: AES-128-CMAC key truncated to 16 bytes",
+    ]
+
+
+NTP_REJECTED = [
+    ("0 MD5 abc", "key number 0 is outside 1..65535"),
+    ("65536 MD5 abc", "key number 65536 is outside 1..65535"),
+    ("x1 MD5 abc", "key number 'x1' is not a number"),
+    ("1", "key 1: no key type"),
+    ("1 BLAKE2 abc", "key 1: unknown key type 'BLAKE2'"),
+    ("1 SHA1", "key 1: no key"),
+    ("1 SHA1 " + "zz" * 12, "key 1: a key longer than 20 characters must be hex, and this is not"),
+    ("1 SHA1 abc def", "key 1: unexpected text after the key"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), NTP_REJECTED)
+def test_ntp_keys_rejected(line: str, message: str) -> None:
+    kf = parse_keyfile("1 MD5 fine\n" * 0 + line + "\n", "ntp.keys", "ntp")
+    assert [kf.describe(p) for p in kf.problems] == [f"ntp.keys:1: {message}"]
+
+
+CHRONY_ACCEPTED = [
+    ("1 secretpassword", 1, Algorithm.MD5, b"secretpassword"),  # no type: MD5
+    ("2 SHA1 HEX:" + "AB" * 20, 2, Algorithm.SHA1, bytes([0xAB]) * 20),
+    ("3 SHA256 ASCII:" + "x" * 40, 3, Algorithm.SHA256, b"x" * 40),  # 40 chars, but ASCII in chrony
+    ("4 AES128 HEX:" + "00" * 16, 4, Algorithm.AES128CMAC, bytes(16)),
+    ("5 AES256 HEX:" + "01" * 32, 5, Algorithm.AES256CMAC, bytes([1]) * 32),
+    ("4294967295 SHA512 " + "y" * 30, 4294967295, Algorithm.SHA512, b"y" * 30),
+    ("6 SHA3-256 HEX:" + "02" * 20, 6, Algorithm.SHA3_256, bytes([2]) * 20),
+]
+
+
+@pytest.mark.parametrize(("line", "key_id", "algorithm", "secret"), CHRONY_ACCEPTED)
+def test_chrony_keys_accepted(line: str, key_id: int, algorithm: Algorithm, secret: bytes) -> None:
+    kf = parse_keyfile(line + "\n", "chrony.keys", "chrony")
+    assert kf.problems == ()
+    assert (kf.keys[key_id].algorithm, kf.keys[key_id].secret) == (algorithm, secret)
+
+
+CHRONY_REJECTED = [
+    ("0 MD5 abc", "key ID '0' is not a number from 1 to 4294967295"),
+    ("1 SHA2 abc", "key 1: unknown key type 'SHA2'"),
+    ("1 SHA1 HEX:abc", "key 1: HEX: must be followed by an even number of hex digits"),
+    ("1 SHA1 HEX:zz", "key 1: HEX: must be followed by an even number of hex digits"),
+    ("1 AES128 HEX:" + "00" * 15, "key 1: AES-128-CMAC keys must be exactly 16 bytes"),
+    ("1 AES256 shortkey", "key 1: AES-256-CMAC keys must be exactly 32 bytes"),
+    ("1 MD5 ASCII:", "key 1: the key is empty or not printable ASCII"),
+    ("1 MD5 a b", "key 1: expected ID [TYPE] KEY"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), CHRONY_REJECTED)
+def test_chrony_keys_rejected(line: str, message: str) -> None:
+    kf = parse_keyfile(line + "\n", "chrony.keys", "chrony")
+    assert [kf.describe(p) for p in kf.problems] == [f"chrony.keys:1: {message}"]
+
+
+def test_duplicate_key_is_a_problem() -> None:
+    kf = parse_keyfile("1 MD5 first\n1 MD5 second\n", "k", "ntp")
+    assert [kf.describe(p) for p in kf.problems] == ["k:2: key 1 is defined again (first on line 1)"]
+    assert kf.keys[1].secret == b"first"
+
+
+def write(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_load_refuses_bad_lines_unless_allowed(tmp_path: Path) -> None:
+    path = write(tmp_path / "ntp.keys", "1 MD5 good\n2 NOPE x\n3 SHA1\n")
+    with pytest.raises(KeyFileError) as exc:
+        load_keyfile(path, "ntp")
+    assert str(exc.value) == (
+        f"{path}: 2 bad line(s); refusing the file:\n"
+        f"  {path}:2: key 2: unknown key type 'NOPE'\n"
+        f"  {path}:3: key 3: no key"
+    )
+    assert list(load_keyfile(path, "ntp", allow_bad_lines=True).keys) == [1]
+
+
+def test_load_refuses_readable_files(tmp_path: Path) -> None:
+    path = write(tmp_path / "ntp.keys", "1 MD5 good\n", 0o640)
+    with pytest.raises(KeyFileError) as exc:
+        load_keyfile(path, "ntp")
+    assert str(exc.value) == f"{path} is readable by group or others (mode 0640); run: chmod 600 {path}"
+    with pytest.raises(KeyFileError, match="no such key file"):
+        load_keyfile(tmp_path / "missing", "ntp")
