@@ -10,7 +10,8 @@ by +-10% between runs. Each server's CPU use (its whole process tree: chrony's N
 child process) is read from /proc during its runs: a server below ~90% of its core was not
 saturated, so its figure is the load generator's limit, not the server's, and the script says so.
 
-Tests: plain 48-byte requests; NTS requests (one cookie, AES-SIV-CMAC-256; each server's own
+Tests: plain 48-byte requests; legacy MAC requests (SHA1 and AES-128-CMAC keys, the same secrets
+in each server's key file format); NTS requests (one cookie, AES-SIV-CMAC-256; each server's own
 cookie from a real NTS-KE); NTS-KE sessions with 16 parallel clients, with EC (P-256) and RSA
 (2048) certificates, the same certificate files for both servers.
 
@@ -36,6 +37,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
+from legacy.keyfile import Algorithm, Key, format_chrony_keys, format_ntp_keys  # noqa: E402
+from legacy.mac import compute_mac  # noqa: E402
 from nts.client import check_nts_reply, exchange, key_exchange, nts_request  # noqa: E402
 from nts.ke.devcerts import make_dev_certs  # noqa: E402
 
@@ -100,12 +103,19 @@ class Servers:
         self.work = work / cert_kind
         self.work.mkdir()
         self.certs = make_dev_certs(self.work / "certs", ["localhost", "127.0.0.1"], kind=cert_kind)
+        self.mac_keys = [Key(1, Algorithm.SHA1, os.urandom(20)), Key(2, Algorithm.AES128CMAC, os.urandom(16))]
+        for path, text in (
+            ("ntp.keys", format_ntp_keys(self.mac_keys)),
+            ("chrony.keys", format_chrony_keys(self.mac_keys)),
+        ):
+            (self.work / path).write_text(text)
+            (self.work / path).chmod(0o600)
         self.ntp = {"chrony": free_port(), "ntsd": free_port()}
         self.ke = {"chrony": free_port(socket.SOCK_STREAM), "ntsd": free_port(socket.SOCK_STREAM)}
         (self.work / "chrony.conf").write_text(
             f"port {self.ntp['chrony']}\nntsport {self.ke['chrony']}\nbindaddress 127.0.0.1\n"
             f"ntsservercert {self.certs.certificate}\nntsserverkey {self.certs.private_key}\n"
-            f"ntsdumpdir {self.work}\nlocal stratum 1\nallow 127.0.0.1\ncmdport 0\n"
+            f"ntsdumpdir {self.work}\nlocal stratum 1\nallow 127.0.0.1\ncmdport 0\nkeyfile {self.work}/chrony.keys\n"
             f"pidfile {self.work}/chronyd.pid\n"
         )
         (self.work / "ntsd.yaml").write_text(
@@ -115,6 +125,7 @@ class Servers:
             f'nts: {{listen: ["127.0.0.1:{self.ke["ntsd"]}"], certificate: {self.certs.certificate}, '
             f"private_key: {self.certs.private_key}, key_dir: {self.work / 'keys'}, "
             f"ntp_port: {self.ntp['ntsd']}, ke_rate: 1000000, ke_burst: 1000000, max_connections: 1024}}\n"
+            f"mac: {{keys: {self.work / 'ntp.keys'}}}\n"
         )
         pin = ["taskset", "-c", str(core)]
         self.procs = {
@@ -137,6 +148,16 @@ class Servers:
         nak, cookies = check_nts_reply(ke, reply, uid)
         if nak or len(cookies) != 1:
             raise SystemExit(f"bench: {name} did not answer a valid NTS request")
+        return packet
+
+    def mac_packet(self, key: Key) -> bytes:
+        """A 48-byte NTPv4 request signed with `key`, checked once against both servers."""
+        request = PLAIN_REQUEST
+        packet = request + struct.pack(">I", key.id) + compute_mac(key.algorithm, key.secret, request)
+        for name in self.procs:
+            reply, _, _ = exchange("127.0.0.1", self.ntp[name], packet)
+            if reply[48:52] != struct.pack(">I", key.id) or len(reply) != len(packet):
+                raise SystemExit(f"bench: {name} did not sign a reply with key {key.id}")
         return packet
 
     def stop(self) -> None:
@@ -191,6 +212,11 @@ def run_all(servers: Servers, kind: str, args: argparse.Namespace, only: set[str
     if kind == "ec" and "plain" in only:
         title = f"plain NTP, 48-byte mode 3 requests, window {args.window}, {args.rounds} rounds x {secs} s"
         compare(title, servers, args.rounds, udp_load({n: PLAIN_REQUEST.hex() for n in servers.procs}))
+    if kind == "ec" and "mac" in only:
+        for key in servers.mac_keys:
+            packet = servers.mac_packet(key).hex()
+            title = f"MAC requests, {key.algorithm.label} ({len(packet) // 2} bytes), window {args.window}"
+            compare(title, servers, args.rounds, udp_load({n: packet for n in servers.procs}))
     if kind == "ec" and "nts" in only:
         packets = {n: servers.nts_packet(n).hex() for n in servers.procs}
         title = f"NTS requests (1 cookie, AES-SIV-CMAC-256, {len(packets['ntsd']) // 2} bytes), window {args.window}"
@@ -208,7 +234,7 @@ def main() -> int:
     ap.add_argument("--ke-clients", type=int, default=16)
     ap.add_argument("--server-core", type=int, default=1)
     ap.add_argument("--client-core", type=int, default=0)
-    ap.add_argument("--only", default="plain,nts,ke", help="comma-separated: plain, nts, ke")
+    ap.add_argument("--only", default="plain,mac,nts,ke", help="comma-separated: plain, mac, nts, ke")
     args = ap.parse_args()
     only = set(args.only.split(","))
     for tool in ("chronyd", "gcc", "taskset"):
