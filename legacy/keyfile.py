@@ -12,11 +12,11 @@ chrony takes `HEX:`/`ASCII:` prefixes (bare means ASCII) and requires CMAC keys 
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+
+from nts.files import UnsafeFile, check_private_file
 
 
 class Algorithm(Enum):
@@ -226,22 +226,13 @@ def parse_keyfile(text: str, source: str, fmt: str) -> KeyFile:
     return KeyFile(source, keys, tuple(problems), tuple(warnings))
 
 
-def check_private(path: Path) -> None:
-    """Refuse a key file that group or others may read, or that is not a regular file."""
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise KeyFileError(f"{path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise KeyFileError(
-            f"{path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-        )
-
-
 def load_keyfile(path: Path, fmt: str, allow_bad_lines: bool = False) -> KeyFile:
     """Read and check a key file. Raises KeyFileError (all problems listed) unless allowed."""
     try:
-        check_private(path)
+        check_private_file(path)
         data = path.read_bytes()
+    except UnsafeFile as exc:
+        raise KeyFileError(str(exc)) from None
     except FileNotFoundError:
         raise KeyFileError(f"{path}: no such key file") from None
     except OSError as exc:

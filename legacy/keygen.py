@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nts.cookies import write_private_file
+from nts.files import write_private_file
 
 from .keyfile import Algorithm, Key, format_chrony_keys, format_ntp_keys
 

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.cmac import CMAC
 from nts.core.auth import Authenticator, PluginError, ReplyContext, Request
 from nts.core.decisions import Drop, Nak, describe
 from nts.core.policy import Network, NetworkSet
+from nts.files import watch_files
 
 from .keyfile import Algorithm, Key, KeyFileError, load_keyfile
 from .migration import ClientLedger
@@ -148,7 +148,6 @@ class MacAuthenticator(Authenticator):
             self.table = self._load(settings)
         except KeyFileError as exc:
             raise PluginError(f"mac: {exc}") from None
-        self._seen = _identity(settings.keys)
         self._watch: asyncio.Task[None] | None = None
 
     def _load(self, settings: MacSettings) -> _Table:
@@ -201,15 +200,13 @@ class MacAuthenticator(Authenticator):
         return header + trailer[:4] + key.mac(header, mac_len)
 
     async def start(self) -> None:
-        self._watch = asyncio.get_running_loop().create_task(self._watch_file())
-
-    async def _watch_file(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.check_interval)
-            seen = _identity(self.settings.keys)
-            if seen != self._seen:
-                self._seen = seen
-                self._reload(self.settings, "the key file changed")
+        self._watch = asyncio.get_running_loop().create_task(
+            watch_files(
+                lambda: (self.settings.keys,),
+                lambda: self.settings.check_interval,
+                lambda: self._reload(self.settings, "the key file changed"),
+            )
+        )
 
     def _reload(self, settings: MacSettings, why: str) -> bool:
         try:
@@ -229,7 +226,6 @@ class MacAuthenticator(Authenticator):
         settings: MacSettings = config
         if self._reload(settings, "reload"):
             self.settings = settings
-            self._seen = _identity(settings.keys)
             self.ledger.max_clients = settings.max_clients
         return True  # on failure the running keys stay; the error was logged
 
@@ -238,11 +234,3 @@ class MacAuthenticator(Authenticator):
 
     def reports(self) -> Mapping[str, Any]:
         return {"clients": self.ledger.report()}
-
-
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .aead import AEADS, AeadId
+from .files import check_private_file
 
 SECRET_LEN = 32
 _COOKIE_AEAD = AEADS[AeadId.AES_SIV_CMAC_256]
@@ -116,32 +116,6 @@ class KeyRing:
         if aead is None or reserved or len(plaintext) != 4 + 2 * aead.key_len:
             raise CookieError("cookie_malformed")
         return CookieKeys(aead_id, plaintext[4 : 4 + aead.key_len], plaintext[4 + aead.key_len :])
-
-
-def check_private_file(path: Path) -> None:
-    """Refuse a secret file that group or others may read (or that is not a regular file)."""
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise PermissionError(f"{path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise PermissionError(
-            f"{path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-        )
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically with mode 0600."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_or_create_secret(key_dir: Path) -> tuple[bytes, bool]:

@@ -25,6 +25,7 @@ from .config import Node, format_addr
 from .cookies import KeyRing, load_or_create_secret
 from .core.auth import Authenticator, PluginError, ReplyContext, Request
 from .core.decisions import Drop, Nak, Stats
+from .files import watch_files
 from .ke.certs import CertError, CertStore
 from .ke.listener import KeServer, KeSettings
 from .ntsauth import NtsPacketAuth
@@ -189,12 +190,13 @@ class NtsAuthenticator(Authenticator):
         for sock in self.sockets:
             log.info("serving NTS-KE on %s", format_addr(sock.getsockname()))
         log.info("NTS-KE certificate %s", self.certs.description)
-        self._watch = asyncio.get_running_loop().create_task(self._watch_certs())
-
-    async def _watch_certs(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.cert_check_interval)
-            self.certs.check()
+        self._watch = asyncio.get_running_loop().create_task(
+            watch_files(
+                lambda: (self.certs.cert_path, self.certs.key_path),
+                lambda: self.settings.cert_check_interval,
+                self.certs.check,
+            )
+        )
 
     async def stop(self) -> None:
         if self._watch is not None:

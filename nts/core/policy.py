@@ -23,6 +23,17 @@ RESTRICTED = 2  # not in a non-empty allow list
 _CACHE_MAX = 65536
 
 
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a client string names (zone dropped; v4-mapped IPv6 judged as IPv4)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 def _contains(networks: tuple[Network, ...], addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return any(addr.version == n.version and addr in n for n in networks)
 
@@ -39,12 +50,9 @@ class NetworkSet:
     def __contains__(self, ip: str) -> bool:
         hit = self._cache.get(ip)
         if hit is None:
-            try:
-                addr = ipaddress.ip_address(ip.split("%", 1)[0])
-            except ValueError:
+            addr = _address(ip)
+            if addr is None:
                 return False
-            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-                addr = addr.ipv4_mapped
             hit = _contains(self.networks, addr)
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
@@ -77,12 +85,9 @@ class AccessPolicy:
         return verdict
 
     def _decide(self, ip: str) -> int:
-        try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
+        addr = _address(ip)
+        if addr is None:
             return DENIED
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
         if _contains(self._deny, addr):
             return DENIED
         if self._allow and not _contains(self._allow, addr):

@@ -11,13 +11,12 @@ it is fixed. TLS 1.3 only, ALPN "ntske/1" required.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from cryptography import x509
 from OpenSSL import SSL
 
-from ..cookies import check_private_file
+from ..files import check_private_file, file_identity
 
 log = logging.getLogger("ntsd.nts")
 ALPN = b"ntske/1"
@@ -71,26 +70,18 @@ def _ssl_reason(exc: SSL.Error) -> str:
     return "; ".join(parts) or "invalid certificate or key"
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
 class CertStore:
     """The Context new NTS-KE connections use, replaced when the files change."""
 
     def __init__(self, cert_path: Path, key_path: Path) -> None:
         self.cert_path, self.key_path = cert_path, key_path
         self.context, self.description = build_context(cert_path, key_path)
-        self._seen = (_identity(cert_path), _identity(key_path))
+        self._seen = (file_identity(cert_path), file_identity(key_path))
         self.reloads = 0
 
     def check(self, force: bool = False) -> bool:
         """Reload if the files changed (or `force`); True when a new certificate is in use."""
-        seen = (_identity(self.cert_path), _identity(self.key_path))
+        seen = (file_identity(self.cert_path), file_identity(self.key_path))
         if seen == self._seen and not force:
             return False
         try:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..cookies import write_private_file
+from ..files import write_private_file
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 

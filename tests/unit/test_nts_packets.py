@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from nts.client import KeResult, check_nts_reply, nts_request
-from nts.cookies import CookieError, CookieKeys, KeyRing, check_private_file, load_or_create_secret
+from nts.cookies import CookieError, CookieKeys, KeyRing, load_or_create_secret
 from nts.core.clockstate import ClockSettings, server_state
 from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainAuthenticator
+from nts.files import check_private_file
 from nts.ntsauth import NtsPacketAuth
 from nts.wire.extensions import ExtensionField, FieldType, make_field, serialize_extension
 from nts.wire.packet import parse_packet

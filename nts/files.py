@@ -1,0 +1,66 @@
+"""Files that hold secrets or get replaced under a running server: shared by the plugins.
+
+Strategy: a secret file must be a regular file no one else can read (refused otherwise, with the
+chmod that fixes it); secrets are written atomically with mode 0600; a watched file is recognised
+as changed by its identity (inode, size, mtime), which also catches replace-by-rename.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+FileIdentity = tuple[int, int, int] | None
+
+
+class UnsafeFile(PermissionError):
+    """A secret file that is not a regular file, or that group or others can read."""
+
+
+def check_private_file(path: Path) -> None:
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeFile(f"{path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise UnsafeFile(
+            f"{path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
+        )
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically with mode 0600."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def file_identity(path: Path) -> FileIdentity:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+async def watch_files(
+    paths: Callable[[], Sequence[Path]], interval: Callable[[], float], on_change: Callable[[], object]
+) -> None:
+    """Call `on_change` whenever any of `paths()` changes identity; runs until cancelled."""
+    seen = [file_identity(p) for p in paths()]
+    while True:
+        await asyncio.sleep(interval())
+        now = [file_identity(p) for p in paths()]
+        if now != seen:
+            seen = now
+            on_change()
