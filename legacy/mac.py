@@ -173,8 +173,11 @@ class MacAuthenticator(Authenticator):
         prepared = {key_id: PreparedKey(key) for key_id, key in keys.items()}
         return _Table(prepared, trusted, {k: NetworkSet(v) for k, v in settings.networks.items()})
 
-    def matches(self, request: Request) -> bool:
-        return len(request.trailer) in _MAC_TRAILERS
+    def matches(self, request: Request) -> int:
+        trailer = request.trailer
+        if len(trailer) not in _MAC_TRAILERS:
+            return 0
+        return 2 if _KEYID.unpack_from(trailer)[0] in self.table.keys else 1
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop:
         trailer = request.trailer

@@ -176,11 +176,11 @@ class NtsAuthenticator(Authenticator):
             raise
         self._watch: asyncio.Task[None] | None = None
 
-    def matches(self, request: Request) -> bool:
+    def matches(self, request: Request) -> int:
         for f in request.extensions:
             if f.type in _NTS_TYPES:
-                return True
-        return False
+                return 2
+        return 0
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop:
         return self.packets.respond(request, ctx)

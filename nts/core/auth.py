@@ -6,6 +6,9 @@ them. The pipeline asks each enabled plugin, in `order`, whether a request's sha
 (`matches`); the first that says yes builds the whole answer in `respond`, using the pipeline's
 `ReplyContext` for the header so every mode shares one notion of server state and time.
 A plugin's config section (`section`) is validated by the plugin itself through `parse_config`.
+`matches` may say more than yes or no: 1 means "the shape fits", 2 "this is certainly mine" (a known
+key id, a client from the domain's networks); the firmest claim wins, ties going to the lower
+`order`. That is how a 68-byte request finds MD5 MAC or MS-SNTP, which look alike on the wire.
 """
 
 from __future__ import annotations
@@ -84,8 +87,8 @@ class Authenticator(ABC):
         return node
 
     @abstractmethod
-    def matches(self, request: Request) -> bool:
-        """Whether the request's shape is this mode's (cheap; no cryptography)."""
+    def matches(self, request: Request) -> int:
+        """How firmly this request is this mode's: 0 no, 1 the shape fits, 2 certainly (cheap)."""
 
     @abstractmethod
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:

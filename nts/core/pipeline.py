@@ -152,10 +152,14 @@ class Pipeline:
         except ParseError as exc:
             return self._drop(drop(f"malformed_{exc.code}"))
         request = Request(data, fields, trailer, client, rx_ns, local)
-        for auth in self._auths:
-            if auth.matches(request):
-                break
-        else:
+        auth, best = None, 0
+        for candidate in self._auths:  # the firmest claim wins; on a tie, the earlier plugin
+            claim = int(candidate.matches(request))
+            if claim > best:
+                auth, best = candidate, claim
+                if claim >= 2:
+                    break
+        if auth is None:
             return self._drop(_D_NOAUTH)
         if auth.bare and self._require_auth is not None and client[0] in self._require_auth:
             return self._drop(_D_REQUIRE_AUTH)

@@ -14,8 +14,8 @@ class PlainAuthenticator(Authenticator):
     order: ClassVar[int] = 1000
     bare: ClassVar[bool] = True
 
-    def matches(self, request: Request) -> bool:
-        return not request.trailer
+    def matches(self, request: Request) -> int:
+        return 0 if request.trailer else 1
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes:
         return ctx.reply_header(request.data, request.rx_ns)
