@@ -1,0 +1,159 @@
+"""MS-SNTP against a real Samba AD DC (only its ntp_signd service), provisioned in a temp dir."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nts.cli import fetch_metrics
+from nts.client import run_query
+from nts.server.metrics import parse_text
+from tests.helpers import client_request, free_port, lab_config, need, query, running_ntsd
+from tests.nts_helpers import dev_certs, nts_config, ports
+
+pytestmark = pytest.mark.interop
+
+
+@dataclass
+class Samba:
+    root: Path
+    socket: Path
+    rid: int  # an enabled machine account
+    nt_hash: bytes
+    disabled_rid: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [need("samba"), "-i", "-s", str(self.root / "dc/etc/smb.conf"), "--option=server services=ntp_signd"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not _connectable(self.socket):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError("Samba's ntp_signd socket never appeared")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(15)
+            self.proc = None
+
+
+def _connectable(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _tool(*args: str) -> str:
+    return subprocess.run([need("samba-tool"), *args], capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def _account(sam: Path, name: str) -> tuple[int, bytes | None]:
+    out = subprocess.run([need("ldbsearch"), "-H", str(sam), f"(sAMAccountName={name})", "objectSid", "unicodePwd"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    rid = int(re.search(r"^objectSid: S-[\d-]+-(\d+)$", out, re.M).group(1))  # type: ignore[union-attr]
+    pwd = re.search(r"^unicodePwd:: (\S+)$", out, re.M)
+    return rid, base64.b64decode(pwd.group(1)) if pwd else None
+
+
+@pytest.fixture(scope="module")
+def samba() -> Iterator[Samba]:
+    need("samba")
+    if os.geteuid() != 0:
+        pytest.skip("a Samba DC needs root")
+    root = Path(tempfile.mkdtemp(prefix="ntsd-samba-"))
+    try:
+        signd = root / "signd"
+        _tool("domain", "provision", "--realm=NTS.TEST", "--domain=NTSTEST", "--server-role=dc",
+              "--dns-backend=NONE", f"--adminpass=A1-{secrets.token_hex(8)}", f"--targetdir={root / 'dc'}",
+              f"--option=ntp signd socket directory={signd}", "--option=interfaces=lo",
+              "--option=bind interfaces only=yes")  # fmt: skip
+        signd.mkdir(mode=0o750)
+        sam = root / "dc/private/sam.ldb"
+        for name in ("WS1", "WS2"):
+            _tool("computer", "create", name, "-H", str(sam))
+        _tool("user", "setpassword", "WS1$", f"--newpassword=M1-{secrets.token_hex(12)}", "-H", str(sam))
+        _tool("user", "enable", "WS1$", "-H", str(sam))  # created disabled; WS2 stays disabled
+        rid, nt_hash = _account(sam, "WS1$")
+        disabled_rid, _ = _account(sam, "WS2$")
+        assert nt_hash is not None and len(nt_hash) == 16
+        dc = Samba(root, signd / "socket", rid, nt_hash, disabled_rid)
+        dc.start()
+        yield dc
+        dc.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def mssntp_request(key_id: int) -> bytes:
+    """As Windows sends it: NTPv3 client mode, key id little-endian, 16 bytes of checksum (ignored)."""
+    return client_request(version=3) + struct.pack("<I", key_id) + bytes(16)
+
+
+def mssntp_section(sock: Path) -> str:
+    return (
+        f"mssntp: {{socket: {sock}, networks: [127.0.0.0/8], deadline: 1.0, connections: 2, rate: 1000, burst: 1000}}\n"
+    )
+
+
+def test_signed_reply_verifies_with_the_accounts_nt_hash(samba: Samba, tmp_path: Path) -> None:
+    port, mport = free_port(), free_port(socket.SOCK_STREAM)
+    with running_ntsd(tmp_path, lab_config(port, metrics_port=mport) + mssntp_section(samba.socket)):
+        for key_id in (samba.rid, samba.rid | 0x80000000):  # both key selectors
+            request = mssntp_request(key_id)
+            reply = query(port, request, timeout=3)
+            assert reply is not None and len(reply) == 68
+            assert reply[24:32] == request[40:48]  # answers our request
+            assert reply[48:52] == struct.pack("<I", key_id)
+            assert hashlib.md5(samba.nt_hash + reply[:48]).digest() == reply[52:]  # [MS-SNTP] 3.2.5.1.1
+        assert query(port, mssntp_request(987654), timeout=1.5) is None  # unknown RID: no reply
+        assert query(port, mssntp_request(samba.disabled_rid), timeout=1.5) is None  # disabled: no reply
+        reply = query(port, mssntp_request(samba.rid), timeout=3)  # and signing goes on
+        assert reply is not None and hashlib.md5(samba.nt_hash + reply[:48]).digest() == reply[52:]
+        m = parse_text(fetch_metrics("127.0.0.1", mport))
+        assert m['ntsd_replies_total{auth="mssntp"}'] == 3
+        assert m['ntsd_mssntp_sign_total{outcome="refused"}'] == 1
+        assert m['ntsd_mssntp_sign_total{outcome="connection_closed"}'] == 1
+        assert 'ntsd_replies_total{auth="none"}' not in m  # never an unsigned reply
+
+
+def test_samba_down_others_served_then_signing_resumes(samba: Samba, tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    config = nts_config(tmp_path, ntp, ke, mport, extra="") + mssntp_section(samba.socket)
+    ca = dev_certs(tmp_path).ca
+    with running_ntsd(tmp_path, config):
+        assert query(ntp, mssntp_request(samba.rid), timeout=3) is not None
+        samba.stop()
+        try:
+            for _ in range(5):
+                assert query(ntp, mssntp_request(samba.rid), timeout=1.5) is None  # dropped, never unsigned
+                assert query(ntp, client_request(), timeout=1.0) is not None  # plain: served
+                assert run_query("127.0.0.1", ke_port=ke, ca=ca)["authenticated"] is True  # NTS: served
+        finally:
+            samba.start()
+        restarted = time.monotonic()
+        while query(ntp, mssntp_request(samba.rid), timeout=1.0) is None:
+            assert time.monotonic() - restarted < 10, "signing did not resume within 10 s"
+        m = parse_text(fetch_metrics("127.0.0.1", mport))
+        assert m['ntsd_drops_total{reason="mssntp_failed"}'] >= 5
+        assert m['ntsd_replies_total{auth="none"}'] == 5 and m['ntsd_replies_total{auth="nts"}'] == 5

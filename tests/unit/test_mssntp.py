@@ -1,0 +1,195 @@
+"""MS-SNTP: ntp_signd framing vectors, claims against MAC, and a deliberately slow fake signer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import struct
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from mssntp.auth import MsSntpAuthenticator, MsSntpSettings
+from mssntp.signd import (
+    SIGNING_FAILURE,
+    SIGNING_SUCCESS,
+    ReplyReader,
+    SignedReply,
+    check_signed,
+    encode_reply,
+    encode_request,
+    parse_reply,
+)
+from mssntp.signer import SigndClient
+from nts.core.decisions import Stats
+from nts.wire.errors import ParseError
+
+PACKET = bytes(range(48))
+
+
+def test_request_vector() -> None:
+    assert encode_request(0x0102, 1104, PACKET).hex() == (
+        "00000040"  # length 64
+        "00000000"  # version 0
+        "00000000"  # SIGN_TO_CLIENT
+        "0102"
+        "0000"  # packet id, NDR padding
+        "50040000" + PACKET.hex()  # key id 1104, little-endian
+    )
+
+
+def test_reply_vectors_both_ways() -> None:
+    signed = PACKET + struct.pack("<I", 1104) + bytes(16)
+    wire = encode_reply(SIGNING_SUCCESS, 0x0102, signed)
+    assert wire.hex() == "00000050000000000000000300000102" + signed.hex()
+    assert ReplyReader().feed(wire) == [SignedReply(SIGNING_SUCCESS, 0x0102, signed)]
+    failure = bytes.fromhex("0000000cdeadbeef0000000400000007")  # Samba leaves version unset
+    assert ReplyReader().feed(failure) == [SignedReply(SIGNING_FAILURE, 7, b"")]
+
+
+def test_reader_is_incremental_and_bounded() -> None:
+    wire = encode_reply(SIGNING_SUCCESS, 1, PACKET + bytes(20)) + encode_reply(SIGNING_FAILURE, 2)
+    reader, got = ReplyReader(), []
+    for b in wire:
+        got += reader.feed(bytes([b]))
+    assert [r.packet_id for r in got] == [1, 2]
+    with pytest.raises(ParseError) as exc:
+        ReplyReader().feed(struct.pack(">I", 5000))
+    assert exc.value.code == "signd_frame"
+    with pytest.raises(ParseError):
+        parse_reply(bytes.fromhex("000000000000000300000001") + bytes(10))  # success, wrong size
+
+
+def test_check_signed_insists_on_our_packet() -> None:
+    good = SignedReply(SIGNING_SUCCESS, 5, PACKET + struct.pack("<I", 9) + bytes(16))
+    assert check_signed(good, 5, 9, PACKET) == good.signed_packet
+    assert check_signed(good, 6, 9, PACKET) is None  # another request's reply
+    assert check_signed(good, 5, 8, PACKET) is None  # another key
+    assert check_signed(good, 5, 9, bytes(48)) is None  # Samba signed something else
+
+
+class FakeSigner:
+    """A unix-socket ntp_signd stand-in: delays, refuses or hangs up, as told."""
+
+    def __init__(self, path: Path, delay: float = 0.0) -> None:
+        self.path, self.delay, self.requests = path, delay, 0
+        self.server: asyncio.base_events.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                (length,) = struct.unpack(">I", await reader.readexactly(4))
+                body = await reader.readexactly(length)
+                self.requests += 1
+                packet_id = struct.unpack_from(">H", body, 8)[0]
+                key_id = struct.unpack_from("<I", body, 12)[0]
+                await asyncio.sleep(self.delay)
+                if key_id == 666:  # like a disabled account: hang up without a word
+                    writer.close()
+                    return
+                if key_id == 404:
+                    writer.write(encode_reply(SIGNING_FAILURE, packet_id))
+                else:
+                    writer.write(encode_reply(SIGNING_SUCCESS, packet_id, body[16:] + body[12:16] + bytes(16)))
+                await writer.drain()
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def fake(delay: float = 0.0) -> AsyncIterator[FakeSigner]:
+    with tempfile.TemporaryDirectory() as tmp:
+        signer = FakeSigner(Path(tmp) / "socket", delay)
+        signer.server = await asyncio.start_unix_server(signer.handle, str(signer.path))
+        try:
+            yield signer
+        finally:
+            signer.server.close()
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coro())  # type: ignore[arg-type]
+
+
+def test_outcomes_and_recovery_after_a_hang_up() -> None:
+    async def main() -> None:
+        async with fake() as signer:
+            stats = Stats()
+            client = SigndClient(signer.path, stats, connections=1, deadline=1.0)
+            await client.start()
+            try:
+                assert await client.sign(1, PACKET) == PACKET + struct.pack("<I", 1) + bytes(16)
+                assert await client.sign(404, PACKET) is None
+                assert await client.sign(666, PACKET) is None  # the connection is dropped...
+                assert await client.sign(2, PACKET) is not None  # ...and comes back
+            finally:
+                await client.stop()
+            assert stats.counts[("mssntp_sign", "signed")] == 2
+            assert stats.counts[("mssntp_sign", "refused")] == 1
+            assert stats.counts[("mssntp_sign", "connection_closed")] == 1
+            assert stats.counts[("mssntp_sign", "connects")] == 2
+
+    run(main)
+
+
+def test_slow_signer_deadline_and_queue_bound() -> None:
+    async def main() -> None:
+        async with fake(delay=0.3) as signer:
+            stats = Stats()
+            client = SigndClient(signer.path, stats, connections=1, queue_size=3, deadline=0.1)
+            await client.start()
+            try:
+                started = time.monotonic()
+                results = await asyncio.gather(*(client.sign(i, PACKET) for i in range(10)))
+                elapsed = time.monotonic() - started
+            finally:
+                await client.stop()
+            assert results == [None] * 10
+            assert elapsed < 0.25  # nobody waited for the slow signer past the deadline
+            assert stats.counts[("mssntp_sign", "queue_full")] >= 6  # one in flight, 3 queued
+            assert stats.counts[("mssntp_sign", "timeout")] >= 1
+            assert signer.requests <= 2  # timed-out queued requests were never sent
+
+    run(main)
+
+
+def test_no_signer_means_no_reply_fast() -> None:
+    async def main() -> None:
+        stats = Stats()
+        client = SigndClient(Path("/nonexistent/ntp_signd/socket"), stats, connections=1, deadline=0.05)
+        await client.start()
+        try:
+            assert await client.sign(1, PACKET) is None
+        finally:
+            await client.stop()
+        assert stats.counts[("mssntp_sign", "timeout")] == 1
+
+    run(main)
+
+
+def test_claims_mssntp_vs_mac(tmp_path: Path) -> None:
+    import ipaddress
+
+    from legacy.mac import MacAuthenticator, MacSettings
+    from nts.core.auth import Request
+
+    keys = tmp_path / "ntp.keys"
+    keys.write_text("7 MD5 sevenseven\n")
+    os.chmod(keys, 0o600)
+    mac = MacAuthenticator(MacSettings(keys=keys))
+    ms = MsSntpAuthenticator(MsSntpSettings(networks=(ipaddress.ip_network("10.0.0.0/8"),)))
+
+    def req(key_be: bytes, client: str) -> Request:
+        return Request(bytes([0x1B]) + bytes(67), (), key_be + bytes(16), (client, 123), 0)
+
+    domain_rid = struct.pack("<I", 1104)
+    assert (mac.matches(req(domain_rid, "10.1.1.1")), ms.matches(req(domain_rid, "10.1.1.1"))) == (1, 2)
+    assert (mac.matches(req(struct.pack(">I", 7), "10.1.1.1")), ms.matches(req(struct.pack(">I", 7), "10.1.1.1"))) == (
+        2,
+        2,
+    )
+    assert ms.matches(req(domain_rid, "192.0.2.1")) == 0  # not the domain: MS-SNTP stays silent
+    assert MsSntpAuthenticator(MsSntpSettings()).matches(req(domain_rid, "10.1.1.1")) == 0  # off by default
