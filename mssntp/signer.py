@@ -52,6 +52,7 @@ class SigndClient:
         self._next_id = 0
         self.connected = 0
         self.last_failure = ""
+        self.delay_estimate_ns = 0  # running average of successful signing delays (EWMA, 1/8)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -150,5 +151,9 @@ class SigndClient:
         job.future.set_result(result)
         self._count(outcome)
         if result is not None:
-            delay_us = int((time.monotonic() - job.queued) * 1e6)
-            self.stats.inc(("mssntp_sign_delay_us",), delay_us)
+            delay_ns = int((time.monotonic() - job.queued) * 1e9)
+            self.stats.inc(("mssntp_sign_delay_us",), delay_ns // 1000)
+            if self.delay_estimate_ns:
+                self.delay_estimate_ns += (delay_ns - self.delay_estimate_ns) // 8
+            else:
+                self.delay_estimate_ns = delay_ns

@@ -64,8 +64,9 @@ class Request:
 class ReplyContext(Protocol):
     """What the pipeline offers plugins for building answers."""
 
-    def reply_header(self, request: bytes, rx_ns: int) -> bytes:
-        """The 48-byte mode-4 header for `request`, transmit timestamp taken now."""
+    def reply_header(self, request: bytes, rx_ns: int, tx_delay_ns: int = 0) -> bytes:
+        """The 48-byte mode-4 header for `request`; transmit time is now plus `tx_delay_ns` (a
+        plugin that knows its reply leaves later, after signing, says by how much)."""
         ...
 
     def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:

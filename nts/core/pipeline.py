@@ -88,14 +88,14 @@ class Pipeline:
         )
 
     # -- the ReplyContext plugins use ------------------------------------------------------------
-    def reply_header(self, request: bytes, rx_ns: int) -> bytes:
+    def reply_header(self, request: bytes, rx_ns: int, tx_delay_ns: int = 0) -> bytes:
         return _REPLY.pack(
             self._first[(request[0] >> 3) & 7],
             request[2:3],
             self._middle,
             request[40:48],
             ntp64(rx_ns),
-            ntp64(self.clock()),
+            ntp64(self.clock() + tx_delay_ns),
         )
 
     def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:
