@@ -29,6 +29,7 @@ from .files import watch_files
 from .ke.certs import CertError, CertStore
 from .ke.listener import KeServer, KeSettings
 from .ntsauth import NtsPacketAuth
+from .server.udp import open_tcp_listener
 from .wire.extensions import FieldType
 
 log = logging.getLogger("ntsd.nts")
@@ -125,19 +126,10 @@ def parse_nts(node: Node) -> NtsSettings:
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
+        return open_tcp_listener(host, port)
     except OSError as exc:
-        sock.close()
         raise PluginError(f"cannot listen for NTS-KE on {format_addr((host, port))}: {exc.strerror}") from None
-    return sock
 
 
 class NtsAuthenticator(Authenticator):

@@ -34,7 +34,7 @@ from ..core.pipeline import Pipeline
 from ..core.policy import AccessPolicy, NetworkSet, RateLimiter
 from .kernelclock import measure_precision, read_kernel_clock
 from .metrics import MetricsServer
-from .udp import UdpListener, open_udp_socket
+from .udp import UdpListener, open_tcp_listener, open_udp_socket
 
 log = logging.getLogger("ntsd")
 
@@ -566,14 +566,7 @@ def _merge(
 
 
 def _bind_tcp(addr: tuple[str, int]) -> socket.socket:
-    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(64)
-        sock.setblocking(False)
+        return open_tcp_listener(*addr, backlog=64)
     except OSError as exc:
-        sock.close()
         raise StartupError(f"cannot listen for metrics on {format_addr(addr)}: {exc.strerror}") from None
-    return sock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import time
 
@@ -66,23 +67,7 @@ def test_header_round_trip(h: Header) -> None:
 @given(
     st.builds(
         lambda h, f, t: Packet(h, tuple(f), t),
-        headers.map(
-            lambda h: Header(
-                h.leap,
-                4,
-                h.mode,
-                h.stratum,
-                h.poll,
-                h.precision,
-                h.root_delay,
-                h.root_dispersion,
-                h.reference_id,
-                h.reference_ts,
-                h.origin_ts,
-                h.receive_ts,
-                h.transmit_ts,
-            )
-        ),
+        headers.map(lambda h: dataclasses.replace(h, version=4)),
         st.lists(fields, max_size=4),
         st.sampled_from([b"", bytes(4), bytes(20), bytes(24)]),
     )
