@@ -161,6 +161,10 @@ class KeConnection(asyncio.Protocol):
             self.server.count("tls_error" if self.handshaken else "handshake_failed")
             self._flush()
             self._abort()
+        except Exception:  # a bug must cost this session only, and say so once
+            self.server.count("internal_error")
+            log.exception("internal error in an NTS-KE session with %s (closed)", self.peer)
+            self._abort()
 
     def eof_received(self) -> bool | None:
         if not self.finished:

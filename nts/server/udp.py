@@ -86,6 +86,7 @@ class UdpListener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._last_error_log = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -145,7 +146,11 @@ class UdpListener:
             if flags & trunc:
                 pipeline.stats.inc(("drops", "oversize"))
                 continue
-            decision = pipeline.handle(data, addr, rx, local)
+            try:
+                decision = pipeline.handle(data, addr, rx, local)
+            except Exception:  # a bug (in a plugin, say) costs this datagram, never the listener
+                self._internal_error(pipeline, addr)
+                continue
             if type(decision) is bytes:
                 try:
                     sendto(decision, addr)
@@ -156,6 +161,14 @@ class UdpListener:
                 self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision)
             elif self._on_drop is not None:
                 self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
+
+    def _internal_error(self, pipeline: Pipeline, addr: tuple[str, int]) -> None:
+        pipeline.stats.inc(("drops", "internal_error"))
+        now = time.monotonic()
+        if now - self._last_error_log > 60:  # the traceback once a minute at most
+            self._last_error_log = now
+            log.exception("internal error handling a datagram from %s (dropped; further ones are only counted "
+                          "for a minute)", addr[0])  # fmt: skip
 
     def _defer(self, pipeline: Pipeline, request: bytes, d: Defer) -> None:
         assert self._loop is not None

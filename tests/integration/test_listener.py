@@ -76,3 +76,34 @@ def test_deferred_replies_are_sent_from_the_loop_and_failures_counted() -> None:
         assert counts[("requests",)] == 4
 
     asyncio.run(main())
+
+
+class Exploding(SlowSigner):
+    """A plugin with a bug: raises on requests whose trailer starts with 0xEE."""
+
+    name: ClassVar[str] = "exploding"
+
+    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:
+        if request.trailer[0] == 0xEE:
+            raise RuntimeError("plugin bug")
+        return ctx.reply_header(request.data, request.rx_ns) + request.trailer
+
+
+def test_a_plugin_bug_costs_one_datagram_not_the_listener() -> None:
+    async def main() -> None:
+        sock = open_udp_socket("127.0.0.1", 0)
+        port = sock.getsockname()[1]
+        state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
+        pipeline = Pipeline(state=state, authenticators=[Exploding()], clock=time.time_ns)
+        listener = UdpListener(sock, pipeline)
+        listener.start(asyncio.get_running_loop())
+        try:
+            bad = client_request() + bytes([0xEE]) + bytes(19)
+            good = client_request() + bytes([1]) + bytes(19)
+            replies = await _exchange(port, [bad, good, bad, good])
+        finally:
+            listener.stop()
+        assert [r is not None for r in replies] == [False, True, False, True]
+        assert pipeline.counters()[("drops", "internal_error")] == 2
+
+    asyncio.run(main())

@@ -225,3 +225,19 @@ def test_workers_share_cookie_keys(tmp_path: Path) -> None:
                 naks += nak
                 replies += not nak
         assert (naks, replies) == (0, 24)
+
+
+def test_silent_and_trickling_clients_do_not_stall_others(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport, "  session_timeout: 20\n")):
+        silent = [socket.create_connection(("127.0.0.1", ke)) for _ in range(5)]
+        trickle = socket.create_connection(("127.0.0.1", ke))
+        trickle.sendall(b"\x16\x03")  # the first bytes of a ClientHello, then nothing more
+        try:
+            started = time.monotonic()
+            out = run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca)
+            assert out["authenticated"] is True
+            assert time.monotonic() - started < 2.0  # served at once, not after anyone's deadline
+        finally:
+            for s in [*silent, trickle]:
+                s.close()
