@@ -147,16 +147,16 @@ class NtsAuthenticator(Authenticator):
         self.settings = settings
         self.stats = Stats()
         try:
+            self.certs = CertStore(settings.certificate, settings.private_key)
+        except CertError as exc:
+            raise PluginError(f"nts: {exc} (for a development certificate run: ntsd certs)") from None
+        try:
             secret, created = load_or_create_secret(settings.key_dir)
         except (OSError, ValueError) as exc:
             raise PluginError(f"nts.key_dir: {exc}") from None
         if created:
             log.info("created a new NTS master secret in %s", settings.key_dir)
         self.keyring = KeyRing(secret, settings.rotate_interval, settings.keep_keys)
-        try:
-            self.certs = CertStore(settings.certificate, settings.private_key)
-        except CertError as exc:
-            raise PluginError(f"nts: {exc} (for a development certificate run: ntsd certs)") from None
         self.packets = NtsPacketAuth(self.keyring, settings.aeads, time.time)
         self.ke = KeServer(self.certs, self.keyring, settings.ke(), self.stats)
         self.sockets: list[socket.socket] = []

@@ -22,6 +22,7 @@ from OpenSSL import SSL
 from ..cookies import CookieKeys, KeyRing
 from ..core.decisions import Stats
 from ..core.policy import RATE_OK, RateLimiter, RateSettings
+from ..logutil import RateLimitedLog
 from ..wire.errors import ParseError
 from .certs import ALPN, AlpnRefused, CertStore
 from .session import COOKIES_PER_RESPONSE, EXPORTER_LABEL, KeRefusal, KeServerSession, Negotiation, response
@@ -52,6 +53,7 @@ class KeServer:
         self.active = 0
         self._limiter = RateLimiter(RateSettings(rate=settings.rate, burst=settings.burst, kod=False))
         self._servers: list[asyncio.base_events.Server] = []
+        self._events = RateLimitedLog(log)
         self.wall_clock: Callable[[], float] = time.time
 
     def configure(self, settings: KeSettings) -> None:
@@ -72,8 +74,10 @@ class KeServer:
             await server.wait_closed()
         self._servers.clear()
 
-    def count(self, what: str) -> None:
+    def count(self, what: str, peer: str | None = None) -> None:
         self.stats.inc(("nts_ke", what))
+        if peer is not None:  # a refusal or failure worth a (rate-limited) log line
+            self._events(what, "NTS-KE session from %s: %s", peer, what)
 
     def admit(self, ip: str) -> str | None:
         """None to accept a new connection, else the reason to refuse it."""
@@ -120,7 +124,7 @@ class KeConnection(asyncio.Protocol):
         self.peer = peer[0] if peer else "?"
         refusal = self.server.admit(self.peer)
         if refusal is not None:
-            self.server.count(refusal)
+            self.server.count(refusal, self.peer)
             transport.abort()
             return
         self.server.active += 1
@@ -140,7 +144,7 @@ class KeConnection(asyncio.Protocol):
 
     def _timeout(self) -> None:
         self._timer = None
-        self.server.count("timeout")
+        self.server.count("timeout", self.peer)
         self._abort()
 
     def _abort(self) -> None:
@@ -154,11 +158,11 @@ class KeConnection(asyncio.Protocol):
         try:
             self._advance()
         except AlpnRefused:
-            self.server.count("refused_alpn")
+            self.server.count("refused_alpn", self.peer)
             self._flush()  # the no_application_protocol alert
             self._abort()
         except SSL.Error:
-            self.server.count("tls_error" if self.handshaken else "handshake_failed")
+            self.server.count("tls_error" if self.handshaken else "handshake_failed", self.peer)
             self._flush()
             self._abort()
         except Exception:  # a bug must cost this session only, and say so once
@@ -182,7 +186,7 @@ class KeConnection(asyncio.Protocol):
                 return
             self.handshaken = True
             if tls.get_alpn_proto_negotiated() != ALPN:  # a client that offered no ALPN at all
-                self.server.count("refused_no_alpn")
+                self.server.count("refused_no_alpn", self.peer)
                 self._flush()
                 self._abort()
                 return
@@ -198,7 +202,7 @@ class KeConnection(asyncio.Protocol):
             try:
                 outcome = self.session.receive(chunk)
             except ParseError as exc:
-                self.server.count(f"refused_{exc.code}")
+                self.server.count(f"refused_{exc.code}", self.peer)
                 self._abort()
                 return
             if outcome is not None:

@@ -32,6 +32,7 @@ from ..core.auth import Authenticator, PluginError, discover
 from ..core.clockstate import server_state
 from ..core.pipeline import Pipeline
 from ..core.policy import AccessPolicy, NetworkSet, RateLimiter
+from ..logutil import RateLimitedLog
 from .kernelclock import measure_precision, read_kernel_clock
 from .metrics import MetricsServer
 from .udp import UdpListener, open_tcp_listener, open_udp_socket
@@ -78,23 +79,13 @@ def build_authenticators(
 
 
 class DropLog:
-    """One log line per drop reason per interval, with how many were not logged."""
+    """One log line per drop reason per interval (every drop is counted in the metrics anyway)."""
 
     def __init__(self, interval: float = 10.0) -> None:
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._log = RateLimitedLog(log, interval)
 
     def __call__(self, reason: str, addr: tuple[str, int]) -> None:
-        now = time.monotonic()
-        last = self._last.get(reason)
-        if last is not None and now - last < self._interval:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-            return
-        more = self._suppressed.pop(reason, 0)
-        self._last[reason] = now
-        extra = f" ({more} more since the last such line)" if more else ""
-        log.info("dropped a request from %s: %s%s", format_addr(addr), reason, extra)
+        self._log(reason, "dropped a request from %s: %s", format_addr(addr), reason)
 
 
 class Server:
