@@ -273,15 +273,21 @@ def check_nts_reply(ke: KeResult, reply: bytes, uid: bytes) -> tuple[bool, list[
 def exchange(host: str, port: int, packet: bytes, timeout: float = 3.0) -> tuple[bytes, int, int]:
     """Send one request; return (reply, t1_ns, t4_ns)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
+    try:
+        s = socket.socket(family, socket.SOCK_DGRAM)
         s.connect((host, port))
+    except OSError as exc:
+        raise QueryError(f"cannot reach {host} port {port}: {exc.strerror or exc}") from None
+    with s:
+        s.settimeout(timeout)
         t1 = time.time_ns()
         s.send(packet)
         try:
             reply = s.recv(4096)
         except TimeoutError:
             raise QueryError(f"no reply from {host} port {port} within {timeout:g} s") from None
+        except OSError as exc:  # e.g. ICMP port unreachable: nothing listens there
+            raise QueryError(f"NTP to {host} port {port} failed: {exc.strerror or exc}") from None
         t4 = time.time_ns()
     return reply, t1, t4
 

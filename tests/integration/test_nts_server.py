@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from nts.client import QueryError, check_nts_reply, exchange, key_exchange, nts_
 from nts.ke.devcerts import make_dev_certs
 from nts.server.metrics import parse_text
 from nts.wire.ke_records import Record, RecordType
-from tests.helpers import running_ntsd
+from tests.helpers import free_port, running_ntsd
 from tests.nts_helpers import AEAD15, NP, dev_certs, ke_raw, nts_config, ports, request
 
 
@@ -241,3 +242,32 @@ def test_silent_and_trickling_clients_do_not_stall_others(tmp_path: Path) -> Non
         finally:
             for s in [*silent, trickle]:
                 s.close()
+
+
+def test_sighup_reloads_the_certificate_and_negotiation_records(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    ke6 = free_port(socket.SOCK_STREAM, host="::1")
+    extra = "  cert_check_interval: 3600\n"  # file watching effectively off: only SIGHUP can reload
+    config = nts_config(tmp_path, ntp, ke, mport, extra).replace(
+        f'listen: ["127.0.0.1:{ke}"]', f'listen: ["127.0.0.1:{ke}", "[::1]:{ke6}"]'
+    )
+    paths = dev_certs(tmp_path)
+    with running_ntsd(tmp_path, config) as server:
+        assert key_exchange("::1", ke6, paths.ca).aead == 15  # NTS-KE over IPv6
+        with pytest.raises(QueryError, match=f"NTP to ::1 port {ntp} failed: Connection refused"):
+            run_query("::1", ke_port=ke6, ca=paths.ca)  # no NTP on [::1] in this config: a clear error
+        new = make_dev_certs(tmp_path / "new", ["localhost", "127.0.0.1"])
+        shutil.copy(new.certificate, paths.certificate)
+        shutil.copy(new.private_key, paths.private_key)
+        assert key_exchange("127.0.0.1", ke, paths.ca).subject == "CN=localhost"  # old CA: still the old cert
+        # point clients at another NTP host and port through the negotiation records
+        (tmp_path / "ntsd.yaml").write_text(
+            config.replace(f"  ntp_port: {ntp}\n", f"  ntp_port: {ntp}\n  ntp_server: localhost\n")
+        )
+        mark = len(server.lines)
+        server.signal(signal.SIGHUP)
+        server.wait_for("configuration reloaded", start=mark)
+        result = key_exchange("127.0.0.1", ke, new.ca)  # verifies only with the new CA
+        assert (result.server, result.port) == ("localhost", ntp)
+        with pytest.raises(QueryError, match="certificate verify failed"):
+            key_exchange("127.0.0.1", ke, paths.ca)
