@@ -13,242 +13,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
-import json
 import logging
-import mmap
 import os
 import pwd
 import signal
 import socket
-import struct
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from .. import __version__
 from ..config import Config, ConfigError, format_addr, load_config
 from ..core.auth import Authenticator, PluginError, discover
-from ..core.clockstate import server_state
-from ..core.pipeline import Pipeline
-from ..core.policy import AccessPolicy, NetworkSet, RateLimiter
-from ..logutil import RateLimitedLog
-from .kernelclock import measure_precision, read_kernel_clock
+from .kernelclock import measure_precision
 from .metrics import MetricsServer
-from .udp import UdpListener, open_tcp_listener, open_udp_socket
+from .serving import Server, build_authenticators, plugin_sections
+from .shared import SharedCounters
+from .udp import open_tcp_listener, open_udp_socket
+
+__all__ = ["Daemon", "StartupError", "plugin_sections"]
 
 log = logging.getLogger("ntsd")
 
 STATE_INTERVAL = 1.0  # seconds between kernel clock reads
-SLOT_SIZE = 1 << 18  # shared memory per worker for its counter snapshot
-_SLOT_HEAD = struct.Struct("<II")  # generation, length
 
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
-
-
-def plugin_sections(plugins: Mapping[str, type[Authenticator]]) -> dict[str, type[Authenticator]]:
-    return {cls.section: cls for cls in plugins.values() if cls.section}
-
-
-def build_authenticators(
-    config: Config, plugins: Mapping[str, type[Authenticator]], old: list[Authenticator] | None = None
-) -> tuple[list[Authenticator], list[Authenticator]]:
-    """The authenticators `config` enables, and those of `old` no longer in use.
-
-    An existing instance is kept when it can apply its new section in place (`reconfigure`), so
-    its listeners and connections survive a reload. Raises PluginError when a new one cannot start.
-    """
-    previous = {a.name: a for a in old or []}
-    current: list[Authenticator] = []
-    retired: list[Authenticator] = []
-    for cls in plugins.values():
-        if cls.section is not None and cls.section not in config.plugins:
-            continue
-        section = config.plugins.get(cls.section) if cls.section else None
-        existing = previous.pop(cls.name, None)
-        if existing is not None and (cls.section is None or existing.reconfigure(section)):
-            current.append(existing)
-            continue
-        if existing is not None:
-            retired.append(existing)
-        current.append(cls() if cls.section is None else cls(section))  # type: ignore[call-arg]
-    retired.extend(previous.values())
-    return current, retired
-
-
-class DropLog:
-    """One log line per drop reason per interval (every drop is counted in the metrics anyway)."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self._log = RateLimitedLog(log, interval)
-
-    def __call__(self, reason: str, addr: tuple[str, int]) -> None:
-        self._log(reason, "dropped a request from %s: %s", format_addr(addr), reason)
-
-
-class Server:
-    """One process's serving: UDP listeners, each with a pipeline, and the clock-state refresh.
-
-    Authenticators, access lists and the rate limiter are shared by the listeners' pipelines;
-    counters are per pipeline and summed here. Pipelines replaced by a reload are summed for a
-    grace period (a listener may be finishing one datagram on the old one) and then folded.
-    """
-
-    RETIRE_GRACE = 5.0
-
-    def __init__(
-        self,
-        config: Config,
-        plugins: Mapping[str, type[Authenticator]],
-        precision: int,
-        authenticators: list[Authenticator],
-    ) -> None:
-        self.plugins = plugins
-        self.precision = precision
-        self.listeners: dict[tuple[str, int], UdpListener] = {}
-        self.drop_log = DropLog()
-        self.config = config
-        self.authenticators = authenticators
-        self._retiring: list[tuple[float, Pipeline]] = []
-        self._folded: dict[tuple[str, ...], int] = {}
-        self._alarm: bool | None = None
-        self._parts(config, keep_rate=None)
-
-    async def start_plugins(self) -> None:
-        for auth in self.authenticators:
-            await auth.start()
-
-    async def stop_plugins(self, auths: list[Authenticator] | None = None) -> None:
-        for auth in self.authenticators if auths is None else auths:
-            try:
-                await auth.stop()
-            finally:
-                auth.close()
-
-    def _parts(self, config: Config, keep_rate: RateLimiter | None) -> None:
-        self.access = AccessPolicy(config.access.allow, config.access.deny)
-        self.require_auth = NetworkSet(config.access.require_auth)
-        if keep_rate is not None:
-            self.rate: RateLimiter | None = keep_rate
-        else:
-            self.rate = RateLimiter(config.rate_limit) if config.rate_limit is not None else None
-        self.state = server_state(config.clock, read_kernel_clock(), self.precision, time.time_ns())
-        self._log_state()
-
-    def new_pipeline(self) -> Pipeline:
-        return Pipeline(
-            state=self.state,
-            authenticators=self.authenticators,
-            clock=time.time_ns,
-            access=self.access,
-            deny_kod=self.config.access.deny_kod,
-            rate=self.rate,
-            require_auth=self.require_auth,
-        )
-
-    def adopt(self, sockets: Mapping[tuple[str, int], socket.socket], loop: asyncio.AbstractEventLoop) -> None:
-        for addr, sock in sockets.items():
-            listener = UdpListener(sock, self.new_pipeline(), self.drop_log)
-            listener.start(loop)
-            self.listeners[addr] = listener
-
-    async def reload(self, config: Config, loop: asyncio.AbstractEventLoop, may_bind: bool) -> None:
-        try:
-            auths, retired = build_authenticators(config, self.plugins, self.authenticators)
-        except PluginError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
-            return
-        for auth in auths:
-            if auth not in self.authenticators:
-                await auth.start()
-        same_rate = self.config.rate_limit == config.rate_limit
-        self.config = config
-        self.authenticators = auths
-        self._parts(config, keep_rate=self.rate if same_rate else None)
-        now = time.monotonic()
-        for listener in self.listeners.values():
-            self._retiring.append((now, listener.pipeline))
-            listener.pipeline = self.new_pipeline()
-        await self.stop_plugins(retired)
-        log.info("configuration reloaded from %s", config.source)
-        if not may_bind:
-            return
-        wanted = set(config.ntp.listen)
-        for addr in list(self.listeners):
-            if addr not in wanted:
-                listener = self.listeners.pop(addr)
-                listener.stop()
-                self._retiring.append((now, listener.pipeline))
-                log.info("stopped listening on %s", format_addr(addr))
-        for addr in sorted(wanted - set(self.listeners)):
-            try:
-                sock = open_udp_socket(*addr)
-            except OSError as exc:
-                log.error("cannot listen on %s: %s", format_addr(addr), exc.strerror)
-                continue
-            self.adopt({addr: sock}, loop)
-            log.info("listening on %s", format_addr(addr))
-
-    def refresh_state(self) -> None:
-        self.state = server_state(self.config.clock, read_kernel_clock(), self.precision, time.time_ns())
-        self._log_state()
-        for listener in self.listeners.values():
-            listener.pipeline.set_state(self.state)
-
-    def _log_state(self) -> None:
-        """Say so when the clock state changes whether clients will use our time."""
-        alarm = self.state.leap == 3
-        if alarm == self._alarm:
-            return
-        self._alarm = alarm
-        if alarm:
-            log.warning(
-                "the kernel clock is not synchronised: replies say leap 3 (alarm), stratum 16, and clients "
-                "will not use them; run a synchronising daemon, or set clock.local_reference for a lab"
-            )
-        else:
-            log.info("serving time as stratum %d (reference %r)", self.state.stratum, self.state.reference_id)
-
-    def counters(self) -> dict[tuple[str, ...], int]:
-        now = time.monotonic()
-        while self._retiring and now - self._retiring[0][0] > self.RETIRE_GRACE:
-            _, old = self._retiring.pop(0)
-            _add(self._folded, old.counters())
-        total = dict(self._folded)
-        for _, old in self._retiring:
-            _add(total, old.counters())
-        for listener in list(self.listeners.values()):
-            _add(total, listener.pipeline.counters())
-        for auth in self.authenticators:
-            _add(total, auth.counters())
-        return total
-
-    def reports(self) -> dict[str, Any]:
-        """Plugin reports by name; lists from several plugins under one name are joined."""
-        merged: dict[str, Any] = {}
-        for auth in self.authenticators:
-            for name, value in auth.reports().items():
-                merged[name] = merged.get(name, []) + value if isinstance(value, list) else value
-        return merged
-
-    def gauges(self) -> dict[str, float]:
-        return {
-            "leap": self.state.leap,
-            "stratum": self.state.stratum,
-            "rate_limit_clients": len(self.rate) if self.rate is not None else 0,
-        }
-
-    def close(self) -> None:
-        for listener in self.listeners.values():
-            listener.stop()
-        self.listeners.clear()
-
-
-def _add(total: dict[tuple[str, ...], int], more: Mapping[tuple[str, ...], int]) -> None:
-    for key, value in more.items():
-        total[key] = total.get(key, 0) + value
 
 
 def bind_all(config: Config, copies: int) -> list[dict[tuple[str, int], socket.socket]]:
@@ -300,63 +91,6 @@ def setup_logging(config: Config) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s ntsd[%(process)d] %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(config.log.level)
-
-
-class SharedCounters:
-    """Per-worker counter snapshots in anonymous shared memory, summed by the parent."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.mem = mmap.mmap(-1, SLOT_SIZE * workers)
-        self._last: list[dict[tuple[str, ...], int]] = [{} for _ in range(workers)]
-        self._last_reports: list[dict[str, Any]] = [{} for _ in range(workers)]
-
-    def publish(
-        self,
-        index: int,
-        counts: Mapping[tuple[str, ...], int],
-        gauges: Mapping[str, float],
-        reports: Mapping[str, Any] | None = None,
-    ) -> None:
-        doc: dict[str, Any] = {"c": [[list(k), v] for k, v in counts.items()], "g": gauges, "r": reports or {}}
-        blob = json.dumps(doc).encode()
-        while len(blob) > SLOT_SIZE - _SLOT_HEAD.size and doc["r"]:
-            # reports are the large part: keep the most recent half of each until the slot holds it
-            doc["r"] = {k: v[: len(v) // 2] for k, v in doc["r"].items() if isinstance(v, list) and len(v) > 1}
-            blob = json.dumps(doc).encode()
-        if len(blob) > SLOT_SIZE - _SLOT_HEAD.size:
-            return
-        base = index * SLOT_SIZE
-        gen = _SLOT_HEAD.unpack_from(self.mem, base)[0] + 1
-        self.mem[base + _SLOT_HEAD.size : base + _SLOT_HEAD.size + len(blob)] = blob
-        _SLOT_HEAD.pack_into(self.mem, base, gen, len(blob))
-
-    def total(self) -> tuple[dict[tuple[str, ...], int], dict[str, float]]:
-        counts: dict[tuple[str, ...], int] = {}
-        gauges: dict[str, float] = {}
-        for i in range(self.workers):
-            base = i * SLOT_SIZE
-            _, length = _SLOT_HEAD.unpack_from(self.mem, base)
-            try:
-                data = json.loads(self.mem[base + _SLOT_HEAD.size : base + _SLOT_HEAD.size + length])
-                self._last[i] = {tuple(k): v for k, v in data["c"]}
-                self._last_reports[i] = data.get("r", {})
-                for k, v in data["g"].items():
-                    gauges[k] = gauges.get(k, 0) + v if k == "rate_limit_clients" else v
-            except (ValueError, KeyError, TypeError):
-                pass  # torn read: use the previous snapshot
-            for k, v in self._last[i].items():
-                counts[k] = counts.get(k, 0) + v
-        gauges["workers"] = self.workers
-        return counts, gauges
-
-    def reports(self) -> dict[str, Any]:
-        self.total()  # refresh the snapshots
-        merged: dict[str, Any] = {}
-        for worker in self._last_reports:
-            for name, value in worker.items():
-                merged[name] = merged.get(name, []) + value if isinstance(value, list) else value
-        return merged
 
 
 class Daemon:

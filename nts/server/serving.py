@@ -1,0 +1,231 @@
+"""One process's serving: UDP listeners with their pipelines, the plugins, the clock-state refresh.
+
+Strategy: the plugins (authenticators), access lists and rate limiter are shared by the
+listeners' pipelines; counters are per pipeline (one writer each) and summed on demand. A reload
+builds the new parts first, reuses plugins that can take their new section in place, then swaps
+each listener's pipeline between two datagrams; retired pipelines are still summed for a grace
+period (a listener may be finishing one datagram on the old one) and then folded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ..config import Config, format_addr
+from ..core.auth import Authenticator, PluginError
+from ..core.clockstate import server_state
+from ..core.pipeline import Pipeline
+from ..core.policy import AccessPolicy, NetworkSet, RateLimiter
+from ..logutil import RateLimitedLog
+from .kernelclock import read_kernel_clock
+from .udp import UdpListener, open_udp_socket
+
+log = logging.getLogger("ntsd")
+
+
+def plugin_sections(plugins: Mapping[str, type[Authenticator]]) -> dict[str, type[Authenticator]]:
+    return {cls.section: cls for cls in plugins.values() if cls.section}
+
+
+def build_authenticators(
+    config: Config, plugins: Mapping[str, type[Authenticator]], old: list[Authenticator] | None = None
+) -> tuple[list[Authenticator], list[Authenticator]]:
+    """The authenticators `config` enables, and those of `old` no longer in use.
+
+    An existing instance is kept when it can apply its new section in place (`reconfigure`), so
+    its listeners and connections survive a reload. Raises PluginError when a new one cannot start.
+    """
+    previous = {a.name: a for a in old or []}
+    current: list[Authenticator] = []
+    retired: list[Authenticator] = []
+    for cls in plugins.values():
+        if cls.section is not None and cls.section not in config.plugins:
+            continue
+        section = config.plugins.get(cls.section) if cls.section else None
+        existing = previous.pop(cls.name, None)
+        if existing is not None and (cls.section is None or existing.reconfigure(section)):
+            current.append(existing)
+            continue
+        if existing is not None:
+            retired.append(existing)
+        current.append(cls() if cls.section is None else cls(section))  # type: ignore[call-arg]
+    retired.extend(previous.values())
+    return current, retired
+
+
+class DropLog:
+    """One log line per drop reason per interval (every drop is counted in the metrics anyway)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._log = RateLimitedLog(log, interval)
+
+    def __call__(self, reason: str, addr: tuple[str, int]) -> None:
+        self._log(reason, "dropped a request from %s: %s", format_addr(addr), reason)
+
+
+class Server:
+    """One process's serving: UDP listeners, each with a pipeline, and the clock-state refresh.
+
+    Authenticators, access lists and the rate limiter are shared by the listeners' pipelines;
+    counters are per pipeline and summed here. Pipelines replaced by a reload are summed for a
+    grace period (a listener may be finishing one datagram on the old one) and then folded.
+    """
+
+    RETIRE_GRACE = 5.0
+
+    def __init__(
+        self,
+        config: Config,
+        plugins: Mapping[str, type[Authenticator]],
+        precision: int,
+        authenticators: list[Authenticator],
+    ) -> None:
+        self.plugins = plugins
+        self.precision = precision
+        self.listeners: dict[tuple[str, int], UdpListener] = {}
+        self.drop_log = DropLog()
+        self.config = config
+        self.authenticators = authenticators
+        self._retiring: list[tuple[float, Pipeline]] = []
+        self._folded: dict[tuple[str, ...], int] = {}
+        self._alarm: bool | None = None
+        self._parts(config, keep_rate=None)
+
+    async def start_plugins(self) -> None:
+        for auth in self.authenticators:
+            await auth.start()
+
+    async def stop_plugins(self, auths: list[Authenticator] | None = None) -> None:
+        for auth in self.authenticators if auths is None else auths:
+            try:
+                await auth.stop()
+            finally:
+                auth.close()
+
+    def _parts(self, config: Config, keep_rate: RateLimiter | None) -> None:
+        self.access = AccessPolicy(config.access.allow, config.access.deny)
+        self.require_auth = NetworkSet(config.access.require_auth)
+        if keep_rate is not None:
+            self.rate: RateLimiter | None = keep_rate
+        else:
+            self.rate = RateLimiter(config.rate_limit) if config.rate_limit is not None else None
+        self.state = server_state(config.clock, read_kernel_clock(), self.precision, time.time_ns())
+        self._log_state()
+
+    def new_pipeline(self) -> Pipeline:
+        return Pipeline(
+            state=self.state,
+            authenticators=self.authenticators,
+            clock=time.time_ns,
+            access=self.access,
+            deny_kod=self.config.access.deny_kod,
+            rate=self.rate,
+            require_auth=self.require_auth,
+        )
+
+    def adopt(self, sockets: Mapping[tuple[str, int], socket.socket], loop: asyncio.AbstractEventLoop) -> None:
+        for addr, sock in sockets.items():
+            listener = UdpListener(sock, self.new_pipeline(), self.drop_log)
+            listener.start(loop)
+            self.listeners[addr] = listener
+
+    async def reload(self, config: Config, loop: asyncio.AbstractEventLoop, may_bind: bool) -> None:
+        try:
+            auths, retired = build_authenticators(config, self.plugins, self.authenticators)
+        except PluginError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        for auth in auths:
+            if auth not in self.authenticators:
+                await auth.start()
+        same_rate = self.config.rate_limit == config.rate_limit
+        self.config = config
+        self.authenticators = auths
+        self._parts(config, keep_rate=self.rate if same_rate else None)
+        now = time.monotonic()
+        for listener in self.listeners.values():
+            self._retiring.append((now, listener.pipeline))
+            listener.pipeline = self.new_pipeline()
+        await self.stop_plugins(retired)
+        log.info("configuration reloaded from %s", config.source)
+        if not may_bind:
+            return
+        wanted = set(config.ntp.listen)
+        for addr in list(self.listeners):
+            if addr not in wanted:
+                listener = self.listeners.pop(addr)
+                listener.stop()
+                self._retiring.append((now, listener.pipeline))
+                log.info("stopped listening on %s", format_addr(addr))
+        for addr in sorted(wanted - set(self.listeners)):
+            try:
+                sock = open_udp_socket(*addr)
+            except OSError as exc:
+                log.error("cannot listen on %s: %s", format_addr(addr), exc.strerror)
+                continue
+            self.adopt({addr: sock}, loop)
+            log.info("listening on %s", format_addr(addr))
+
+    def refresh_state(self) -> None:
+        self.state = server_state(self.config.clock, read_kernel_clock(), self.precision, time.time_ns())
+        self._log_state()
+        for listener in self.listeners.values():
+            listener.pipeline.set_state(self.state)
+
+    def _log_state(self) -> None:
+        """Say so when the clock state changes whether clients will use our time."""
+        alarm = self.state.leap == 3
+        if alarm == self._alarm:
+            return
+        self._alarm = alarm
+        if alarm:
+            log.warning(
+                "the kernel clock is not synchronised: replies say leap 3 (alarm), stratum 16, and clients "
+                "will not use them; run a synchronising daemon, or set clock.local_reference for a lab"
+            )
+        else:
+            log.info("serving time as stratum %d (reference %r)", self.state.stratum, self.state.reference_id)
+
+    def counters(self) -> dict[tuple[str, ...], int]:
+        now = time.monotonic()
+        while self._retiring and now - self._retiring[0][0] > self.RETIRE_GRACE:
+            _, old = self._retiring.pop(0)
+            _add(self._folded, old.counters())
+        total = dict(self._folded)
+        for _, old in self._retiring:
+            _add(total, old.counters())
+        for listener in list(self.listeners.values()):
+            _add(total, listener.pipeline.counters())
+        for auth in self.authenticators:
+            _add(total, auth.counters())
+        return total
+
+    def reports(self) -> dict[str, Any]:
+        """Plugin reports by name; lists from several plugins under one name are joined."""
+        merged: dict[str, Any] = {}
+        for auth in self.authenticators:
+            for name, value in auth.reports().items():
+                merged[name] = merged.get(name, []) + value if isinstance(value, list) else value
+        return merged
+
+    def gauges(self) -> dict[str, float]:
+        return {
+            "leap": self.state.leap,
+            "stratum": self.state.stratum,
+            "rate_limit_clients": len(self.rate) if self.rate is not None else 0,
+        }
+
+    def close(self) -> None:
+        for listener in self.listeners.values():
+            listener.stop()
+        self.listeners.clear()
+
+
+def _add(total: dict[tuple[str, ...], int], more: Mapping[tuple[str, ...], int]) -> None:
+    for key, value in more.items():
+        total[key] = total.get(key, 0) + value
