@@ -96,11 +96,12 @@ class PreparedKey:
     """A key ready for the hot path: its keyed hash or CMAC state is set up once and copied per use
     (setting up CMAC's AES key schedule costs more than the MAC itself)."""
 
-    __slots__ = ("_base", "cmac", "key", "lengths")
+    __slots__ = ("_base", "cmac", "key", "ledger_key", "lengths")
 
     def __init__(self, key: Key) -> None:
         self.key = key
         self.lengths = frozenset(key.algorithm.mac_lengths)
+        self.ledger_key = (key.algorithm.label, str(key.id))
         self.cmac = key.algorithm.is_cmac
         if self.cmac:
             self._base: Any = CMAC(algorithms.AES(key.secret))
@@ -198,7 +199,7 @@ class MacAuthenticator(Authenticator):
         expected = key.mac(data[: len(data) - len(trailer)], mac_len)
         if not hmac.compare_digest(expected, trailer[4:]):
             return _nak(request, "bad_mac")
-        self.ledger.record(request.client[0], key_id, key.key.algorithm, request.rx_ns)
+        self.ledger.record(request.client[0], key_id, key.key.algorithm, request.rx_ns, key.ledger_key)
         header = ctx.reply_header(data, request.rx_ns)
         return header + trailer[:4] + key.mac(header, mac_len)
 

@@ -25,9 +25,14 @@ class ClientLedger:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def record(self, client: str, key_id: int, algorithm: Algorithm, now_ns: int) -> None:
+    def record(
+        self, client: str, key_id: int, algorithm: Algorithm, now_ns: int, total_key: tuple[str, str] | None = None
+    ) -> None:
+        """Note one authenticated request. `total_key` is (algorithm label, key id as text); callers
+        on the hot path pass it precomputed."""
         k = (client, key_id)
-        total_key = (algorithm.label, str(key_id))
+        if total_key is None:
+            total_key = (algorithm.label, str(key_id))
         with self._lock:
             entry = self._entries.get(k)
             if entry is None:

@@ -94,8 +94,8 @@ class Pipeline:
             request[2:3],
             self._middle,
             request[40:48],
-            ntp64(rx_ns),
-            ntp64(self.clock() + tx_delay_ns),
+            (((rx_ns << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
+            ((((self.clock() + tx_delay_ns) << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
         )
 
     def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:
