@@ -90,7 +90,7 @@ class KeyRing:
         head = _HEAD.pack(period)
         plaintext = struct.pack(">HH", keys.aead, 0) + keys.c2s + keys.s2c
         if nonces is None:
-            nonces = secrets.token_bytes(_NONCE_LEN * count)
+            nonces = os.urandom(_NONCE_LEN * count)
         elif len(nonces) != _NONCE_LEN * count:
             raise ValueError("need 16 bytes of nonce per cookie")
         out = []

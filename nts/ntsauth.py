@@ -11,7 +11,7 @@ opened or an authenticator that does not verify gets an NTS NAK (KoD NTSN, UID o
 
 from __future__ import annotations
 
-import secrets
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ MIN_UID = 32
 MIN_UNPADDED_NONCE = 16  # RFC 8915 section 5.6
 SERVER_NONCE_LEN = 16
 _AUTH_HEAD = struct.Struct(">HH")
+_COOKIE_HEAD = struct.Struct(">HH")
 
 _D_MALFORMED = drop("nts_malformed")
 _D_PLACEHOLDER = drop("nts_placeholder_length")
@@ -161,10 +162,10 @@ class NtsPacketAuth:
         except ParseError:
             return _D_MALFORMED
         count = min(wanted, MAX_COOKIES)
-        randomness = secrets.token_bytes(SERVER_NONCE_LEN + 16 * count)  # one draw for all nonces
+        randomness = os.urandom(SERVER_NONCE_LEN + 16 * count)  # one draw for all nonces (CSPRNG)
         cookies = b"".join(
-            serialize_extension(ExtensionField(FieldType.NTS_COOKIE, cookie))
-            for cookie in self.keyring.seal_many(keys, now, count, randomness[SERVER_NONCE_LEN:])
+            _COOKIE_HEAD.pack(FieldType.NTS_COOKIE, 4 + len(c)) + c  # cookies are multiples of 4 bytes
+            for c in self.keyring.seal_many(keys, now, count, randomness[SERVER_NONCE_LEN:])
         )
         head = ctx.reply_header(data, request.rx_ns) + serialize_extension(parsed.uid)
         s2c = self._cipher(aead, keys.s2c)
