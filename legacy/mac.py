@@ -42,11 +42,7 @@ _NAK_HEADER = struct.Struct(">BBbbII4sQQQQ")
 
 def compute_mac(algorithm: Algorithm, secret: bytes, data: bytes, length: int | None = None) -> bytes:
     """The MAC of `data`; digests are truncated to `length` (default: NTPv4's 20 bytes)."""
-    if algorithm.is_cmac:
-        c = CMAC(algorithms.AES(secret))
-        c.update(data)
-        return c.finalize()
-    return hashlib.new(algorithm.value[1], secret + data).digest()[: length or algorithm.mac_len]
+    return PreparedKey(Key(0, algorithm, secret)).mac(data, length or algorithm.mac_len)
 
 
 def crypto_nak(request: bytes) -> bytes:

@@ -144,18 +144,10 @@ def _clients(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    try:
-        if args.metrics:
-            host, port = parse_hostport(_CliWhere(), args.metrics, 9975)
-        else:
-            config = load_config(args.config, plugin_sections(discover()))
-            if config.metrics_listen is None:
-                print("ntsd: metrics are disabled in the configuration (metrics.listen)", file=sys.stderr)
-                return EXIT_CONFIG
-            host, port = config.metrics_listen
-    except ConfigError as exc:
-        print(f"ntsd: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    where = _metrics_address(args)
+    if isinstance(where, int):
+        return where
+    host, port = where
     try:
         text = fetch_metrics(host, port)
     except OSError as exc:

@@ -299,10 +299,9 @@ def sample(reply: bytes, transmit: bytes, t1: int, t4: int) -> Sample:
         raise QueryError(f"malformed reply: {exc}") from None
     if h.mode != 4 or struct.pack(">Q", h.origin_ts) != transmit:
         raise QueryError("the reply does not answer our request (mode or origin timestamp)")
-    t1x = ntp64_to_unix_ns(int.from_bytes(transmit, "big"), t1)
     t2 = ntp64_to_unix_ns(h.receive_ts, t1)
     t3 = ntp64_to_unix_ns(h.transmit_ts, t1)
-    del t1x  # our transmit field is random (RFC 8915 privacy); t1 is our own clock reading
+    # T1 is our own clock reading: the transmit field we sent may be random (RFC 8915 privacy)
     offset = ((t2 - t1) + (t3 - t4)) / 2e9
     delay = ((t4 - t1) - (t3 - t2)) / 1e9
     refid = h.reference_id

@@ -141,3 +141,13 @@ def lab_config(
         f"metrics: {{listen: {metrics}}}\n"
         "log: {level: debug}\n" + extra
     )
+
+
+def port_123_free() -> bool:
+    """Whether this test run can have 127.0.0.1:123 (ntpdig only queries port 123)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(("127.0.0.1", 123))
+        except OSError:
+            return False
+    return True

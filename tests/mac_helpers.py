@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.cmac import CMAC
 
 from legacy.keyfile import Algorithm, Key, format_chrony_keys, format_ntp_keys
 
@@ -31,3 +35,12 @@ def mac_section(keys: Path, trusted: list[int] | None = None, extra: str = "") -
     if trusted is not None:
         line += f"  trusted: [{', '.join(map(str, trusted))}]\n"
     return line + extra
+
+
+def independent_mac(kind: str, key: bytes, data: bytes, length: int) -> bytes:
+    """The MAC as RFC 5905 / RFC 8573 define it, computed without our code."""
+    if kind == "cmac":
+        c = CMAC(algorithms.AES(key))
+        c.update(data)
+        return c.finalize()
+    return hashlib.new(kind, key + data).digest()[:length]

@@ -81,6 +81,3 @@ class Stats:
 
     def inc(self, key: tuple[str, ...], n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
-
-    def snapshot(self) -> dict[tuple[str, ...], int]:
-        return dict(self.counts)

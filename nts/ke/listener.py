@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from OpenSSL import SSL
 
+from ..aead import AEADS
 from ..cookies import CookieKeys, KeyRing
 from ..core.decisions import Stats
 from ..core.policy import RATE_OK, RateLimiter, RateSettings
@@ -94,7 +95,7 @@ class KeServer:
         if outcome.aead is None:
             self.count("no_common_aead" if outcome.protocol is not None else "no_common_protocol")
             return response(outcome)
-        key_len = {15: 32, 16: 48, 17: 64, 30: 16, 31: 32}[outcome.aead]
+        key_len = AEADS[outcome.aead].key_len
         c2s = conn.export_keying_material(EXPORTER_LABEL, key_len, outcome.exporter_context(False))
         s2c = conn.export_keying_material(EXPORTER_LABEL, key_len, outcome.exporter_context(True))
         keys = CookieKeys(outcome.aead, bytes(c2s), bytes(s2c))

@@ -14,8 +14,7 @@ from legacy.keyfile import parse_keyfile
 from nts.cli import fetch_metrics
 from nts.server.metrics import parse_text
 from tests.helpers import client_request, free_port, lab_config, query, running_ntsd
-from tests.mac_helpers import mac_section, write_keys
-from tests.unit.test_mac import independent_mac
+from tests.mac_helpers import independent_mac, mac_section, write_keys
 
 
 def mac_request(keys_file: Path, key_id: int) -> bytes:

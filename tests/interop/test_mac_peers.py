@@ -12,9 +12,8 @@ import pytest
 
 from nts.cli import fetch_metrics
 from nts.server.metrics import parse_text
-from tests.helpers import free_port, lab_config, need, running_ntsd
+from tests.helpers import free_port, lab_config, need, port_123_free, running_ntsd
 from tests.interop.peers import chrony_measure
-from tests.interop.test_plain_peers import _port_123_free
 from tests.mac_helpers import ALGORITHMS, mac_section, write_keys
 
 pytestmark = pytest.mark.interop
@@ -54,7 +53,7 @@ def test_ntpdig_with_ntp_keys(tmp_path: Path) -> None:
     ntpdig = need("ntpdig")
     if os.geteuid() != 0:
         pytest.skip("binding port 123 needs root")
-    assert _port_123_free(), "something already listens on 127.0.0.1:123"
+    assert port_123_free(), "something already listens on 127.0.0.1:123"
     ntp_keys, _ = write_keys(tmp_path)
     mport = free_port(socket.SOCK_STREAM)
     with running_ntsd(tmp_path, lab_config(123, metrics_port=mport) + mac_section(ntp_keys)):

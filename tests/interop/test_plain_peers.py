@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import client_request, free_port, lab_config, need, query, running_ntsd
+from tests.helpers import client_request, free_port, lab_config, need, port_123_free, query, running_ntsd
 from tests.interop.peers import capture, chrony_measure, dissect, dissection_problems
 
 pytestmark = pytest.mark.interop
@@ -40,20 +39,11 @@ def test_chrony_takes_no_sample_from_an_unsynchronised_server(tmp_path: Path) ->
         assert "Timeout reached" in output
 
 
-def _port_123_free() -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind(("127.0.0.1", 123))
-        except OSError:
-            return False
-    return True
-
-
 def test_ntpdig_gets_a_valid_answer_on_port_123(tmp_path: Path) -> None:
     ntpdig = need("ntpdig")
     if os.geteuid() != 0:
         pytest.skip("binding port 123 needs root")
-    assert _port_123_free(), "something already listens on 127.0.0.1:123"
+    assert port_123_free(), "something already listens on 127.0.0.1:123"
     with running_ntsd(tmp_path, lab_config(123, listen=["127.0.0.1:123", "[::1]:123"])):
         for args in (["-j", "127.0.0.1"], ["-j", "-6", "::1"]):
             proc = subprocess.run([ntpdig, *args], capture_output=True, text=True, timeout=30)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import struct
 import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers import algorithms
-from cryptography.hazmat.primitives.cmac import CMAC
 
 from legacy.keyfile import Algorithm
 from legacy.mac import MacAuthenticator, MacSettings
@@ -21,6 +18,7 @@ from nts.core.plain import PlainAuthenticator
 from nts.core.policy import NetworkSet
 from nts.wire.packet import parse_packet
 from tests.helpers import client_request
+from tests.mac_helpers import independent_mac
 
 KEYS = {
     1: ("MD5", b"md5-secret-1234", "md5"),
@@ -30,15 +28,6 @@ KEYS = {
     5: ("SHA512", bytes(range(2, 22)), "sha512"),
     6: ("AES-256", bytes(range(32)), "cmac"),
 }
-
-
-def independent_mac(kind: str, key: bytes, data: bytes, length: int) -> bytes:
-    """The MAC as RFC 5905 / RFC 8573 define it, computed without our code."""
-    if kind == "cmac":
-        c = CMAC(algorithms.AES(key))
-        c.update(data)
-        return c.finalize()
-    return hashlib.new(kind, key + data).digest()[:length]
 
 
 @pytest.fixture
