@@ -191,6 +191,8 @@ def parse_hostport(where: Where, text: str, default_port: int | None) -> tuple[s
 class NtpSettings:
     listen: tuple[tuple[str, int], ...]
     workers: int = 1
+    batch: int = 32  # datagrams per recvmmsg/sendmmsg call (1: one syscall per datagram)
+    max_hold_us: int = 50  # how long a finished reply may wait for others to share its send call
     user: str | None = None
     group: str | None = None
 
@@ -222,7 +224,7 @@ class Config:
 
 
 def _ntp(node: Node) -> NtpSettings:
-    m = node.mapping(("listen", "workers", "user", "group"))
+    m = node.mapping(("listen", "workers", "batch", "max_hold_us", "user", "group"))
     listen = tuple(n.address() for n in m["listen"].items()) if "listen" in m else (("127.0.0.1", 123), ("::1", 123))
     if not listen:
         raise (m["listen"] if "listen" in m else node).error("at least one listen address is required")
@@ -231,6 +233,8 @@ def _ntp(node: Node) -> NtpSettings:
     return NtpSettings(
         listen=listen,
         workers=m["workers"].integer(1, 64) if "workers" in m else 1,
+        batch=m["batch"].integer(1, 1024) if "batch" in m else 32,
+        max_hold_us=m["max_hold_us"].integer(0, 100_000) if "max_hold_us" in m else 50,
         user=m["user"].string() if "user" in m and not m["user"].is_null else None,
         group=m["group"].string() if "group" in m and not m["group"].is_null else None,
     )

@@ -130,7 +130,8 @@ class Server:
 
     def adopt(self, sockets: Mapping[tuple[str, int], socket.socket], loop: asyncio.AbstractEventLoop) -> None:
         for addr, sock in sockets.items():
-            listener = UdpListener(sock, self.new_pipeline(), self.drop_log)
+            ntp = self.config.ntp
+            listener = UdpListener(sock, self.new_pipeline(), self.drop_log, ntp.batch, ntp.max_hold_us * 1000)
             listener.start(loop)
             self.listeners[addr] = listener
 
@@ -148,9 +149,12 @@ class Server:
         self.authenticators = auths
         self._parts(config, keep_rate=self.rate if same_rate else None)
         now = time.monotonic()
-        for listener in self.listeners.values():
+        for addr, listener in self.listeners.items():
             self._retiring.append((now, listener.pipeline))
             listener.pipeline = self.new_pipeline()
+            listener.hold_ns = config.ntp.max_hold_us * 1000
+            if listener.batch != config.ntp.batch:
+                log.warning("ntp.batch takes effect on %s when the server restarts", format_addr(addr))
         await self.stop_plugins(retired)
         log.info("configuration reloaded from %s", config.source)
         if not may_bind:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import struct
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..core.decisions import Defer
+from . import mmsg
 
 if TYPE_CHECKING:
     from ..core.pipeline import Pipeline
@@ -78,6 +80,8 @@ class UdpListener:
         sock: socket.socket,
         pipeline: Pipeline,
         on_drop: Callable[[str, tuple[str, int]], None] | None = None,
+        batch: int = 1,
+        hold_ns: int = 0,
     ) -> None:
         self.sock = sock
         self.local = sock.getsockname()
@@ -88,6 +92,8 @@ class UdpListener:
         self._stopping = False
         self._last_error_log = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.batch = batch  # fixed for the socket's life (its buffers are sized by it)
+        self.hold_ns = hold_ns  # read per batch: a reload may change it
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -116,6 +122,8 @@ class UdpListener:
             raise
 
     def _serve(self) -> None:
+        if self.batch > 1 and mmsg.available():
+            return self._serve_batched()
         recvmsg = self.sock.recvmsg
         sendto = self.sock.sendto
         unpack = _TIMESPEC.unpack_from
@@ -161,6 +169,59 @@ class UdpListener:
                 self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision)
             elif self._on_drop is not None:
                 self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
+
+    def _serve_batched(self) -> None:
+        batch = mmsg.Batch(self.sock, self.batch, MAX_DATAGRAM)
+        recv, message, address, queue = batch.recv, batch.message, batch.address, batch.queue
+        time_ns = time.time_ns
+        local = self.local
+        limit = MAX_DATAGRAM
+        while True:
+            n = recv()
+            if self._stopping:
+                return
+            if n < 0:
+                if n != -errno.EINTR:
+                    self.pipeline.stats.inc(("socket_errors", errno.errorcode.get(-n, str(-n))))
+                continue
+            pipeline = self.pipeline
+            handle = pipeline.handle
+            hold = self.hold_ns
+            first = 0  # when the oldest queued reply was finished
+            for i in range(n):
+                data, length, namelen, rx = message(i)
+                addr = address(i)
+                if addr is None:
+                    continue
+                pipeline.requests += 1
+                if length > limit:
+                    pipeline.stats.inc(("drops", "oversize"))
+                    continue
+                try:
+                    decision = handle(data, addr, rx or time_ns(), local)
+                except Exception:
+                    self._internal_error(pipeline, addr)
+                    continue
+                if type(decision) is bytes:
+                    queue(i, namelen, decision)
+                    now = time_ns()
+                    if not first:
+                        first = now
+                    if now - first >= hold:  # its transmit timestamp must not go stale
+                        self._flush(batch, pipeline)
+                        first = 0
+                elif type(decision) is Defer:
+                    assert self._loop is not None
+                    self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision)
+                elif self._on_drop is not None:
+                    self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
+            if batch.pending:
+                self._flush(batch, pipeline)
+
+    @staticmethod
+    def _flush(batch: mmsg.Batch, pipeline: Pipeline) -> None:
+        for err in batch.flush():
+            pipeline.stats.inc(("socket_errors", errno.errorcode.get(err, str(err))))
 
     def _internal_error(self, pipeline: Pipeline, addr: tuple[str, int]) -> None:
         pipeline.stats.inc(("drops", "internal_error"))
