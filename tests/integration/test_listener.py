@@ -1,4 +1,5 @@
-"""The UDP listener in-process: deferred replies from an asynchronous authenticator."""
+"""The UDP listener in-process, with and without recvmmsg/sendmmsg batching: deferred replies from an
+asynchronous authenticator, plugin bugs, bursts, oversize and empty datagrams, stopping."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import socket
 import time
 from typing import ClassVar
 
+import pytest
+
 from nts.core.auth import Authenticator, ReplyContext, Request
 from nts.core.clockstate import ClockSettings, server_state
 from nts.core.decisions import Defer, Drop, Nak
 from nts.core.pipeline import Pipeline
-from nts.server.udp import UdpListener, open_udp_socket
+from nts.core.plain import PlainAuthenticator
+from nts.server import mmsg
+from nts.server.udp import MAX_DATAGRAM, UdpListener, open_udp_socket
 from tests.helpers import client_request
 
 
@@ -50,13 +55,17 @@ async def _exchange(port: int, packets: list[bytes]) -> list[bytes | None]:
     return out
 
 
-def test_deferred_replies_are_sent_from_the_loop_and_failures_counted() -> None:
+BATCHES = [1, pytest.param(32, marks=pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg here"))]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_deferred_replies_are_sent_from_the_loop_and_failures_counted(batch: int) -> None:
     async def main() -> None:
         sock = open_udp_socket("127.0.0.1", 0)
         port = sock.getsockname()[1]
         state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
         pipeline = Pipeline(state=state, authenticators=[SlowSigner()], clock=time.time_ns)
-        listener = UdpListener(sock, pipeline)
+        listener = UdpListener(sock, pipeline, batch=batch, hold_ns=50_000)
         listener.start(asyncio.get_running_loop())
         try:
             ok = client_request() + bytes([1]) + bytes(19)
@@ -89,13 +98,14 @@ class Exploding(SlowSigner):
         return ctx.reply_header(request.data, request.rx_ns) + request.trailer
 
 
-def test_a_plugin_bug_costs_one_datagram_not_the_listener() -> None:
+@pytest.mark.parametrize("batch", BATCHES)
+def test_a_plugin_bug_costs_one_datagram_not_the_listener(batch: int) -> None:
     async def main() -> None:
         sock = open_udp_socket("127.0.0.1", 0)
         port = sock.getsockname()[1]
         state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
         pipeline = Pipeline(state=state, authenticators=[Exploding()], clock=time.time_ns)
-        listener = UdpListener(sock, pipeline)
+        listener = UdpListener(sock, pipeline, batch=batch, hold_ns=50_000)
         listener.start(asyncio.get_running_loop())
         try:
             bad = client_request() + bytes([0xEE]) + bytes(19)
@@ -107,3 +117,98 @@ def test_a_plugin_bug_costs_one_datagram_not_the_listener() -> None:
         assert pipeline.counters()[("drops", "internal_error")] == 2
 
     asyncio.run(main())
+
+
+def _plain_listener(host: str, batch: int, hold_ns: int) -> tuple[UdpListener, Pipeline, int]:
+    sock = open_udp_socket(host, 0)
+    state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
+    pipeline = Pipeline(state=state, authenticators=[PlainAuthenticator()], clock=time.time_ns)
+    return UdpListener(sock, pipeline, batch=batch, hold_ns=hold_ns), pipeline, sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("hold_ns", [0, 10**9])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_a_burst_is_answered_in_full_to_each_sender(batch: int, hold_ns: int, host: str) -> None:
+    """200 requests from two sockets sent before any is read: every one answered, to its own sender,
+    with its own origin timestamp (batched sends must not mix up slots or addresses)."""
+
+    async def main() -> None:
+        listener, pipeline, port = _plain_listener(host, batch, hold_ns)
+        listener.start(asyncio.get_running_loop())
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        clients = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(2)]
+        try:
+            for c in clients:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                c.bind((host, 0))
+                c.settimeout(5)
+            sent: list[set[int]] = [set(), set()]
+            for n in range(200):
+                clients[n % 2].sendto(client_request(transmit=n + 1), (host, port))
+                sent[n % 2].add(n + 1)
+            got: list[set[int]] = [set(), set()]
+            for k, c in enumerate(clients):
+                while len(got[k]) < len(sent[k]):
+                    reply = await asyncio.get_running_loop().run_in_executor(None, c.recv, 200)
+                    assert len(reply) == 48 and reply[0] & 7 == 4
+                    got[k].add(int.from_bytes(reply[24:32], "big"))
+            assert got == sent
+        finally:
+            listener.stop()
+            for c in clients:
+                c.close()
+        assert pipeline.counters()[("requests",)] == 200
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_oversize_and_empty_datagrams_are_counted_drops(batch: int) -> None:
+    async def main() -> None:
+        listener, pipeline, port = _plain_listener("127.0.0.1", batch, 0)
+        listener.start(asyncio.get_running_loop())
+        try:
+            replies = await _exchange(port, [bytes(MAX_DATAGRAM + 1), b"", client_request()])
+        finally:
+            listener.stop()
+        assert replies[0] is None and replies[1] is None and replies[2] is not None
+        counts = pipeline.counters()
+        assert counts[("drops", "oversize")] == 1
+        assert counts[("drops", "too_short")] == 1
+        assert counts[("requests",)] == 3
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg here")
+def test_batch_slots_carry_data_address_and_kernel_time() -> None:
+    server = open_udp_socket("127.0.0.1", 0)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.bind(("127.0.0.1", 0))
+        client.settimeout(5)
+        batch = mmsg.Batch(server, 8, 100)
+        before = time.time_ns()
+        payloads = [b"one", b"", bytes(range(100)), bytes(150)]
+        for p in payloads:
+            client.sendto(p, server.getsockname())
+        got = []
+        while len(got) < len(payloads):
+            n = batch.recv()
+            assert n > 0
+            got += [(batch.message(i), batch.address(i), i) for i in range(n)]
+        after = time.time_ns()
+        for p, ((data, length, namelen, rx), addr, _) in zip(payloads, got, strict=True):
+            assert addr == client.getsockname() and namelen == 16
+            assert before <= rx <= after
+            assert length == len(p) if len(p) <= 100 else length > 100  # longer than the limit: flagged
+            assert data == p[:101]
+        for (_, _, namelen, _), _, i in reversed(got[:3]):
+            batch.queue(i, namelen, b"reply %d" % i)
+        assert batch.flush() == []
+        replies = {client.recv(100) for _ in range(3)}
+        assert replies == {b"reply %d" % i for _, _, i in got[:3]}
+    finally:
+        server.close()
+        client.close()

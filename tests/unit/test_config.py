@@ -37,6 +37,8 @@ BROKEN = [
     ("ntp: {workers: 1}\nntp: {workers: 2}\n", "2: ntp: duplicate key"),
     ("ntp:\n  listen: [\n", "3: not valid YAML: expected the node content, but found '<stream end>'"),
     ("- just\n- a list\n", "1: expected a mapping of keys to values"),
+    ("ntp:\n  batch: 0\n", "2: ntp.batch: expected a whole number from 1 to 1024"),
+    ("ntp:\n  max_hold_us: -1\n", "2: ntp.max_hold_us: expected a whole number from 0 to 100000"),
 ]
 SECTIONS = plugin_sections(discover())
 
@@ -92,7 +94,7 @@ def test_embedded_default_is_valid_and_serves_loopback() -> None:
 
 def test_full_config_values() -> None:
     text = """
-ntp: {listen: ["0.0.0.0:123", "[::]:123"], workers: 2, user: ntp}
+ntp: {listen: ["0.0.0.0:123", "[::]:123"], workers: 2, user: ntp, batch: 8, max_hold_us: 0}
 access: {allow: [10.0.0.0/8, "2001:db8::/32"], deny: [10.9.0.0/16], deny_action: ignore, require_auth: [10.1.0.0/16]}
 rate_limit: {rate: 0.5, burst: 4, max_clients: 5000, action: ignore, kod_interval: 2}
 clock: {stratum: 3, reference_id: 192.0.2.1, root_delay: 0.001, root_dispersion: 0.002}
@@ -101,6 +103,7 @@ metrics: {listen: "[::1]:9975"}
 """
     c = parse_config(text, "t")
     assert c.ntp.listen == (("0.0.0.0", 123), ("::", 123)) and c.ntp.workers == 2 and c.ntp.user == "ntp"
+    assert c.ntp.batch == 8 and c.ntp.max_hold_us == 0
     assert c.access.deny_kod is False
     assert c.access.require_auth == (ipaddress.ip_network("10.1.0.0/16"),)
     assert c.rate_limit is not None and (c.rate_limit.rate, c.rate_limit.burst, c.rate_limit.kod) == (0.5, 4, False)
