@@ -15,7 +15,8 @@ import struct
 from collections.abc import Callable, Sequence
 
 from ..wire.errors import ParseError
-from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, kiss_of_death, split_body
+from ..wire.extensions import ExtensionField
+from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, MAX_MAC_LEN, kiss_of_death, split_body
 from ..wire.timestamps import NTP_UNIX_OFFSET
 from .auth import Authenticator, Request
 from .clockstate import ServerState
@@ -37,6 +38,10 @@ _D_RATE = drop("rate_limited")
 _D_NOAUTH = drop("no_authenticator")
 _D_REQUIRE_AUTH = drop("auth_required")
 _D_TOO_LONG = drop("reply_too_long")
+# Bodies that split_body reads as a bare trailer in every version: 20 or 24 bytes (key id + 16/20-byte
+# MAC) are below RFC 7822's smallest field plus MAC, so no version can hold an extension field there.
+_MAC_ONLY = frozenset({20, 24})
+assert MAX_MAC_LEN == 24
 
 
 def ntp64(ns: int) -> int:
@@ -147,14 +152,18 @@ class Pipeline:
         return self._authenticated(data, client, rx_ns, local, version)
 
     def _authenticated(self, data: bytes, client: tuple[str, int], rx_ns: int, local: object, version: int) -> Decision:
-        try:
-            fields, trailer = split_body(data, version)
-        except ParseError as exc:
-            return self._drop(drop(f"malformed_{exc.code}"))
+        if len(data) - HEADER_LEN in _MAC_ONLY:  # key id + MAC, no room for a field: skip the field parser
+            fields: tuple[ExtensionField, ...] = ()
+            trailer = data[HEADER_LEN:]
+        else:
+            try:
+                fields, trailer = split_body(data, version)
+            except ParseError as exc:
+                return self._drop(drop(f"malformed_{exc.code}"))
         request = Request(data, fields, trailer, client, rx_ns, local)
         auth, best = None, 0
         for candidate in self._auths:  # the firmest claim wins; on a tie, the earlier plugin
-            claim = int(candidate.matches(request))
+            claim = candidate.matches(request)
             if claim > best:
                 auth, best = candidate, claim
                 if claim >= 2:
