@@ -16,7 +16,15 @@ from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainAuthenticator
 from nts.wire.errors import ParseError
 from nts.wire.extensions import ExtensionField, parse_extension, serialize_extension
-from nts.wire.packet import Header, Packet, parse_header, parse_packet, serialize_header, serialize_packet
+from nts.wire.packet import (
+    Header,
+    Packet,
+    parse_header,
+    parse_packet,
+    serialize_header,
+    serialize_packet,
+    split_body,
+)
 
 headers = st.builds(
     Header,
@@ -107,3 +115,12 @@ def test_config_parses_or_raises_config_error(text: str) -> None:
 def test_any_header_bytes_parse(data: bytes) -> None:
     assert serialize_header(parse_header(data)) == data
     assert struct.unpack_from(">B", data)[0] >> 6 == parse_header(data).leap
+
+
+@given(st.integers(1, 4), st.sampled_from([20, 24]), st.data())
+def test_key_id_and_mac_bodies_are_a_bare_trailer_in_every_version(
+    version: int, body: int, data: st.DataObject
+) -> None:
+    """The pipeline skips the field parser for 20/24-byte bodies; the parser must agree for any bytes."""
+    packet = data.draw(st.binary(min_size=48 + body, max_size=48 + body))
+    assert split_body(packet, version) == ((), packet[48:])
