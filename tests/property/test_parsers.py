@@ -118,7 +118,7 @@ def test_any_header_bytes_parse(data: bytes) -> None:
 
 
 @given(st.integers(1, 4), st.sampled_from([20, 24]), st.data())
-def test_key_id_and_mac_bodies_are_a_bare_trailer_in_every_version(
+def test_mac_bodies_are_a_bare_trailer_in_every_version(
     version: int, body: int, data: st.DataObject
 ) -> None:
     """The pipeline skips the field parser for 20/24-byte bodies; the parser must agree for any bytes."""
