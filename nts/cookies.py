@@ -20,8 +20,8 @@ from __future__ import annotations
 import os
 import secrets
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -35,7 +35,11 @@ SECRET_LEN = 32
 _COOKIE_AEAD = AEADS[AeadId.AES_SIV_CMAC_256]
 _NONCE_LEN = 16
 _HEAD = struct.Struct(">I")
+_KEYS_HEAD = struct.Struct(">HH")
+_FIELD_HEAD = struct.Struct(">HH")
+_COOKIE_FIELD = 0x0204  # NTS Cookie extension field type
 MASTER_FILE = "nts-master.key"
+_KEY_LENS = {aead_id: aead.key_len for aead_id, aead in AEADS.items()}
 
 
 class CookieError(Exception):
@@ -46,9 +50,9 @@ class CookieError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class CookieKeys:
-    """What a cookie carries: the negotiated AEAD and the two session keys."""
+class CookieKeys(NamedTuple):
+    """What a cookie carries: the negotiated AEAD and the two session keys (a tuple: the NTS hot
+    path unpacks it, and building one costs less than a dataclass)."""
 
     aead: int
     c2s: bytes
@@ -67,6 +71,7 @@ class KeyRing:
         self.rotate_interval = rotate_interval
         self.keep_keys = keep_keys
         self._ciphers: dict[int, AESSIV] = {}  # per period; the key schedule is the costly part
+        self._sealing: tuple[int, bytes, AESSIV] | None = None  # (period, its key id bytes, cipher)
 
     def period(self, now_s: float) -> int:
         return int(now_s // self.rotate_interval) & 0xFFFFFFFF
@@ -83,39 +88,52 @@ class KeyRing:
     def seal(self, keys: CookieKeys, now_s: float, nonce: bytes | None = None) -> bytes:
         return self.seal_many(keys, now_s, 1, nonce)[0]  # `nonce`: tests pin it for vectors
 
-    def seal_many(self, keys: CookieKeys, now_s: float, count: int, nonces: bytes | None = None) -> list[bytes]:
-        """`count` unlinkable cookies for the same keys; `nonces` (16 bytes each) default to random."""
-        period = self.period(now_s)
-        cipher = self._cipher(period)
-        head = _HEAD.pack(period)
-        plaintext = struct.pack(">HH", keys.aead, 0) + keys.c2s + keys.s2c
+    def seal_many(
+        self,
+        keys: CookieKeys | tuple[int, bytes, bytes],
+        now_s: float,
+        count: int,
+        nonces: bytes | None = None,
+        as_fields: bool = False,
+    ) -> list[bytes]:
+        """`count` unlinkable cookies for the same keys; `nonces` (the first 16 bytes per cookie are
+        used) default to random. `as_fields`: each already serialized as an NTS Cookie field."""
+        period = int(now_s // self.rotate_interval) & 0xFFFFFFFF
+        sealing = self._sealing
+        if sealing is None or sealing[0] != period:
+            sealing = self._sealing = (period, _HEAD.pack(period), self._cipher(period))
+        _, head, cipher = sealing
+        plaintext = _KEYS_HEAD.pack(keys[0], 0) + keys[1] + keys[2]
         if nonces is None:
             nonces = os.urandom(_NONCE_LEN * count)
-        elif len(nonces) != _NONCE_LEN * count:
+        elif len(nonces) < _NONCE_LEN * count:
             raise ValueError("need 16 bytes of nonce per cookie")
+        if as_fields:  # cookie: key id, nonce, tag, ciphertext
+            head = _FIELD_HEAD.pack(_COOKIE_FIELD, 4 + 4 + _NONCE_LEN + 16 + len(plaintext)) + head
+        encrypt = cipher.encrypt
         out = []
         for i in range(0, _NONCE_LEN * count, _NONCE_LEN):
             n = nonces[i : i + _NONCE_LEN]
-            out.append(head + n + cipher.encrypt(plaintext, [head, n]))
+            out.append(head + n + encrypt(plaintext, [head[-4:], n]))
         return out
 
     def open(self, cookie: bytes, now_s: float) -> CookieKeys:
         if len(cookie) < 4 + _NONCE_LEN + 16 + 4:
             raise CookieError("cookie_malformed")
         (period,) = _HEAD.unpack_from(cookie)
-        age = (self.period(now_s) - period) & 0xFFFFFFFF
+        age = (int(now_s // self.rotate_interval) - period) & 0xFFFFFFFF
         if not (age <= self.keep_keys or age == 0xFFFFFFFF):  # accepted: past keep_keys, one future
             raise CookieError("cookie_key_unknown")
-        nonce = cookie[4 : 4 + _NONCE_LEN]
+        cipher = self._ciphers.get(period) or self._cipher(period)
         try:
-            plaintext = self._cipher(period).decrypt(cookie[4 + _NONCE_LEN :], [cookie[:4], nonce])
+            plaintext = cipher.decrypt(cookie[4 + _NONCE_LEN :], [cookie[:4], cookie[4 : 4 + _NONCE_LEN]])
         except InvalidTag:
             raise CookieError("cookie_forged") from None
-        aead_id, reserved = struct.unpack_from(">HH", plaintext)
-        aead = AEADS.get(aead_id)
-        if aead is None or reserved or len(plaintext) != 4 + 2 * aead.key_len:
+        aead_id, reserved = _KEYS_HEAD.unpack_from(plaintext)
+        key_len = _KEY_LENS.get(aead_id)
+        if key_len is None or reserved or len(plaintext) != 4 + 2 * key_len:
             raise CookieError("cookie_malformed")
-        return CookieKeys(aead_id, plaintext[4 : 4 + aead.key_len], plaintext[4 + aead.key_len :])
+        return CookieKeys(aead_id, plaintext[4 : 4 + key_len], plaintext[4 + key_len :])
 
 
 def load_or_create_secret(key_dir: Path) -> tuple[bytes, bool]:

@@ -14,22 +14,26 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from .aead import AEADS, TAG_LEN, Aead, AeadError, Cipher
 from .cookies import CookieError, KeyRing
 from .core.auth import ReplyContext, Request
 from .core.decisions import Drop, Nak, drop
 from .wire.errors import ParseError
-from .wire.extensions import ExtensionField, FieldType, parse_extension, serialize_extension
-from .wire.packet import HEADER_LEN, KISS_NTSN
+from .wire.extensions import MIN_FIELD_LEN, FieldType, parse_extension
+from .wire.packet import HEADER_LEN, KISS_NTSN, MAX_MAC_LEN
 
 MAX_COOKIES = 8
 MIN_UID = 32
 MIN_UNPADDED_NONCE = 16  # RFC 8915 section 5.6
 SERVER_NONCE_LEN = 16
 _AUTH_HEAD = struct.Struct(">HH")
-_COOKIE_HEAD = struct.Struct(">HH")
+_AUTH_FIELD = struct.Struct(">HHHH")
+_FIELD_HEAD = struct.Struct(">HH")
+_UID = FieldType.UNIQUE_IDENTIFIER.value
+_COOKIE = FieldType.NTS_COOKIE.value
+_PLACEHOLDER = FieldType.NTS_COOKIE_PLACEHOLDER.value
+_AUTHENTICATOR = FieldType.NTS_AUTHENTICATOR.value
 
 _D_MALFORMED = drop("nts_malformed")
 _D_PLACEHOLDER = drop("nts_placeholder_length")
@@ -37,46 +41,6 @@ _D_PLACEHOLDER = drop("nts_placeholder_length")
 
 def _pad4(n: int) -> int:
     return n + (-n % 4)
-
-
-@dataclass(frozen=True, slots=True)
-class _Parsed:
-    uid: ExtensionField
-    cookie: bytes
-    placeholders: int
-    auth_start: int
-    auth_body: bytes
-
-
-def _parse(request: Request) -> _Parsed | Drop:
-    uid: ExtensionField | None = None
-    cookie: bytes | None = None
-    placeholders = 0
-    size: int | None = None
-    pos = HEADER_LEN
-    fields = request.extensions
-    for i, field in enumerate(fields):
-        start = pos
-        pos += 4 + len(field.value)
-        if field.type == FieldType.UNIQUE_IDENTIFIER:
-            if uid is not None or len(field.value) < MIN_UID:
-                return _D_MALFORMED
-            uid = field
-        elif field.type in (FieldType.NTS_COOKIE, FieldType.NTS_COOKIE_PLACEHOLDER):
-            if size is not None and size != len(field.value):
-                return _D_PLACEHOLDER
-            size = len(field.value)
-            if field.type == FieldType.NTS_COOKIE:
-                if cookie is not None:
-                    return _D_MALFORMED
-                cookie = field.value
-            else:
-                placeholders += 1
-        elif field.type == FieldType.NTS_AUTHENTICATOR:
-            if i != len(fields) - 1 or uid is None or cookie is None or request.trailer:
-                return _D_MALFORMED
-            return _Parsed(uid, cookie, placeholders, start, field.value)
-    return _D_MALFORMED
 
 
 def _open_auth(body: bytes) -> tuple[bytes, bytes] | None:
@@ -96,13 +60,19 @@ def auth_field(aead: Aead, key: bytes | Cipher, nonce: bytes, plaintext: bytes, 
     if aead.nonce_len is not None:
         nonce = nonce[: aead.nonce_len]
     ciphertext = aead.encrypt(key, nonce, plaintext, ad)
-    body = _AUTH_HEAD.pack(len(nonce), len(ciphertext)) + nonce + bytes(-len(nonce) % 4)
-    body += ciphertext + bytes(-len(ciphertext) % 4)
-    minimum_nonce_area = min(MIN_UNPADDED_NONCE, aead.nonce_len or MIN_UNPADDED_NONCE)
-    floor = 4 + minimum_nonce_area + _pad4(len(ciphertext))  # section 5.6 padding rule
-    length = max(4 + len(body), 4 + floor, min_length)
+    n, c = len(nonce), len(ciphertext)
+    padded = c + (-c % 4)
+    used = 8 + n + (-n % 4) + padded  # field and body headers, nonce and ciphertext, each padded to 4
+    floor = 8 + min(MIN_UNPADDED_NONCE, aead.nonce_len or MIN_UNPADDED_NONCE) + padded  # section 5.6 rule
+    length = max(used, floor, min_length)
     length += -length % 4
-    return struct.pack(">HH", FieldType.NTS_AUTHENTICATOR, length) + body + bytes(length - 4 - len(body))
+    return (
+        _AUTH_FIELD.pack(_AUTHENTICATOR, length, n, c)
+        + nonce
+        + bytes(-n % 4)
+        + ciphertext
+        + bytes(length - used + padded - c)
+    )
 
 
 CIPHER_CACHE = 8192  # keyed session ciphers kept (a client's cookies all carry the same keys)
@@ -130,47 +100,87 @@ class NtsPacketAuth:
         return c
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop:
-        parsed = _parse(request)
-        if isinstance(parsed, Drop):
-            return parsed
-        data = request.data
+        """The general path: a request the pipeline has split and given to this plugin."""
+        answer = self.answer(request.data, request.rx_ns, ctx, general=True)
+        assert answer is not None
+        return answer
+
+    def answer(self, data: bytes, rx_ns: int, ctx: ReplyContext, general: bool = False) -> bytes | Nak | Drop | None:
+        """Verify an NTPv4 request from its raw bytes and build the reply: one walk over the fields,
+        no field objects (this is the NTS hot path, for the pipeline's fast path and for `respond`).
+        On the fast path (`general` false) it answers None unless the fields are well formed and end
+        with the authenticator, so anything else is split and judged by the general path."""
+        end = len(data)
+        pos = HEADER_LEN
+        uid_at = uid_end = cookie_at = -1
+        size = placeholders = flen = 0
+        problem: Drop | None = None  # the first one found; reported only once the layout is known good
+        unpack = _FIELD_HEAD.unpack_from
+        while end - pos > MAX_MAC_LEN:  # as split_body: what is left at the end may be a MAC
+            ftype, flen = unpack(data, pos)
+            if flen < MIN_FIELD_LEN or flen & 3 or pos + flen > end:
+                return _D_MALFORMED if general else None
+            if ftype == _AUTHENTICATOR:
+                break
+            if problem is not None:
+                pass
+            elif ftype == _UID:
+                if uid_at >= 0 or flen - 4 < MIN_UID:
+                    problem = _D_MALFORMED
+                uid_at, uid_end = pos, pos + flen
+            elif ftype == _COOKIE or ftype == _PLACEHOLDER:
+                if size and size != flen:
+                    problem = _D_PLACEHOLDER
+                size = flen
+                if ftype == _COOKIE:
+                    if cookie_at >= 0:
+                        problem = _D_MALFORMED
+                    cookie_at = pos
+                else:
+                    placeholders += 1
+            pos += flen
+        else:  # no authenticator among the fields
+            return (problem or _D_MALFORMED) if general else None
+        if pos + flen != end:  # fields or a trailer after the authenticator
+            return (problem or _D_MALFORMED) if general else None
+        if problem is not None:
+            return problem
+        if uid_at < 0 or cookie_at < 0:
+            return _D_MALFORMED
         now = self.wall_clock()
         try:
-            keys = self.keyring.open(parsed.cookie, now)
+            aead_id, c2s, s2c = self.keyring.open(data[cookie_at + 4 : cookie_at + size], now)
         except CookieError as exc:
-            return self._nak(request, ctx, parsed.uid, exc.reason)
-        aead = AEADS.get(keys.aead)
-        if aead is None or keys.aead not in self.supported:  # disabled since: make the client redo NTS-KE
-            return self._nak(request, ctx, parsed.uid, "aead_disabled")
-        opened = _open_auth(parsed.auth_body)
+            return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], exc.reason)
+        aead = AEADS.get(aead_id)
+        if aead is None or aead_id not in self.supported:  # disabled since: make the client redo NTS-KE
+            return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "aead_disabled")
+        opened = _open_auth(data[pos + 4 : end])
         if opened is None:
             return _D_MALFORMED
         nonce, ciphertext = opened
         try:
-            plaintext = aead.decrypt(self._cipher(aead, keys.c2s), nonce, ciphertext, data[: parsed.auth_start])
+            plaintext = aead.decrypt(self._cipher(aead, c2s), nonce, ciphertext, data[:pos])
         except AeadError:
-            return self._nak(request, ctx, parsed.uid, "authenticator_invalid")
-        wanted = 1 + parsed.placeholders
-        pos = 0
+            return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "authenticator_invalid")
+        wanted = 1 + placeholders
+        inner_pos = 0
         try:
-            while pos < len(plaintext):
-                inner, pos = parse_extension(plaintext, pos)
+            while inner_pos < len(plaintext):
+                inner, inner_pos = parse_extension(plaintext, inner_pos)
                 if inner.type == FieldType.NTS_COOKIE_PLACEHOLDER:
-                    if len(inner.value) != len(parsed.cookie):
+                    if len(inner.value) != size - 4:
                         return _D_PLACEHOLDER
                     wanted += 1
         except ParseError:
             return _D_MALFORMED
         count = min(wanted, MAX_COOKIES)
         randomness = os.urandom(SERVER_NONCE_LEN + 16 * count)  # one draw for all nonces (CSPRNG)
-        cookies = b"".join(
-            _COOKIE_HEAD.pack(FieldType.NTS_COOKIE, 4 + len(c)) + c  # cookies are multiples of 4 bytes
-            for c in self.keyring.seal_many(keys, now, count, randomness[SERVER_NONCE_LEN:])
-        )
-        head = ctx.reply_header(data, request.rx_ns) + serialize_extension(parsed.uid)
-        s2c = self._cipher(aead, keys.s2c)
-        return head + auth_field(aead, s2c, randomness[:SERVER_NONCE_LEN], cookies, head, len(data) - len(head))
+        cookies = b"".join(self.keyring.seal_many((aead_id, c2s, s2c), now, count, randomness, True))
+        head = ctx.reply_header(data, rx_ns) + data[uid_at:uid_end]
+        s2c_cipher = self._cipher(aead, s2c)
+        return head + auth_field(aead, s2c_cipher, randomness[-SERVER_NONCE_LEN:], cookies, head, end - len(head))
 
     @staticmethod
-    def _nak(request: Request, ctx: ReplyContext, uid: ExtensionField, reason: str) -> Nak:
-        return Nak(ctx.kiss(request.data, KISS_NTSN, request.rx_ns) + serialize_extension(uid), reason)
+    def _nak(data: bytes, rx_ns: int, ctx: ReplyContext, uid_field: bytes, reason: str) -> Nak:
+        return Nak(ctx.kiss(data, KISS_NTSN, rx_ns) + uid_field, reason)

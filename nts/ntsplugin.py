@@ -177,6 +177,11 @@ class NtsAuthenticator(Authenticator):
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop:
         return self.packets.respond(request, ctx)
 
+    def fast(self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext) -> bytes | Nak | Drop | None:
+        if data[0] & 0x38 != 0x20:  # fields exist only in NTPv4
+            return None
+        return self.packets.answer(data, rx_ns, ctx)
+
     async def start(self) -> None:
         await self.ke.start(self.sockets)
         for sock in self.sockets:

@@ -9,6 +9,10 @@ A plugin's config section (`section`) is validated by the plugin itself through 
 `matches` may say more than yes or no: 1 means "the shape fits", 2 "this is certainly mine" (a known
 key id, a client from the domain's networks); the firmest claim wins, ties going to the lower
 `order`. That is how a 68-byte request finds MD5 MAC or MS-SNTP, which look alike on the wire.
+A plugin may also offer `fast`: its common shape answered from the raw datagram, before the
+pipeline splits fields and builds a Request. It must answer only what the general path would give
+it (a claim of 2 that no plugin asked earlier can match) and decide exactly as `respond` would;
+anything else it returns None for, and the datagram takes the general path.
 """
 
 from __future__ import annotations
@@ -94,6 +98,10 @@ class Authenticator(ABC):
     @abstractmethod
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:
         """Verify, build and seal the answer."""
+
+    def fast(self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext) -> bytes | Nak | Drop | None:
+        """Optional shortcut for this mode's common shape (see the module comment); None: not taken."""
+        return None
 
     async def complete(self, job: object) -> bytes | None:
         """Finish a deferred reply (asynchronous signers only)."""

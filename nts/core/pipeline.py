@@ -73,6 +73,7 @@ class Pipeline:
         self._rate = rate
         self._require_auth = require_auth if require_auth is not None and require_auth.networks else None
         self._k_replies = {a.name: ("replies", a.name) for a in self._auths}
+        self._fast = tuple((a, a.fast) for a in self._auths if type(a).fast is not Authenticator.fast)
         # Plain ints are cheaper than dict entries on the hot path; counters() merges them.
         self.requests = 0  # incremented by the shell for every datagram
         self.bare_replies = 0
@@ -149,6 +150,10 @@ class Pipeline:
                 (((rx_ns << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
                 (((self.clock() << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
             )
+        for auth, fast in self._fast:
+            result = fast(data, client, rx_ns, self)
+            if result is not None:
+                return self._finish(auth, result, n)
         return self._authenticated(data, client, rx_ns, local, version)
 
     def _authenticated(self, data: bytes, client: tuple[str, int], rx_ns: int, local: object, version: int) -> Decision:
@@ -172,14 +177,17 @@ class Pipeline:
             return self._drop(_D_NOAUTH)
         if auth.bare and self._require_auth is not None and client[0] in self._require_auth:
             return self._drop(_D_REQUIRE_AUTH)
-        result = auth.respond(request, self)
+        return self._finish(auth, auth.respond(request, self), len(data))
+
+    def _finish(self, auth: Authenticator, result: bytes | Nak | Drop | Defer, limit: int) -> Decision:
+        """Guard the reply length and count the outcome of a plugin's answer."""
         if isinstance(result, bytes):
-            if len(result) > len(data):
+            if len(result) > limit:
                 return self._drop(_D_TOO_LONG)
             self._count(self._k_replies[auth.name])
             return result
         if isinstance(result, Nak):
-            if len(result.data) > len(data):
+            if len(result.data) > limit:
                 return self._drop(_D_TOO_LONG)
             self._count(("naks", auth.name, result.reason))
             return result.data

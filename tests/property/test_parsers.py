@@ -118,9 +118,7 @@ def test_any_header_bytes_parse(data: bytes) -> None:
 
 
 @given(st.integers(1, 4), st.sampled_from([20, 24]), st.data())
-def test_mac_bodies_are_a_bare_trailer_in_every_version(
-    version: int, body: int, data: st.DataObject
-) -> None:
+def test_mac_bodies_are_a_bare_trailer_in_every_version(version: int, body: int, data: st.DataObject) -> None:
     """The pipeline skips the field parser for 20/24-byte bodies; the parser must agree for any bytes."""
     packet = data.draw(st.binary(min_size=48 + body, max_size=48 + body))
     assert split_body(packet, version) == ((), packet[48:])
