@@ -31,6 +31,7 @@ from .ke.listener import KeServer, KeSettings
 from .ntsauth import NtsPacketAuth
 from .server.udp import open_tcp_listener
 from .wire.extensions import FieldType
+from .wire.packet import HEADER_LEN, MAX_MAC_LEN
 
 log = logging.getLogger("ntsd.nts")
 _NTS_TYPES = (FieldType.NTS_COOKIE, FieldType.NTS_AUTHENTICATOR)
@@ -132,6 +133,9 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         raise PluginError(f"cannot listen for NTS-KE on {format_addr((host, port))}: {exc.strerror}") from None
 
 
+_SHORTEST = HEADER_LEN + MAX_MAC_LEN  # a body this short holds no field (it is a MAC, if anything)
+
+
 class NtsAuthenticator(Authenticator):
     """NTS (RFC 8915): key establishment over TLS and authenticated NTP."""
 
@@ -178,7 +182,7 @@ class NtsAuthenticator(Authenticator):
         return self.packets.respond(request, ctx)
 
     def fast(self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext) -> bytes | Nak | Drop | None:
-        if data[0] & 0x38 != 0x20:  # fields exist only in NTPv4
+        if data[0] & 0x38 != 0x20 or len(data) <= _SHORTEST:  # fields exist only in NTPv4
             return None
         return self.packets.answer(data, rx_ns, ctx)
 

@@ -73,7 +73,9 @@ class Pipeline:
         self._rate = rate
         self._require_auth = require_auth if require_auth is not None and require_auth.networks else None
         self._k_replies = {a.name: ("replies", a.name) for a in self._auths}
-        self._fast = tuple((a, a.fast) for a in self._auths if type(a).fast is not Authenticator.fast)
+        self._fast = tuple(
+            (a, a.fast, self._k_replies[a.name]) for a in self._auths if type(a).fast is not Authenticator.fast
+        )
         # Plain ints are cheaper than dict entries on the hot path; counters() merges them.
         self.requests = 0  # incremented by the shell for every datagram
         self.bare_replies = 0
@@ -150,9 +152,13 @@ class Pipeline:
                 (((rx_ns << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
                 (((self.clock() << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
             )
-        for auth, fast in self._fast:
+        for auth, fast, k_replies in self._fast:
             result = fast(data, client, rx_ns, self)
             if result is not None:
+                if type(result) is bytes and len(result) <= n:  # the common case, counted inline
+                    counts = self.stats.counts
+                    counts[k_replies] = counts.get(k_replies, 0) + 1
+                    return result
                 return self._finish(auth, result, n)
         return self._authenticated(data, client, rx_ns, local, version)
 
