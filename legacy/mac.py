@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 
 from nts.core.auth import Authenticator, PluginError, ReplyContext, Request
-from nts.core.decisions import Drop, Nak, describe
+from nts.core.decisions import Nak, Seal, describe
 from nts.core.policy import Network, NetworkSet
 from nts.files import watch_files
 from nts.wire.packet import HEADER_LEN
@@ -173,7 +173,7 @@ class MacAuthenticator(Authenticator):
             return 0
         return 2 if _KEYID.unpack_from(trailer)[0] in self.table.keys else 1
 
-    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop:
+    def respond(self, request: Request, ctx: ReplyContext) -> Nak | Seal:
         data = request.data
         (key_id,) = _KEYID.unpack_from(request.trailer)
         table = self.table
@@ -182,7 +182,7 @@ class MacAuthenticator(Authenticator):
             return Nak(crypto_nak(data), "unknown_key")
         return self._verify(table, key, key_id, data, len(request.trailer), request.client[0], request.rx_ns, ctx)
 
-    def fast(self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext) -> bytes | Nak | Drop | None:
+    def fast(self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext) -> Nak | Seal | None:
         """Key id + 16/20-byte MAC and nothing else, with a key id we know: a claim of 2 that no plugin
         asked earlier can match (NTS sees no fields in so short a body)."""
         tlen = len(data) - HEADER_LEN
@@ -205,7 +205,7 @@ class MacAuthenticator(Authenticator):
         ip: str,
         rx_ns: int,
         ctx: ReplyContext,
-    ) -> bytes | Nak:
+    ) -> Nak | Seal:
         """Check the MAC of the `tlen`-byte trailer (key id + MAC) and sign the reply with the same key."""
         if table.trusted is not None and key_id not in table.trusted:
             return Nak(crypto_nak(data), "untrusted_key")
@@ -219,8 +219,12 @@ class MacAuthenticator(Authenticator):
         if not hmac.compare_digest(key.mac(data[:split], mac_len), data[split + 4 :]):
             return Nak(crypto_nak(data), "bad_mac")
         self.ledger.record(ip, key_id, key.key.algorithm, rx_ns, key.ledger_key)
-        header = ctx.reply_header(data, rx_ns)
-        return header + data[split : split + 4] + key.mac(header, mac_len)
+
+        def finish() -> bytes:  # at send time: the transmit timestamp, then the MAC over it
+            header = ctx.reply_header(data, rx_ns)
+            return header + data[split : split + 4] + key.mac(header, mac_len)
+
+        return Seal(finish)
 
     async def start(self) -> None:
         self._watch = asyncio.get_running_loop().create_task(

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from .aead import AEADS, TAG_LEN, Aead, AeadError, Cipher
 from .cookies import CookieError, KeyRing
 from .core.auth import ReplyContext, Request
-from .core.decisions import Drop, Nak, drop
+from .core.decisions import Drop, Nak, Seal, drop
 from .wire.errors import ParseError
 from .wire.extensions import MIN_FIELD_LEN, FieldType, parse_extension
 from .wire.packet import HEADER_LEN, KISS_NTSN, MAX_MAC_LEN
@@ -99,13 +99,13 @@ class NtsPacketAuth:
             c = self._ciphers[key] = aead.cipher(key)
         return c
 
-    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop:
+    def respond(self, request: Request, ctx: ReplyContext) -> Nak | Drop | Seal:
         """The general path: a request the pipeline has split and given to this plugin."""
         answer = self.answer(request.data, request.rx_ns, ctx, general=True)
         assert answer is not None
         return answer
 
-    def answer(self, data: bytes, rx_ns: int, ctx: ReplyContext, general: bool = False) -> bytes | Nak | Drop | None:
+    def answer(self, data: bytes, rx_ns: int, ctx: ReplyContext, general: bool = False) -> Nak | Drop | Seal | None:
         """Verify an NTPv4 request from its raw bytes and build the reply: one walk over the fields,
         no field objects (this is the NTS hot path, for the pipeline's fast path and for `respond`).
         On the fast path (`general` false) it answers None unless the fields are well formed and end
@@ -177,9 +177,13 @@ class NtsPacketAuth:
         count = min(wanted, MAX_COOKIES)
         randomness = os.urandom(SERVER_NONCE_LEN + 16 * count)  # one draw for all nonces (CSPRNG)
         cookies = b"".join(self.keyring.seal_many((aead_id, c2s, s2c), now, count, randomness, True))
-        head = ctx.reply_header(data, rx_ns) + data[uid_at:uid_end]
         s2c_cipher = self._cipher(aead, s2c)
-        return head + auth_field(aead, s2c_cipher, randomness[-SERVER_NONCE_LEN:], cookies, head, end - len(head))
+
+        def finish() -> bytes:  # at send time: the transmit timestamp, then the reply's seal over it
+            head = ctx.reply_header(data, rx_ns) + data[uid_at:uid_end]
+            return head + auth_field(aead, s2c_cipher, randomness[-SERVER_NONCE_LEN:], cookies, head, end - len(head))
+
+        return Seal(finish)
 
     @staticmethod
     def _nak(data: bytes, rx_ns: int, ctx: ReplyContext, uid_field: bytes, reason: str) -> Nak:

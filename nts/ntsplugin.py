@@ -24,7 +24,7 @@ from .aead import AEADS, DEFAULT_AEADS
 from .config import Node, format_addr
 from .cookies import KeyRing, load_or_create_secret
 from .core.auth import Authenticator, PluginError, ReplyContext, Request
-from .core.decisions import Drop, Nak, Stats
+from .core.decisions import Drop, Nak, Seal, Stats
 from .files import watch_files
 from .ke.certs import CertError, CertStore
 from .ke.listener import KeServer, KeSettings
@@ -178,10 +178,10 @@ class NtsAuthenticator(Authenticator):
                 return 2
         return 0
 
-    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop:
+    def respond(self, request: Request, ctx: ReplyContext) -> Nak | Drop | Seal:
         return self.packets.respond(request, ctx)
 
-    def fast(self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext) -> bytes | Nak | Drop | None:
+    def fast(self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext) -> Nak | Drop | Seal | None:
         if data[0] & 0x38 != 0x20 or len(data) <= _SHORTEST:  # fields exist only in NTPv4
             return None
         return self.packets.answer(data, rx_ns, ctx)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..wire.extensions import ExtensionField
 from ..wire.packet import Header, Packet, parse_header
-from .decisions import Drop, Nak
+from .decisions import Drop, Nak, Seal
 
 if TYPE_CHECKING:
     from .decisions import Defer
@@ -96,10 +96,12 @@ class Authenticator(ABC):
         """How firmly this request is this mode's: 0 no, 1 the shape fits, 2 certainly (cheap)."""
 
     @abstractmethod
-    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:
-        """Verify, build and seal the answer."""
+    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer | Seal:
+        """Verify, build and seal the answer (or return a Seal that builds it when it is sent)."""
 
-    def fast(self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext) -> bytes | Nak | Drop | None:
+    def fast(
+        self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext
+    ) -> bytes | Nak | Drop | Seal | None:
         """Optional shortcut for this mode's common shape (see the module comment); None: not taken."""
         return None
 

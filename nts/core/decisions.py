@@ -3,12 +3,15 @@
 Strategy: the hot path must not allocate more than it has to, so a time reply is returned as plain
 `bytes`; drops are preallocated `Drop` singletons (one per reason); `Nak` is what an authenticator
 returns for a negative answer it wants sent (crypto-NAK, NTS NAK); `Defer` hands a job to an
-authenticator's asynchronous part (MS-SNTP signing). Counters are a flat dict keyed by label tuples,
-so a snapshot can be summed across worker processes and rendered as Prometheus text.
+authenticator's asynchronous part (MS-SNTP signing); `Seal` is a verified request whose reply is
+finished when it is sent, so its transmit timestamp is read as late as possible. Counters are a
+flat dict keyed by label tuples, so a snapshot can be summed across worker processes and rendered
+as Prometheus text.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,7 +43,23 @@ class Defer:
     client: tuple[str, int]
 
 
-Decision = bytes | Drop | Defer
+class Seal:
+    """A request already verified; `finish()` builds the reply: it reads the transmit time and signs.
+
+    A batching shell verifies every request of a batch first and finishes the replies just before
+    one send call, so no reply waits behind the verification of others. A pipeline object, not a
+    wire structure: the pipeline fills in `limit` (the request's length) and `key` (its counter).
+    """
+
+    __slots__ = ("finish", "key", "limit")
+
+    def __init__(self, finish: Callable[[], bytes]) -> None:
+        self.finish = finish
+        self.key: tuple[str, ...] = ()
+        self.limit = 0
+
+
+Decision = bytes | Drop | Defer | Seal
 
 _drops: dict[str, Drop] = {}
 

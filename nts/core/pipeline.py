@@ -20,7 +20,7 @@ from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, MAX_MAC_L
 from ..wire.timestamps import NTP_UNIX_OFFSET
 from .auth import Authenticator, Request
 from .clockstate import ServerState
-from .decisions import Decision, Defer, Drop, Nak, Stats, drop
+from .decisions import Decision, Defer, Drop, Nak, Seal, Stats, drop
 from .policy import ALLOW, DENIED, RATE_KOD, RATE_OK, AccessPolicy, NetworkSet, RateLimiter
 
 _REPLY = struct.Struct(">2s1s21s8sQQ")  # LI/VN/mode+stratum, poll, state bytes, origin, receive, transmit
@@ -110,8 +110,12 @@ class Pipeline:
         return kiss_of_death(request, code, ntp64(rx_ns), ntp64(self.clock()))
 
     # -- the pipeline -------------------------------------------------------------------------------
-    def handle(self, data: bytes, client: tuple[str, int], rx_ns: int, local: object = None) -> Decision:
-        """Decide what to answer. The caller counts datagrams in `requests`."""
+    def handle(
+        self, data: bytes, client: tuple[str, int], rx_ns: int, local: object = None, late: bool = False
+    ) -> Decision:
+        """Decide what to answer. The caller counts datagrams in `requests`. With `late`, a verified
+        authenticated request comes back as a `Seal` for the caller to finish with `seal()` right
+        before sending; otherwise it is finished here."""
         n = len(data)
         if not n:
             return self._drop(_D_SHORT)
@@ -159,10 +163,12 @@ class Pipeline:
                     counts = self.stats.counts
                     counts[k_replies] = counts.get(k_replies, 0) + 1
                     return result
-                return self._finish(auth, result, n)
-        return self._authenticated(data, client, rx_ns, local, version)
+                return self._finish(auth, result, n, late)
+        return self._authenticated(data, client, rx_ns, local, version, late)
 
-    def _authenticated(self, data: bytes, client: tuple[str, int], rx_ns: int, local: object, version: int) -> Decision:
+    def _authenticated(
+        self, data: bytes, client: tuple[str, int], rx_ns: int, local: object, version: int, late: bool
+    ) -> Decision:
         if len(data) - HEADER_LEN in _MAC_ONLY:  # key id + MAC, no room for a field: skip the field parser
             fields: tuple[ExtensionField, ...] = ()
             trailer = data[HEADER_LEN:]
@@ -183,10 +189,15 @@ class Pipeline:
             return self._drop(_D_NOAUTH)
         if auth.bare and self._require_auth is not None and client[0] in self._require_auth:
             return self._drop(_D_REQUIRE_AUTH)
-        return self._finish(auth, auth.respond(request, self), len(data))
+        return self._finish(auth, auth.respond(request, self), len(data), late)
 
-    def _finish(self, auth: Authenticator, result: bytes | Nak | Drop | Defer, limit: int) -> Decision:
+    def _finish(
+        self, auth: Authenticator, result: bytes | Nak | Drop | Defer | Seal, limit: int, late: bool
+    ) -> Decision:
         """Guard the reply length and count the outcome of a plugin's answer."""
+        if type(result) is Seal:
+            result.key, result.limit = self._k_replies[auth.name], limit
+            return result if late else self.seal(result)
         if isinstance(result, bytes):
             if len(result) > limit:
                 return self._drop(_D_TOO_LONG)
@@ -202,6 +213,15 @@ class Pipeline:
         assert isinstance(result, Defer)
         self._count(("deferred", auth.name))
         return result
+
+    def seal(self, pending: Seal) -> bytes | Drop:
+        """Finish a verified request's reply (transmit time read now), guard its length, count it."""
+        reply = pending.finish()
+        if len(reply) > pending.limit:
+            return self._drop(_D_TOO_LONG)
+        counts = self.stats.counts
+        counts[pending.key] = counts.get(pending.key, 0) + 1
+        return reply
 
     def check_deferred(self, request: bytes, reply: bytes | None, name: str, reason: str = "failed") -> bytes | None:
         """Apply the final guard and counters to a deferred reply when it arrives (or fails)."""

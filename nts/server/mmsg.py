@@ -22,6 +22,7 @@ from typing import Any
 
 # struct mmsghdr { struct msghdr { name, namelen, iov, iovlen, control, controllen, flags }, len }
 _MMSG = struct.Struct("@PIPNPNi4xI4x")
+_LENGTHS = struct.Struct("@8xI28xN8xI4x")  # what the kernel writes back: namelen, controllen, msg_len
 _IOVEC = struct.Struct("@PN")
 _NAME_LEN = 128  # sizeof(struct sockaddr_storage)
 _CMSG = struct.Struct("@NiiqQ")  # cmsghdr (len, level, type) + struct timespec
@@ -72,6 +73,7 @@ def available() -> bool:
         and _MMSG.size == 64
         and _IOVEC.size == 16
         and _CONTROL_LEN == _CMSG.size
+        and _LENGTHS.size == _MMSG.size
     )
 
 
@@ -90,7 +92,8 @@ class Batch:
         self.size = size
         self.slot = max_datagram + 1  # one spare byte: a longer datagram shows as oversize
         self.max_datagram = max_datagram
-        self.data, data_addr = _buffer(size * self.slot)
+        self._data = ctypes.create_string_buffer(size * self.slot)  # sliced directly: bytes in one step
+        data_addr = ctypes.addressof(self._data)
         self.names, self._names_addr = _buffer(size * _NAME_LEN)
         self.control, control_addr = _buffer(size * _CONTROL_LEN)
         self._rx_iov, rx_iov_addr = _buffer(size * _IOVEC.size)
@@ -116,35 +119,35 @@ class Batch:
         n = _recvmmsg(self.fd, self._rx_addr, self.size, _MSG_WAITFORONE, None)  # type: ignore[misc]
         return n if n >= 0 else -ctypes.get_errno()
 
-    def message(self, i: int) -> tuple[bytes, int, int, int]:
-        """(data, length on the wire, name length, receive time in ns or 0) of slot i."""
-        _, namelen, _, _, _, controllen, _, length = _MMSG.unpack_from(self.rx, i * _MMSG.size)
-        start = i * self.slot
-        data = bytes(self.data[start : start + min(length, self.slot)])
-        rx = 0
-        if controllen >= _CONTROL_LEN:
-            _, _, kind, sec, nsec = _CMSG.unpack_from(self.control, i * _CONTROL_LEN)
-            if kind == _SCM_TIMESTAMPNS:
-                rx = sec * 1_000_000_000 + nsec
-        return data, length, namelen, rx
-
-    def address(self, i: int) -> Any:
-        """The peer of slot i as socket.recvfrom gives it: (ip, port) or (ip, port, flowinfo, scope_id);
-        None for another family."""
-        off = i * _NAME_LEN
-        family, port, raw = _NAME4.unpack_from(self.names, off)
-        if family == _FAMILY4:
-            ip = self._ips.get(raw)
-            if ip is None:
-                if len(self._ips) >= _IP_CACHE:
-                    self._ips.clear()
-                ip = self._ips[raw] = socket.inet_ntop(socket.AF_INET, raw)
-            return ip, port
-        if family == _FAMILY6:
-            _, port, flowinfo, raw6 = _NAME6.unpack_from(self.names, off)
-            (scope,) = _SCOPE.unpack_from(self.names, off + 24)
-            return socket.inet_ntop(socket.AF_INET6, raw6), port, flowinfo, scope
-        return None
+    def messages(self, n: int) -> list[tuple[int, bytes, int, int, int, Any]]:
+        """The first n slots after recv(): (slot, data, length on the wire, name length, receive time in
+        ns or 0, peer). The peer is what socket.recvfrom gives: (ip, port) or (ip, port, flowinfo,
+        scope_id); None for another family. One call per batch: per-slot calls cost more than this."""
+        out: list[Any] = []  # (ctypes slices are bytes; typeshed says list)
+        data, slot, names, control, ips = self._data, self.slot, self.names, self.control, self._ips
+        for i, (namelen, controllen, length) in enumerate(_LENGTHS.iter_unpack(self.rx[: n * _MMSG.size])):
+            start = i * slot
+            rx = 0
+            if controllen >= _CONTROL_LEN:
+                _, _, kind, sec, nsec = _CMSG.unpack_from(control, i * _CONTROL_LEN)
+                if kind == _SCM_TIMESTAMPNS:
+                    rx = sec * 1_000_000_000 + nsec
+            off = i * _NAME_LEN
+            family, port, raw = _NAME4.unpack_from(names, off)
+            peer: Any = None
+            if family == _FAMILY4:
+                ip = ips.get(raw)
+                if ip is None:
+                    if len(ips) >= _IP_CACHE:
+                        ips.clear()
+                    ip = ips[raw] = socket.inet_ntop(socket.AF_INET, raw)
+                peer = (ip, port)
+            elif family == _FAMILY6:
+                _, port, flowinfo, raw6 = _NAME6.unpack_from(names, off)
+                (scope,) = _SCOPE.unpack_from(names, off + 24)
+                peer = (socket.inet_ntop(socket.AF_INET6, raw6), port, flowinfo, scope)
+            out.append((i, data[start : start + (length if length < slot else slot)], length, namelen, rx, peer))
+        return out
 
     def queue(self, i: int, namelen: int, reply: bytes) -> None:
         """Queue `reply` to the peer of receive slot i (sent by flush())."""

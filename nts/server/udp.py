@@ -21,9 +21,9 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..core.decisions import Defer
+from ..core.decisions import Defer, Seal
 from . import mmsg
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ class UdpListener:
 
     def _serve_batched(self) -> None:
         batch = mmsg.Batch(self.sock, self.batch, MAX_DATAGRAM)
-        recv, message, address, queue = batch.recv, batch.message, batch.address, batch.queue
+        recv, messages, queue = batch.recv, batch.messages, batch.queue
         time_ns = time.time_ns
         local = self.local
         limit = MAX_DATAGRAM
@@ -187,10 +187,9 @@ class UdpListener:
             pipeline = self.pipeline
             handle = pipeline.handle
             hold = self.hold_ns
-            first = 0  # when the oldest queued reply was finished
-            for i in range(n):
-                data, length, namelen, rx = message(i)
-                addr = address(i)
+            first = 0  # when the oldest reply waiting to be sent got its transmit timestamp
+            sealing: list[tuple[int, int, Seal, Any]] = []
+            for i, data, length, namelen, rx, addr in messages(n):
                 if addr is None:
                     continue
                 pipeline.requests += 1
@@ -198,23 +197,41 @@ class UdpListener:
                     pipeline.stats.inc(("drops", "oversize"))
                     continue
                 try:
-                    decision = handle(data, addr, rx or time_ns(), local)
+                    decision = handle(data, addr, rx or time_ns(), local, True)
                 except Exception:
                     self._internal_error(pipeline, addr)
                     continue
-                if type(decision) is bytes:
-                    queue(i, namelen, decision)
+                kind = type(decision)
+                if kind is Seal:  # verified; finished below, after the rest of the batch
+                    sealing.append((i, namelen, decision, addr))  # type: ignore[arg-type]
+                elif kind is bytes:
+                    queue(i, namelen, decision)  # type: ignore[arg-type]
+                    if not first:
+                        first = time_ns()
+                elif kind is Defer:
+                    assert self._loop is not None
+                    self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision)  # type: ignore[arg-type]
+                elif self._on_drop is not None:
+                    self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
+                if first and time_ns() - first >= hold:  # a queued timestamp must not go stale
+                    self._flush(batch, pipeline)
+                    first = 0
+            for i, namelen, pending, addr in sealing:
+                try:
+                    reply = pipeline.seal(pending)
+                except Exception:
+                    self._internal_error(pipeline, addr)
+                    continue
+                if type(reply) is bytes:
+                    queue(i, namelen, reply)
                     now = time_ns()
                     if not first:
                         first = now
-                    if now - first >= hold:  # its transmit timestamp must not go stale
+                    if now - first >= hold:
                         self._flush(batch, pipeline)
                         first = 0
-                elif type(decision) is Defer:
-                    assert self._loop is not None
-                    self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision)
                 elif self._on_drop is not None:
-                    self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
+                    self._on_drop(reply.reason, addr)  # type: ignore[union-attr]
             if batch.pending:
                 self._flush(batch, pipeline)
 

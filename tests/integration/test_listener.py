@@ -197,7 +197,7 @@ def test_batch_slots_carry_data_address_and_kernel_time() -> None:
         while len(got) < len(payloads):
             n = batch.recv()
             assert n > 0
-            got += [(batch.message(i), batch.address(i), i) for i in range(n)]
+            got += [((data, length, namelen, rx), addr, i) for i, data, length, namelen, rx, addr in batch.messages(n)]
         after = time.time_ns()
         for p, ((data, length, namelen, rx), addr, _) in zip(payloads, got, strict=True):
             assert addr == client.getsockname() and namelen == 16
