@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from typing import ClassVar
 
@@ -12,7 +13,7 @@ import pytest
 
 from nts.core.auth import Authenticator, ReplyContext, Request
 from nts.core.clockstate import ClockSettings, server_state
-from nts.core.decisions import Defer, Drop, Nak
+from nts.core.decisions import Defer, Drop, Nak, Seal
 from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainAuthenticator
 from nts.server import mmsg
@@ -212,3 +213,41 @@ def test_batch_slots_carry_data_address_and_kernel_time() -> None:
     finally:
         server.close()
         client.close()
+
+
+class SlowVerifier(SlowSigner):
+    """Verification costs 2 ms of CPU (busy, like crypto); the reply itself is cheap to finish."""
+
+    name: ClassVar[str] = "slowverify"
+
+    def respond(self, request: Request, ctx: ReplyContext) -> Seal:  # type: ignore[override]
+        deadline = time.perf_counter() + 0.002
+        while time.perf_counter() < deadline:
+            pass
+        return Seal(lambda: ctx.reply_header(request.data, request.rx_ns) + request.trailer)
+
+
+@pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg here")
+def test_batched_replies_are_timestamped_after_the_whole_batch_is_verified() -> None:
+    """Ten requests in one receive batch, 20 ms of verification in all: the transmit timestamps are
+    all read after it, together, just before the send (sealed late), not spread over the 20 ms."""
+
+    async def main() -> None:
+        sock = open_udp_socket("127.0.0.1", 0)
+        state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
+        pipeline = Pipeline(state=state, authenticators=[SlowVerifier()], clock=time.time_ns)
+        listener = UdpListener(sock, pipeline, batch=32, hold_ns=10**9)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(5)
+            for n in range(10):  # queued before the listener reads: one batch
+                c.sendto(client_request(transmit=n + 1) + bytes([1]) + bytes(19), sock.getsockname())
+            listener.start(asyncio.get_running_loop())
+            try:
+                replies = [await asyncio.get_running_loop().run_in_executor(None, c.recv, 200) for _ in range(10)]
+            finally:
+                listener.stop()
+        transmit = [struct.unpack_from(">Q", r, 40)[0] / 2**32 for r in replies]
+        assert max(transmit) - min(transmit) < 0.005  # verification alone took 0.020 s
+        assert pipeline.counters()[("replies", "slowverify")] == 10
+
+    asyncio.run(main())

@@ -10,7 +10,7 @@ import pytest
 
 from nts.core.auth import Authenticator, ReplyContext, Request
 from nts.core.clockstate import ClockSettings, server_state
-from nts.core.decisions import Defer, Drop, Nak
+from nts.core.decisions import Defer, Drop, Nak, Seal
 from nts.core.pipeline import Pipeline, ntp64
 from nts.core.plain import PlainAuthenticator
 from nts.core.policy import AccessPolicy, NetworkSet, RateLimiter, RateSettings
@@ -153,6 +153,9 @@ class TrailerAuth(Authenticator):
             return Nak(ctx.reply_header(request.data, request.rx_ns) + bytes(4), "bad_mac")
         if self.answer == "defer":
             return Defer(self, "job", request.client)
+        if self.answer in ("seal", "seal_long"):
+            extra = bytes(40) if self.answer == "seal_long" else request.trailer
+            return Seal(lambda: ctx.reply_header(request.data, request.rx_ns) + extra)
         return Drop("test_refused")
 
 
@@ -177,6 +180,42 @@ def test_dispatch_by_shape_and_reply_guard() -> None:
     counts = deferred.counters()
     assert counts[("drops", "test_failed")] == 1 and counts[("replies", "test")] == 1
     assert counts[("drops", "reply_too_long")] == 1
+
+
+class FastAuth(TrailerAuth):
+    """Answers 20-byte trailers whose first byte is 1 on the fast path, the rest on the general path."""
+
+    def fast(self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext) -> Seal | None:
+        if len(data) != 68 or data[48] != 1:
+            return None
+        return Seal(lambda: ctx.reply_header(data, rx_ns) + b"fast" + bytes(16))
+
+
+@pytest.mark.parametrize("path", ["general", "fast"])
+def test_a_seal_reads_the_transmit_time_when_finished_and_counts_then(path: str) -> None:
+    """With `late`, a verified request is a Seal: nothing is counted and no time read until seal()."""
+    clock = FakeClock(T0 + 1000)
+    p = Pipeline(state=STATE, clock=clock, authenticators=[FastAuth("seal")])
+    req = client_request() + bytes([1 if path == "fast" else 2]) + bytes(19)
+    pending = p.handle(req, CLIENT, T0, late=True)
+    assert isinstance(pending, Seal) and pending.limit == 68
+    assert ("replies", "test") not in p.counters()
+    clock.now = T0 + 5_000_000  # the rest of the batch was verified meanwhile
+    reply = p.seal(pending)
+    assert isinstance(reply, bytes) and len(reply) == 68
+    assert struct.unpack_from(">Q", reply, 40)[0] == ntp64(T0 + 5_000_000)  # transmit: when sealed
+    assert (reply[48:52] == b"fast") == (path == "fast")
+    assert p.counters()[("replies", "test")] == 1
+    now = p.handle(req, CLIENT, T0)  # without `late`: finished at once
+    assert isinstance(now, bytes) and p.counters()[("replies", "test")] == 2
+
+
+def test_a_seal_that_grows_the_reply_is_dropped() -> None:
+    p = make(authenticators=[TrailerAuth("seal_long")])
+    pending = p.handle(client_request() + bytes(20), CLIENT, T0, late=True)
+    assert isinstance(pending, Seal)
+    assert p.seal(pending) == Drop("reply_too_long")
+    assert p.counters()[("drops", "reply_too_long")] == 1 and ("replies", "test") not in p.counters()
 
 
 def test_no_authenticator_for_the_shape() -> None:
