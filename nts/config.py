@@ -234,9 +234,7 @@ def _ntp(node: Node) -> NtpSettings:
         listen=listen,
         workers=m["workers"].integer(1, 64) if "workers" in m else 1,
         batch=m["batch"].integer(1, 1024) if "batch" in m else 32,
-        max_hold_us=m["max_hold_us"].integer(0, 100_000)
-        if "max_hold_us" in m
-        else int(__import__("os").environ.get("HOLD", "50")),
+        max_hold_us=m["max_hold_us"].integer(0, 100_000) if "max_hold_us" in m else 50,
         user=m["user"].string() if "user" in m and not m["user"].is_null else None,
         group=m["group"].string() if "group" in m and not m["group"].is_null else None,
     )
