@@ -2,8 +2,10 @@
 
 Strategy: one entry per (client address, key id): algorithm, first and last seen, request count,
 updated under a lock (several listener threads may record at once). The table is bounded: when
-full, the half least recently seen is dropped in one pass. Totals per (algorithm, key id) are kept
-apart and never dropped, so metrics stay monotonic while the ledger forgets idle clients.
+full, the half least recently seen is dropped in one pass, and the counts of what it drops are
+added to per-(algorithm, key id) totals of forgotten requests. `totals` (forgotten plus live
+entries) is summed when asked for, not per request, and stays monotonic while the ledger forgets
+idle clients.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ class ClientLedger:
     def __init__(self, max_clients: int = 10_000) -> None:
         self.max_clients = max_clients
         self._lock = threading.Lock()
-        self._entries: dict[tuple[str, int], list[Any]] = {}  # [algorithm, first_ns, last_ns, count]
-        self.totals: dict[tuple[str, str], int] = {}  # (algorithm label, key id) -> requests
+        self._entries: dict[tuple[str, int], list[Any]] = {}  # [algorithm, first_ns, last_ns, count, total key]
+        self._forgotten: dict[tuple[str, str], int] = {}  # (algorithm label, key id) -> requests
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -35,22 +37,40 @@ class ClientLedger:
             total_key = (algorithm.label, str(key_id))
         with self._lock:
             entry = self._entries.get(k)
+            if entry is not None and entry[4] == total_key:  # the same key as before: the common case
+                entry[2] = now_ns
+                entry[3] += 1
+                return
             if entry is None:
                 if len(self._entries) >= self.max_clients:
                     self._forget_idle_half()
-                self._entries[k] = [algorithm, now_ns, now_ns, 1]
-            else:
-                entry[0], entry[2], entry[3] = algorithm, now_ns, entry[3] + 1
-            self.totals[total_key] = self.totals.get(total_key, 0) + 1
+                self._entries[k] = [algorithm, now_ns, now_ns, 1, total_key]
+            else:  # the key id now names another algorithm (the key file changed): count apart
+                self._forget(entry)
+                self._entries[k] = [algorithm, entry[1], now_ns, 1, total_key]
+
+    def _forget(self, entry: list[Any]) -> None:
+        self._forgotten[entry[4]] = self._forgotten.get(entry[4], 0) + entry[3]
 
     def _forget_idle_half(self) -> None:
         by_last = sorted(self._entries.items(), key=lambda item: item[1][2])
+        for _, entry in by_last[: len(by_last) // 2]:
+            self._forget(entry)
         self._entries = dict(by_last[len(by_last) // 2 :])
+
+    @property
+    def totals(self) -> dict[tuple[str, str], int]:
+        """Requests per (algorithm label, key id) since start: forgotten entries plus live ones."""
+        with self._lock:
+            out = dict(self._forgotten)
+            for entry in self._entries.values():
+                out[entry[4]] = out.get(entry[4], 0) + entry[3]
+        return out
 
     def report(self) -> list[dict[str, Any]]:
         """Entries, most recently seen first, as JSON-ready dicts."""
         with self._lock:
-            items = [(k, list(v)) for k, v in self._entries.items()]
+            items = [(k, v[:4]) for k, v in self._entries.items()]
         items.sort(key=lambda item: item[1][2], reverse=True)
         return [
             {

@@ -112,3 +112,14 @@ def test_ledger_accounts_and_stays_bounded() -> None:
     rows = ledger.report()
     assert rows[0]["client"] == "10.0.3.231" and rows[0]["requests"] == 2 and rows[0]["deprecated"] is True
     assert ledger.totals == {("MD5", "1"): 1001}
+
+
+def test_ledger_counts_a_key_id_apart_when_its_algorithm_changes() -> None:
+    """A key file may reuse an id for a new algorithm: the totals keep both, the client row shows the new."""
+    ledger = ClientLedger()
+    for _ in range(3):
+        ledger.record("192.0.2.1", 7, Algorithm.MD5, 10**18)
+    ledger.record("192.0.2.1", 7, Algorithm.AES128CMAC, 10**18 + 5)
+    assert ledger.totals == {("MD5", "7"): 3, ("AES-128-CMAC", "7"): 1}
+    (row,) = ledger.report()
+    assert row["algorithm"] == "AES-128-CMAC" and row["requests"] == 1 and row["deprecated"] is False
