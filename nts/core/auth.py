@@ -105,6 +105,10 @@ class Authenticator(ABC):
         """Optional shortcut for this mode's common shape (see the module comment); None: not taken."""
         return None
 
+    def fast_takes(self, length: int) -> bool:
+        """Whether `fast` may take a datagram of this length (the pipeline asks once per length)."""
+        return True
+
     async def complete(self, job: object) -> bytes | None:
         """Finish a deferred reply (asynchronous signers only)."""
         raise NotImplementedError

@@ -41,6 +41,8 @@ _D_TOO_LONG = drop("reply_too_long")
 # Bodies that split_body reads as a bare trailer in every version: 20 or 24 bytes (key id + 16/20-byte
 # MAC) are below RFC 7822's smallest field plus MAC, so no version can hold an extension field there.
 _MAC_ONLY = frozenset({20, 24})
+_Fast = tuple[Authenticator, Callable[..., "bytes | Nak | Drop | Seal | None"], tuple[str, ...]]
+_FAST_TABLE = 4097  # datagram lengths whose list of fast paths is kept (the shell's largest + 1)
 assert MAX_MAC_LEN == 24
 
 
@@ -63,6 +65,7 @@ class Pipeline:
         deny_kod: bool = True,
         rate: RateLimiter | None = None,
         require_auth: NetworkSet | None = None,
+        fast_paths: bool = True,
     ) -> None:
         self.stats = stats if stats is not None else Stats()
         self.clock = clock
@@ -73,9 +76,14 @@ class Pipeline:
         self._rate = rate
         self._require_auth = require_auth if require_auth is not None and require_auth.networks else None
         self._k_replies = {a.name: ("replies", a.name) for a in self._auths}
-        self._fast = tuple(
+        fast: list[_Fast] = [
             (a, a.fast, self._k_replies[a.name]) for a in self._auths if type(a).fast is not Authenticator.fast
-        )
+        ]
+        if not fast_paths:  # every datagram takes the general path (tests compare the two)
+            fast = []
+        self._fast = tuple(fast)
+        # The fast paths that may take each datagram length, asked once per length seen.
+        self._fast_by_len: dict[int, tuple[_Fast, ...]] = {}
         # Plain ints are cheaper than dict entries on the hot path; counters() merges them.
         self.requests = 0  # incremented by the shell for every datagram
         self.bare_replies = 0
@@ -156,7 +164,12 @@ class Pipeline:
                 (((rx_ns << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
                 (((self.clock() << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
             )
-        for auth, fast, k_replies in self._fast:
+        fasts = self._fast_by_len.get(n)
+        if fasts is None:
+            fasts = tuple(f for f in self._fast if f[0].fast_takes(n))
+            if n < _FAST_TABLE:
+                self._fast_by_len[n] = fasts
+        for auth, fast, k_replies in fasts:
             result = fast(data, client, rx_ns, self)
             if result is not None:
                 if type(result) is bytes and len(result) <= n:  # the common case, counted inline

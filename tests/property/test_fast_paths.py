@@ -61,8 +61,7 @@ def _plugins() -> list[Authenticator]:
 def _pipelines() -> tuple[Pipeline, Pipeline]:
     state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
     fast = Pipeline(state=state, authenticators=_plugins(), clock=lambda: 7 * 10**18)
-    general = Pipeline(state=state, authenticators=_plugins(), clock=lambda: 7 * 10**18)
-    general._fast = ()  # the general path only
+    general = Pipeline(state=state, authenticators=_plugins(), clock=lambda: 7 * 10**18, fast_paths=False)
     assert fast._fast  # the NTS and MAC plugins offer fast paths
     return fast, general
 
