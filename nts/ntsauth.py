@@ -59,19 +59,22 @@ def auth_field(aead: Aead, key: bytes | Cipher, nonce: bytes, plaintext: bytes, 
     """A serialized NTS Authenticator field, at least `min_length` bytes long (padded)."""
     if aead.nonce_len is not None:
         nonce = nonce[: aead.nonce_len]
-    ciphertext = aead.encrypt(key, nonce, plaintext, ad)
-    n, c = len(nonce), len(ciphertext)
-    padded = c + (-c % 4)
+    before, after = auth_frame(aead, nonce, len(plaintext) + TAG_LEN, min_length)
+    return before + aead.encrypt(key, nonce, plaintext, ad) + after
+
+
+def auth_frame(aead: Aead, nonce: bytes, ct_len: int, min_length: int) -> tuple[bytes, bytes]:
+    """What surrounds a `ct_len`-byte ciphertext in an Authenticator field of at least `min_length`
+    bytes: (field and body headers, nonce and its padding; the padding after the ciphertext). Known
+    before the ciphertext is, so a reply's field is laid out before its transmit time is read."""
+    n = len(nonce)
+    padded = ct_len + (-ct_len % 4)
     used = 8 + n + (-n % 4) + padded  # field and body headers, nonce and ciphertext, each padded to 4
     floor = 8 + min(MIN_UNPADDED_NONCE, aead.nonce_len or MIN_UNPADDED_NONCE) + padded  # section 5.6 rule
     length = max(used, floor, min_length)
     length += -length % 4
-    return (
-        _AUTH_FIELD.pack(_AUTHENTICATOR, length, n, c)
-        + nonce
-        + bytes(-n % 4)
-        + ciphertext
-        + bytes(length - used + padded - c)
+    return _AUTH_FIELD.pack(_AUTHENTICATOR, length, n, ct_len) + nonce + bytes(-n % 4), bytes(
+        length - used + padded - ct_len
     )
 
 
@@ -149,18 +152,19 @@ class NtsPacketAuth:
             return _D_MALFORMED
         now = self.wall_clock()
         try:
-            aead_id, c2s, s2c = self.keyring.open(data[cookie_at + 4 : cookie_at + size], now)
+            contents = self.keyring.open_contents(data[cookie_at + 4 : cookie_at + size], now)
         except CookieError as exc:
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], exc.reason)
-        aead = AEADS.get(aead_id)
-        if aead is None or aead_id not in self.supported:  # disabled since: make the client redo NTS-KE
+        aead_id = contents[0] << 8 | contents[1]
+        aead = AEADS[aead_id]  # open_contents checked it
+        if aead_id not in self.supported:  # disabled since: make the client redo NTS-KE
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "aead_disabled")
         opened = _open_auth(data[pos + 4 : end])
         if opened is None:
             return _D_MALFORMED
         nonce, ciphertext = opened
         try:
-            plaintext = aead.decrypt(self._cipher(aead, c2s), nonce, ciphertext, data[:pos])
+            plaintext = aead.decrypt(self._cipher(aead, contents[4 : 4 + aead.key_len]), nonce, ciphertext, data[:pos])
         except AeadError:
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "authenticator_invalid")
         wanted = 1 + placeholders
@@ -176,12 +180,16 @@ class NtsPacketAuth:
             return _D_MALFORMED
         count = min(wanted, MAX_COOKIES)
         randomness = os.urandom(SERVER_NONCE_LEN + 16 * count)  # one draw for all nonces (CSPRNG)
-        cookies = b"".join(self.keyring.seal_many((aead_id, c2s, s2c), now, count, randomness, True))
-        s2c_cipher = self._cipher(aead, s2c)
+        cookies = self.keyring.seal_fields(contents, now, count, randomness)
+        s2c = self._cipher(aead, contents[4 + aead.key_len :])
+        nonce = randomness[-(aead.nonce_len or SERVER_NONCE_LEN) :]
+        uid = data[uid_at:uid_end]
+        before, after = auth_frame(aead, nonce, len(cookies) + TAG_LEN, end - HEADER_LEN - len(uid))
+        encrypt = aead.encrypt
 
         def finish() -> bytes:  # at send time: the transmit timestamp, then the reply's seal over it
-            head = ctx.reply_header(data, rx_ns) + data[uid_at:uid_end]
-            return head + auth_field(aead, s2c_cipher, randomness[-SERVER_NONCE_LEN:], cookies, head, end - len(head))
+            head = ctx.reply_header(data, rx_ns) + uid
+            return head + before + encrypt(s2c, nonce, cookies, head) + after
 
         return Seal(finish)
 
