@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 import struct
 import threading
@@ -35,6 +36,12 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; absent fr
 MAX_DATAGRAM = 4096  # larger requests are dropped as oversize
 _TIMESPEC = struct.Struct("@qq")
 _ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+def _error_label(err: int) -> str:
+    """The metrics label for an errno: the name of the OSError subclass Python raises for it, as
+    the unbatched path counts exceptions (ConnectionRefusedError, PermissionError, OSError...)."""
+    return OSError(err, os.strerror(err)).__class__.__name__
 
 
 def open_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -182,7 +189,7 @@ class UdpListener:
                 return
             if n < 0:
                 if n != -errno.EINTR:
-                    self.pipeline.stats.inc(("socket_errors", errno.errorcode.get(-n, str(-n))))
+                    self.pipeline.stats.inc(("socket_errors", _error_label(-n)))
                 continue
             pipeline = self.pipeline
             handle = pipeline.handle
@@ -238,7 +245,7 @@ class UdpListener:
     @staticmethod
     def _flush(batch: mmsg.Batch, pipeline: Pipeline) -> None:
         for err in batch.flush():
-            pipeline.stats.inc(("socket_errors", errno.errorcode.get(err, str(err))))
+            pipeline.stats.inc(("socket_errors", _error_label(err)))
 
     def _internal_error(self, pipeline: Pipeline, addr: tuple[str, int]) -> None:
         pipeline.stats.inc(("drops", "internal_error"))

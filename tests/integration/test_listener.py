@@ -4,6 +4,7 @@ asynchronous authenticator, plugin bugs, bursts, oversize and empty datagrams, s
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 import time
@@ -251,3 +252,24 @@ def test_batched_replies_are_timestamped_after_the_whole_batch_is_verified() -> 
         assert pipeline.counters()[("replies", "slowverify")] == 10
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg here")
+def test_a_datagram_that_cannot_be_sent_does_not_stop_the_rest_of_its_batch() -> None:
+    server = open_udp_socket("127.0.0.1", 0)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.bind(("127.0.0.1", 0))
+        client.settimeout(5)
+        batch = mmsg.Batch(server, 4, 100)
+        client.sendto(b"ping", server.getsockname())
+        assert batch.recv() == 1
+        ((i, _, _, namelen, _, _),) = batch.messages(1)
+        batch.queue(i, namelen, b"first")
+        batch.queue(i, 0, b"nowhere")  # no destination on an unconnected socket: EDESTADDRREQ
+        batch.queue(i, namelen, b"last")
+        assert batch.flush() == [errno.EDESTADDRREQ]
+        assert [client.recv(100), client.recv(100)] == [b"first", b"last"]
+    finally:
+        server.close()
+        client.close()
