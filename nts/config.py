@@ -374,7 +374,10 @@ def load_config(path: str | None, plugins: Mapping[str, Any] | None = None) -> C
 
 def iter_lines(config: Config) -> Iterator[str]:
     """A human summary for logs and check-config."""
-    yield f"ntp listen: {', '.join(format_addr(a) for a in config.ntp.listen)} (workers {config.ntp.workers})"
+    yield (
+        f"ntp listen: {', '.join(format_addr(a) for a in config.ntp.listen)} (workers {config.ntp.workers}, "
+        f"batch {config.ntp.batch}, max hold {config.ntp.max_hold_us} us)"
+    )
     if config.metrics_listen:
         yield f"metrics: http://{format_addr(config.metrics_listen)}/metrics"
     for name in config.plugins:

@@ -53,10 +53,11 @@ class Seal:
 
     __slots__ = ("finish", "key", "limit")
 
+    key: tuple[str, ...]  # set by the pipeline before the Seal leaves it
+    limit: int
+
     def __init__(self, finish: Callable[[], bytes]) -> None:
         self.finish = finish
-        self.key: tuple[str, ...] = ()
-        self.limit = 0
 
 
 Decision = bytes | Drop | Defer | Seal

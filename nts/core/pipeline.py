@@ -172,9 +172,8 @@ class Pipeline:
         for auth, fast, k_replies in fasts:
             result = fast(data, client, rx_ns, self)
             if result is not None:
-                if type(result) is bytes and len(result) <= n:  # the common case, counted inline
-                    counts = self.stats.counts
-                    counts[k_replies] = counts.get(k_replies, 0) + 1
+                if late and type(result) is Seal:  # the common case in a batch
+                    result.key, result.limit = k_replies, n
                     return result
                 return self._finish(auth, result, n, late)
         return self._authenticated(data, client, rx_ns, local, version, late)

@@ -23,6 +23,8 @@ from typing import Any
 # struct mmsghdr { struct msghdr { name, namelen, iov, iovlen, control, controllen, flags }, len }
 _MMSG = struct.Struct("@PIPNPNi4xI4x")
 _LENGTHS = struct.Struct("@8xI28xN8xI4x")  # what the kernel writes back: namelen, controllen, msg_len
+_PEER = struct.Struct("@PI")  # msg_name, msg_namelen: the start of an mmsghdr
+_LENGTH = struct.Struct("@N")  # iov_len, the second half of an iovec
 _IOVEC = struct.Struct("@PN")
 _NAME_LEN = 128  # sizeof(struct sockaddr_storage)
 _CMSG = struct.Struct("@NiiqQ")  # cmsghdr (len, level, type) + struct timespec
@@ -108,8 +110,9 @@ class Batch:
         self._out, self._out_addr = _buffer(size * self.slot)
         self._tx_iov, self._tx_iov_addr = _buffer(size * _IOVEC.size)
         self.tx, self._tx_addr = _buffer(size * _MMSG.size)
-        for i in range(size):
+        for i in range(size):  # reply j: iovec j over output slot j; only lengths and peers change
             _IOVEC.pack_into(self._tx_iov, i * _IOVEC.size, self._out_addr + i * self.slot, 0)
+            _MMSG.pack_into(self.tx, i * _MMSG.size, 0, 0, self._tx_iov_addr + i * _IOVEC.size, 1, 0, 0, 0, 0)
         self.pending = 0
         self._ips: dict[bytes, str] = {}
 
@@ -155,11 +158,8 @@ class Batch:
         start = j * self.slot
         n = len(reply)
         self._out[start : start + n] = reply
-        _IOVEC.pack_into(self._tx_iov, j * _IOVEC.size, self._out_addr + start, n)
-        _MMSG.pack_into(
-            self.tx, j * _MMSG.size, self._names_addr + i * _NAME_LEN, namelen,
-            self._tx_iov_addr + j * _IOVEC.size, 1, 0, 0, 0, 0,
-        )  # fmt: skip
+        _LENGTH.pack_into(self._tx_iov, j * _IOVEC.size + 8, n)
+        _PEER.pack_into(self.tx, j * _MMSG.size, self._names_addr + i * _NAME_LEN, namelen)
         self.pending = j + 1
 
     def flush(self) -> list[int]:

@@ -196,10 +196,10 @@ class UdpListener:
             hold = self.hold_ns
             first = 0  # when the oldest reply waiting to be sent got its transmit timestamp
             sealing: list[tuple[int, int, Seal, Any]] = []
+            pipeline.requests += n
             for i, data, length, namelen, rx, addr in messages(n):
-                if addr is None:
+                if addr is None:  # not an IP peer (cannot happen on an IP socket)
                     continue
-                pipeline.requests += 1
                 if length > limit:
                     pipeline.stats.inc(("drops", "oversize"))
                     continue
