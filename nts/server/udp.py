@@ -1,13 +1,17 @@
-"""NTP over UDP: one receive thread per socket, kernel receive timestamps, replies sent inline.
+"""NTP over UDP: one receive thread per socket, kernel receive timestamps, replies in batches.
 
 Strategy: measured here, asyncio's per-event overhead costs a fifth of the throughput of a blocking
-loop, and its datagram protocol cannot return ancillary data at all. So each socket gets a thread
-that blocks in `recvmsg` (the GIL is released while it waits; the asyncio thread, which runs
+loop, and its datagram API cannot return ancillary data at all. So each socket gets a thread
+that blocks in the kernel (the GIL is released while it waits; the asyncio thread, which runs
 everything else, is idle nearly always). SO_TIMESTAMPNS makes the kernel attach the receive time.
 Each listener has its own Pipeline (exact counters, no races); access and rate-limit tables are
-shared. The per-packet path calls the pipeline and sends what it returns, nothing else. A reload
-swaps the pipeline between packets; stopping shuts the socket down, which wakes the blocked read.
-Deferred replies (asynchronous signers) are finished on the event loop and sent from there.
+shared. On Linux a thread takes up to `batch` datagrams per recvmmsg (mmsg.py): it asks the
+pipeline about each, finishes the verified ones (`Seal`: transmit timestamp, then MAC or AEAD)
+only after the whole batch is decided, and sends the replies with one sendmmsg, flushing early
+when a timestamp has waited `hold_ns`. Elsewhere, or with batch 1, it is recvmsg and sendto per
+datagram. A reload swaps the pipeline between batches; stopping shuts the socket down, which wakes
+the blocked read. Deferred replies (asynchronous signers) are finished on the event loop and sent
+from there.
 """
 
 from __future__ import annotations
