@@ -4,9 +4,12 @@ Strategy: a request carries a Unique Identifier, exactly one cookie, optional pl
 its last field, the NTS Authenticator. The cookie yields the session keys; the authenticator is
 verified with the C2S key over everything before it. The reply echoes the UID and carries, inside
 a field sealed with the S2C key, one fresh cookie per cookie and placeholder (at most 8), padded
-so the reply is exactly as long as the request. Fresh cookies are sealed before the header is
-built, so the transmit timestamp is taken after the expensive part. A cookie that cannot be
-opened or an authenticator that does not verify gets an NTS NAK (KoD NTSN, UID only).
+so the reply is exactly as long as the request. One walk over the raw fields finds them (no field
+objects: this is the hot path, shared by the pipeline's fast path and `respond`). Fresh cookies
+are sealed and the reply's authenticator laid out before the answer is returned as a Seal, whose
+finish reads the transmit timestamp and seals the reply, so the timestamp comes after the
+expensive part. A cookie that cannot be opened or an authenticator that does not verify gets an
+NTS NAK (KoD NTSN, UID only).
 """
 
 from __future__ import annotations

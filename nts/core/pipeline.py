@@ -1,12 +1,14 @@
 """The association core: one pipeline for every datagram, whatever its authentication mode.
 
 Strategy: `handle(data, client, rx_ns, local)` runs parse -> access -> rate -> authenticator ->
-reply -> length guard and returns a Decision (reply bytes, a Drop, or a Defer), counting the outcome
-in `stats`. Only mode-3 requests of versions 1-4 are answered. The common case (a bare 48-byte
-request in plain mode) takes the same steps without building a Packet: the header's first byte
-gives mode and version, and the reply is assembled from bytes prebuilt whenever the server state
-changes. Time comes in: `rx_ns` per call, and the injected `clock()` for the transmit timestamp,
-read as the last step before the reply is returned.
+reply -> length guard and returns a Decision (reply bytes, a Drop, a Defer, or with `late` a Seal
+that `seal()` finishes), counting the outcome in `stats`. Only mode-3 requests of versions 1-4 are
+answered. The common case (a bare 48-byte request in plain mode) takes the same steps without
+building a Packet: the header's first byte gives mode and version, and the reply is assembled
+from bytes prebuilt whenever the server state changes. Plugins' fast paths (chosen by datagram
+length) come next, and only then the general path: split fields, weigh claims, `respond`. Time
+comes in: `rx_ns` per call, and the injected `clock()` for the transmit timestamp, read as the
+last step before the reply is returned (or, for a Seal, when it is finished).
 """
 
 from __future__ import annotations
