@@ -3,9 +3,11 @@
 Strategy: a request whose trailer is 20 or 24 bytes (key id + MAC) is this plugin's. The key id
 selects the key; it must be in the file, trusted, allowed for the client's network, and of an
 algorithm whose MAC has the trailer's length. Then the MAC over everything before the trailer is
-compared in constant time. Success: the reply header signed with the same key and algorithm.
-Any failure: a crypto-NAK (RFC 5905 section 7.4: key id 0, no MAC) on a header that carries no
-time (stratum 0, leap 3, zero receive/transmit), counted by reason. Legacy digests are
+compared in constant time. Success: the reply header signed with the same key and algorithm,
+returned as a Seal (header and MAC made when the reply is sent). A bare key id + MAC with a known
+key id is taken on the pipeline's fast path (no other plugin can claim it more firmly). Any
+failure: a crypto-NAK (RFC 5905 section 7.4: key id 0, no MAC) on a header that carries no time
+(stratum 0, leap 3, zero receive/transmit), counted by reason. Legacy digests are
 H(key || data) truncated to 20 bytes; AES-CMAC (RFC 8573) is CMAC(key, data), 16 bytes.
 The key table is swapped whole on reload, so a request sees the old table or the new, never a mix.
 """
