@@ -192,7 +192,7 @@ class NtpSettings:
     listen: tuple[tuple[str, int], ...]
     workers: int = 1
     batch: int = 32  # datagrams per recvmmsg/sendmmsg call (1: one syscall per datagram)
-    max_hold_us: int = 50  # how long a finished reply may wait for others to share its send call
+    max_hold_us: int = 20  # how long a finished reply may wait for others to share its send call
     user: str | None = None
     group: str | None = None
 
@@ -234,7 +234,7 @@ def _ntp(node: Node) -> NtpSettings:
         listen=listen,
         workers=m["workers"].integer(1, 64) if "workers" in m else 1,
         batch=m["batch"].integer(1, 1024) if "batch" in m else 32,
-        max_hold_us=m["max_hold_us"].integer(0, 100_000) if "max_hold_us" in m else 50,
+        max_hold_us=m["max_hold_us"].integer(0, 100_000) if "max_hold_us" in m else 20,
         user=m["user"].string() if "user" in m and not m["user"].is_null else None,
         group=m["group"].string() if "group" in m and not m["group"].is_null else None,
     )

@@ -15,7 +15,8 @@ in each server's key file format); NTS requests (one cookie, AES-SIV-CMAC-256; e
 cookie from a real NTS-KE); NTS-KE sessions with 16 parallel clients, with EC (P-256) and RSA
 (2048) certificates, the same certificate files for both servers.
 
-Usage: python3 tests/bench/bench.py [--seconds 3] [--rounds 3] [--only plain,nts,ke]
+Usage: python3 tests/bench/bench.py [--seconds 3] [--rounds 3] [--only plain,mac,nts,ke]
+       [--ntp-options "max_hold_us: 10, batch: 32"]
 Needs: chronyd (Debian chrony), gcc, libssl-dev, taskset; run as root (chronyd -u root).
 """
 
@@ -99,7 +100,7 @@ def run_tool(cmd: list[str], core: int) -> dict[str, str]:
 class Servers:
     """chrony and ntsd side by side with the same certificate, NTP and NTS-KE on loopback."""
 
-    def __init__(self, work: Path, cert_kind: str, core: int) -> None:
+    def __init__(self, work: Path, cert_kind: str, core: int, ntp_options: str = "") -> None:
         self.work = work / cert_kind
         self.work.mkdir()
         self.certs = make_dev_certs(self.work / "certs", ["localhost", "127.0.0.1"], kind=cert_kind)
@@ -119,7 +120,8 @@ class Servers:
             f"pidfile {self.work}/chronyd.pid\n"
         )
         (self.work / "ntsd.yaml").write_text(
-            f'ntp: {{listen: ["127.0.0.1:{self.ntp["ntsd"]}"]}}\nrate_limit: {{enabled: false}}\n'
+            f'ntp: {{listen: ["127.0.0.1:{self.ntp["ntsd"]}"]{", " + ntp_options if ntp_options else ""}}}\n'
+            "rate_limit: {enabled: false}\n"
             "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\nmetrics: {listen: null}\n"
             "log: {level: warning}\n"
             f'nts: {{listen: ["127.0.0.1:{self.ke["ntsd"]}"], certificate: {self.certs.certificate}, '
@@ -235,6 +237,7 @@ def main() -> int:
     ap.add_argument("--server-core", type=int, default=1)
     ap.add_argument("--client-core", type=int, default=0)
     ap.add_argument("--only", default="plain,mac,nts,ke", help="comma-separated: plain, mac, nts, ke")
+    ap.add_argument("--ntp-options", default="", help='extra ntsd ntp settings, e.g. "max_hold_us: 10"')
     args = ap.parse_args()
     only = set(args.only.split(","))
     for tool in ("chronyd", "gcc", "taskset"):
@@ -250,7 +253,7 @@ def main() -> int:
         )
         for kind in ("ec", "rsa"):
             if kind == "ec" or "ke" in only:
-                servers = Servers(work, kind, args.server_core)
+                servers = Servers(work, kind, args.server_core, args.ntp_options)
                 try:
                     run_all(servers, kind, args, only, loadgen, keload)
                 finally:
