@@ -40,6 +40,7 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; absent fr
 MAX_DATAGRAM = 4096  # larger requests are dropped as oversize
 _TIMESPEC = struct.Struct("@qq")
 _ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+_K_RECV, _K_SEND = ("io_calls", "recvmmsg"), ("io_calls", "sendmmsg")
 
 
 def _error_label(err: int) -> str:
@@ -198,6 +199,8 @@ class UdpListener:
                     self.pipeline.stats.inc(("socket_errors", _error_label(-n)))
                 continue
             pipeline = self.pipeline
+            counts = pipeline.stats.counts
+            counts[_K_RECV] = counts.get(_K_RECV, 0) + 1
             if n == 1:  # light load: answer at once, as the unbatched loop does (no send-call overhead)
                 self._one(pipeline, messages(1)[0])
                 continue
@@ -263,6 +266,8 @@ class UdpListener:
 
     @staticmethod
     def _flush(batch: mmsg.Batch, pipeline: Pipeline) -> None:
+        counts = pipeline.stats.counts
+        counts[_K_SEND] = counts.get(_K_SEND, 0) + 1
         for err in batch.flush():
             pipeline.stats.inc(("socket_errors", _error_label(err)))
 
