@@ -85,7 +85,7 @@ def _buffer(size: int) -> tuple[memoryview, int]:
 
 
 class Batch:
-    """Buffers and calls for one socket: `recv()` then per-slot accessors, `queue()` then `flush()`."""
+    """Buffers and calls for one socket: `recv()` then `messages()`; `queue()` replies then `flush()`."""
 
     def __init__(self, sock: socket.socket, size: int, max_datagram: int) -> None:
         if not available():
