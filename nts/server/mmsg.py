@@ -32,6 +32,7 @@ _CONTROL_LEN = socket.CMSG_SPACE(16)
 _SCM_TIMESTAMPNS = 35  # == SO_TIMESTAMPNS
 _MSG_WAITFORONE = 0x10000
 _NAME4 = struct.Struct(">HH4s")  # family read big-endian (compared to a swapped constant), port, address
+_NAME4_SLOT = struct.Struct(">HH4s120x")  # the same over a whole sockaddr_storage slot
 _NAME6 = struct.Struct(">HHI16s")
 _SCOPE = struct.Struct("=I")
 _FAMILY4 = struct.unpack(">H", struct.pack("=H", socket.AF_INET))[0]
@@ -127,16 +128,15 @@ class Batch:
         ns or 0, peer). The peer is what socket.recvfrom gives: (ip, port) or (ip, port, flowinfo,
         scope_id); None for another family. One call per batch: per-slot calls cost more than this."""
         out: list[Any] = []  # (ctypes slices are bytes; typeshed says list)
-        data, slot, names, control, ips = self._data, self.slot, self.names, self.control, self._ips
-        for i, (namelen, controllen, length) in enumerate(_LENGTHS.iter_unpack(self.rx[: n * _MMSG.size])):
-            start = i * slot
-            rx = 0
-            if controllen >= _CONTROL_LEN:
-                _, _, kind, sec, nsec = _CMSG.unpack_from(control, i * _CONTROL_LEN)
-                if kind == _SCM_TIMESTAMPNS:
-                    rx = sec * 1_000_000_000 + nsec
-            off = i * _NAME_LEN
-            family, port, raw = _NAME4.unpack_from(names, off)
+        data, slot, names, ips = self._data, self.slot, self.names, self._ips
+        heads = _LENGTHS.iter_unpack(self.rx[: n * _MMSG.size])
+        cmsgs = _CMSG.iter_unpack(self.control[: n * _CONTROL_LEN])
+        peers = _NAME4_SLOT.iter_unpack(names[: n * _NAME_LEN])
+        start = 0
+        for i, (namelen, controllen, length), (_, _, kind, sec, nsec), (family, port, raw) in zip(
+            range(n), heads, cmsgs, peers, strict=True
+        ):
+            rx = sec * 1_000_000_000 + nsec if controllen >= _CONTROL_LEN and kind == _SCM_TIMESTAMPNS else 0
             peer: Any = None
             if family == _FAMILY4:
                 ip = ips.get(raw)
@@ -146,10 +146,12 @@ class Batch:
                     ip = ips[raw] = socket.inet_ntop(socket.AF_INET, raw)
                 peer = (ip, port)
             elif family == _FAMILY6:
+                off = i * _NAME_LEN
                 _, port, flowinfo, raw6 = _NAME6.unpack_from(names, off)
                 (scope,) = _SCOPE.unpack_from(names, off + 24)
                 peer = (socket.inet_ntop(socket.AF_INET6, raw6), port, flowinfo, scope)
             out.append((i, data[start : start + (length if length < slot else slot)], length, namelen, rx, peer))
+            start += slot
         return out
 
     def queue(self, i: int, namelen: int, reply: bytes) -> None:
