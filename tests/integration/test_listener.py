@@ -8,6 +8,7 @@ import errno
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
@@ -188,37 +189,42 @@ def test_oversize_and_empty_datagrams_are_counted_drops(batch: int) -> None:
     asyncio.run(main())
 
 
-@pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg here")
-def test_batch_slots_carry_data_address_and_kernel_time() -> None:
+@pytest.fixture
+def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A bound server socket (kernel timestamps on) and a client socket, both on 127.0.0.1."""
     server = open_udp_socket("127.0.0.1", 0)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        client.bind(("127.0.0.1", 0))
-        client.settimeout(5)
-        batch = mmsg.Batch(server, 8, 100)
-        before = time.time_ns()
-        payloads = [b"one", b"", bytes(range(100)), bytes(150)]
-        for p in payloads:
-            client.sendto(p, server.getsockname())
-        got = []
-        while len(got) < len(payloads):
-            n = batch.recv()
-            assert n > 0
-            got += [((data, length, namelen, rx), addr, i) for i, data, length, namelen, rx, addr in batch.messages(n)]
-        after = time.time_ns()
-        for p, ((data, length, namelen, rx), addr, _) in zip(payloads, got, strict=True):
-            assert addr == client.getsockname() and namelen == 16
-            assert before <= rx <= after
-            assert length == len(p) if len(p) <= 100 else length > 100  # longer than the limit: flagged
-            assert data == p[:101]
-        for (_, _, namelen, _), _, i in reversed(got[:3]):
-            batch.queue(i, namelen, b"reply %d" % i)
-        assert batch.flush() == []
-        replies = {client.recv(100) for _ in range(3)}
-        assert replies == {b"reply %d" % i for _, _, i in got[:3]}
-    finally:
-        server.close()
-        client.close()
+    client.bind(("127.0.0.1", 0))
+    client.settimeout(5)
+    yield server, client
+    server.close()
+    client.close()
+
+
+@pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg here")
+def test_batch_slots_carry_data_address_and_kernel_time(sockets: tuple[socket.socket, socket.socket]) -> None:
+    server, client = sockets
+    batch = mmsg.Batch(server, 8, 100)
+    before = time.time_ns()
+    payloads = [b"one", b"", bytes(range(100)), bytes(150)]
+    for p in payloads:
+        client.sendto(p, server.getsockname())
+    got = []
+    while len(got) < len(payloads):
+        n = batch.recv()
+        assert n > 0
+        got += [((data, length, namelen, rx), addr, i) for i, data, length, namelen, rx, addr in batch.messages(n)]
+    after = time.time_ns()
+    for p, ((data, length, namelen, rx), addr, _) in zip(payloads, got, strict=True):
+        assert addr == client.getsockname() and namelen == 16
+        assert before <= rx <= after
+        assert length == len(p) if len(p) <= 100 else length > 100  # longer than the limit: flagged
+        assert data == p[:101]
+    for (_, _, namelen, _), _, i in reversed(got[:3]):
+        batch.queue(i, namelen, b"reply %d" % i)
+    assert batch.flush() == []
+    replies = {client.recv(100) for _ in range(3)}
+    assert replies == {b"reply %d" % i for _, _, i in got[:3]}
 
 
 class SlowVerifier(SlowSigner):
@@ -260,21 +266,16 @@ def test_batched_replies_are_timestamped_after_the_whole_batch_is_verified() -> 
 
 
 @pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg here")
-def test_a_datagram_that_cannot_be_sent_does_not_stop_the_rest_of_its_batch() -> None:
-    server = open_udp_socket("127.0.0.1", 0)
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        client.bind(("127.0.0.1", 0))
-        client.settimeout(5)
-        batch = mmsg.Batch(server, 4, 100)
-        client.sendto(b"ping", server.getsockname())
-        assert batch.recv() == 1
-        ((i, _, _, namelen, _, _),) = batch.messages(1)
-        batch.queue(i, namelen, b"first")
-        batch.queue(i, 0, b"nowhere")  # no destination on an unconnected socket: EDESTADDRREQ
-        batch.queue(i, namelen, b"last")
-        assert batch.flush() == [errno.EDESTADDRREQ]
-        assert [client.recv(100), client.recv(100)] == [b"first", b"last"]
-    finally:
-        server.close()
-        client.close()
+def test_a_datagram_that_cannot_be_sent_does_not_stop_the_rest_of_its_batch(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    server, client = sockets
+    batch = mmsg.Batch(server, 4, 100)
+    client.sendto(b"ping", server.getsockname())
+    assert batch.recv() == 1
+    ((i, _, _, namelen, _, _),) = batch.messages(1)
+    batch.queue(i, namelen, b"first")
+    batch.queue(i, 0, b"nowhere")  # no destination on an unconnected socket: EDESTADDRREQ
+    batch.queue(i, namelen, b"last")
+    assert batch.flush() == [errno.EDESTADDRREQ]
+    assert [client.recv(100), client.recv(100)] == [b"first", b"last"]
