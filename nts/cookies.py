@@ -103,7 +103,7 @@ class KeyRing:
         # cookie: key id (the period), nonce, then AES-SIV's tag and ciphertext
         if len(nonces) < _NONCE_LEN * count:
             raise ValueError("need 16 bytes of nonce per cookie")
-        period = int(now_s // self.rotate_interval) & 0xFFFFFFFF
+        period = self.period(now_s)
         sealing = self._sealing
         if sealing is None or sealing[0] != period:
             sealing = self._sealing = (period, _HEAD.pack(period), self._cipher(period))
@@ -126,12 +126,11 @@ class KeyRing:
         if len(cookie) < 4 + _NONCE_LEN + 16 + 4:
             raise CookieError("cookie_malformed")
         (period,) = _HEAD.unpack_from(cookie)
-        age = (int(now_s // self.rotate_interval) - period) & 0xFFFFFFFF
+        age = (self.period(now_s) - period) & 0xFFFFFFFF
         if not (age <= self.keep_keys or age == 0xFFFFFFFF):  # accepted: past keep_keys, one future
             raise CookieError("cookie_key_unknown")
-        cipher = self._ciphers.get(period) or self._cipher(period)
         try:
-            contents = cipher.decrypt(cookie[4 + _NONCE_LEN :], [cookie[:4], cookie[4 : 4 + _NONCE_LEN]])
+            contents = self._cipher(period).decrypt(cookie[4 + _NONCE_LEN :], [cookie[:4], cookie[4 : 4 + _NONCE_LEN]])
         except InvalidTag:
             raise CookieError("cookie_forged") from None
         aead_id, reserved = _KEYS_HEAD.unpack_from(contents)

@@ -30,9 +30,8 @@ MAX_COOKIES = 8
 MIN_UID = 32
 MIN_UNPADDED_NONCE = 16  # RFC 8915 section 5.6
 SERVER_NONCE_LEN = 16
-_AUTH_HEAD = struct.Struct(">HH")
+_U16_PAIR = struct.Struct(">HH")  # a field's type and length; an authenticator's nonce and ciphertext lengths
 _AUTH_FIELD = struct.Struct(">HHHH")
-_FIELD_HEAD = struct.Struct(">HH")
 _UID = FieldType.UNIQUE_IDENTIFIER.value
 _COOKIE = FieldType.NTS_COOKIE.value
 _PLACEHOLDER = FieldType.NTS_COOKIE_PLACEHOLDER.value
@@ -50,7 +49,7 @@ def _open_auth(body: bytes) -> tuple[bytes, bytes] | None:
     """(nonce, ciphertext) from an authenticator field body, or None if its lengths are wrong."""
     if len(body) < 4:
         return None
-    nonce_len, ct_len = _AUTH_HEAD.unpack_from(body)
+    nonce_len, ct_len = _U16_PAIR.unpack_from(body)
     if nonce_len < 1 or ct_len < TAG_LEN or 4 + _pad4(nonce_len) + _pad4(ct_len) > len(body):
         return None
     nonce = body[4 : 4 + nonce_len]
@@ -121,7 +120,7 @@ class NtsPacketAuth:
         uid_at = uid_end = cookie_at = -1
         size = placeholders = flen = 0
         problem: Drop | None = None  # the first one found; reported only once the layout is known good
-        unpack = _FIELD_HEAD.unpack_from
+        unpack = _U16_PAIR.unpack_from
         while end - pos > MAX_MAC_LEN:  # as split_body: what is left at the end may be a MAC
             ftype, flen = unpack(data, pos)
             if flen < MIN_FIELD_LEN or flen & 3 or pos + flen > end:

@@ -182,7 +182,7 @@ class NtsAuthenticator(Authenticator):
         return self.packets.respond(request, ctx)
 
     def fast(self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext) -> Nak | Drop | Seal | None:
-        if data[0] & 0x38 != 0x20 or len(data) <= _SHORTEST:  # fields exist only in NTPv4
+        if data[0] & 0x38 != 0x20:  # fields exist only in NTPv4 (the length: fast_takes)
             return None
         return self.packets.answer(data, rx_ns, ctx)
 

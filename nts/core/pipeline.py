@@ -17,8 +17,7 @@ import struct
 from collections.abc import Callable, Sequence
 
 from ..wire.errors import ParseError
-from ..wire.extensions import ExtensionField
-from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, MAX_MAC_LEN, kiss_of_death, split_body
+from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, kiss_of_death, split_body
 from ..wire.timestamps import NTP_UNIX_OFFSET
 from .auth import Authenticator, Request
 from .clockstate import ServerState
@@ -40,12 +39,8 @@ _D_RATE = drop("rate_limited")
 _D_NOAUTH = drop("no_authenticator")
 _D_REQUIRE_AUTH = drop("auth_required")
 _D_TOO_LONG = drop("reply_too_long")
-# Bodies that split_body reads as a bare trailer in every version: 20 or 24 bytes (key id + 16/20-byte
-# MAC) are below RFC 7822's smallest field plus MAC, so no version can hold an extension field there.
-_MAC_ONLY = frozenset({20, 24})
 _Fast = tuple[Authenticator, Callable[..., "bytes | Nak | Drop | Seal | None"], tuple[str, ...]]
 _FAST_TABLE = 4097  # datagram lengths whose list of fast paths is kept (the shell's largest + 1)
-assert MAX_MAC_LEN == 24
 
 
 def ntp64(ns: int) -> int:
@@ -183,14 +178,10 @@ class Pipeline:
     def _authenticated(
         self, data: bytes, client: tuple[str, int], rx_ns: int, local: object, version: int, late: bool
     ) -> Decision:
-        if len(data) - HEADER_LEN in _MAC_ONLY:  # key id + MAC, no room for a field: skip the field parser
-            fields: tuple[ExtensionField, ...] = ()
-            trailer = data[HEADER_LEN:]
-        else:
-            try:
-                fields, trailer = split_body(data, version)
-            except ParseError as exc:
-                return self._drop(drop(f"malformed_{exc.code}"))
+        try:
+            fields, trailer = split_body(data, version)
+        except ParseError as exc:
+            return self._drop(drop(f"malformed_{exc.code}"))
         request = Request(data, fields, trailer, client, rx_ns, local)
         auth, best = None, 0
         for candidate in self._auths:  # the firmest claim wins; on a tie, the earlier plugin

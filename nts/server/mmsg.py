@@ -31,8 +31,8 @@ _CMSG = struct.Struct("@NiiqQ")  # cmsghdr (len, level, type) + struct timespec
 _CONTROL_LEN = socket.CMSG_SPACE(16)
 _SCM_TIMESTAMPNS = 35  # == SO_TIMESTAMPNS
 _MSG_WAITFORONE = 0x10000
-_NAME4 = struct.Struct(">HH4s")  # family read big-endian (compared to a swapped constant), port, address
-_NAME4_SLOT = struct.Struct(">HH4s120x")  # the same over a whole sockaddr_storage slot
+# A sockaddr_storage slot read as IPv4: family read big-endian (compared to a swapped constant), port, address
+_NAME4_SLOT = struct.Struct(">HH4s120x")
 _NAME6 = struct.Struct(">HHI16s")
 _SCOPE = struct.Struct("=I")
 _FAMILY4 = struct.unpack(">H", struct.pack("=H", socket.AF_INET))[0]
@@ -94,7 +94,6 @@ class Batch:
         self.fd = sock.fileno()
         self.size = size
         self.slot = max_datagram + 1  # one spare byte: a longer datagram shows as oversize
-        self.max_datagram = max_datagram
         self._data = ctypes.create_string_buffer(size * self.slot)  # sliced directly: bytes in one step
         data_addr = ctypes.addressof(self._data)
         self.names, self._names_addr = _buffer(size * _NAME_LEN)

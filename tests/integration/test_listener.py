@@ -61,14 +61,20 @@ async def _exchange(port: int, packets: list[bytes]) -> list[bytes | None]:
 BATCHES = [1, pytest.param(32, marks=pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg here"))]
 
 
+def _listener(
+    plugin: Authenticator, batch: int, hold_ns: int = 50_000, host: str = "127.0.0.1"
+) -> tuple[UdpListener, Pipeline, int]:
+    """An unstarted listener on a free port of `host`, with one plugin; returns it, its pipeline, the port."""
+    sock = open_udp_socket(host, 0)
+    state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
+    pipeline = Pipeline(state=state, authenticators=[plugin], clock=time.time_ns)
+    return UdpListener(sock, pipeline, batch=batch, hold_ns=hold_ns), pipeline, sock.getsockname()[1]
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 def test_deferred_replies_are_sent_from_the_loop_and_failures_counted(batch: int) -> None:
     async def main() -> None:
-        sock = open_udp_socket("127.0.0.1", 0)
-        port = sock.getsockname()[1]
-        state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
-        pipeline = Pipeline(state=state, authenticators=[SlowSigner()], clock=time.time_ns)
-        listener = UdpListener(sock, pipeline, batch=batch, hold_ns=50_000)
+        listener, pipeline, port = _listener(SlowSigner(), batch)
         listener.start(asyncio.get_running_loop())
         try:
             ok = client_request() + bytes([1]) + bytes(19)
@@ -104,11 +110,7 @@ class Exploding(SlowSigner):
 @pytest.mark.parametrize("batch", BATCHES)
 def test_a_plugin_bug_costs_one_datagram_not_the_listener(batch: int) -> None:
     async def main() -> None:
-        sock = open_udp_socket("127.0.0.1", 0)
-        port = sock.getsockname()[1]
-        state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
-        pipeline = Pipeline(state=state, authenticators=[Exploding()], clock=time.time_ns)
-        listener = UdpListener(sock, pipeline, batch=batch, hold_ns=50_000)
+        listener, pipeline, port = _listener(Exploding(), batch)
         listener.start(asyncio.get_running_loop())
         try:
             bad = client_request() + bytes([0xEE]) + bytes(19)
@@ -122,13 +124,6 @@ def test_a_plugin_bug_costs_one_datagram_not_the_listener(batch: int) -> None:
     asyncio.run(main())
 
 
-def _plain_listener(host: str, batch: int, hold_ns: int) -> tuple[UdpListener, Pipeline, int]:
-    sock = open_udp_socket(host, 0)
-    state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
-    pipeline = Pipeline(state=state, authenticators=[PlainAuthenticator()], clock=time.time_ns)
-    return UdpListener(sock, pipeline, batch=batch, hold_ns=hold_ns), pipeline, sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("hold_ns", [0, 10**9])
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
@@ -137,7 +132,7 @@ def test_a_burst_is_answered_in_full_to_each_sender(batch: int, hold_ns: int, ho
     with its own origin timestamp (batched sends must not mix up slots or addresses)."""
 
     async def main() -> None:
-        listener, pipeline, port = _plain_listener(host, batch, hold_ns)
+        listener, pipeline, port = _listener(PlainAuthenticator(), batch, hold_ns, host)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         clients = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(2)]
         try:
@@ -174,7 +169,7 @@ def test_a_burst_is_answered_in_full_to_each_sender(batch: int, hold_ns: int, ho
 @pytest.mark.parametrize("batch", BATCHES)
 def test_oversize_and_empty_datagrams_are_counted_drops(batch: int) -> None:
     async def main() -> None:
-        listener, pipeline, port = _plain_listener("127.0.0.1", batch, 0)
+        listener, pipeline, port = _listener(PlainAuthenticator(), batch, 0)
         listener.start(asyncio.get_running_loop())
         try:
             replies = await _exchange(port, [bytes(MAX_DATAGRAM + 1), b"", client_request()])
@@ -245,14 +240,11 @@ def test_batched_replies_are_timestamped_after_the_whole_batch_is_verified() -> 
     all read after it, together, just before the send (sealed late), not spread over the 20 ms."""
 
     async def main() -> None:
-        sock = open_udp_socket("127.0.0.1", 0)
-        state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
-        pipeline = Pipeline(state=state, authenticators=[SlowVerifier()], clock=time.time_ns)
-        listener = UdpListener(sock, pipeline, batch=32, hold_ns=10**9)
+        listener, pipeline, port = _listener(SlowVerifier(), 32, 10**9)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
             c.settimeout(5)
             for n in range(10):  # queued before the listener reads: one batch
-                c.sendto(client_request(transmit=n + 1) + bytes([1]) + bytes(19), sock.getsockname())
+                c.sendto(client_request(transmit=n + 1) + bytes([1]) + bytes(19), ("127.0.0.1", port))
             listener.start(asyncio.get_running_loop())
             try:
                 replies = [await asyncio.get_running_loop().run_in_executor(None, c.recv, 200) for _ in range(10)]
