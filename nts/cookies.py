@@ -39,7 +39,8 @@ _KEYS_HEAD = struct.Struct(">HH")
 _FIELD_HEAD = struct.Struct(">HH")
 _COOKIE_FIELD = 0x0204  # NTS Cookie extension field type
 MASTER_FILE = "nts-master.key"
-_KEY_LENS = {aead_id: aead.key_len for aead_id, aead in AEADS.items()}
+# what sealed contents start with (AEAD id u16, zero u16) -> their whole length (two keys follow)
+_CONTENTS_LEN = {_KEYS_HEAD.pack(aead_id, 0): 4 + 2 * aead.key_len for aead_id, aead in AEADS.items()}
 
 
 class CookieError(Exception):
@@ -71,7 +72,12 @@ class KeyRing:
         self.rotate_interval = rotate_interval
         self.keep_keys = keep_keys
         self._ciphers: dict[int, AESSIV] = {}  # per period; the key schedule is the costly part
-        self._sealing: tuple[int, bytes, AESSIV] | None = None  # (period, its key id bytes, cipher)
+        # For the hot path, refreshed when the period changes: the accepted periods' key ids (4 bytes,
+        # as cookies carry them) mapped to their ciphers, the sealing key id and cipher, and the
+        # span of wall-clock time for which these hold.
+        self._accepting: dict[bytes, AESSIV] = {}
+        self._sealing: tuple[bytes, AESSIV] | None = None  # one attribute: swapped atomically
+        self._span = (0.0, -1.0)
 
     def period(self, now_s: float) -> int:
         return int(now_s // self.rotate_interval) & 0xFFFFFFFF
@@ -85,6 +91,16 @@ class KeyRing:
             cipher = self._ciphers[period] = AESSIV(kdf.derive(self._secret))
         return cipher
 
+    def _refresh(self, now_s: float) -> None:
+        """Set up the hot path's tables for the period `now_s` falls in."""
+        period = self.period(now_s)
+        start = (now_s // self.rotate_interval) * self.rotate_interval
+        # accepted: this period, keep_keys before it, one after it (clock skew within a fleet)
+        ids = [(period - age) & 0xFFFFFFFF for age in range(-1, self.keep_keys + 1)]
+        self._accepting = {_HEAD.pack(i): self._cipher(i) for i in ids}
+        self._sealing = (_HEAD.pack(period), self._cipher(period))
+        self._span = (start, start + self.rotate_interval)
+
     def seal(self, keys: CookieKeys, now_s: float, nonce: bytes | None = None) -> bytes:
         return self.seal_many(keys, now_s, 1, nonce)[0]  # `nonce`: tests pin it for vectors
 
@@ -97,17 +113,23 @@ class KeyRing:
     def seal_fields(self, contents: bytes, now_s: float, count: int, nonces: bytes) -> bytes:
         """`count` fresh cookies with the `contents` of an opened one, as NTS Cookie fields (hot path)."""
         field = _FIELD_HEAD.pack(_COOKIE_FIELD, 4 + 4 + _NONCE_LEN + 16 + len(contents))
+        if count == 1:  # the usual request: one cookie, no placeholders
+            start, end = self._span
+            if not start <= now_s < end:
+                self._refresh(now_s)
+            key_id, cipher = self._sealing  # type: ignore[misc]
+            nonce = nonces[:_NONCE_LEN]
+            return field + key_id + nonce + cipher.encrypt(contents, [key_id, nonce])
         return b"".join(self._seal(contents, now_s, count, nonces, field))
 
     def _seal(self, plaintext: bytes, now_s: float, count: int, nonces: bytes, prefix: bytes) -> list[bytes]:
         # cookie: key id (the period), nonce, then AES-SIV's tag and ciphertext
         if len(nonces) < _NONCE_LEN * count:
             raise ValueError("need 16 bytes of nonce per cookie")
-        period = self.period(now_s)
-        sealing = self._sealing
-        if sealing is None or sealing[0] != period:
-            sealing = self._sealing = (period, _HEAD.pack(period), self._cipher(period))
-        _, key_id, cipher = sealing
+        start, end = self._span
+        if not start <= now_s < end:
+            self._refresh(now_s)
+        key_id, cipher = self._sealing  # type: ignore[misc]
         head = prefix + key_id
         encrypt = cipher.encrypt
         out = []
@@ -125,17 +147,18 @@ class KeyRing:
         """What the cookie seals, checked: AEAD id u16, zero u16, C2S key, S2C key (hot path)."""
         if len(cookie) < 4 + _NONCE_LEN + 16 + 4:
             raise CookieError("cookie_malformed")
-        (period,) = _HEAD.unpack_from(cookie)
-        age = (self.period(now_s) - period) & 0xFFFFFFFF
-        if not (age <= self.keep_keys or age == 0xFFFFFFFF):  # accepted: past keep_keys, one future
+        start, end = self._span
+        if not start <= now_s < end:
+            self._refresh(now_s)
+        key_id = cookie[:4]
+        cipher = self._accepting.get(key_id)
+        if cipher is None:
             raise CookieError("cookie_key_unknown")
         try:
-            contents = self._cipher(period).decrypt(cookie[4 + _NONCE_LEN :], [cookie[:4], cookie[4 : 4 + _NONCE_LEN]])
+            contents = cipher.decrypt(cookie[4 + _NONCE_LEN :], [key_id, cookie[4 : 4 + _NONCE_LEN]])
         except InvalidTag:
             raise CookieError("cookie_forged") from None
-        aead_id, reserved = _KEYS_HEAD.unpack_from(contents)
-        key_len = _KEY_LENS.get(aead_id)
-        if key_len is None or reserved or len(contents) != 4 + 2 * key_len:
+        if _CONTENTS_LEN.get(contents[:4]) != len(contents):  # a known AEAD id, zero, both keys
             raise CookieError("cookie_malformed")
         return contents
 

@@ -80,29 +80,48 @@ def auth_frame(aead: Aead, nonce: bytes, ct_len: int, min_length: int) -> tuple[
     )
 
 
-CIPHER_CACHE = 8192  # keyed session ciphers kept (a client's cookies all carry the same keys)
+CIPHER_CACHE = 8192  # sessions whose keyed ciphers are kept (a client's cookies all carry the same keys)
+FRAME_CACHE = 1024  # authenticator layouts kept (one per AEAD, reply and request size seen)
 
 
 class NtsPacketAuth:
     """The packet side of NTS: verify a request and build its reply (used by the plugin).
 
-    Keyed ciphers for session keys are cached (bounded, cleared when full): every cookie a client
-    holds carries the same C2S/S2C keys, and setting up an AES-SIV key costs more than using it.
+    Keyed ciphers are cached per session (bounded, cleared when full): every cookie a client holds
+    carries the same C2S/S2C keys, and setting up an AES-SIV key costs more than using it. The
+    reply authenticator's layout depends only on the AEAD and the sizes, and is cached too.
     """
 
     def __init__(self, keyring: KeyRing, supported: tuple[int, ...], wall_clock: Callable[[], float]) -> None:
         self.keyring = keyring
         self.supported = supported
         self.wall_clock = wall_clock
-        self._ciphers: dict[bytes, Cipher] = {}
+        self._sessions: dict[bytes, tuple[Aead, Cipher, Cipher]] = {}  # cookie contents -> AEAD, C2S, S2C
+        self._frames: dict[tuple[int, int, int], tuple[bytes, bytes, bytes]] = {}  # -> head, nonce padding, tail
 
-    def _cipher(self, aead: Aead, key: bytes) -> Cipher:
-        c = self._ciphers.get(key)
-        if c is None:
-            if len(self._ciphers) >= CIPHER_CACHE:
-                self._ciphers.clear()
-            c = self._ciphers[key] = aead.cipher(key)
-        return c
+    def _session(self, contents: bytes) -> tuple[Aead, Cipher, Cipher]:
+        """The AEAD and keyed C2S and S2C ciphers of an opened cookie's contents (checked by the key ring)."""
+        session = self._sessions.get(contents)
+        if session is None:
+            if len(self._sessions) >= CIPHER_CACHE:
+                self._sessions.clear()
+            aead = AEADS[contents[0] << 8 | contents[1]]
+            split = 4 + aead.key_len
+            session = self._sessions[contents] = (aead, aead.cipher(contents[4:split]), aead.cipher(contents[split:]))
+        return session
+
+    def _frame(self, aead: Aead, nonce: bytes, ct_len: int, min_length: int) -> tuple[bytes, bytes]:
+        """`auth_frame`, its layout cached by AEAD and sizes (only the nonce's bytes change)."""
+        key = (aead.id, ct_len, min_length)
+        frame = self._frames.get(key)
+        if frame is None:
+            if len(self._frames) >= FRAME_CACHE:
+                self._frames.clear()
+            n = len(nonce)  # the server's nonce length is fixed per AEAD
+            before, after = auth_frame(aead, bytes(n), ct_len, min_length)
+            frame = self._frames[key] = (before[:8], before[8 + n :], after)
+        head, pad, after = frame
+        return head + nonce + pad, after
 
     def respond(self, request: Request, ctx: ReplyContext) -> Nak | Drop | Seal:
         """The general path: a request the pipeline has split and given to this plugin."""
@@ -157,36 +176,35 @@ class NtsPacketAuth:
             contents = self.keyring.open_contents(data[cookie_at + 4 : cookie_at + size], now)
         except CookieError as exc:
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], exc.reason)
-        aead_id = contents[0] << 8 | contents[1]
-        aead = AEADS[aead_id]  # open_contents checked it
-        if aead_id not in self.supported:  # disabled since: make the client redo NTS-KE
+        aead, c2s, s2c = self._session(contents)
+        if aead.id not in self.supported:  # disabled since: make the client redo NTS-KE
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "aead_disabled")
         opened = _open_auth(data[pos + 4 : end])
         if opened is None:
             return _D_MALFORMED
         nonce, ciphertext = opened
         try:
-            plaintext = aead.decrypt(self._cipher(aead, contents[4 : 4 + aead.key_len]), nonce, ciphertext, data[:pos])
+            plaintext = aead.decrypt(c2s, nonce, ciphertext, data[:pos])
         except AeadError:
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "authenticator_invalid")
         wanted = 1 + placeholders
-        inner_pos = 0
-        try:
-            while inner_pos < len(plaintext):
-                inner, inner_pos = parse_extension(plaintext, inner_pos)
-                if inner.type == FieldType.NTS_COOKIE_PLACEHOLDER:
-                    if len(inner.value) != size - 4:
-                        return _D_PLACEHOLDER
-                    wanted += 1
-        except ParseError:
-            return _D_MALFORMED
+        if plaintext:  # chrony and ntpd-rs send nothing inside; placeholders here count too
+            inner_pos = 0
+            try:
+                while inner_pos < len(plaintext):
+                    inner, inner_pos = parse_extension(plaintext, inner_pos)
+                    if inner.type == FieldType.NTS_COOKIE_PLACEHOLDER:
+                        if len(inner.value) != size - 4:
+                            return _D_PLACEHOLDER
+                        wanted += 1
+            except ParseError:
+                return _D_MALFORMED
         count = min(wanted, MAX_COOKIES)
         randomness = os.urandom(SERVER_NONCE_LEN + 16 * count)  # one draw for all nonces (CSPRNG)
         cookies = self.keyring.seal_fields(contents, now, count, randomness)
-        s2c = self._cipher(aead, contents[4 + aead.key_len :])
         nonce = randomness[-(aead.nonce_len or SERVER_NONCE_LEN) :]
         uid = data[uid_at:uid_end]
-        before, after = auth_frame(aead, nonce, len(cookies) + TAG_LEN, end - HEADER_LEN - len(uid))
+        before, after = self._frame(aead, nonce, len(cookies) + TAG_LEN, end - HEADER_LEN - len(uid))
         encrypt = aead.encrypt
 
         def finish() -> bytes:  # at send time: the transmit timestamp, then the reply's seal over it

@@ -8,7 +8,7 @@ answers, loadgen.c keeps 64 requests in flight for a few seconds, the counters a
 total is divided by the replies counted. The same tree measured twice agrees to about 0.1%. Compare
 two trees (e.g. a `git worktree` of the base commit and the working tree) with the same arguments.
 
-Usage: python3 tests/bench/instructions.py [--repo DIR] [--kind plain|mac|nts] [--seconds 8]
+Usage: python3 tests/bench/instructions.py [--repo DIR] [--kind plain|mac|cmac|nts] [--seconds 8]
 Needs: valgrind (Debian valgrind), gcc.
 """
 
@@ -61,8 +61,9 @@ def wait_answer(port: int, packet: bytes, proc: subprocess.Popen[bytes], timeout
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", default=str(HERE.parent.parent), help="the tree whose ntsd is measured")
-    ap.add_argument("--kind", choices=("plain", "mac", "nts"), default="mac")
+    ap.add_argument("--kind", choices=("plain", "mac", "cmac", "nts"), default="mac")
     ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--keep", metavar="FILE", help="copy the callgrind dump here (for callgrind_annotate)")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control", "gcc"):
         if shutil.which(tool) is None:
@@ -74,6 +75,8 @@ def main() -> int:
         loadgen = work / "loadgen"
         subprocess.run(["gcc", "-O2", "-o", str(loadgen), str(HERE / "loadgen.c")], check=True)
         key = Key(1, Algorithm.SHA1, bytes(range(20)))
+        if args.kind == "cmac":
+            key = Key(1, Algorithm.AES128CMAC, bytes(range(16)))
         (work / "ntp.keys").write_text(format_ntp_keys([key]))
         (work / "ntp.keys").chmod(0o600)
         port, ke_port = free_port(), free_port(socket.SOCK_STREAM)
@@ -98,7 +101,7 @@ def main() -> int:
         )  # fmt: skip
         try:
             packet = HEADER
-            if args.kind == "mac":
+            if args.kind in ("mac", "cmac"):
                 packet = HEADER + struct.pack(">I", key.id) + compute_mac(key.algorithm, key.secret, HEADER)
             wait_answer(port, HEADER, proc)
             if args.kind == "nts":
@@ -121,6 +124,8 @@ def main() -> int:
         if found is None or not replies:
             print("instructions: no dump or no replies", file=sys.stderr)
             return 1
+        if args.keep:
+            shutil.copyfile(dumps[-1], args.keep)
         print(f"{args.kind}: {replies} replies, {int(found.group(1)) / replies:,.0f} instructions per reply ({repo})")
     return 0
 
