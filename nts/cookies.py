@@ -9,10 +9,14 @@ is the only thing persisted (mode 0600, written atomically). Trade-off, document
 whoever steals the secret can open past cookies, so rotate the secret file (clients then simply
 redo NTS-KE) when a server may have been compromised.
 
-Cookie layout: key id u32 (the period, in clear) | 16-byte nonce | AES-SIV-CMAC-256 over
-(AEAD id u16 | zero u16 | C2S key | S2C key), tag first: 104 bytes for AES-SIV-CMAC-256 sessions,
-72 for AES-128-GCM-SIV, always a multiple of 4 as extension fields require. Sealing is sans-IO:
-time (and, in tests, the nonce) comes in.
+Cookie layout: key id u32 (in clear) | 16-byte nonce | AES-SIV-CMAC-256 over (AEAD id u16 |
+zero u16 | C2S key | S2C key), tag first: 104 bytes for AES-SIV-CMAC-256 sessions, 72 for
+AES-128-GCM-SIV, always a multiple of 4 as extension fields require. The key id is the period with
+the top bit set, and the key id and nonce together are AES-SIV's one associated-data component
+(each component costs a CMAC pass). Cookies of the first format, still opened, have the bare
+period as key id and the key id and nonce as two components; periods stay below 2**31 (the
+interval is at least 60 s), so the two never collide. Sealing is sans-IO: time (and, in tests, the
+nonce) comes in.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ _HEAD = struct.Struct(">I")
 _KEYS_HEAD = struct.Struct(">HH")
 _FIELD_HEAD = struct.Struct(">HH")
 _COOKIE_FIELD = 0x0204  # NTS Cookie extension field type
+_ONE_COMPONENT = 0x80000000  # key id flag: key id and nonce are one associated-data component
+_PERIOD_MASK = 0x7FFFFFFF
 MASTER_FILE = "nts-master.key"
 # what sealed contents start with (AEAD id u16, zero u16) -> their whole length (two keys follow)
 _CONTENTS_LEN = {_KEYS_HEAD.pack(aead_id, 0): 4 + 2 * aead.key_len for aead_id, aead in AEADS.items()}
@@ -66,21 +72,25 @@ class KeyRing:
     def __init__(self, secret: bytes, rotate_interval: int = 3600, keep_keys: int = 24) -> None:
         if len(secret) < SECRET_LEN:
             raise ValueError("master secret too short")
-        if rotate_interval < 1 or keep_keys < 0:
-            raise ValueError("bad rotation settings")
         self._secret = secret
-        self.rotate_interval = rotate_interval
-        self.keep_keys = keep_keys
+        self.set_rotation(rotate_interval, keep_keys)
         self._ciphers: dict[int, AESSIV] = {}  # per period; the key schedule is the costly part
         # For the hot path, refreshed when the period changes: the accepted periods' key ids (4 bytes,
         # as cookies carry them) mapped to their ciphers, the sealing key id and cipher, and the
         # span of wall-clock time for which these hold.
-        self._accepting: dict[bytes, AESSIV] = {}
+        self._accepting: dict[bytes, tuple[AESSIV, bool]] = {}  # key id -> cipher, one component
         self._sealing: tuple[bytes, AESSIV] | None = None  # one attribute: swapped atomically
-        self._span = (0.0, -1.0)
+
+    def set_rotation(self, rotate_interval: int, keep_keys: int) -> None:
+        """Set the rotation interval and the number of past periods accepted (also on reload)."""
+        if rotate_interval < 60 or keep_keys < 0:
+            raise ValueError("bad rotation settings")
+        self.rotate_interval = rotate_interval
+        self.keep_keys = keep_keys
+        self._span = (0.0, -1.0)  # the hot path's tables are rebuilt on next use
 
     def period(self, now_s: float) -> int:
-        return int(now_s // self.rotate_interval) & 0xFFFFFFFF
+        return int(now_s // self.rotate_interval) & _PERIOD_MASK
 
     def _cipher(self, period: int) -> AESSIV:
         cipher = self._ciphers.get(period)
@@ -96,9 +106,13 @@ class KeyRing:
         period = self.period(now_s)
         start = (now_s // self.rotate_interval) * self.rotate_interval
         # accepted: this period, keep_keys before it, one after it (clock skew within a fleet)
-        ids = [(period - age) & 0xFFFFFFFF for age in range(-1, self.keep_keys + 1)]
-        self._accepting = {_HEAD.pack(i): self._cipher(i) for i in ids}
-        self._sealing = (_HEAD.pack(period), self._cipher(period))
+        accepting = {}
+        for age in range(-1, self.keep_keys + 1):
+            p = (period - age) & _PERIOD_MASK
+            accepting[_HEAD.pack(p | _ONE_COMPONENT)] = (self._cipher(p), True)
+            accepting[_HEAD.pack(p)] = (self._cipher(p), False)  # the first format
+        self._accepting = accepting
+        self._sealing = (_HEAD.pack(period | _ONE_COMPONENT), self._cipher(period))
         self._span = (start, start + self.rotate_interval)
 
     def seal(self, keys: CookieKeys, now_s: float, nonce: bytes | None = None) -> bytes:
@@ -118,24 +132,23 @@ class KeyRing:
             if not start <= now_s < end:
                 self._refresh(now_s)
             key_id, cipher = self._sealing  # type: ignore[misc]
-            nonce = nonces[:_NONCE_LEN]
-            return field + key_id + nonce + cipher.encrypt(contents, [key_id, nonce])
+            head = key_id + nonces[:_NONCE_LEN]
+            return field + head + cipher.encrypt(contents, [head])
         return b"".join(self._seal(contents, now_s, count, nonces, field))
 
     def _seal(self, plaintext: bytes, now_s: float, count: int, nonces: bytes, prefix: bytes) -> list[bytes]:
-        # cookie: key id (the period), nonce, then AES-SIV's tag and ciphertext
+        # cookie: key id (flag and period), nonce, then AES-SIV's tag and ciphertext
         if len(nonces) < _NONCE_LEN * count:
             raise ValueError("need 16 bytes of nonce per cookie")
         start, end = self._span
         if not start <= now_s < end:
             self._refresh(now_s)
         key_id, cipher = self._sealing  # type: ignore[misc]
-        head = prefix + key_id
         encrypt = cipher.encrypt
         out = []
         for i in range(0, _NONCE_LEN * count, _NONCE_LEN):
-            n = nonces[i : i + _NONCE_LEN]
-            out.append(head + n + encrypt(plaintext, [key_id, n]))
+            head = key_id + nonces[i : i + _NONCE_LEN]
+            out.append(prefix + head + encrypt(plaintext, [head]))
         return out
 
     def open(self, cookie: bytes, now_s: float) -> CookieKeys:
@@ -150,12 +163,13 @@ class KeyRing:
         start, end = self._span
         if not start <= now_s < end:
             self._refresh(now_s)
-        key_id = cookie[:4]
-        cipher = self._accepting.get(key_id)
-        if cipher is None:
+        accepted = self._accepting.get(cookie[:4])
+        if accepted is None:
             raise CookieError("cookie_key_unknown")
+        cipher, one_component = accepted
+        ad = [cookie[: 4 + _NONCE_LEN]] if one_component else [cookie[:4], cookie[4 : 4 + _NONCE_LEN]]
         try:
-            contents = cipher.decrypt(cookie[4 + _NONCE_LEN :], [key_id, cookie[4 : 4 + _NONCE_LEN]])
+            contents = cipher.decrypt(cookie[4 + _NONCE_LEN :], ad)
         except InvalidTag:
             raise CookieError("cookie_forged") from None
         if _CONTENTS_LEN.get(contents[:4]) != len(contents):  # a known AEAD id, zero, both keys

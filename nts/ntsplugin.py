@@ -221,7 +221,7 @@ class NtsAuthenticator(Authenticator):
                 log.error("nts: new certificate settings not applied: %s", exc)
         else:
             self.certs.check(force=True)
-        self.keyring.rotate_interval, self.keyring.keep_keys = new.rotate_interval, new.keep_keys
+        self.keyring.set_rotation(new.rotate_interval, new.keep_keys)
         self.packets.supported = new.aeads
         self.ke.configure(new.ke())
         self.settings = new

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from nts.client import KeResult, check_nts_reply, nts_request
 from nts.cookies import CookieError, CookieKeys, KeyRing, load_or_create_secret
@@ -45,14 +48,47 @@ def test_cookie_vector_is_stable() -> None:
     ring = KeyRing(SECRET, rotate_interval=3600)
     k = CookieKeys(30, bytes(16), bytes(range(16)))
     cookie = ring.seal(k, NOW, nonce=bytes(16))
-    assert cookie[:4] == struct.pack(">I", int(NOW // 3600))
+    assert cookie[:4] == struct.pack(">I", 0x80000000 | int(NOW // 3600))  # flag: one AD component
     assert cookie.hex() == (
+        "8007a120"
+        "00000000000000000000000000000000"
+        "0f20f73809806cf7456b363484478ce1e02ef1db220da2b2d48ae746072271f6"
+        "2d9906313030ef3db792ccae7df4894a3a113fd4"
+    )
+    # the same, from the primitives: AES-SIV keyed by HKDF(secret, period), key id + nonce as one AD
+    key = HKDF(hashes.SHA256(), 32, salt=b"ntsd cookie key v1", info=struct.pack(">I", int(NOW // 3600)))
+    plaintext = struct.pack(">HH", 30, 0) + k.c2s + k.s2c
+    assert cookie[20:] == AESSIV(key.derive(SECRET)).encrypt(plaintext, [cookie[:20]])
+    assert KeyRing(SECRET).open(cookie, NOW) == k
+
+
+def test_cookies_of_the_first_format_still_open() -> None:
+    """Cookies sealed before the one-component format (key id and nonce as two AD components, bare
+    period as key id) keep opening: a server upgraded in place does not NAK its clients' cookies."""
+    first_format = bytes.fromhex(
         "0007a120"
         "00000000000000000000000000000000"
         "da4ce4cd6540d9a3cc9b8c03f65a5915e2b09c8630ed216648485a9f0c5c21ca"
         "17579c40de7a2e1346330f3ce0a2e6000c9817a8"
     )
-    assert KeyRing(SECRET).open(cookie, NOW) == k
+    assert KeyRing(SECRET).open(first_format, NOW) == CookieKeys(30, bytes(16), bytes(range(16)))
+    with pytest.raises(CookieError) as exc:  # the flag is covered by the tag: no format confusion
+        KeyRing(SECRET).open(bytes([first_format[0] | 0x80]) + first_format[1:], NOW)
+    assert exc.value.reason == "cookie_forged"
+
+
+def test_rotation_settings_apply_at_once() -> None:
+    """A reload that shortens keep_keys retires old cookies immediately, not at the next period."""
+    ring = KeyRing(SECRET, rotate_interval=3600, keep_keys=5)
+    k = keys(15)
+    cookie = ring.seal(k, NOW - 3 * 3600)
+    assert ring.open(cookie, NOW) == k
+    ring.set_rotation(3600, 2)
+    with pytest.raises(CookieError) as exc:
+        ring.open(cookie, NOW)
+    assert exc.value.reason == "cookie_key_unknown"
+    with pytest.raises(ValueError):
+        ring.set_rotation(59, 2)
 
 
 def test_cookie_failures() -> None:
