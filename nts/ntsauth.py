@@ -41,20 +41,15 @@ _D_MALFORMED = drop("nts_malformed")
 _D_PLACEHOLDER = drop("nts_placeholder_length")
 
 
-def _pad4(n: int) -> int:
-    return n + (-n % 4)
-
-
 def _open_auth(body: bytes) -> tuple[bytes, bytes] | None:
     """(nonce, ciphertext) from an authenticator field body, or None if its lengths are wrong."""
     if len(body) < 4:
         return None
     nonce_len, ct_len = _U16_PAIR.unpack_from(body)
-    if nonce_len < 1 or ct_len < TAG_LEN or 4 + _pad4(nonce_len) + _pad4(ct_len) > len(body):
+    start = 4 + ((nonce_len + 3) & -4)  # each padded to a multiple of 4
+    if nonce_len < 1 or ct_len < TAG_LEN or start + ((ct_len + 3) & -4) > len(body):
         return None
-    nonce = body[4 : 4 + nonce_len]
-    start = 4 + _pad4(nonce_len)
-    return nonce, body[start : start + ct_len]
+    return body[4 : 4 + nonce_len], body[start : start + ct_len]
 
 
 def auth_field(aead: Aead, key: bytes | Cipher, nonce: bytes, plaintext: bytes, ad: bytes, min_length: int) -> bytes:
