@@ -169,7 +169,11 @@ class Pipeline:
         for auth, fast, k_replies in fasts:
             result = fast(data, client, rx_ns, self)
             if result is not None:
-                if late and type(result) is Seal:  # the common case in a batch
+                if type(result) is bytes and len(result) <= n:  # a finished reply (MAC), counted here
+                    counts = self.stats.counts
+                    counts[k_replies] = counts.get(k_replies, 0) + 1
+                    return result
+                if late and type(result) is Seal:  # verified, to be finished by the caller (NTS)
                     result.key, result.limit = k_replies, n
                     return result
                 return self._finish(auth, result, n, late)

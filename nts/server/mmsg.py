@@ -27,6 +27,7 @@ _PEER = struct.Struct("@PI")  # msg_name, msg_namelen: the start of an mmsghdr
 _LENGTH = struct.Struct("@N")  # iov_len, the second half of an iovec
 _IOVEC = struct.Struct("@PN")
 _NAME_LEN = 128  # sizeof(struct sockaddr_storage)
+_IOVEC_SIZE, _MMSG_SIZE = _IOVEC.size, _MMSG.size  # plain ints for the per-reply path
 _CMSG = struct.Struct("@NiiqQ")  # cmsghdr (len, level, type) + struct timespec
 _CONTROL_LEN = socket.CMSG_SPACE(16)
 _SCM_TIMESTAMPNS = 35  # == SO_TIMESTAMPNS
@@ -159,8 +160,8 @@ class Batch:
         start = j * self.slot
         n = len(reply)
         self._out[start : start + n] = reply
-        _LENGTH.pack_into(self._tx_iov, j * _IOVEC.size + 8, n)
-        _PEER.pack_into(self.tx, j * _MMSG.size, self._names_addr + i * _NAME_LEN, namelen)
+        _LENGTH.pack_into(self._tx_iov, j * _IOVEC_SIZE + 8, n)
+        _PEER.pack_into(self.tx, j * _MMSG_SIZE, self._names_addr + i * _NAME_LEN, namelen)
         self.pending = j + 1
 
     def flush(self) -> list[int]:
