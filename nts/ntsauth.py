@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import deque
 from collections.abc import Callable
 
 from .aead import AEADS, TAG_LEN, Aead, AeadError, Cipher
@@ -36,6 +37,24 @@ _UID = FieldType.UNIQUE_IDENTIFIER.value
 _COOKIE = FieldType.NTS_COOKIE.value
 _PLACEHOLDER = FieldType.NTS_COOKIE_PLACEHOLDER.value
 _AUTHENTICATOR = FieldType.NTS_AUTHENTICATOR.value
+
+# Randomness for the usual reply (one cookie): 16 bytes of cookie nonce + 16 of reply nonce, drawn
+# from the OS CSPRNG 128 replies at a time (one getrandom call instead of one per reply). Each draw
+# is handed out once (deque.popleft is atomic across threads); a forked worker starts empty, so
+# no two processes share a draw. Nonces are public once sent; drawing them early reveals nothing.
+_DRAW = SERVER_NONCE_LEN + 16
+_DRAWS: deque[bytes] = deque()
+os.register_at_fork(after_in_child=_DRAWS.clear)
+
+
+def _draw() -> bytes:
+    try:
+        return _DRAWS.popleft()
+    except IndexError:
+        block = os.urandom(_DRAW * 128)
+        _DRAWS.extend([block[i : i + _DRAW] for i in range(_DRAW, len(block), _DRAW)])
+        return block[:_DRAW]
+
 
 _D_MALFORMED = drop("nts_malformed")
 _D_PLACEHOLDER = drop("nts_placeholder_length")
@@ -105,18 +124,14 @@ class NtsPacketAuth:
             session = self._sessions[contents] = (aead, aead.cipher(contents[4:split]), aead.cipher(contents[split:]))
         return session
 
-    def _frame(self, aead: Aead, nonce: bytes, ct_len: int, min_length: int) -> tuple[bytes, bytes]:
-        """`auth_frame`, its layout cached by AEAD and sizes (only the nonce's bytes change)."""
-        key = (aead.id, ct_len, min_length)
-        frame = self._frames.get(key)
-        if frame is None:
-            if len(self._frames) >= FRAME_CACHE:
-                self._frames.clear()
-            n = len(nonce)  # the server's nonce length is fixed per AEAD
-            before, after = auth_frame(aead, bytes(n), ct_len, min_length)
-            frame = self._frames[key] = (before[:8], before[8 + n :], after)
-        head, pad, after = frame
-        return head + nonce + pad, after
+    def _frame(self, aead: Aead, nonce_len: int, ct_len: int, min_length: int) -> tuple[bytes, bytes, bytes]:
+        """`auth_frame` split around the nonce (head, nonce padding, tail), cached by AEAD and sizes:
+        the server's nonce length is fixed per AEAD, so only the nonce's bytes change."""
+        if len(self._frames) >= FRAME_CACHE:
+            self._frames.clear()
+        before, after = auth_frame(aead, bytes(nonce_len), ct_len, min_length)
+        frame = self._frames[(aead.id, ct_len, min_length)] = (before[:8], before[8 + nonce_len :], after)
+        return frame
 
     def respond(self, request: Request, ctx: ReplyContext) -> Nak | Drop | Seal:
         """The general path: a request the pipeline has split and given to this plugin."""
@@ -195,11 +210,16 @@ class NtsPacketAuth:
             except ParseError:
                 return _D_MALFORMED
         count = min(wanted, MAX_COOKIES)
-        randomness = os.urandom(SERVER_NONCE_LEN + 16 * count)  # one draw for all nonces (CSPRNG)
+        # the cookies' nonces, then the reply's (all from the CSPRNG)
+        randomness = _draw() if count == 1 else os.urandom(SERVER_NONCE_LEN + 16 * count)
         cookies = self.keyring.seal_fields(contents, now, count, randomness)
         nonce = randomness[-(aead.nonce_len or SERVER_NONCE_LEN) :]
         uid = data[uid_at:uid_end]
-        before, after = self._frame(aead, nonce, len(cookies) + TAG_LEN, end - HEADER_LEN - len(uid))
+        ct_len, min_length = len(cookies) + TAG_LEN, end - HEADER_LEN - len(uid)
+        frame = self._frames.get((aead.id, ct_len, min_length))
+        if frame is None:
+            frame = self._frame(aead, len(nonce), ct_len, min_length)
+        before, after = frame[0] + nonce + frame[1], frame[2]
         encrypt = aead.encrypt
 
         def finish() -> bytes:  # at send time: the transmit timestamp, then the reply's seal over it

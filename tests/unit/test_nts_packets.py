@@ -211,3 +211,16 @@ def test_malformed_nts_requests_are_dropped(case: str) -> None:
     }[case]
     decision = f.handle(header + body)
     assert not isinstance(decision, bytes)
+
+
+def test_reply_randomness_is_drawn_once_and_not_inherited_by_forks() -> None:
+    from nts import ntsauth
+
+    draws = [ntsauth._draw() for _ in range(300)]  # more than one block of 128
+    assert all(len(d) == 32 for d in draws) and len(set(draws)) == len(draws)
+    assert ntsauth._DRAWS  # some left for the next replies
+    pid = os.fork()
+    if pid == 0:  # the child: nothing drawn by the parent may be handed out here
+        os._exit(0 if not ntsauth._DRAWS and ntsauth._draw() not in draws else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
