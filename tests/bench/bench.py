@@ -5,10 +5,12 @@ Strategy: both servers run at once on loopback, pinned to the same core (only on
 time, so they do not compete), and C load generators run on another core: loadgen.c keeps a
 window of NTP requests in flight and counts replies (Kiss-o'-Death and NTS NAK excluded);
 keload.c runs parallel NTS-KE sessions (TLS 1.3 handshake + request + response). Rounds
-alternate between the servers and medians are compared, because this machine's throughput drifts
-by +-10% between runs. Each server's CPU use (its whole process tree: chrony's NTS-KE helper is a
-child process) is read from /proc during its runs: a server below ~90% of its core was not
-saturated, so its figure is the load generator's limit, not the server's, and the script says so.
+alternate between the servers (each goes first in every other round) and medians are compared,
+because this machine's throughput drifts by 10-30% between runs; the median of the round by
+round ratios is printed too (two back-to-back runs share the machine's mood). Each server's CPU
+use (its whole process tree: chrony's NTS-KE helper is a child process) is read from /proc
+during its runs: a server below ~90% of its core was not saturated, so its figure is the load
+generator's limit, not the server's, and the script says so.
 
 Tests: plain 48-byte requests; legacy MAC requests (SHA1 and AES-128-CMAC keys, the same secrets
 in each server's key file format); NTS requests (one cookie, AES-SIV-CMAC-256; each server's own
@@ -181,8 +183,8 @@ def compare(
 ) -> tuple[dict[str, float], dict[str, float]]:
     rates: dict[str, list[float]] = {"chrony": [], "ntsd": []}
     cpu: dict[str, list[float]] = {"chrony": [], "ntsd": []}
-    for _ in range(rounds):
-        for name in ("chrony", "ntsd"):
+    for r in range(rounds):
+        for name in ("chrony", "ntsd") if r % 2 == 0 else ("ntsd", "chrony"):  # neither always goes first
             pid = servers.procs[name].pid
             before, t0 = tree_cpu_seconds(pid), time.monotonic()
             rates[name].append(load(name))
@@ -202,6 +204,10 @@ def compare(
             f"ratio per core about {med['ntsd'] / used['ntsd'] / (med['chrony'] / used['chrony']):.2f})"
         )
     print(f"  ratio ntsd/chrony: {med['ntsd'] / med['chrony']:.2f}{note}")
+    # Back-to-back runs share the machine's mood: the ratio within each round drifts less than
+    # either server's rate does over the whole test.
+    paired = sorted(n / c for c, n in zip(rates["chrony"], rates["ntsd"], strict=True))
+    print(f"  ratio round by round: median {statistics.median(paired):.2f}, from {paired[0]:.2f} to {paired[-1]:.2f}")
     return med, used
 
 
