@@ -114,14 +114,13 @@ class NtsPacketAuth:
         self._frames: dict[tuple[int, int, int], tuple[bytes, bytes, bytes]] = {}  # -> head, nonce padding, tail
 
     def _session(self, contents: bytes) -> tuple[Aead, Cipher, Cipher]:
-        """The AEAD and keyed C2S and S2C ciphers of an opened cookie's contents (checked by the key ring)."""
-        session = self._sessions.get(contents)
-        if session is None:
-            if len(self._sessions) >= CIPHER_CACHE:
-                self._sessions.clear()
-            aead = AEADS[contents[0] << 8 | contents[1]]
-            split = 4 + aead.key_len
-            session = self._sessions[contents] = (aead, aead.cipher(contents[4:split]), aead.cipher(contents[split:]))
+        """The AEAD and keyed C2S and S2C ciphers of an opened cookie's contents (checked by the key
+        ring), made and cached when `_sessions` does not have them yet."""
+        if len(self._sessions) >= CIPHER_CACHE:
+            self._sessions.clear()
+        aead = AEADS[contents[0] << 8 | contents[1]]
+        split = 4 + aead.key_len
+        session = self._sessions[contents] = (aead, aead.cipher(contents[4:split]), aead.cipher(contents[split:]))
         return session
 
     def _frame(self, aead: Aead, nonce_len: int, ct_len: int, min_length: int) -> tuple[bytes, bytes, bytes]:
@@ -186,7 +185,8 @@ class NtsPacketAuth:
             contents = self.keyring.open_contents(data[cookie_at + 4 : cookie_at + size], now)
         except CookieError as exc:
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], exc.reason)
-        aead, c2s, s2c = self._session(contents)
+        session = self._sessions.get(contents)
+        aead, c2s, s2c = session if session is not None else self._session(contents)
         if aead.id not in self.supported:  # disabled since: make the client redo NTS-KE
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "aead_disabled")
         opened = _open_auth(data[pos + 4 : end])
