@@ -44,7 +44,8 @@ _AUTHENTICATOR = FieldType.NTS_AUTHENTICATOR.value
 # no two processes share a draw. Nonces are public once sent; drawing them early reveals nothing.
 _DRAW = SERVER_NONCE_LEN + 16
 _DRAWS: deque[bytes] = deque()
-os.register_at_fork(after_in_child=_DRAWS.clear)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_DRAWS.clear)
 
 
 def _draw() -> bytes:
