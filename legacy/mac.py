@@ -122,9 +122,7 @@ def _signed_reply(ctx: ReplyContext, data: bytes, rx_ns: int, key: PreparedKey, 
     """The reply to a verified request: header (transmit timestamp read now), the request's key id,
     the MAC over the header with the same key and length."""
     header = ctx.reply_header(data, rx_ns)
-    h = key.copy()
-    h.update(header)
-    return header + data[trailer_at : trailer_at + 4] + (h.finalize() if key.cmac else h.digest()[:mac_len])  # type: ignore[no-any-return]
+    return header + data[trailer_at : trailer_at + 4] + key.mac(header, mac_len)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,9 +219,7 @@ class MacAuthenticator(Authenticator):
             if key is None:  # only "the shape fits": MS-SNTP may claim it more firmly
                 return None
             return self._verify(table, key, key_id, data, mac_len + 4, client[0], rx_ns, ctx)
-        h = key.copy()
-        h.update(data[:HEADER_LEN])
-        if not compare_digest(h.finalize() if key.cmac else h.digest()[:mac_len], data[HEADER_LEN + 4 :]):
+        if not compare_digest(key.mac(data[:HEADER_LEN], mac_len), data[HEADER_LEN + 4 :]):
             return Nak(crypto_nak(data), "bad_mac")
         self.ledger.record(client[0], key_id, key.key.algorithm, rx_ns, key.ledger_key)
         return _signed_reply(ctx, data, rx_ns, key, HEADER_LEN, mac_len)
