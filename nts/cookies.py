@@ -49,6 +49,17 @@ MASTER_FILE = "nts-master.key"
 _CONTENTS_LEN = {_KEYS_HEAD.pack(aead_id, 0): 4 + 2 * aead.key_len for aead_id, aead in AEADS.items()}
 
 
+class _Tables(NamedTuple):
+    """What the hot path needs for one rotation period, replaced whole (one attribute, so a thread
+    never sees the tables of one period with the span of another)."""
+
+    start: float  # the wall-clock span these hold for
+    end: float
+    accepting: dict[bytes, tuple[AESSIV, bool]]  # key id (4 bytes, as cookies carry it) -> cipher, one AD item
+    sealing_id: bytes
+    sealing: AESSIV
+
+
 class CookieError(Exception):
     """A cookie that cannot be opened: `reason` is a stable metrics label."""
 
@@ -75,11 +86,6 @@ class KeyRing:
         self._secret = secret
         self.set_rotation(rotate_interval, keep_keys)
         self._ciphers: dict[int, AESSIV] = {}  # per period; the key schedule is the costly part
-        # For the hot path, refreshed when the period changes: the accepted periods' key ids (4 bytes,
-        # as cookies carry them) mapped to their ciphers, the sealing key id and cipher, and the
-        # span of wall-clock time for which these hold.
-        self._accepting: dict[bytes, tuple[AESSIV, bool]] = {}  # key id -> cipher, one component
-        self._sealing: tuple[bytes, AESSIV] | None = None  # one attribute: swapped atomically
 
     def set_rotation(self, rotate_interval: int, keep_keys: int) -> None:
         """Set the rotation interval and the number of past periods accepted (also on reload)."""
@@ -87,7 +93,7 @@ class KeyRing:
             raise ValueError("bad rotation settings")
         self.rotate_interval = rotate_interval
         self.keep_keys = keep_keys
-        self._span = (0.0, -1.0)  # the hot path's tables are rebuilt on next use
+        self._current: _Tables | None = None  # the hot path's tables, rebuilt on next use
 
     def period(self, now_s: float) -> int:
         return int(now_s // self.rotate_interval) & _PERIOD_MASK
@@ -101,8 +107,9 @@ class KeyRing:
             cipher = self._ciphers[period] = AESSIV(kdf.derive(self._secret))
         return cipher
 
-    def _refresh(self, now_s: float) -> None:
-        """Set up the hot path's tables for the period `now_s` falls in."""
+    def _build_tables(self, now_s: float) -> _Tables:
+        """Build the hot path's tables for the period `now_s` falls in. Callers use `_current` when
+        `now_s` is within its span and call this only when it is not (once a period)."""
         period = self.period(now_s)
         start = (now_s // self.rotate_interval) * self.rotate_interval
         # accepted: this period, keep_keys before it, one after it (clock skew within a fleet)
@@ -111,9 +118,11 @@ class KeyRing:
             p = (period - age) & _PERIOD_MASK
             accepting[_HEAD.pack(p | _ONE_COMPONENT)] = (self._cipher(p), True)
             accepting[_HEAD.pack(p)] = (self._cipher(p), False)  # the first format
-        self._accepting = accepting
-        self._sealing = (_HEAD.pack(period | _ONE_COMPONENT), self._cipher(period))
-        self._span = (start, start + self.rotate_interval)
+        sealing_id = _HEAD.pack(period | _ONE_COMPONENT)
+        current = self._current = _Tables(
+            start, start + self.rotate_interval, accepting, sealing_id, self._cipher(period)
+        )
+        return current
 
     def seal(self, keys: CookieKeys, now_s: float, nonce: bytes | None = None) -> bytes:
         return self.seal_many(keys, now_s, 1, nonce)[0]  # `nonce`: tests pin it for vectors
@@ -127,24 +136,22 @@ class KeyRing:
     def seal_fields(self, contents: bytes, now_s: float, count: int, nonces: bytes) -> bytes:
         """`count` fresh cookies with the `contents` of an opened one, as NTS Cookie fields (hot path)."""
         field = _FIELD_HEAD.pack(_COOKIE_FIELD, 4 + 4 + _NONCE_LEN + 16 + len(contents))
-        if count == 1:  # the usual request: one cookie, no placeholders
-            start, end = self._span
-            if not start <= now_s < end:
-                self._refresh(now_s)
-            key_id, cipher = self._sealing  # type: ignore[misc]
-            head = key_id + nonces[:_NONCE_LEN]
-            return field + head + cipher.encrypt(contents, [head])
+        if count == 1:  # the usual request (one cookie, no placeholders): no list to build and join
+            tables = self._current
+            if tables is None or not tables.start <= now_s < tables.end:
+                tables = self._build_tables(now_s)
+            head = tables.sealing_id + nonces[:_NONCE_LEN]
+            return field + head + tables.sealing.encrypt(contents, [head])
         return b"".join(self._seal(contents, now_s, count, nonces, field))
 
     def _seal(self, plaintext: bytes, now_s: float, count: int, nonces: bytes, prefix: bytes) -> list[bytes]:
         # cookie: key id (flag and period), nonce, then AES-SIV's tag and ciphertext
         if len(nonces) < _NONCE_LEN * count:
             raise ValueError("need 16 bytes of nonce per cookie")
-        start, end = self._span
-        if not start <= now_s < end:
-            self._refresh(now_s)
-        key_id, cipher = self._sealing  # type: ignore[misc]
-        encrypt = cipher.encrypt
+        tables = self._current
+        if tables is None or not tables.start <= now_s < tables.end:
+            tables = self._build_tables(now_s)
+        key_id, encrypt = tables.sealing_id, tables.sealing.encrypt
         out = []
         for i in range(0, _NONCE_LEN * count, _NONCE_LEN):
             head = key_id + nonces[i : i + _NONCE_LEN]
@@ -160,10 +167,10 @@ class KeyRing:
         """What the cookie seals, checked: AEAD id u16, zero u16, C2S key, S2C key (hot path)."""
         if len(cookie) < 4 + _NONCE_LEN + 16 + 4:
             raise CookieError("cookie_malformed")
-        start, end = self._span
-        if not start <= now_s < end:
-            self._refresh(now_s)
-        accepted = self._accepting.get(cookie[:4])
+        tables = self._current
+        if tables is None or not tables.start <= now_s < tables.end:
+            tables = self._build_tables(now_s)
+        accepted = tables.accepting.get(cookie[:4])
         if accepted is None:
             raise CookieError("cookie_key_unknown")
         cipher, one_component = accepted
