@@ -1,0 +1,115 @@
+"""The NTS-KE session's steps when the socket pushes back, with a stand-in TLS connection (the real
+peers' paths are covered by the integration and interop tests; a full send buffer is not something
+a loopback test can bring about on demand)."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from OpenSSL import SSL
+
+from nts.cookies import KeyRing
+from nts.core.decisions import Stats
+from nts.ke.certs import ALPN, CertStore
+from nts.ke.devcerts import make_dev_certs
+from nts.ke.listener import KeServer, KeSession, KeSettings
+from nts.wire.ke_records import RecordReader, RecordType
+from tests.nts_helpers import AEAD15, NP, request
+
+
+class StandInTls:
+    """Plays the client's side as OpenSSL would report it: the handshake completes, the request
+    arrives, and the first `full` attempts to send the response find the socket's buffer full."""
+
+    def __init__(self, full: int) -> None:
+        self.full = full
+        self.sent: list[bytes] = []
+        self.shut = False
+
+    def set_accept_state(self) -> None:
+        pass
+
+    def do_handshake(self) -> None:
+        pass
+
+    def get_alpn_proto_negotiated(self) -> bytes:
+        return ALPN
+
+    def recv(self, size: int) -> bytes:
+        return request(NP, AEAD15)
+
+    def export_keying_material(self, label: bytes, length: int, context: bytes) -> bytes:
+        return bytes(length)
+
+    def send(self, data: bytes) -> int:
+        if self.full:
+            self.full -= 1
+            raise SSL.WantWriteError()
+        self.sent.append(data)
+        return len(data)
+
+    def shutdown(self) -> bool:
+        self.shut = True
+        return False
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> KeServer:
+    certs = make_dev_certs(tmp_path, ["localhost"])
+    return KeServer(CertStore(certs.certificate, certs.private_key), KeyRing(os.urandom(32)),
+                    KeSettings(supported_aeads=(15,)), Stats())  # fmt: skip
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def session_with(monkeypatch: pytest.MonkeyPatch, server: KeServer, sock: socket.socket, tls: StandInTls) -> KeSession:
+    def connection(context: Any, s: Any) -> StandInTls:
+        return tls
+
+    monkeypatch.setattr(SSL, "Connection", connection)
+    selector = selectors.DefaultSelector()
+    session = KeSession(server, sock, "127.0.0.1", selector)
+    selector.register(sock, selectors.EVENT_READ, session)
+    return session
+
+
+def test_a_full_send_buffer_waits_for_writable_then_sends_the_same_response(
+    monkeypatch: pytest.MonkeyPatch, server: KeServer, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    tls = StandInTls(full=2)
+    session = session_with(monkeypatch, server, pair[0], tls)
+    session.step(selectors.EVENT_READ)
+    assert not session.closed and session.waiting == selectors.EVENT_WRITE
+    assert session.selector.get_key(pair[0]).events == selectors.EVENT_WRITE
+    pending = session.pending
+    session.step(selectors.EVENT_WRITE)  # still full: keeps waiting, the response unchanged
+    assert not session.closed and session.pending == pending and not tls.sent
+    session.step(selectors.EVENT_WRITE)
+    assert session.closed and tls.shut and tls.sent == [pending]
+    records = RecordReader(65536).feed(tls.sent[0])
+    assert [r.type for r in records].count(RecordType.NEW_COOKIE) == 8
+    assert server.stats.counts[("nts_ke", "ok_aead_15")] == 1
+    assert pair[0].fileno() == -1  # closed, and out of the selector
+    with pytest.raises(KeyError):
+        session.selector.get_key(session.fd)
+
+
+def test_a_session_answers_at_once_when_the_socket_takes_it(
+    monkeypatch: pytest.MonkeyPatch, server: KeServer, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    tls = StandInTls(full=0)
+    session = session_with(monkeypatch, server, pair[0], tls)
+    session.step(selectors.EVENT_READ)
+    assert session.closed and len(tls.sent) == 1 and tls.shut
