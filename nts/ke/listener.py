@@ -1,15 +1,14 @@
-"""The NTS-KE listener: TLS 1.3 over TCP, one thread with a selector, pyOpenSSL on the sockets.
+"""The NTS-KE listener: TLS 1.3 over TCP on the event loop, pyOpenSSL on non-blocking sockets.
 
-Strategy: measured here, asyncio's transports and memory BIOs cost a fifth of a session's CPU
-(the handshake itself is OpenSSL's and the largest part). So, as the UDP listeners do, NTS-KE runs
-in a thread of its own: non-blocking sockets, each wrapped in an `SSL.Connection` that reads and
-writes it directly, driven by readiness events from a selector; a step that would block raises
-WantRead/WantWrite and waits for the next event, so a slow or silent peer never stalls the others.
-Limits, each refused fast and counted: concurrent connections, a per-address rate, a deadline for
-the whole session (swept several times a second, oldest first), and the request size (enforced by
-the sans-IO session). After End of Message the server answers, sends close_notify and closes
-(RFC 8915 section 4). Only this thread touches the sessions and the counters; the certificate,
-settings and rate limiter are replaced whole by the event loop's thread on reload.
+Strategy: each session's socket is non-blocking and wrapped in an `SSL.Connection` that reads and
+writes it directly; the event loop calls the session back when its socket is readable (or, when
+the send buffer was full, writable), and a step that would block raises WantRead/WantWrite and
+waits for the next call, so a slow or silent peer never stalls the others or the loop. Measured
+here, asyncio's transports with memory BIOs in between cost a fifth of a session's CPU more (the
+handshake itself, OpenSSL's, is the largest part). Limits, each refused fast and counted:
+concurrent connections, a per-address rate, a deadline for the whole session (swept several times
+a second, oldest first), and the request size (enforced by the sans-IO session). After End of
+Message the server answers, sends close_notify and closes (RFC 8915 section 4).
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ import asyncio
 import contextlib
 import errno
 import logging
-import selectors
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,13 +48,12 @@ class KeSettings:
     ntp_port: int | None = None
 
 
-_SWEEP_S = 0.1  # how often session deadlines are checked (and the longest a stop waits)
+_SWEEP_S = 0.1  # how often session deadlines are checked
 _ACCEPTS = 64  # connections accepted per readiness event, so sessions under way keep their turn
-_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class KeServer:
-    """Accepts NTS-KE sessions on any number of listening sockets, in a thread of its own."""
+    """Accepts NTS-KE sessions on any number of listening sockets."""
 
     def __init__(self, certs: CertStore, keyring: KeyRing, settings: KeSettings, stats: Stats) -> None:
         self.certs = certs
@@ -69,9 +65,8 @@ class KeServer:
         self.wall_clock: Callable[[], float] = time.time
         self._listeners: list[socket.socket] = []
         self._sessions: dict[int, KeSession] = {}  # by socket fd, oldest first
-        self._selector: selectors.BaseSelector | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def active(self) -> int:
@@ -83,52 +78,26 @@ class KeServer:
         self.settings = settings
 
     async def start(self, sockets: list[socket.socket]) -> None:
-        self._selector = selectors.DefaultSelector()
+        loop = self._loop = asyncio.get_running_loop()
         for sock in sockets:
             sock.setblocking(False)
-            self._selector.register(sock, _READ, None)
+            loop.add_reader(sock.fileno(), self._accept, sock, loop)
             self._listeners.append(sock)
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="nts-ke", daemon=True)
-        self._thread.start()
+        self._sweeper = loop.call_later(_SWEEP_S, self._sweep)
 
     async def stop(self) -> None:
-        """Stop accepting and end the sessions under way (within one sweep interval)."""
-        self._stopping = True
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 5)
-            self._thread = None
+        """Stop accepting and end the sessions under way."""
+        if self._loop is not None:
+            for sock in self._listeners:
+                self._loop.remove_reader(sock.fileno())
         self._listeners.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for session in list(self._sessions.values()):
+            session.close()
 
-    def _run(self) -> None:
-        selector = self._selector
-        assert selector is not None
-        try:
-            self._serve(selector)
-        except Exception:  # a bug must be loud, and must not leave a silent dead listener
-            log.exception("NTS-KE listener failed")
-            raise
-        finally:
-            for session in list(self._sessions.values()):
-                session.close()
-            selector.close()
-
-    def _serve(self, selector: selectors.BaseSelector) -> None:
-        monotonic = time.monotonic
-        next_sweep = monotonic() + _SWEEP_S
-        while not self._stopping:
-            for key, events in selector.select(_SWEEP_S):
-                session = key.data
-                if session is None:
-                    self._accept(key.fileobj, selector)  # type: ignore[arg-type]
-                elif not session.closed:
-                    session.step(events)
-            now = monotonic()
-            if now >= next_sweep:
-                next_sweep = now + _SWEEP_S
-                self._sweep(now)
-
-    def _accept(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:
+    def _accept(self, listener: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         for _ in range(_ACCEPTS):
             try:
                 sock, addr = listener.accept()
@@ -145,13 +114,14 @@ class KeServer:
                 continue
             self.count("connections")
             sock.setblocking(False)
-            session = KeSession(self, sock, peer, selector)
-            self._sessions[sock.fileno()] = session
-            selector.register(sock, _READ, session)
+            session = KeSession(self, sock, peer, loop)
+            self._sessions[session.fd] = session
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self) -> None:
         """Close the sessions past their deadline (the dict is in order of arrival)."""
-        deadline = now - self.settings.session_timeout
+        assert self._loop is not None
+        self._sweeper = self._loop.call_later(_SWEEP_S, self._sweep)
+        deadline = time.monotonic() - self.settings.session_timeout
         expired = []
         for session in self._sessions.values():
             if session.started > deadline:
@@ -197,41 +167,41 @@ class KeServer:
 class KeSession:
     """One NTS-KE session on a non-blocking socket: handshake, request, response, close.
 
-    `step()` runs on every readiness event and goes as far as the peer's data allows; OpenSSL
+    `step()` runs whenever the socket is ready and goes as far as the peer's data allows; OpenSSL
     reads and writes the socket itself. A step that needs the socket writable (a full send buffer)
-    waits for that event instead of a readable one.
+    is called back when it is, instead of when it is readable.
     """
 
-    __slots__ = ("closed", "fd", "handshaken", "peer", "pending", "selector", "server", "session", "sock",
-                 "started", "tls", "waiting")  # fmt: skip
+    __slots__ = ("closed", "fd", "handshaken", "loop", "peer", "pending", "server", "session", "sock", "started",
+                 "tls", "writing")  # fmt: skip
 
-    def __init__(self, server: KeServer, sock: socket.socket, peer: str, selector: selectors.BaseSelector) -> None:
+    def __init__(self, server: KeServer, sock: socket.socket, peer: str, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
-        self.selector = selector
+        self.loop = loop
         self.started = time.monotonic()
         self.tls = SSL.Connection(server.certs.context, sock)
         self.tls.set_accept_state()
         self.session = KeServerSession(server.settings.supported_aeads, server.settings.max_request)
         self.handshaken = False
         self.pending: bytes | None = None  # the response, until the socket took all of it
-        self.waiting = _READ
+        self.writing = False  # waiting for the socket to be writable rather than readable
         self.closed = False
+        loop.add_reader(self.fd, self.step)
 
-    def step(self, events: int) -> None:
+    def step(self) -> None:
         server = self.server
         try:
             if self.pending is None:
                 self._advance()
             if self.pending is not None:
                 self._send()
-            self._wait(_READ)
         except SSL.WantReadError:
-            self._wait(_READ)
+            self._wait(writing=False)
         except SSL.WantWriteError:
-            self._wait(_WRITE)
+            self._wait(writing=True)
         except AlpnRefused:
             server.count("refused_alpn", self.peer)  # OpenSSL has sent the no_application_protocol alert
             self.close()
@@ -272,21 +242,28 @@ class KeSession:
         then close_notify, then close."""
         assert self.pending is not None
         self.tls.send(self.pending)  # partial writes are whole records: all of it, or WantWrite
-        self.pending = b""
         with contextlib.suppress(SSL.Error):
             self.tls.shutdown()
         self.close()
 
-    def _wait(self, events: int) -> None:
-        if not self.closed and events != self.waiting:
-            self.selector.modify(self.sock, events, self)
-            self.waiting = events
+    def _wait(self, writing: bool) -> None:
+        if self.closed or writing == self.writing:
+            return
+        if writing:
+            self.loop.remove_reader(self.fd)
+            self.loop.add_writer(self.fd, self.step)
+        else:
+            self.loop.remove_writer(self.fd)
+            self.loop.add_reader(self.fd, self.step)
+        self.writing = writing
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         self.server.forget(self.fd)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(self.sock)
+        if self.writing:
+            self.loop.remove_writer(self.fd)
+        else:
+            self.loop.remove_reader(self.fd)
         self.sock.close()

@@ -4,8 +4,8 @@ a loopback test can bring about on demand)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
-import selectors
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,42 +74,57 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     b.close()
 
 
-def session_with(monkeypatch: pytest.MonkeyPatch, server: KeServer, sock: socket.socket, tls: StandInTls) -> KeSession:
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()  # only its selector is used: sessions register their sockets
+    yield loop
+    loop.close()
+
+
+def session_with(
+    monkeypatch: pytest.MonkeyPatch,
+    server: KeServer,
+    sock: socket.socket,
+    tls: StandInTls,
+    loop: asyncio.AbstractEventLoop,
+) -> KeSession:
     def connection(context: Any, s: Any) -> StandInTls:
         return tls
 
     monkeypatch.setattr(SSL, "Connection", connection)
-    selector = selectors.DefaultSelector()
-    session = KeSession(server, sock, "127.0.0.1", selector)
-    selector.register(sock, selectors.EVENT_READ, session)
-    return session
+    return KeSession(server, sock, "127.0.0.1", loop)
 
 
 def test_a_full_send_buffer_waits_for_writable_then_sends_the_same_response(
-    monkeypatch: pytest.MonkeyPatch, server: KeServer, pair: tuple[socket.socket, socket.socket]
+    monkeypatch: pytest.MonkeyPatch,
+    server: KeServer,
+    pair: tuple[socket.socket, socket.socket],
+    loop: asyncio.AbstractEventLoop,
 ) -> None:
     tls = StandInTls(full=2)
-    session = session_with(monkeypatch, server, pair[0], tls)
-    session.step(selectors.EVENT_READ)
-    assert not session.closed and session.waiting == selectors.EVENT_WRITE
-    assert session.selector.get_key(pair[0]).events == selectors.EVENT_WRITE
+    session = session_with(monkeypatch, server, pair[0], tls, loop)
+    session.step()
+    assert not session.closed and session.writing
+    assert loop.remove_reader(session.fd) is False  # waits for writable only
     pending = session.pending
-    session.step(selectors.EVENT_WRITE)  # still full: keeps waiting, the response unchanged
+    session.step()  # still full: keeps waiting, the response unchanged
     assert not session.closed and session.pending == pending and not tls.sent
-    session.step(selectors.EVENT_WRITE)
+    session.step()
     assert session.closed and tls.shut and tls.sent == [pending]
     records = RecordReader(65536).feed(tls.sent[0])
     assert [r.type for r in records].count(RecordType.NEW_COOKIE) == 8
     assert server.stats.counts[("nts_ke", "ok_aead_15")] == 1
-    assert pair[0].fileno() == -1  # closed, and out of the selector
-    with pytest.raises(KeyError):
-        session.selector.get_key(session.fd)
+    assert pair[0].fileno() == -1  # closed, and the loop no longer watches it
+    assert loop.remove_writer(session.fd) is False and loop.remove_reader(session.fd) is False
 
 
 def test_a_session_answers_at_once_when_the_socket_takes_it(
-    monkeypatch: pytest.MonkeyPatch, server: KeServer, pair: tuple[socket.socket, socket.socket]
+    monkeypatch: pytest.MonkeyPatch,
+    server: KeServer,
+    pair: tuple[socket.socket, socket.socket],
+    loop: asyncio.AbstractEventLoop,
 ) -> None:
     tls = StandInTls(full=0)
-    session = session_with(monkeypatch, server, pair[0], tls)
-    session.step(selectors.EVENT_READ)
+    session = session_with(monkeypatch, server, pair[0], tls, loop)
+    session.step()
     assert session.closed and len(tls.sent) == 1 and tls.shut
