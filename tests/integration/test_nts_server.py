@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -74,6 +76,45 @@ def test_ke_misuse_gets_documented_outcomes_and_service_continues(tmp_path: Path
         assert events["refused_ke_too_long"] == 1
         assert events["timeout"] == 1
         assert events["ok_aead_15"] == 1
+
+
+def _client_hello() -> bytes:
+    """A real TLS 1.3 ClientHello offering ntske/1, from an in-memory client."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_alpn_protos([b"ntske/1"])
+    conn = SSL.Connection(ctx, None)
+    conn.set_connect_state()
+    with pytest.raises(SSL.WantReadError):
+        conn.do_handshake()
+    return conn.bio_read(65536)
+
+
+def test_peers_that_are_not_tls_or_vanish_are_closed_at_once_and_counted(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport, "  session_timeout: 30\n")):
+        hello = _client_hello()
+        with socket.create_connection(("127.0.0.1", ke), timeout=5) as s:  # not TLS at all
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):  # the rest of it unread: closed with a reset
+                s.recv(4096)  # an alert or the close, well before the 30 s deadline (else: timeout)
+        with socket.create_connection(("127.0.0.1", ke), timeout=5) as s:  # half a ClientHello, then FIN
+            s.sendall(hello[: len(hello) // 2])
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(4096):  # perhaps an alert, then the close (else: timeout)
+                pass
+        s = socket.create_connection(("127.0.0.1", ke), timeout=5)  # half a ClientHello, then RST
+        s.sendall(hello[: len(hello) // 2])
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        ok = ke_raw(ke, request(NP, AEAD15))
+        assert isinstance(ok, list) and [r.type for r in ok].count(RecordType.NEW_COOKIE) == 8
+        deadline = time.monotonic() + 5
+        while ke_events(mport).get("client_closed_early", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the reset may be seen after the good session
+        events = ke_events(mport)
+        assert events["handshake_failed"] == 1
+        assert events["client_closed_early"] == 2
+        assert events["ok_aead_15"] == 1 and "timeout" not in events and "internal_error" not in events
 
 
 def test_connection_limit_refuses_fast_and_others_are_served(tmp_path: Path) -> None:
