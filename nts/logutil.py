@@ -12,9 +12,10 @@ import time
 
 
 class RateLimitedLog:
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, level: int = logging.INFO) -> None:
         self._log = logger
         self._interval = interval
+        self._level = level
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
@@ -27,6 +28,6 @@ class RateLimitedLog:
         self._last[kind] = now
         more = self._suppressed.pop(kind, 0)
         if more:
-            self._log.info(message + " (%d more since the last such line)", *args, more)
+            self._log.log(self._level, message + " (%d more since the last such line)", *args, more)
         else:
-            self._log.info(message, *args)
+            self._log.log(self._level, message, *args)

@@ -50,6 +50,7 @@ class KeSettings:
 
 _SWEEP_S = 0.1  # how often session deadlines are checked
 _ACCEPTS = 64  # connections accepted per readiness event, so sessions under way keep their turn
+_ACCEPT_RETRY_S = 1.0  # the pause after accept() failed for want of descriptors or memory
 
 
 class KeServer:
@@ -62,6 +63,7 @@ class KeServer:
         self.stats = stats
         self._limiter = RateLimiter(RateSettings(rate=settings.rate, burst=settings.burst, kod=False))
         self._events = RateLimitedLog(log)
+        self._alarms = RateLimitedLog(log, level=logging.WARNING)
         self.wall_clock: Callable[[], float] = time.time
         self._listeners: list[socket.socket] = []
         self._sessions: dict[int, KeSession] = {}  # by socket fd, oldest first
@@ -103,8 +105,16 @@ class KeServer:
                 sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # e.g. EMFILE: count it, try again on the next event
-                self.count(f"accept_{errno.errorcode.get(exc.errno or 0, 'error')}")
+            except ConnectionAbortedError:  # the peer gave up before we took it
+                continue
+            except OSError as exc:  # out of descriptors or memory: pause, as the socket stays readable
+                what = errno.errorcode.get(exc.errno or 0, "error")
+                self.count(f"accept_{what}")
+                self._alarms(
+                    what, "NTS-KE accept failed (%s); accepting again in %.0f s", exc.strerror, _ACCEPT_RETRY_S
+                )
+                loop.remove_reader(listener.fileno())
+                loop.call_later(_ACCEPT_RETRY_S, self._resume, listener, loop)
                 return
             peer = addr[0] if addr else "?"
             refusal = self.admit(peer)
@@ -116,6 +126,10 @@ class KeServer:
             sock.setblocking(False)
             session = KeSession(self, sock, peer, loop)
             self._sessions[session.fd] = session
+
+    def _resume(self, listener: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        if listener in self._listeners:  # not stopped meanwhile
+            loop.add_reader(listener.fileno(), self._accept, listener, loop)
 
     def _sweep(self) -> None:
         """Close the sessions past their deadline (the dict is in order of arrival)."""
@@ -205,10 +219,7 @@ class KeSession:
         except AlpnRefused:
             server.count("refused_alpn", self.peer)  # OpenSSL has sent the no_application_protocol alert
             self.close()
-        except SSL.ZeroReturnError:
-            server.count("client_closed_early")
-            self.close()
-        except SSL.SysCallError:  # the peer closed or reset the connection
+        except (SSL.ZeroReturnError, SSL.SysCallError):  # the peer closed (close_notify, FIN) or reset
             server.count("client_closed_early")
             self.close()
         except SSL.Error:

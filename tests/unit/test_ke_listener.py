@@ -5,6 +5,7 @@ a loopback test can bring about on demand)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from OpenSSL import SSL
 
 from nts.cookies import KeyRing
 from nts.core.decisions import Stats
+from nts.ke import listener
 from nts.ke.certs import ALPN, CertStore
 from nts.ke.devcerts import make_dev_certs
 from nts.ke.listener import KeServer, KeSession, KeSettings
@@ -128,3 +130,46 @@ def test_a_session_answers_at_once_when_the_socket_takes_it(
     session = session_with(monkeypatch, server, pair[0], tls, loop)
     session.step()
     assert session.closed and len(tls.sent) == 1 and tls.shut
+
+
+class ExhaustedListener:
+    """A listening socket's stand-in whose accept() fails as when the process has no descriptors left;
+    `tried` is set at each call."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.calls = 0
+        self.tried = asyncio.Event()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self.calls += 1
+        self.tried.set()
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_accept_out_of_descriptors_pauses_the_listener_then_resumes(
+    monkeypatch: pytest.MonkeyPatch, server: KeServer, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """A listening socket stays readable while accept() fails: without the pause the loop would spin."""
+    monkeypatch.setattr(listener, "_ACCEPT_RETRY_S", 0.05)
+    pair[1].send(b"x")  # readable, as a listener with connections waiting is
+
+    async def run() -> None:
+        exhausted = ExhaustedListener(pair[0])
+        loop = asyncio.get_running_loop()
+        await server.start([exhausted])  # type: ignore[list-item]
+        await asyncio.wait_for(exhausted.tried.wait(), 5)
+        assert exhausted.calls == 1
+        assert loop.remove_reader(exhausted.fileno()) is False  # paused: the loop does not watch it
+        exhausted.tried.clear()
+        await asyncio.wait_for(exhausted.tried.wait(), 5)  # the pause is over: accepting again
+        await server.stop()
+        assert server.stats.counts[("nts_ke", "accept_EMFILE")] == exhausted.calls == 2
+
+    asyncio.run(run())
