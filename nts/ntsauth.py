@@ -19,6 +19,9 @@ import struct
 from collections import deque
 from collections.abc import Callable
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
 from .aead import AEADS, TAG_LEN, Aead, AeadError, Cipher
 from .cookies import CookieError, KeyRing
 from .core.auth import ReplyContext, Request
@@ -190,13 +193,21 @@ class NtsPacketAuth:
         aead, c2s, s2c = session if session is not None else self._session(contents)
         if aead.id not in self.supported:  # disabled since: make the client redo NTS-KE
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "aead_disabled")
-        opened = _open_auth(data[pos + 4 : end])
-        if opened is None:
+        # the authenticator's body (as _open_auth reads it, without slicing it out first): nonce and
+        # ciphertext lengths, then each padded to a multiple of 4
+        if end - pos < 8:
             return _D_MALFORMED
-        nonce, ciphertext = opened
-        try:
-            plaintext = aead.decrypt(c2s, nonce, ciphertext, data[:pos])
-        except AeadError:
+        nonce_len, ct_len = unpack(data, pos + 4)
+        start = pos + 8 + ((nonce_len + 3) & -4)
+        if nonce_len < 1 or ct_len < TAG_LEN or start + ((ct_len + 3) & -4) > end:
+            return _D_MALFORMED
+        nonce = data[pos + 8 : pos + 8 + nonce_len]
+        try:  # AES-SIV (what chrony and most clients use) directly: its nonce is the last AD item
+            if type(c2s) is AESSIV:
+                plaintext = c2s.decrypt(data[start : start + ct_len], [data[:pos], nonce])
+            else:
+                plaintext = aead.decrypt(c2s, nonce, data[start : start + ct_len], data[:pos])
+        except (AeadError, InvalidTag):
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "authenticator_invalid")
         wanted = 1 + placeholders
         if plaintext:  # chrony and ntpd-rs send nothing inside; placeholders here count too
@@ -210,7 +221,7 @@ class NtsPacketAuth:
                         wanted += 1
             except ParseError:
                 return _D_MALFORMED
-        count = min(wanted, MAX_COOKIES)
+        count = wanted if wanted <= MAX_COOKIES else MAX_COOKIES
         # the cookies' nonces, then the reply's (all from the CSPRNG)
         randomness = _draw() if count == 1 else os.urandom(SERVER_NONCE_LEN + 16 * count)
         cookies = self.keyring.seal_fields(contents, now, count, randomness)
