@@ -123,8 +123,14 @@ class KeServer:
                 sock.close()
                 continue
             self.count("connections")
-            sock.setblocking(False)
-            session = KeSession(self, sock, peer, loop)
+            try:
+                sock.setblocking(False)
+                session = KeSession(self, sock, peer, loop)
+            except Exception:  # a bug must cost this connection only, and say so
+                self.count("internal_error")
+                log.exception("internal error setting up an NTS-KE session with %s (closed)", peer)
+                sock.close()
+                continue
             self._sessions[session.fd] = session
 
     def _resume(self, listener: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
@@ -206,6 +212,8 @@ class KeSession:
         loop.add_reader(self.fd, self.step)
 
     def step(self) -> None:
+        if self.closed:  # closed (by the deadline, say) after this call was already queued
+            return
         server = self.server
         try:
             if self.pending is None:
