@@ -15,13 +15,16 @@ generator's limit, not the server's, and the script says so.
 Tests: plain 48-byte requests; legacy MAC requests (SHA1 and AES-128-CMAC keys, the same secrets
 in each server's key file format); NTS requests (one cookie, AES-SIV-CMAC-256; each server's own
 cookie from a real NTS-KE); NTS-KE sessions with 16 parallel clients, with EC (P-256) and RSA
-(2048) certificates, the same certificate files for both servers.
+(2048) certificates, the same certificate files for both servers, each with two client TLS stacks:
+OpenSSL (offers session tickets, which an OpenSSL server then sends) and GnuTLS with chrony's own
+NTS-KE client settings (no tickets, P-256 and X25519 key shares). What the client offers changes
+each server's work, in opposite directions, so both are shown.
 
 Usage: python3 tests/bench/bench.py [--seconds 3] [--rounds 3] [--only plain,mac,nts,ke]
        [--ntp-options "max_hold_us: 10, batch: 32"] [--python /usr/bin/python3]
 The interpreter matters: CPython built without PGO/LTO (pyenv's default) runs ntsd's hot path
 20-25% slower than a distribution's optimized build; the script prints which one ran ntsd.
-Needs: chronyd (Debian chrony), gcc, libssl-dev, taskset; run as root (chronyd -u root).
+Needs: chronyd (Debian chrony), gcc, libssl-dev, libgnutls28-dev, taskset; run as root (chronyd -u root).
 """
 
 from __future__ import annotations
@@ -211,7 +214,9 @@ def compare(
     return med, used
 
 
-def run_all(servers: Servers, kind: str, args: argparse.Namespace, only: set[str], loadgen: Path, keload: Path) -> None:
+def run_all(
+    servers: Servers, kind: str, args: argparse.Namespace, only: set[str], loadgen: Path, keload: dict[str, Path]
+) -> None:
     secs, core = str(args.seconds), args.client_core
 
     def udp_load(packets: dict[str, str]) -> Callable[[str], float]:
@@ -221,8 +226,12 @@ def run_all(servers: Servers, kind: str, args: argparse.Namespace, only: set[str
 
         return load
 
-    def ke_load(n: str) -> float:
-        return float(run_tool([str(keload), "127.0.0.1", str(servers.ke[n]), secs, str(args.ke_clients)], core)["rate"])
+    def ke_load(tool: Path) -> Callable[[str], float]:
+        def load(n: str) -> float:
+            cmd = [str(tool), "127.0.0.1", str(servers.ke[n]), secs, str(args.ke_clients)]
+            return float(run_tool(cmd, core)["rate"])
+
+        return load
 
     if kind == "ec" and "plain" in only:
         title = f"plain NTP, 48-byte mode 3 requests, window {args.window}, {args.rounds} rounds x {secs} s"
@@ -237,8 +246,9 @@ def run_all(servers: Servers, kind: str, args: argparse.Namespace, only: set[str
         title = f"NTS requests (1 cookie, AES-SIV-CMAC-256, {len(packets['ntsd']) // 2} bytes), window {args.window}"
         compare(title, servers, args.rounds, udp_load(packets))
     if "ke" in only:
-        title = f"NTS-KE sessions, {args.ke_clients} parallel clients, {kind.upper()} certificate"
-        compare(title, servers, args.rounds, ke_load)
+        for client, tool in keload.items():
+            title = f"NTS-KE sessions, {args.ke_clients} parallel {client} clients, {kind.upper()} certificate"
+            compare(title, servers, args.rounds, ke_load(tool))
 
 
 def main() -> int:
@@ -269,11 +279,11 @@ def main() -> int:
     print(f"ntsd runs on {which[0]} (Python {which[1]})")
     with tempfile.TemporaryDirectory(prefix="ntsd-bench-") as tmp:
         work = Path(tmp)
-        loadgen, keload = work / "loadgen", work / "keload"
+        loadgen = work / "loadgen"
+        keload = {"OpenSSL": work / "keload-openssl", "GnuTLS (chrony's client settings)": work / "keload-gnutls"}
         subprocess.run(["gcc", "-O2", "-o", str(loadgen), str(HERE / "loadgen.c")], check=True)
-        subprocess.run(
-            ["gcc", "-O2", "-o", str(keload), str(HERE / "keload.c"), "-lssl", "-lcrypto", "-lpthread"], check=True
-        )
+        for tool, flags in zip(keload.values(), (["-lssl", "-lcrypto"], ["-DKELOAD_GNUTLS", "-lgnutls"]), strict=True):
+            subprocess.run(["gcc", "-O2", "-o", str(tool), str(HERE / "keload.c"), *flags, "-lpthread"], check=True)
         for kind in ("ec", "rsa"):
             if kind == "ec" or "ke" in only:
                 servers = Servers(work, kind, args.server_core, args.ntp_options, args.python)

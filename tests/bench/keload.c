@@ -6,13 +6,19 @@
  * for the server's close instead adds a Nagle/delayed-ACK stall of ~40 ms with some servers), and
  * count the session as good only if the response holds an AEAD record and at least one cookie.
  * No session resumption.
+ *
+ * Two client TLS stacks, because what the client offers changes the server's work:
+ * - OpenSSL (default build): one X25519 key share, offers session tickets (psk_key_exchange_modes),
+ *   so an OpenSSL server sends two NewSessionTickets per session. NTPsec's client is OpenSSL.
+ * - GnuTLS (built with -DKELOAD_GNUTLS): chrony's own NTS-KE client settings (GNUTLS_NO_TICKETS,
+ *   the default priorities with everything below TLS 1.3 removed): P-256 and X25519 key shares, no
+ *   tickets. chrony is the most common NTS client.
  * Usage: keload HOST PORT SECONDS THREADS
  * Prints: "sessions=N seconds=S rate=R failed=F"
  */
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/tcp.h>
-#include <openssl/ssl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -24,10 +30,75 @@
 
 static const unsigned char REQUEST[] = {0x80, 0x01, 0x00, 0x02, 0x00, 0x00, 0x80, 0x04, 0x00, 0x02,
                                         0x00, 0x0f, 0x80, 0x00, 0x00, 0x00};
+static int response_state(const unsigned char *buf, int len);
+
+/* The TLS part: tls_setup() once, then tls_exchange() per connected socket (1: a good response). */
+#ifdef KELOAD_GNUTLS
+#include <gnutls/gnutls.h>
+
+static gnutls_certificate_credentials_t credentials;
+static gnutls_priority_t priority;
+
+static int tls_setup(void) {
+    if (gnutls_global_init() < 0 || gnutls_certificate_allocate_credentials(&credentials) < 0) return 0;
+    return gnutls_priority_init2(&priority, "-VERS-SSL3.0:-VERS-TLS1.0:-VERS-TLS1.1:-VERS-TLS1.2:-VERS-DTLS-ALL",
+                                 NULL, GNUTLS_PRIORITY_INIT_DEF_APPEND) >= 0;
+}
+
+static int tls_exchange(int fd, unsigned char *buf, int size) {
+    gnutls_session_t s;
+    gnutls_datum_t alpn = {(unsigned char *)"ntske/1", 7};
+    int ok = 0, len = 0, r;
+    if (gnutls_init(&s, GNUTLS_CLIENT | GNUTLS_NO_TICKETS) < 0) return 0;
+    gnutls_priority_set(s, priority);
+    gnutls_credentials_set(s, GNUTLS_CRD_CERTIFICATE, credentials);
+    gnutls_alpn_set_protocols(s, &alpn, 1, 0);
+    gnutls_transport_set_int(s, fd);
+    do { r = gnutls_handshake(s); } while (r < 0 && !gnutls_error_is_fatal(r));
+    if (r == 0 && gnutls_record_send(s, REQUEST, sizeof REQUEST) == (ssize_t)sizeof REQUEST) {
+        while (len < size) {
+            r = gnutls_record_recv(s, buf + len, size - len);
+            if (r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) continue;
+            if (r <= 0) break;
+            len += r;
+            if ((ok = response_state(buf, len)) != 0) break;
+        }
+    }
+    gnutls_deinit(s);
+    return ok == 1;
+}
+#else
+#include <openssl/ssl.h>
+
 static const unsigned char ALPN[] = {7, 'n', 't', 's', 'k', 'e', '/', '1'};
+static SSL_CTX *ctx;
+
+static int tls_setup(void) {
+    ctx = SSL_CTX_new(TLS_client_method());
+    if (ctx == NULL) return 0;
+    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    return SSL_CTX_set_alpn_protos(ctx, ALPN, sizeof ALPN) == 0;
+}
+
+static int tls_exchange(int fd, unsigned char *buf, int size) {
+    int ok = 0, len = 0, n;
+    SSL *ssl = SSL_new(ctx);
+    if (ssl == NULL) return 0;
+    SSL_set_fd(ssl, fd);
+    if (SSL_connect(ssl) == 1 && SSL_write(ssl, REQUEST, sizeof REQUEST) == (int)sizeof REQUEST) {
+        while (len < size && (n = SSL_read(ssl, buf + len, size - len)) > 0) {
+            len += n;
+            if ((ok = response_state(buf, len)) != 0) break;
+        }
+    }
+    SSL_free(ssl);
+    return ok == 1;
+}
+#endif
 
 static struct addrinfo *target;
-static SSL_CTX *ctx;
 static double end_time;
 static long good[256], failed[256];
 
@@ -52,23 +123,13 @@ static int response_state(const unsigned char *buf, int len) {
 }
 
 static int one_session(void) {
-    int fd = socket(target->ai_family, SOCK_STREAM, 0), one = 1, ok = 0, len = 0, n;
+    int fd = socket(target->ai_family, SOCK_STREAM, 0), one = 1, ok = 0;
     unsigned char buf[8192];
     if (fd < 0) return 0;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     struct timeval tv = {5, 0};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    if (connect(fd, target->ai_addr, target->ai_addrlen) != 0) { close(fd); return 0; }
-    SSL *ssl = SSL_new(ctx);
-    SSL_set_fd(ssl, fd);
-    if (SSL_connect(ssl) == 1 && SSL_write(ssl, REQUEST, sizeof REQUEST) == (int)sizeof REQUEST) {
-        while (len < (int)sizeof buf && (n = SSL_read(ssl, buf + len, sizeof buf - len)) > 0) {
-            len += n;
-            if ((ok = response_state(buf, len)) != 0) break;
-        }
-        ok = ok == 1;
-    }
-    SSL_free(ssl);
+    if (connect(fd, target->ai_addr, target->ai_addrlen) == 0) ok = tls_exchange(fd, buf, sizeof buf);
     close(fd);
     return ok;
 }
@@ -89,11 +150,7 @@ int main(int argc, char **argv) {
     int threads = atoi(argv[4]);
     if (threads < 1 || threads > 256) threads = 16;
     signal(SIGPIPE, SIG_IGN); /* a refused connection must count as a failure, not kill us */
-    ctx = SSL_CTX_new(TLS_client_method());
-    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
-    SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
-    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-    SSL_CTX_set_alpn_protos(ctx, ALPN, sizeof ALPN);
+    if (!tls_setup()) { fprintf(stderr, "TLS set-up failed\n"); return 2; }
     double start = now();
     end_time = start + atof(argv[3]);
     pthread_t tids[256];
