@@ -16,9 +16,10 @@ Tests: plain 48-byte requests; legacy MAC requests (SHA1 and AES-128-CMAC keys, 
 in each server's key file format); NTS requests (one cookie, AES-SIV-CMAC-256; each server's own
 cookie from a real NTS-KE); NTS-KE sessions with 16 parallel clients, with EC (P-256) and RSA
 (2048) certificates, the same certificate files for both servers, each with two client TLS stacks:
-OpenSSL (offers session tickets, which an OpenSSL server then sends) and GnuTLS with chrony's own
-NTS-KE client settings (no tickets, P-256 and X25519 key shares). What the client offers changes
-each server's work, in opposite directions, so both are shown.
+OpenSSL (an X25519 key share; offers session tickets, which an OpenSSL server then sends) and
+GnuTLS with chrony's own NTS-KE client settings (no tickets; P-256 and X25519 key shares, of which
+chrony's GnuTLS server takes P-256 and OpenSSL X25519). What the client offers changes each
+server's work, so both are shown.
 
 Usage: python3 tests/bench/bench.py [--seconds 3] [--rounds 3] [--only plain,mac,nts,ke]
        [--ntp-options "max_hold_us: 10, batch: 32"] [--python /usr/bin/python3]
