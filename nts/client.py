@@ -23,7 +23,7 @@ from OpenSSL import SSL
 from .aead import AEADS, DEFAULT_AEADS, AeadError
 from .ke.certs import ALPN
 from .ke.session import EXPORTER_LABEL
-from .ntsauth import _open_auth, auth_field
+from .ntsauth import auth_field, open_auth
 from .wire.errors import ParseError
 from .wire.extensions import ExtensionField, FieldType, make_field, parse_extension, serialize_extension
 from .wire.ke_records import NEXT_PROTOCOL_NTPV4, Record, RecordReader, RecordType, serialize_records, u16_list
@@ -253,7 +253,7 @@ def check_nts_reply(ke: KeResult, reply: bytes, uid: bytes) -> tuple[bool, list[
     pos = 48
     for f in packet.extensions:
         if f.type == FieldType.NTS_AUTHENTICATOR:
-            opened = _open_auth(f.value)
+            opened = open_auth(f.value, 0, len(f.value))
             if opened is None:
                 raise QueryError("malformed authenticator in the reply")
             try:

@@ -107,9 +107,15 @@ class KeyRing:
             cipher = self._ciphers[period] = AESSIV(kdf.derive(self._secret))
         return cipher
 
+    def _tables(self, now_s: float) -> _Tables:
+        """The hot path's tables for the period `now_s` falls in (built once a period)."""
+        tables = self._current
+        if tables is None or not tables.start <= now_s < tables.end:
+            tables = self._build_tables(now_s)
+        return tables
+
     def _build_tables(self, now_s: float) -> _Tables:
-        """Build the hot path's tables for the period `now_s` falls in. Callers use `_current` when
-        `now_s` is within its span and call this only when it is not (once a period)."""
+        """Build and keep the tables for the period `now_s` falls in."""
         period = self.period(now_s)
         start = (now_s // self.rotate_interval) * self.rotate_interval
         # accepted: this period, keep_keys before it, one after it (clock skew within a fleet)
@@ -137,9 +143,7 @@ class KeyRing:
         """`count` fresh cookies with the `contents` of an opened one, as NTS Cookie fields (hot path)."""
         field = _FIELD_HEAD.pack(_COOKIE_FIELD, 4 + 4 + _NONCE_LEN + 16 + len(contents))
         if count == 1:  # the usual request (one cookie, no placeholders): no list to build and join
-            tables = self._current
-            if tables is None or not tables.start <= now_s < tables.end:
-                tables = self._build_tables(now_s)
+            tables = self._tables(now_s)
             head = tables.sealing_id + nonces[:_NONCE_LEN]
             return field + head + tables.sealing.encrypt(contents, [head])
         return b"".join(self._seal(contents, now_s, count, nonces, field))
@@ -148,9 +152,7 @@ class KeyRing:
         # cookie: key id (flag and period), nonce, then AES-SIV's tag and ciphertext
         if len(nonces) < _NONCE_LEN * count:
             raise ValueError("need 16 bytes of nonce per cookie")
-        tables = self._current
-        if tables is None or not tables.start <= now_s < tables.end:
-            tables = self._build_tables(now_s)
+        tables = self._tables(now_s)
         key_id, encrypt = tables.sealing_id, tables.sealing.encrypt
         out = []
         for i in range(0, _NONCE_LEN * count, _NONCE_LEN):
@@ -167,9 +169,7 @@ class KeyRing:
         """What the cookie seals, checked: AEAD id u16, zero u16, C2S key, S2C key (hot path)."""
         if len(cookie) < 4 + _NONCE_LEN + 16 + 4:
             raise CookieError("cookie_malformed")
-        tables = self._current
-        if tables is None or not tables.start <= now_s < tables.end:
-            tables = self._build_tables(now_s)
+        tables = self._tables(now_s)
         accepted = tables.accepting.get(cookie[:4])
         if accepted is None:
             raise CookieError("cookie_key_unknown")

@@ -19,9 +19,6 @@ import struct
 from collections import deque
 from collections.abc import Callable
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESSIV
-
 from .aead import AEADS, TAG_LEN, Aead, AeadError, Cipher
 from .cookies import CookieError, KeyRing
 from .core.auth import ReplyContext, Request
@@ -64,15 +61,16 @@ _D_MALFORMED = drop("nts_malformed")
 _D_PLACEHOLDER = drop("nts_placeholder_length")
 
 
-def _open_auth(body: bytes) -> tuple[bytes, bytes] | None:
-    """(nonce, ciphertext) from an authenticator field body, or None if its lengths are wrong."""
-    if len(body) < 4:
+def open_auth(data: bytes, start: int, end: int) -> tuple[bytes, bytes] | None:
+    """(nonce, ciphertext) from the authenticator field body at data[start:end] (read in place, no
+    slice of the body: the NTS hot path uses it too), or None if its lengths are wrong."""
+    if end - start < 4:
         return None
-    nonce_len, ct_len = _U16_PAIR.unpack_from(body)
-    start = 4 + ((nonce_len + 3) & -4)  # each padded to a multiple of 4
-    if nonce_len < 1 or ct_len < TAG_LEN or start + ((ct_len + 3) & -4) > len(body):
+    nonce_len, ct_len = _U16_PAIR.unpack_from(data, start)
+    ct_at = start + 4 + ((nonce_len + 3) & -4)  # each padded to a multiple of 4
+    if nonce_len < 1 or ct_len < TAG_LEN or ct_at + ((ct_len + 3) & -4) > end:
         return None
-    return body[4 : 4 + nonce_len], body[start : start + ct_len]
+    return data[start + 4 : start + 4 + nonce_len], data[ct_at : ct_at + ct_len]
 
 
 def auth_field(aead: Aead, key: bytes | Cipher, nonce: bytes, plaintext: bytes, ad: bytes, min_length: int) -> bytes:
@@ -193,21 +191,13 @@ class NtsPacketAuth:
         aead, c2s, s2c = session if session is not None else self._session(contents)
         if aead.id not in self.supported:  # disabled since: make the client redo NTS-KE
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "aead_disabled")
-        # the authenticator's body (as _open_auth reads it, without slicing it out first): nonce and
-        # ciphertext lengths, then each padded to a multiple of 4
-        if end - pos < 8:
+        opened = open_auth(data, pos + 4, end)
+        if opened is None:
             return _D_MALFORMED
-        nonce_len, ct_len = unpack(data, pos + 4)
-        start = pos + 8 + ((nonce_len + 3) & -4)
-        if nonce_len < 1 or ct_len < TAG_LEN or start + ((ct_len + 3) & -4) > end:
-            return _D_MALFORMED
-        nonce = data[pos + 8 : pos + 8 + nonce_len]
-        try:  # AES-SIV (what chrony and most clients use) directly: its nonce is the last AD item
-            if type(c2s) is AESSIV:
-                plaintext = c2s.decrypt(data[start : start + ct_len], [data[:pos], nonce])
-            else:
-                plaintext = aead.decrypt(c2s, nonce, data[start : start + ct_len], data[:pos])
-        except (AeadError, InvalidTag):
+        nonce, ciphertext = opened
+        try:
+            plaintext = aead.decrypt(c2s, nonce, ciphertext, data[:pos])
+        except AeadError:
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "authenticator_invalid")
         wanted = 1 + placeholders
         if plaintext:  # chrony and ntpd-rs send nothing inside; placeholders here count too
@@ -221,7 +211,7 @@ class NtsPacketAuth:
                         wanted += 1
             except ParseError:
                 return _D_MALFORMED
-        count = wanted if wanted <= MAX_COOKIES else MAX_COOKIES
+        count = min(wanted, MAX_COOKIES)
         # the cookies' nonces, then the reply's (all from the CSPRNG)
         randomness = _draw() if count == 1 else os.urandom(SERVER_NONCE_LEN + 16 * count)
         cookies = self.keyring.seal_fields(contents, now, count, randomness)

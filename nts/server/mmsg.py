@@ -18,6 +18,7 @@ import ctypes.util
 import errno
 import socket
 import struct
+import sys
 from typing import Any
 
 # struct mmsghdr { struct msghdr { name, namelen, iov, iovlen, control, controllen, flags }, len }
@@ -41,22 +42,6 @@ _FAMILY6 = struct.unpack(">H", struct.pack("=H", socket.AF_INET6))[0]
 _IP_CACHE = 65536  # address strings kept (cleared when full)
 
 
-class _MsgHdr(ctypes.Structure):
-    _fields_ = [
-        ("name", ctypes.c_void_p),
-        ("namelen", ctypes.c_uint32),
-        ("iov", ctypes.c_void_p),
-        ("iovlen", ctypes.c_size_t),
-        ("control", ctypes.c_void_p),
-        ("controllen", ctypes.c_size_t),
-        ("flags", ctypes.c_int),
-    ]
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = [("hdr", _MsgHdr), ("len", ctypes.c_uint)]
-
-
 _recvmmsg = _sendmmsg = None
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -70,10 +55,11 @@ except (OSError, AttributeError):
 
 
 def available() -> bool:
-    """True where the mmsghdr layout we pack matches the platform's (64-bit Linux with glibc)."""
+    """True where the mmsghdr layout we pack is the platform's: 64-bit Linux (other systems that have
+    recvmmsg lay out msghdr differently, and the sizes alone would not tell)."""
     return (
         _recvmmsg is not None
-        and _MMSG.size == ctypes.sizeof(_MMsgHdr)
+        and sys.platform == "linux"
         and _MMSG.size == 64
         and _IOVEC.size == 16
         and _CONTROL_LEN == _CMSG.size
