@@ -9,14 +9,14 @@ is the only thing persisted (mode 0600, written atomically). Trade-off, document
 whoever steals the secret can open past cookies, so rotate the secret file (clients then simply
 redo NTS-KE) when a server may have been compromised.
 
-Cookie layout: key id u32 (in clear) | 16-byte nonce | AES-SIV-CMAC-256 over (AEAD id u16 |
-zero u16 | C2S key | S2C key), tag first: 104 bytes for AES-SIV-CMAC-256 sessions, 72 for
-AES-128-GCM-SIV, always a multiple of 4 as extension fields require. The key id is the period with
-the top bit set, and the key id and nonce together are AES-SIV's one associated-data component
-(each component costs a CMAC pass). Cookies of the first format, still opened, have the bare
-period as key id and the key id and nonce as two components; periods stay below 2**31 (the
-interval is at least 60 s), so the two never collide. Sealing is sans-IO: time (and, in tests, the
-nonce) comes in.
+Cookie layout: key id u32 (the period, in clear) | 16-byte nonce | AES-SIV-CMAC-256 over (AEAD
+id u16 | zero u16 | C2S key | S2C key) with the key id as associated data and the nonce as nonce,
+tag first: 104 bytes for AES-SIV-CMAC-256 sessions, 72 for AES-128-GCM-SIV, always a multiple of 4
+as extension fields require. Cookies of the one-component format, which versions before Nettle
+support sealed (key id with the top bit set; key id and nonce as AES-SIV's only associated-data
+component, which saved a CMAC pass in OpenSSL's AES-SIV, while Nettle takes exactly two
+components), are still opened; periods stay below 2**31 (the interval is at least 60 s), so the
+two never collide. Sealing is sans-IO: time (and, in tests, the nonce) comes in.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .aead import AEADS, AeadId
+from .aead import AEADS, AeadId, Cipher
 from .files import check_private_file
 
 SECRET_LEN = 32
@@ -42,7 +42,7 @@ _HEAD = struct.Struct(">I")
 _KEYS_HEAD = struct.Struct(">HH")
 _FIELD_HEAD = struct.Struct(">HH")
 _COOKIE_FIELD = 0x0204  # NTS Cookie extension field type
-_ONE_COMPONENT = 0x80000000  # key id flag: key id and nonce are one associated-data component
+_ONE_COMPONENT = 0x80000000  # key id flag of the one-component format (opened, no longer sealed)
 _PERIOD_MASK = 0x7FFFFFFF
 MASTER_FILE = "nts-master.key"
 # what sealed contents start with (AEAD id u16, zero u16) -> their whole length (two keys follow)
@@ -55,9 +55,10 @@ class _Tables(NamedTuple):
 
     start: float  # the wall-clock span these hold for
     end: float
-    accepting: dict[bytes, tuple[AESSIV, bool]]  # key id (4 bytes, as cookies carry it) -> cipher, one AD item
+    accepting: dict[bytes, Cipher]  # key id (4 bytes, as cookies carry it) -> cipher
+    one_component: dict[bytes, AESSIV]  # the same for the one-component format
     sealing_id: bytes
-    sealing: AESSIV
+    sealing: Cipher
 
 
 class CookieError(Exception):
@@ -85,7 +86,7 @@ class KeyRing:
             raise ValueError("master secret too short")
         self._secret = secret
         self.set_rotation(rotate_interval, keep_keys)
-        self._ciphers: dict[int, AESSIV] = {}  # per period; the key schedule is the costly part
+        self._ciphers: dict[int, tuple[Cipher, AESSIV]] = {}  # per period, both formats' (keyed once)
 
     def set_rotation(self, rotate_interval: int, keep_keys: int) -> None:
         """Set the rotation interval and the number of past periods accepted (also on reload)."""
@@ -98,14 +99,15 @@ class KeyRing:
     def period(self, now_s: float) -> int:
         return int(now_s // self.rotate_interval) & _PERIOD_MASK
 
-    def _cipher(self, period: int) -> AESSIV:
-        cipher = self._ciphers.get(period)
-        if cipher is None:
+    def _cipher(self, period: int) -> tuple[Cipher, AESSIV]:
+        ciphers = self._ciphers.get(period)
+        if ciphers is None:
             if len(self._ciphers) > 4 * (self.keep_keys + 2):
                 self._ciphers.clear()
             kdf = HKDF(hashes.SHA256(), _COOKIE_AEAD.key_len, salt=b"ntsd cookie key v1", info=_HEAD.pack(period))
-            cipher = self._ciphers[period] = AESSIV(kdf.derive(self._secret))
-        return cipher
+            key = kdf.derive(self._secret)
+            ciphers = self._ciphers[period] = (_COOKIE_AEAD.cipher(key), AESSIV(key))
+        return ciphers
 
     def _tables(self, now_s: float) -> _Tables:
         """The hot path's tables for the period `now_s` falls in (built once a period)."""
@@ -119,14 +121,12 @@ class KeyRing:
         period = self.period(now_s)
         start = (now_s // self.rotate_interval) * self.rotate_interval
         # accepted: this period, keep_keys before it, one after it (clock skew within a fleet)
-        accepting = {}
+        accepting, one_component = {}, {}
         for age in range(-1, self.keep_keys + 1):
             p = (period - age) & _PERIOD_MASK
-            accepting[_HEAD.pack(p | _ONE_COMPONENT)] = (self._cipher(p), True)
-            accepting[_HEAD.pack(p)] = (self._cipher(p), False)  # the first format
-        sealing_id = _HEAD.pack(period | _ONE_COMPONENT)
+            accepting[_HEAD.pack(p)], one_component[_HEAD.pack(p | _ONE_COMPONENT)] = self._cipher(p)
         current = self._current = _Tables(
-            start, start + self.rotate_interval, accepting, sealing_id, self._cipher(period)
+            start, start + self.rotate_interval, accepting, one_component, _HEAD.pack(period), self._cipher(period)[0]
         )
         return current
 
@@ -144,20 +144,20 @@ class KeyRing:
         field = _FIELD_HEAD.pack(_COOKIE_FIELD, 4 + 4 + _NONCE_LEN + 16 + len(contents))
         if count == 1:  # the usual request (one cookie, no placeholders): no list to build and join
             tables = self._tables(now_s)
-            head = tables.sealing_id + nonces[:_NONCE_LEN]
-            return field + head + tables.sealing.encrypt(contents, [head])
+            key_id, nonce = tables.sealing_id, nonces[:_NONCE_LEN]
+            return field + key_id + nonce + tables.sealing.seal(nonce, contents, key_id)
         return b"".join(self._seal(contents, now_s, count, nonces, field))
 
     def _seal(self, plaintext: bytes, now_s: float, count: int, nonces: bytes, prefix: bytes) -> list[bytes]:
-        # cookie: key id (flag and period), nonce, then AES-SIV's tag and ciphertext
+        # cookie: key id (the period), nonce, then AES-SIV's tag and ciphertext
         if len(nonces) < _NONCE_LEN * count:
             raise ValueError("need 16 bytes of nonce per cookie")
         tables = self._tables(now_s)
-        key_id, encrypt = tables.sealing_id, tables.sealing.encrypt
+        key_id, seal = tables.sealing_id, tables.sealing.seal
         out = []
         for i in range(0, _NONCE_LEN * count, _NONCE_LEN):
-            head = key_id + nonces[i : i + _NONCE_LEN]
-            out.append(prefix + head + encrypt(plaintext, [head]))
+            nonce = nonces[i : i + _NONCE_LEN]
+            out.append(prefix + key_id + nonce + seal(nonce, plaintext, key_id))
         return out
 
     def open(self, cookie: bytes, now_s: float) -> CookieKeys:
@@ -170,18 +170,27 @@ class KeyRing:
         if len(cookie) < 4 + _NONCE_LEN + 16 + 4:
             raise CookieError("cookie_malformed")
         tables = self._tables(now_s)
-        accepted = tables.accepting.get(cookie[:4])
-        if accepted is None:
-            raise CookieError("cookie_key_unknown")
-        cipher, one_component = accepted
-        ad = [cookie[: 4 + _NONCE_LEN]] if one_component else [cookie[:4], cookie[4 : 4 + _NONCE_LEN]]
-        try:
-            contents = cipher.decrypt(cookie[4 + _NONCE_LEN :], ad)
-        except InvalidTag:
-            raise CookieError("cookie_forged") from None
+        key_id = cookie[:4]
+        cipher = tables.accepting.get(key_id)
+        if cipher is not None:
+            contents = cipher.open(cookie[4 : 4 + _NONCE_LEN], cookie[4 + _NONCE_LEN :], key_id)
+        else:
+            contents = self._open_one_component(tables, cookie)
+        if contents is None:
+            raise CookieError("cookie_forged")
         if _CONTENTS_LEN.get(contents[:4]) != len(contents):  # a known AEAD id, zero, both keys
             raise CookieError("cookie_malformed")
         return contents
+
+    @staticmethod
+    def _open_one_component(tables: _Tables, cookie: bytes) -> bytes | None:
+        cipher = tables.one_component.get(cookie[:4])
+        if cipher is None:
+            raise CookieError("cookie_key_unknown")
+        try:
+            return cipher.decrypt(cookie[4 + _NONCE_LEN :], [cookie[: 4 + _NONCE_LEN]])
+        except InvalidTag:
+            return None
 
 
 def load_or_create_secret(key_dir: Path) -> tuple[bytes, bool]:

@@ -19,7 +19,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 
-from .aead import AEADS, TAG_LEN, Aead, AeadError, Cipher
+from .aead import AEADS, TAG_LEN, Aead, Cipher
 from .cookies import CookieError, KeyRing
 from .core.auth import ReplyContext, Request
 from .core.decisions import Drop, Nak, Seal, drop
@@ -195,9 +195,8 @@ class NtsPacketAuth:
         if opened is None:
             return _D_MALFORMED
         nonce, ciphertext = opened
-        try:
-            plaintext = aead.decrypt(c2s, nonce, ciphertext, data[:pos])
-        except AeadError:
+        plaintext = c2s.open(nonce, ciphertext, data[:pos])
+        if plaintext is None:
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "authenticator_invalid")
         wanted = 1 + placeholders
         if plaintext:  # chrony and ntpd-rs send nothing inside; placeholders here count too
@@ -222,11 +221,11 @@ class NtsPacketAuth:
         if frame is None:
             frame = self._frame(aead, len(nonce), ct_len, min_length)
         before, after = frame[0] + nonce + frame[1], frame[2]
-        encrypt = aead.encrypt
+        seal = s2c.seal
 
         def finish() -> bytes:  # at send time: the transmit timestamp, then the reply's seal over it
             head = ctx.reply_header(data, rx_ns) + uid
-            return head + before + encrypt(s2c, nonce, cookies, head) + after
+            return head + before + seal(nonce, cookies, head) + after
 
         return Seal(finish)
 

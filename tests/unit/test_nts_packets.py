@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from nts import nettle
 from nts.client import KeResult, check_nts_reply, nts_request
 from nts.cookies import CookieError, CookieKeys, KeyRing, load_or_create_secret
 from nts.core.clockstate import ClockSettings, server_state
@@ -32,8 +35,12 @@ def keys(aead: int) -> CookieKeys:
     return CookieKeys(aead, os.urandom(n), os.urandom(n))
 
 
-def test_cookie_round_trip_and_sizes() -> None:
-    ring = KeyRing(SECRET)
+@pytest.mark.parametrize("siv", ["nettle", "cryptography"])
+def test_cookie_round_trip_and_sizes(siv: str) -> None:
+    with siv_backend(siv):
+        ring = KeyRing(SECRET)
+    with siv_backend("cryptography" if siv == "nettle" else "nettle"):
+        assert KeyRing(SECRET).open(ring.seal(keys(15), NOW), NOW)  # the other backend opens it
     for aead, size in ((15, 104), (17, 168), (30, 72), (31, 104)):
         k = keys(aead)
         cookie = ring.seal(k, NOW)
@@ -48,33 +55,37 @@ def test_cookie_vector_is_stable() -> None:
     ring = KeyRing(SECRET, rotate_interval=3600)
     k = CookieKeys(30, bytes(16), bytes(range(16)))
     cookie = ring.seal(k, NOW, nonce=bytes(16))
-    assert cookie[:4] == struct.pack(">I", 0x80000000 | int(NOW // 3600))  # flag: one AD component
+    assert cookie[:4] == struct.pack(">I", int(NOW // 3600))  # key id: the period
     assert cookie.hex() == (
-        "8007a120"
-        "00000000000000000000000000000000"
-        "0f20f73809806cf7456b363484478ce1e02ef1db220da2b2d48ae746072271f6"
-        "2d9906313030ef3db792ccae7df4894a3a113fd4"
-    )
-    # the same, from the primitives: AES-SIV keyed by HKDF(secret, period), key id + nonce as one AD
-    key = HKDF(hashes.SHA256(), 32, salt=b"ntsd cookie key v1", info=struct.pack(">I", int(NOW // 3600)))
-    plaintext = struct.pack(">HH", 30, 0) + k.c2s + k.s2c
-    assert cookie[20:] == AESSIV(key.derive(SECRET)).encrypt(plaintext, [cookie[:20]])
-    assert KeyRing(SECRET).open(cookie, NOW) == k
-
-
-def test_cookies_of_the_first_format_still_open() -> None:
-    """Cookies sealed before the one-component format (key id and nonce as two AD components, bare
-    period as key id) keep opening: a server upgraded in place does not NAK its clients' cookies."""
-    first_format = bytes.fromhex(
         "0007a120"
         "00000000000000000000000000000000"
         "da4ce4cd6540d9a3cc9b8c03f65a5915e2b09c8630ed216648485a9f0c5c21ca"
         "17579c40de7a2e1346330f3ce0a2e6000c9817a8"
     )
-    assert KeyRing(SECRET).open(first_format, NOW) == CookieKeys(30, bytes(16), bytes(range(16)))
-    with pytest.raises(CookieError) as exc:  # the flag is covered by the tag: no format confusion
-        KeyRing(SECRET).open(bytes([first_format[0] | 0x80]) + first_format[1:], NOW)
-    assert exc.value.reason == "cookie_forged"
+    # the same, from the primitives: AES-SIV keyed by HKDF(secret, period), key id then nonce as AD
+    key = HKDF(hashes.SHA256(), 32, salt=b"ntsd cookie key v1", info=struct.pack(">I", int(NOW // 3600)))
+    plaintext = struct.pack(">HH", 30, 0) + k.c2s + k.s2c
+    assert cookie[20:] == AESSIV(key.derive(SECRET)).encrypt(plaintext, [cookie[:4], cookie[4:20]])
+    assert KeyRing(SECRET).open(cookie, NOW) == k
+
+
+def test_cookies_of_the_one_component_format_still_open() -> None:
+    """Cookies sealed before Nettle support (key id with the top bit set, key id and nonce as one AD
+    component) keep opening: a server upgraded in place does not NAK its clients' cookies."""
+    one_component = bytes.fromhex(
+        "8007a120"
+        "00000000000000000000000000000000"
+        "0f20f73809806cf7456b363484478ce1e02ef1db220da2b2d48ae746072271f6"
+        "2d9906313030ef3db792ccae7df4894a3a113fd4"
+    )
+    assert KeyRing(SECRET).open(one_component, NOW) == CookieKeys(30, bytes(16), bytes(range(16)))
+    for forged in (bytes([one_component[0] & 0x7F]) + one_component[1:], one_component[:-1] + b"\0"):
+        with pytest.raises(CookieError) as exc:  # the flag is covered by the tag: no format confusion
+            KeyRing(SECRET).open(forged, NOW)
+        assert exc.value.reason == "cookie_forged"
+    with pytest.raises(CookieError) as exc:
+        KeyRing(SECRET, keep_keys=1).open(one_component, NOW + 2 * 3600)
+    assert exc.value.reason == "cookie_key_unknown"
 
 
 def test_rotation_settings_apply_at_once() -> None:
@@ -142,15 +153,35 @@ class Fixture:
         return self.pipeline.handle(packet, ("192.0.2.1", 123), int(NOW * 1e9))
 
 
+@contextlib.contextmanager
+def siv_backend(name: str) -> Iterator[None]:
+    """AES-SIV keys made inside use Nettle or `cryptography` (keys made earlier keep theirs)."""
+    if name == "nettle" and not nettle.AVAILABLE:
+        pytest.skip(f"Nettle not used here: {nettle.WHY}")
+    saved = nettle.AVAILABLE
+    nettle.AVAILABLE = name == "nettle"
+    try:
+        yield
+    finally:
+        nettle.AVAILABLE = saved
+
+
 @pytest.mark.parametrize("aead", [15, 16, 17, 30, 31])
 @pytest.mark.parametrize("placeholders", [0, 1, 7, 9])
-def test_request_reply(aead: int, placeholders: int) -> None:
-    f = Fixture(aead)
-    packet, uid, _ = nts_request(f.ke, f.cookie(), placeholders)
-    reply = f.handle(packet)
+@pytest.mark.parametrize(("server_siv", "client_siv"), [("nettle", "cryptography"), ("cryptography", "nettle")])
+def test_request_reply(aead: int, placeholders: int, server_siv: str, client_siv: str) -> None:
+    """Each AES-SIV backend on the server side, the other on the client's (the same bytes)."""
+    with siv_backend(server_siv):
+        f = Fixture(aead)
+        cookie = f.cookie()
+    with siv_backend(client_siv):
+        packet, uid, _ = nts_request(f.ke, cookie, placeholders)
+    with siv_backend(server_siv):
+        reply = f.handle(packet)
     assert isinstance(reply, bytes)
     assert len(reply) == len(packet)  # padded to exactly the request's length
-    nak, cookies = check_nts_reply(f.ke, reply, uid)
+    with siv_backend(client_siv):
+        nak, cookies = check_nts_reply(f.ke, reply, uid)
     assert not nak
     assert len(cookies) == min(8, 1 + placeholders)
     assert all(f.ring.open(c, NOW) == f.keys for c in cookies)
@@ -173,11 +204,13 @@ def test_bad_cookie_gets_nts_nak_with_uid_only() -> None:
 
 
 @pytest.mark.parametrize("aead", [15, 17, 30])
-def test_bad_authenticator_gets_nak(aead: int) -> None:
-    f = Fixture(aead)
-    packet, uid, _ = nts_request(f.ke, f.cookie())
-    broken = packet[:-20] + bytes(b ^ 0x55 for b in packet[-20:])
-    reply = f.handle(broken)
+@pytest.mark.parametrize("server_siv", ["nettle", "cryptography"])
+def test_bad_authenticator_gets_nak(aead: int, server_siv: str) -> None:
+    with siv_backend(server_siv):
+        f = Fixture(aead)
+        packet, uid, _ = nts_request(f.ke, f.cookie())
+        broken = packet[:-20] + bytes(b ^ 0x55 for b in packet[-20:])
+        reply = f.handle(broken)
     assert isinstance(reply, bytes) and parse_packet(reply).header.reference_id == b"NTSN"
     assert check_nts_reply(f.ke, reply, uid) == (True, [])
     assert f.pipeline.counters()[("naks", "nts", "authenticator_invalid")] == 1
