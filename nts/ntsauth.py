@@ -18,6 +18,7 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 
 from .aead import AEADS, TAG_LEN, Aead, Cipher
 from .cookies import CookieError, KeyRing
@@ -98,6 +99,22 @@ def auth_frame(aead: Aead, nonce: bytes, ct_len: int, min_length: int) -> tuple[
 
 CIPHER_CACHE = 8192  # sessions whose keyed ciphers are kept (a client's cookies all carry the same keys)
 FRAME_CACHE = 1024  # authenticator layouts kept (one per AEAD, reply and request size seen)
+
+
+def _finish(
+    ctx: ReplyContext,
+    data: bytes,
+    rx_ns: int,
+    uid: bytes,
+    before: bytes,
+    s2c: Cipher,
+    nonce: bytes,
+    cookies: bytes,
+    after: bytes,
+) -> bytes:
+    """A verified request's reply, at send time: the transmit timestamp, then the seal over it."""
+    head = ctx.reply_header(data, rx_ns) + uid
+    return head + before + s2c.seal(nonce, cookies, head) + after
 
 
 class NtsPacketAuth:
@@ -220,14 +237,7 @@ class NtsPacketAuth:
         frame = self._frames.get((aead.id, ct_len, min_length))
         if frame is None:
             frame = self._frame(aead, len(nonce), ct_len, min_length)
-        before, after = frame[0] + nonce + frame[1], frame[2]
-        seal = s2c.seal
-
-        def finish() -> bytes:  # at send time: the transmit timestamp, then the reply's seal over it
-            head = ctx.reply_header(data, rx_ns) + uid
-            return head + before + seal(nonce, cookies, head) + after
-
-        return Seal(finish)
+        return Seal(partial(_finish, ctx, data, rx_ns, uid, frame[0] + nonce + frame[1], s2c, nonce, cookies, frame[2]))
 
     @staticmethod
     def _nak(data: bytes, rx_ns: int, ctx: ReplyContext, uid_field: bytes, reason: str) -> Nak:
