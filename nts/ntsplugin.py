@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from . import nettle
 from .aead import AEADS, DEFAULT_AEADS
 from .config import Node, format_addr
 from .cookies import KeyRing, load_or_create_secret
@@ -194,6 +195,10 @@ class NtsAuthenticator(Authenticator):
         for sock in self.sockets:
             log.info("serving NTS-KE on %s", format_addr(sock.getsockname()))
         log.info("NTS-KE certificate %s", self.certs.description)
+        if nettle.AVAILABLE:
+            log.info("AES-SIV-CMAC-256/-512 through %s (libnettle.so.8)", nettle.VERSION)
+        else:
+            log.info("AES-SIV through cryptography (Nettle not used: %s)", nettle.WHY)
         self._watch = asyncio.get_running_loop().create_task(
             watch_files(
                 lambda: (self.certs.cert_path, self.certs.key_path),

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
+from nts import nettle
 from nts.cli import fetch_metrics
 from nts.client import QueryError, check_nts_reply, exchange, key_exchange, nts_request, run_query
 from nts.ke.devcerts import make_dev_certs
@@ -36,7 +37,9 @@ def ke_events(mport: int) -> dict[str, float]:
 )
 def test_every_aead_with_our_client(tmp_path: Path, aead: str) -> None:
     ntp, ke, mport = ports()
-    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport)):
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport)) as server:
+        backend = f"AES-SIV-CMAC-256/-512 through {nettle.VERSION}" if nettle.AVAILABLE else "through cryptography"
+        server.wait_for(backend)  # the log says which library does AES-SIV
         out = run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca, count=3, aeads=(aead,))
         assert out["authenticated"] is True and str(out["aead"]).startswith(aead)
         assert out["cookies_per_reply"] == 1.0
