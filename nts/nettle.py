@@ -57,6 +57,9 @@ class Siv:
         self._ctx = ctypes.create_string_buffer(_CTX_SIZE)
         set_key(self._ctx, key)
 
+    def __del__(self) -> None:
+        ctypes.memset(self._ctx, 0, _CTX_SIZE)  # the key schedule does not outlive the key's use
+
     def seal(self, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:
         """Tag then ciphertext, as RFC 5297 and `cryptography` lay them out."""
         if not nonce:

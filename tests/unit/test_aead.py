@@ -124,3 +124,12 @@ def test_gcm_siv_nonce_must_be_twelve_bytes() -> None:
     assert gcm.open(bytes(12), sealed, b"ad") == b"x"
     assert gcm.open(bytes(16), sealed, b"ad") is None
     assert gcm.open(bytes(12), sealed[:15], b"ad") is None
+
+
+@needs_nettle
+def test_the_keyed_context_is_wiped_when_the_cipher_goes() -> None:
+    siv = nettle.Siv(bytes(range(32)))
+    context = siv._ctx  # the buffer Nettle keeps the key schedule in
+    assert any(context.raw)
+    del siv
+    assert not any(context.raw)
