@@ -58,7 +58,9 @@ class Siv:
         set_key(self._ctx, key)
 
     def __del__(self) -> None:
-        ctypes.memset(self._ctx, 0, _CTX_SIZE)  # the key schedule does not outlive the key's use
+        ctx = getattr(self, "_ctx", None)  # None when __init__ refused the key
+        if ctx is not None:
+            ctypes.memset(ctx, 0, _CTX_SIZE)  # the key schedule does not outlive the key's use
 
     def seal(self, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:
         """Tag then ciphertext, as RFC 5297 and `cryptography` lay them out."""
@@ -104,11 +106,8 @@ def _load() -> str:
         expected = AESSIV(key).encrypt(plaintext, [ad, nonce])
         siv = Siv(key)
         forged = bytes([expected[0] ^ 1]) + expected[1:]
-        if (siv.seal(nonce, plaintext, ad), siv.open(nonce, expected, ad), siv.open(nonce, forged, ad)) != (
-            expected,
-            plaintext,
-            None,
-        ):
+        agrees = siv.seal(nonce, plaintext, ad) == expected and siv.open(nonce, expected, ad) == plaintext
+        if not agrees or siv.open(nonce, forged, ad) is not None:
             _FUNCS.clear()
             raise _Unusable("libnettle.so.8 disagrees with cryptography's AES-SIV")
     return f"Nettle {major}.{minor}"

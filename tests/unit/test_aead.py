@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import platform
 import sys
 import threading
@@ -124,6 +125,14 @@ def test_gcm_siv_nonce_must_be_twelve_bytes() -> None:
     assert gcm.open(bytes(12), sealed, b"ad") == b"x"
     assert gcm.open(bytes(16), sealed, b"ad") is None
     assert gcm.open(bytes(12), sealed[:15], b"ad") is None
+
+
+@needs_nettle
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_refused_key_leaves_nothing_behind() -> None:
+    with pytest.raises(ValueError, match="no Nettle AES-SIV-CMAC for 16-byte keys"):
+        nettle.Siv(bytes(16))  # (its __del__ must not fail on the half-made object)
+    gc.collect()
 
 
 @needs_nettle
