@@ -15,7 +15,8 @@ otherwise `AVAILABLE` is False, `WHY` says why, and the AEAD table keeps `crypto
 Arguments go without ctypes prototypes (a prototype's conversions cost as much as Nettle's own
 work): pointers as bytes or c_void_p, sizes as Python ints, which ctypes passes as C ints and
 libffi widens to the full register on those two architectures. Every size is checked here first:
-Nettle asserts on an empty nonce and writes exactly the number of bytes it is told. Output goes to
+Nettle asserts on an empty nonce and writes exactly the number of bytes it is told, and a size
+past 2**31 would not survive the conversion, so all of a message stays under 1 GiB. Output goes to
 a per-thread scratch buffer (the listener threads and the event loop thread may seal at once).
 """
 
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 TAG_LEN = 16
 _CTX_SIZE = 1024  # struct siv_cmac_aes256_ctx is 32 + 2 * 240 = 512 bytes; twice that, for slack
 _SCRATCH = 8192  # per-thread output buffer; longer messages get a buffer of their own
+_LIMIT = 2**30  # nonce + AD + message: the sizes go to Nettle as C ints (ctypes would truncate past 2**31)
 
 
 class _Scratch(threading.local):
@@ -64,20 +66,20 @@ class Siv:
 
     def seal(self, nonce: bytes, plaintext: bytes, ad: bytes) -> bytes:
         """Tag then ciphertext, as RFC 5297 and `cryptography` lay them out."""
-        if not nonce:
-            raise ValueError("AES-SIV needs a nonce here")
-        n = len(plaintext) + TAG_LEN
+        n, nonce_len, ad_len = len(plaintext) + TAG_LEN, len(nonce), len(ad)
+        if not nonce_len or n + nonce_len + ad_len > _LIMIT:
+            raise ValueError("AES-SIV here needs a nonce, and at most 1 GiB in all")
         buf = _scratch.buf if n <= _SCRATCH else ctypes.create_string_buffer(n)
-        self._encrypt(self._ctx, len(nonce), nonce, len(ad), ad, n, buf, plaintext)
+        self._encrypt(self._ctx, nonce_len, nonce, ad_len, ad, n, buf, plaintext)
         return buf[:n]  # type: ignore[return-value]  # (a char array slice is bytes)
 
     def open(self, nonce: bytes, ciphertext: bytes, ad: bytes) -> bytes | None:
         """The plaintext, or None if the message is not authentic (or too short to be)."""
-        n = len(ciphertext) - TAG_LEN
-        if n < 0 or not nonce:
+        n, nonce_len, ad_len = len(ciphertext) - TAG_LEN, len(nonce), len(ad)
+        if n < 0 or not nonce_len or n + nonce_len + ad_len > _LIMIT:
             return None
         buf = _scratch.buf if n <= _SCRATCH else ctypes.create_string_buffer(n)
-        if not self._decrypt(self._ctx, len(nonce), nonce, len(ad), ad, n, buf, ciphertext):
+        if not self._decrypt(self._ctx, nonce_len, nonce, ad_len, ad, n, buf, ciphertext):
             return None  # what Nettle wrote to buf is discarded
         return buf[:n]  # type: ignore[return-value]  # (a char array slice is bytes)
 

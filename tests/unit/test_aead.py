@@ -142,3 +142,17 @@ def test_the_keyed_context_is_wiped_when_the_cipher_goes() -> None:
     assert any(context.raw)
     del siv
     assert not any(context.raw)
+
+
+@needs_nettle
+def test_sizes_past_the_limit_never_reach_nettle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizes go to Nettle as C ints: past the limit (1 GiB; ~100 bytes here) nothing is called."""
+    siv = nettle.Siv(bytes(32))
+    sealed = siv.seal(b"n" * 16, b"p" * 40, b"a" * 40)  # out: 56 bytes, so 16 + 40 + 56 = 112 in all
+    monkeypatch.setattr(nettle, "_LIMIT", 111)
+    with pytest.raises(ValueError, match="at most 1 GiB"):
+        siv.seal(b"n" * 16, b"p" * 40, b"a" * 40)
+    monkeypatch.setattr(nettle, "_LIMIT", 95)  # opening it: 16 + 40 + 40 (out) = 96
+    assert siv.open(b"n" * 16, sealed, b"a" * 40) is None
+    monkeypatch.setattr(nettle, "_LIMIT", 96)
+    assert siv.open(b"n" * 16, sealed, b"a" * 40) == b"p" * 40
