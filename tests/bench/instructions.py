@@ -8,8 +8,13 @@ answers, loadgen.c keeps 64 requests in flight for a few seconds, the counters a
 total is divided by the replies counted. The same tree measured twice agrees to about 0.1%. Compare
 two trees (e.g. a `git worktree` of the base commit and the working tree) with the same arguments.
 
+`--server chrony` measures chronyd (4.3, Debian) the same way, for scale: its per-request cost is
+mostly the kernel's, which callgrind does not count, so compare these figures between trees of
+ours, and use bench.py for ratios.
+
 Usage: python3 tests/bench/instructions.py [--repo DIR] [--kind plain|mac|cmac|nts] [--seconds 8]
-Needs: valgrind (Debian valgrind), gcc.
+       [--server ntsd|chrony] [--keep FILE]
+Needs: valgrind (Debian valgrind), gcc; chronyd and root for --server chrony.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from legacy.keyfile import Algorithm, Key, format_ntp_keys  # noqa: E402
+from legacy.keyfile import Algorithm, Key, format_chrony_keys, format_ntp_keys  # noqa: E402
 from legacy.mac import compute_mac  # noqa: E402
 from nts.client import key_exchange, nts_request  # noqa: E402
 from nts.ke.devcerts import make_dev_certs  # noqa: E402
@@ -64,8 +69,9 @@ def main() -> int:
     ap.add_argument("--kind", choices=("plain", "mac", "cmac", "nts"), default="mac")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--keep", metavar="FILE", help="copy the callgrind dump here (for callgrind_annotate)")
+    ap.add_argument("--server", choices=("ntsd", "chrony"), default="ntsd", help="the server measured")
     args = ap.parse_args()
-    for tool in ("valgrind", "callgrind_control", "gcc"):
+    for tool in ("valgrind", "callgrind_control", "gcc", *(("chronyd",) if args.server == "chrony" else ())):
         if shutil.which(tool) is None:
             print(f"instructions: {tool} is required", file=sys.stderr)
             return 2
@@ -78,24 +84,33 @@ def main() -> int:
         if args.kind == "cmac":
             key = Key(1, Algorithm.AES128CMAC, bytes(range(16)))
         (work / "ntp.keys").write_text(format_ntp_keys([key]))
-        (work / "ntp.keys").chmod(0o600)
+        (work / "chrony.keys").write_text(format_chrony_keys([key]))
+        for name in ("ntp.keys", "chrony.keys"):
+            (work / name).chmod(0o600)
         port, ke_port = free_port(), free_port(socket.SOCK_STREAM)
+        certs = make_dev_certs(work / "certs", ["localhost", "127.0.0.1"])
         config = (
             f'ntp: {{listen: ["127.0.0.1:{port}"]}}\nrate_limit: {{enabled: false}}\n'
             "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\nmetrics: {listen: null}\n"
             f"log: {{level: warning}}\nmac: {{keys: {work / 'ntp.keys'}}}\n"
         )
         if args.kind == "nts":
-            certs = make_dev_certs(work / "certs", ["localhost", "127.0.0.1"])
             config += (
                 f'nts: {{listen: ["127.0.0.1:{ke_port}"], certificate: {certs.certificate}, '
                 f"private_key: {certs.private_key}, key_dir: {work / 'keys'}, ntp_port: {port}}}\n"
             )
         (work / "ntsd.yaml").write_text(config)
+        (work / "chrony.conf").write_text(
+            f"port {port}\nntsport {ke_port}\nbindaddress 127.0.0.1\nntsservercert {certs.certificate}\n"
+            f"ntsserverkey {certs.private_key}\nntsdumpdir {work}\nntsprocesses 0\nlocal stratum 1\n"
+            f"allow 127.0.0.1\ncmdport 0\nkeyfile {work / 'chrony.keys'}\npidfile {work / 'chronyd.pid'}\n"
+        )
         out = work / "callgrind.out"
+        server = [sys.executable, "-m", "nts", "serve", "-c", str(work / "ntsd.yaml")]
+        if args.server == "chrony":
+            server = ["chronyd", "-x", "-u", "root", "-d", "-f", str(work / "chrony.conf")]
         proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "nts", "serve",
-             "-c", str(work / "ntsd.yaml")],
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *server],
             cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -126,7 +141,8 @@ def main() -> int:
             return 1
         if args.keep:
             shutil.copyfile(dumps[-1], args.keep)
-        print(f"{args.kind}: {replies} replies, {int(found.group(1)) / replies:,.0f} instructions per reply ({repo})")
+        where = repo if args.server == "ntsd" else "chronyd"
+        print(f"{args.kind}: {replies} replies, {int(found.group(1)) / replies:,.0f} instructions per reply ({where})")
     return 0
 
 
