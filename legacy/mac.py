@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import logging
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from hmac import compare_digest
 from pathlib import Path
@@ -96,26 +96,29 @@ def parse_mac(node: Any) -> MacSettings:
 
 class PreparedKey:
     """A key ready for the hot path: its keyed hash or CMAC state is set up once and copied per use
-    (setting up CMAC's AES key schedule costs more than the MAC itself)."""
+    (setting up CMAC's AES key schedule costs more than the MAC itself). `copy()` gives a fresh state
+    holding the key, `finish(state)` its MAC (the digest, or CMAC's tag), to be cut to the MAC length;
+    the MAC fast path calls the two directly (a method around them costs ~5% of a MAC request)."""
 
-    __slots__ = ("cmac", "copy", "key", "ledger_key", "lengths")
+    __slots__ = ("copy", "finish", "key", "ledger_key", "lengths")
 
     def __init__(self, key: Key) -> None:
         self.key = key
         self.lengths = frozenset(key.algorithm.mac_lengths)
         self.ledger_key = (key.algorithm.label, str(key.id))
-        self.cmac = key.algorithm.is_cmac
-        if self.cmac:
+        if key.algorithm.is_cmac:
             base: Any = CMAC(algorithms.AES(key.secret))
+            self.finish: Callable[[Any], bytes] = CMAC.finalize
         else:
             base = hashlib.new(key.algorithm.value[1])
             base.update(key.secret)
-        self.copy = base.copy  # a fresh state holding the key, ready for update()
+            self.finish = type(base).digest
+        self.copy: Callable[[], Any] = base.copy
 
     def mac(self, data: bytes, length: int) -> bytes:
         h = self.copy()
         h.update(data)
-        return h.finalize() if self.cmac else h.digest()[:length]  # type: ignore[no-any-return]
+        return self.finish(h)[:length]
 
 
 def _signed_reply(ctx: ReplyContext, data: bytes, rx_ns: int, key: PreparedKey, trailer_at: int, mac_len: int) -> bytes:
@@ -219,10 +222,15 @@ class MacAuthenticator(Authenticator):
             if key is None:  # only "the shape fits": MS-SNTP may claim it more firmly
                 return None
             return self._verify(table, key, key_id, data, mac_len + 4, client[0], rx_ns, ctx)
-        if not compare_digest(key.mac(data[:HEADER_LEN], mac_len), data[HEADER_LEN + 4 :]):
+        h, finish = key.copy(), key.finish  # key.mac and _signed_reply, inlined on the hot path
+        h.update(data[:HEADER_LEN])
+        if not compare_digest(finish(h)[:mac_len], data[HEADER_LEN + 4 :]):
             return Nak(crypto_nak(data), "bad_mac")
         self.ledger.record(client[0], key_id, key.key.algorithm, rx_ns, key.ledger_key)
-        return _signed_reply(ctx, data, rx_ns, key, HEADER_LEN, mac_len)
+        header = ctx.reply_header(data, rx_ns)
+        h = key.copy()
+        h.update(header)
+        return header + data[HEADER_LEN : HEADER_LEN + 4] + finish(h)[:mac_len]
 
     def fast_takes(self, length: int) -> bool:
         return length - HEADER_LEN in (20, 24)
