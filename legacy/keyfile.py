@@ -137,7 +137,7 @@ def parse_ntp_line(number: int, line: str, warnings: list[Problem]) -> Key | Pro
     tokens = _tokens(line)
     if not tokens:
         return None
-    if not tokens[0].isdigit():
+    if not (tokens[0].isascii() and tokens[0].isdigit()):  # isdigit alone takes superscripts, other scripts' digits
         return Problem(number, f"key number {tokens[0][:20]!r} is not a number")
     keyno = int(tokens[0])
     if not 1 <= keyno <= 65535:
@@ -176,7 +176,7 @@ def parse_chrony_line(number: int, line: str, warnings: list[Problem]) -> Key | 
     tokens = _tokens(line)
     if not tokens:
         return None
-    if not tokens[0].isdigit() or not 0 < int(tokens[0]) < 2**32:
+    if not (tokens[0].isascii() and tokens[0].isdigit()) or not 0 < int(tokens[0]) < 2**32:
         return Problem(number, f"key ID {tokens[0][:20]!r} is not a number from 1 to 4294967295")
     key_id = int(tokens[0])
     if len(tokens) == 2:

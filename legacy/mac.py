@@ -80,7 +80,7 @@ def parse_mac(node: Any) -> MacSettings:
     networks: dict[int, tuple[Network, ...]] = {}
     if "networks" in m:
         for key_node_name, nets in m["networks"].mapping().items():
-            if not key_node_name.isdigit():
+            if not (key_node_name.isascii() and key_node_name.isdigit()):
                 raise nets.error("keys of mac.networks are key ids")
             networks[int(key_node_name)] = tuple(n.network() for n in nets.items())
     return MacSettings(

@@ -324,7 +324,7 @@ def _parse_aead(text: str) -> int:
 
     if text.upper() in AEAD_NAMES:
         return AEAD_NAMES[text.upper()]
-    if text.isdigit() and int(text) in AEADS:
+    if text.isascii() and text.isdigit() and int(text) in AEADS:
         return int(text)
     raise ValueError(f"unknown AEAD {text!r} (expected one of: {', '.join(AEAD_NAMES)})")
 

@@ -182,7 +182,7 @@ def parse_hostport(where: Where, text: str, default_port: int | None) -> tuple[s
         if default_port is None:
             raise where.error(f"{text!r}: a port is required (ADDRESS:PORT, or [ADDRESS]:PORT for IPv6)")
         return str(ip), default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise where.error(f"{text!r}: port must be 1 to 65535")
     return str(ip), int(port_text)
 

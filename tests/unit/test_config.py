@@ -15,6 +15,16 @@ from nts.server.daemon import plugin_sections
 
 BROKEN = [
     ('ntp:\n  listen: ["127.0.0.1:99999"]\n', "2: ntp.listen[0]: '127.0.0.1:99999': port must be 1 to 65535"),
+    # str.isdigit() takes these; int() fails on the first and reads the second as 123 (found by fuzzing)
+    ('ntp:\n  listen: ["127.0.0.1:\u00b9"]\n', "2: ntp.listen[0]: '127.0.0.1:\u00b9': port must be 1 to 65535"),
+    (
+        'ntp:\n  listen: ["127.0.0.1:\u0661\u0662\u0663"]\n',
+        "2: ntp.listen[0]: '127.0.0.1:\u0661\u0662\u0663': port must be 1 to 65535",
+    ),
+    (
+        "mac:\n  keys: k\n  networks:\n    \u00b9: [10.0.0.0/8]\n",
+        "4: mac.networks.\u00b9: keys of mac.networks are key ids",
+    ),
     (
         'ntp:\n  listen: ["::1:123"]\n',
         "2: ntp.listen[0]: '::1:123': a port is required (ADDRESS:PORT, or [ADDRESS]:PORT for IPv6)",

@@ -49,6 +49,8 @@ NTP_REJECTED = [
     ("0 MD5 abc", "key number 0 is outside 1..65535"),
     ("65536 MD5 abc", "key number 65536 is outside 1..65535"),
     ("x1 MD5 abc", "key number 'x1' is not a number"),
+    ("\u00b9 MD5 abc", "key number '\u00b9' is not a number"),  # str.isdigit() says yes, int() no (found by fuzzing)
+    ("\u0661 MD5 abc", "key number '\u0661' is not a number"),  # an Arabic-Indic 1, which int() would take
     ("1", "key 1: no key type"),
     ("1 BLAKE2 abc", "key 1: unknown key type 'BLAKE2'"),
     ("1 SHA1", "key 1: no key"),
@@ -83,6 +85,8 @@ def test_chrony_keys_accepted(line: str, key_id: int, algorithm: Algorithm, secr
 
 CHRONY_REJECTED = [
     ("0 MD5 abc", "key ID '0' is not a number from 1 to 4294967295"),
+    ("\u00b2 MD5 abc", "key ID '\u00b2' is not a number from 1 to 4294967295"),
+    ("\u0662 MD5 abc", "key ID '\u0662' is not a number from 1 to 4294967295"),
     ("1 SHA2 abc", "key 1: unknown key type 'SHA2'"),
     ("1 SHA1 HEX:abc", "key 1: HEX: must be followed by an even number of hex digits"),
     ("1 SHA1 HEX:zz", "key 1: HEX: must be followed by an even number of hex digits"),
