@@ -244,7 +244,10 @@ def nts_request(ke: KeResult, cookie: bytes, placeholders: int = 0) -> tuple[byt
 
 def check_nts_reply(ke: KeResult, reply: bytes, uid: bytes) -> tuple[bool, list[bytes]]:
     """(is_nak, new cookies) after verifying the reply's UID and authenticator."""
-    packet = parse_packet(reply)
+    try:
+        packet = parse_packet(reply)
+    except ParseError as exc:
+        raise QueryError(f"malformed reply: {exc}") from None
     uid_ok = any(f.type == FieldType.UNIQUE_IDENTIFIER and f.value[: len(uid)] == uid for f in packet.extensions)
     if not uid_ok:
         raise QueryError("the reply does not echo our unique identifier")
@@ -261,10 +264,13 @@ def check_nts_reply(ke: KeResult, reply: bytes, uid: bytes) -> tuple[bool, list[
             except AeadError:
                 raise QueryError("the reply's authenticator does not verify") from None
             cookies, p = [], 0
-            while p < len(plaintext):
-                inner, p = parse_extension(plaintext, p)
-                if inner.type == FieldType.NTS_COOKIE:
-                    cookies.append(inner.value)
+            try:
+                while p < len(plaintext):
+                    inner, p = parse_extension(plaintext, p)
+                    if inner.type == FieldType.NTS_COOKIE:
+                        cookies.append(inner.value)
+            except ParseError as exc:
+                raise QueryError(f"malformed fields inside the reply's authenticator: {exc}") from None
             return False, cookies
         pos += 4 + len(f.value)
     raise QueryError("the reply is not authenticated")

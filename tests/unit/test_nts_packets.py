@@ -16,13 +16,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from nts import nettle
-from nts.client import KeResult, check_nts_reply, nts_request
+from nts.aead import AEADS
+from nts.client import KeResult, QueryError, check_nts_reply, nts_request
 from nts.cookies import CookieError, CookieKeys, KeyRing, load_or_create_secret
 from nts.core.clockstate import ClockSettings, server_state
 from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainAuthenticator
 from nts.files import check_private_file
-from nts.ntsauth import NtsPacketAuth
+from nts.ntsauth import NtsPacketAuth, auth_field
 from nts.wire.extensions import ExtensionField, FieldType, make_field, serialize_extension
 from nts.wire.packet import parse_packet
 
@@ -222,6 +223,28 @@ def test_cookie_of_a_disabled_aead_gets_nak() -> None:
     reply = f.handle(packet)
     assert isinstance(reply, bytes) and parse_packet(reply).header.reference_id == b"NTSN"
     assert check_nts_reply(f.ke, reply, uid) == (True, [])
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        ("truncated", "malformed reply: "),
+        ("bad_inner_fields", "malformed fields inside the reply's authenticator: "),
+    ],
+)
+def test_client_reports_a_malformed_reply_as_a_query_error(reply: str, message: str) -> None:
+    """What a hostile server sends is the server's fault (QueryError, exit 1), not a usage error:
+    a ParseError (a ValueError) used to reach the command as one (found by fuzzing the client)."""
+    f = Fixture(15)
+    uid = bytes(range(32))
+    head = bytes([0x24, 1]) + bytes(38) + bytes(8)
+    ad = head + serialize_extension(ExtensionField(FieldType.UNIQUE_IDENTIFIER, uid))
+    if reply == "truncated":
+        data = ad[:-3]
+    else:  # authenticates, but its plaintext claims a field longer than itself
+        data = ad + auth_field(AEADS[15], f.keys.s2c, os.urandom(16), struct.pack(">HH", 0x0204, 104), ad, 0)
+    with pytest.raises(QueryError, match=f"^{message}"):
+        check_nts_reply(f.ke, data, uid)
 
 
 def _fields(*fields: ExtensionField) -> bytes:
