@@ -110,7 +110,16 @@ class Node:
     def scalar(self) -> Any:
         if not isinstance(self.node, yaml.ScalarNode):
             raise self.error("expected a single value")
-        return _construct(self.node)
+        try:
+            return _construct(self.node)
+        except (yaml.YAMLError, ValueError, KeyError, TypeError, OverflowError) as exc:
+            # an unknown tag (!!foo 2), or a value its tag cannot hold (!!int abc, 2001-02-30 as a date)
+            short = (
+                "!!" + self.node.tag.rsplit(":", 1)[-1] if self.node.tag.startswith("tag:yaml.org") else self.node.tag
+            )
+            if isinstance(exc, yaml.YAMLError):
+                raise self.error(f"unsupported YAML tag {short}") from None
+            raise self.error(f"{self.node.value!r} is not a valid {short} (quote it if it is text)") from None
 
     def string(self) -> str:
         value = self.scalar()

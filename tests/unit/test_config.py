@@ -48,6 +48,18 @@ BROKEN = [
     ("ntp:\n  listen: [\n", "3: not valid YAML: expected the node content, but found '<stream end>'"),
     ("- just\n- a list\n", "1: expected a mapping of keys to values"),
     ("ntp:\n  batch: 0\n", "2: ntp.batch: expected a whole number from 1 to 1024"),
+    # values YAML itself cannot construct were tracebacks (found by fuzzing the config with atheris)
+    ("ntp:\n  workers: !!foo 2\n", "2: ntp.workers: unsupported YAML tag !!foo"),
+    ("ntp:\n  workers: !!int abc\n", "2: ntp.workers: 'abc' is not a valid !!int (quote it if it is text)"),
+    (
+        "rate_limit:\n  enabled: !!bool maybe\n",
+        "2: rate_limit.enabled: 'maybe' is not a valid !!bool (quote it if it is text)",
+    ),
+    (
+        "clock:\n  reference_id: 2001-02-30\n",
+        "2: clock.reference_id: '2001-02-30' is not a valid !!timestamp (quote it if it is text)",
+    ),
+    ("mac: {keys: k, trusted: [1, !local 2]}\n", "1: mac.trusted[1]: unsupported YAML tag !local"),
     ("ntp:\n  max_hold_us: -1\n", "2: ntp.max_hold_us: expected a whole number from 0 to 100000"),
 ]
 SECTIONS = plugin_sections(discover())
