@@ -20,7 +20,9 @@ Usage: pip install atheris
        python3 tests/fuzz/fuzz.py TARGET --seeds CORPUS
        python3 tests/fuzz/fuzz.py TARGET CORPUS [libFuzzer options, e.g. -max_total_time=600]
 Found so far (each fixed, with a unit test): superscript and non-Latin digits taken as key numbers
-and ports (str.isdigit says yes to them); a malformed reply reaching `ntsd query` as a usage error.
+and ports (str.isdigit says yes to them); config values YAML cannot construct (an unknown tag,
+'!!int abc', 2001-02-30 read as a date) raising past the config checks; a malformed reply reaching
+`ntsd query` as a usage error.
 """
 
 from __future__ import annotations
