@@ -339,6 +339,8 @@ def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = Non
         raise ConfigError(source, line, "", f"not valid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, None, "", f"not valid YAML: {exc}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(source, None, "", "not a usable config: collections nested too deeply") from None
     top = Node(root, source, "").mapping(tuple(_SECTIONS) + PLUGIN_SECTIONS)
     values: dict[str, Any] = {}
     for name, fn in _SECTIONS.items():

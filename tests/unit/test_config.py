@@ -60,6 +60,7 @@ BROKEN = [
         "2: clock.reference_id: '2001-02-30' is not a valid !!timestamp (quote it if it is text)",
     ),
     ("mac: {keys: k, trusted: [1, !local 2]}\n", "1: mac.trusted[1]: unsupported YAML tag !local"),
+    ("[" * 5000 + "]" * 5000, " not a usable config: collections nested too deeply"),
     ("ntp:\n  max_hold_us: -1\n", "2: ntp.max_hold_us: expected a whole number from 0 to 100000"),
 ]
 SECTIONS = plugin_sections(discover())
