@@ -1,0 +1,125 @@
+"""Hostile input at the running daemon: random and mutated datagrams and KE bytes, all accounted for.
+
+The fuzzers (tests/fuzz) and the property tests drive the sans-IO code in process; this sends the
+same kinds of input through the real sockets, batches and threads, and checks what an operator
+would: every datagram is answered or counted as a drop (nothing lost, no internal error), no reply
+is longer than the longest request, nothing reaches the log as a traceback, and the daemon still
+serves NTS, MAC and plain clients afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+from pathlib import Path
+
+from legacy.keyfile import load_keyfile
+from legacy.mac import compute_mac
+from nts.cli import fetch_metrics
+from nts.client import check_nts_reply, key_exchange, nts_request
+from nts.server.metrics import parse_text
+from tests.helpers import client_request, query, running_ntsd
+from tests.mac_helpers import mac_section, write_keys
+from tests.nts_helpers import AEAD15, NP, dev_certs, ke_raw, nts_config, ports, request
+
+SEED = 20261122  # fixed: a failure replays exactly
+DATAGRAMS = 3000
+BURST = 100  # datagrams sent before the counters are read back (well within the socket's buffer)
+
+
+def _metrics(port: int) -> dict[str, float]:
+    return parse_text(fetch_metrics("127.0.0.1", port))
+
+
+def _mutations(valid: list[bytes], rng: random.Random) -> list[bytes]:
+    out = []
+    for _ in range(DATAGRAMS):
+        base = bytearray(rng.choice(valid))
+        kind = rng.randrange(5)
+        if kind == 0:  # noise of any length, some with an NTP-looking first byte
+            base = bytearray(rng.randbytes(rng.randrange(0, 700)))
+            if base and rng.random() < 0.5:
+                base[0] = 0x23
+        elif kind == 1:  # a few flipped bytes anywhere
+            for _ in range(rng.randrange(1, 5)):
+                base[rng.randrange(len(base))] ^= rng.randrange(1, 256)
+        elif kind == 2:  # cut short
+            del base[rng.randrange(len(base)) :]
+        elif kind == 3:  # extra bytes after a valid request
+            base += rng.randbytes(rng.choice([4, 16, 20, 24, 28, 100, 300]))
+        else:  # a length field of an extension field (or the trailer) rewritten
+            at = rng.randrange(48, max(49, len(base) - 3))
+            if at + 4 <= len(base):
+                struct.pack_into(">H", base, at + 2, rng.choice([0, 3, 4, 16, 0xFFFF, rng.randrange(65536)]))
+        out.append(bytes(base))
+    return out
+
+
+def test_random_and_mutated_input_is_all_accounted_for(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    keys_file, _ = write_keys(tmp_path)
+    config = nts_config(tmp_path, ntp, ke, mport) + mac_section(keys_file, trusted=[1, 2, 3, 4, 5])
+    with running_ntsd(tmp_path, config) as server:
+        session = key_exchange("127.0.0.1", ke, dev_certs(tmp_path).ca)
+        keys = load_keyfile(keys_file, "ntp").keys.values()
+        header = client_request()
+        valid = [header] + [header + struct.pack(">I", k.id) + compute_mac(k.algorithm, k.secret, header) for k in keys]
+        valid += [nts_request(session, cookie, placeholders=i % 3)[0] for i, cookie in enumerate(session.cookies[:6])]
+        datagrams = _mutations(valid, random.Random(SEED))
+        longest = max(len(d) for d in datagrams)
+
+        before = _metrics(mport).get("ntsd_requests_total", 0)
+        replies = 0
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+            for start in range(0, len(datagrams), BURST):
+                for d in datagrams[start : start + BURST]:
+                    s.sendto(d, ("127.0.0.1", ntp))
+                # the daemon has taken the burst once a query sent after it is answered (one socket, in order)
+                assert query(ntp, client_request(), timeout=5) is not None
+                s.setblocking(False)
+                while True:
+                    try:
+                        reply = s.recv(65536)
+                    except BlockingIOError:
+                        break
+                    replies += 1
+                    assert len(reply) <= longest
+                    assert reply[0] & 7 == 4  # only server replies, whatever came in
+                s.setblocking(True)
+
+        # NTS-KE: noise instead of TLS, and noise inside TLS after a good handshake
+        rng = random.Random(SEED + 1)
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", ke), timeout=5) as c:
+                c.sendall(rng.randbytes(rng.randrange(1, 600)))
+                c.shutdown(socket.SHUT_WR)
+                try:
+                    while c.recv(4096):  # the server answers (an alert) or closes; never hangs
+                        pass
+                except ConnectionResetError:  # closed with our bytes unread: a reset, as it should
+                    pass
+        for _ in range(20):  # the zeros end the request at once (records of type 0) or overrun its size bound
+            outcome = ke_raw(ke, rng.randbytes(rng.randrange(1, 300)) + bytes(1100), timeout=5)
+            assert isinstance(outcome, str | list)
+
+        m = _metrics(mport)
+        sent = DATAGRAMS + len(datagrams) // BURST  # the noise and one plain query per burst
+        assert m["ntsd_requests_total"] - before == sent
+        accounted = sum(v for k, v in m.items() if k.startswith(("ntsd_replies_total", "ntsd_naks_total")))
+        accounted += sum(v for k, v in m.items() if k.startswith("ntsd_drops_total"))
+        assert accounted == m["ntsd_requests_total"]  # every datagram answered or counted as a drop
+        assert replies > 0 and m.get('ntsd_naks_total{auth="nts",reason="cookie_forged"}', 0) > 0
+        assert not [k for k in m if "internal_error" in k]
+        assert not [line for line in server.lines if "Traceback" in line or "internal error" in line]
+
+        # still serving all three modes, and NTS-KE
+        assert query(ntp, client_request()) is not None
+        k = next(iter(keys))
+        reply = query(ntp, header + struct.pack(">I", k.id) + compute_mac(k.algorithm, k.secret, header))
+        assert reply is not None and reply[48:52] == struct.pack(">I", k.id)
+        packet, uid, _ = nts_request(session, session.cookies[7])
+        nts_reply = query(ntp, packet)
+        assert nts_reply is not None and check_nts_reply(session, nts_reply, uid)[0] is False
+        assert isinstance(ke_raw(ke, request(NP, AEAD15)), list)
