@@ -13,11 +13,23 @@ from nts.wire.ke_records import Record, RecordReader, RecordType, serialize_reco
 from tests.helpers import free_port, lab_config
 
 
-def nts_config(tmp: Path, ntp_port: int, ke_port: int, metrics_port: int | None = None, extra: str = "") -> str:
+def nts_config(
+    tmp: Path,
+    ntp_port: int,
+    ke_port: int,
+    metrics_port: int | None = None,
+    extra: str = "",
+    *,
+    listen: list[str] | None = None,
+    ntp_extra: str = "",
+) -> str:
     certs = tmp / "certs"
     if not (certs / "server.pem").exists():
         make_dev_certs(certs, ["localhost", "127.0.0.1", "::1"])
-    return lab_config(ntp_port, metrics_port=metrics_port, extra="rate_limit: {enabled: false}\n") + (
+    plain = lab_config(
+        ntp_port, metrics_port=metrics_port, extra="rate_limit: {enabled: false}\n", listen=listen, ntp_extra=ntp_extra
+    )
+    return plain + (
         "nts:\n"
         f'  listen: ["127.0.0.1:{ke_port}"]\n'
         f"  certificate: {certs / 'server.pem'}\n"

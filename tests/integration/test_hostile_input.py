@@ -14,6 +14,8 @@ import socket
 import struct
 from pathlib import Path
 
+import pytest
+
 from legacy.keyfile import load_keyfile
 from legacy.mac import compute_mac
 from nts.cli import fetch_metrics
@@ -56,10 +58,17 @@ def _mutations(valid: list[bytes], rng: random.Random) -> list[bytes]:
     return out
 
 
-def test_random_and_mutated_input_is_all_accounted_for(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("host", "ntp_extra"),
+    [("127.0.0.1", ""), ("::1", ""), ("127.0.0.1", "batch: 1")],
+    ids=["ipv4-batched", "ipv6-batched", "ipv4-one-by-one"],
+)
+def test_random_and_mutated_input_is_all_accounted_for(tmp_path: Path, host: str, ntp_extra: str) -> None:
     ntp, ke, mport = ports()
     keys_file, _ = write_keys(tmp_path)
-    config = nts_config(tmp_path, ntp, ke, mport) + mac_section(keys_file, trusted=[1, 2, 3, 4, 5])
+    listen = [f"[{host}]:{ntp}" if ":" in host else f"{host}:{ntp}"]
+    config = nts_config(tmp_path, ntp, ke, mport, listen=listen, ntp_extra=ntp_extra)
+    config += mac_section(keys_file, trusted=[1, 2, 3, 4, 5])
     with running_ntsd(tmp_path, config) as server:
         session = key_exchange("127.0.0.1", ke, dev_certs(tmp_path).ca)
         keys = load_keyfile(keys_file, "ntp").keys.values()
@@ -71,13 +80,14 @@ def test_random_and_mutated_input_is_all_accounted_for(tmp_path: Path) -> None:
 
         before = _metrics(mport).get("ntsd_requests_total", 0)
         replies = 0
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
             for start in range(0, len(datagrams), BURST):
                 for d in datagrams[start : start + BURST]:
-                    s.sendto(d, ("127.0.0.1", ntp))
+                    s.sendto(d, (host, ntp))
                 # the daemon has taken the burst once a query sent after it is answered (one socket, in order)
-                assert query(ntp, client_request(), timeout=5) is not None
+                assert query(ntp, client_request(), host=host, timeout=5) is not None
                 s.setblocking(False)
                 while True:
                     try:
@@ -115,11 +125,11 @@ def test_random_and_mutated_input_is_all_accounted_for(tmp_path: Path) -> None:
         assert not [line for line in server.lines if "Traceback" in line or "internal error" in line]
 
         # still serving all three modes, and NTS-KE
-        assert query(ntp, client_request()) is not None
+        assert query(ntp, client_request(), host=host) is not None
         k = next(iter(keys))
-        reply = query(ntp, header + struct.pack(">I", k.id) + compute_mac(k.algorithm, k.secret, header))
+        reply = query(ntp, header + struct.pack(">I", k.id) + compute_mac(k.algorithm, k.secret, header), host=host)
         assert reply is not None and reply[48:52] == struct.pack(">I", k.id)
         packet, uid, _ = nts_request(session, session.cookies[7])
-        nts_reply = query(ntp, packet)
+        nts_reply = query(ntp, packet, host=host)
         assert nts_reply is not None and check_nts_reply(session, nts_reply, uid)[0] is False
         assert isinstance(ke_raw(ke, request(NP, AEAD15)), list)
