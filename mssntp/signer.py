@@ -139,9 +139,9 @@ class SigndClient:
             except BaseException:
                 self._finish(job, None, "connection_lost")
                 raise
-            if len(replies) != 1:
+            if len(replies) != 1 or replies[0].packet_id != packet_id:  # out of step: start afresh
                 self._finish(job, None, "protocol_error")
-                raise ConnectionResetError("unexpected extra replies")
+                raise ConnectionResetError("ntp_signd replied out of step")
             signed = check_signed(replies[0], packet_id, job.key_id, job.packet)
             self._finish(job, signed, "signed" if signed is not None else "refused")
 

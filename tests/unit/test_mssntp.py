@@ -72,6 +72,21 @@ def test_check_signed_insists_on_our_packet() -> None:
     assert check_signed(good, 5, 9, bytes(48)) is None  # Samba signed something else
 
 
+def _signed(packet_id: int, body: bytes) -> bytes:
+    return encode_reply(SIGNING_SUCCESS, packet_id, body[16:] + body[12:16] + bytes(16))
+
+
+# key id -> what a broken signer answers instead of a good reply
+BROKEN: dict[int, Callable[[int, bytes], bytes]] = {
+    500: lambda pid, body: struct.pack(">I", 1 << 20) + bytes(8),  # a frame too large to be Samba's
+    501: lambda pid, body: encode_reply(9, pid),  # an unknown op
+    502: lambda pid, body: _signed((pid + 1) & 0xFFFF, body),  # the answer to another request
+    503: lambda pid, body: encode_reply(SIGNING_SUCCESS, pid, bytes(68)),  # signs some other packet
+    504: lambda pid, body: _signed(pid, body) * 2,  # two answers to one request
+    505: lambda pid, body: encode_reply(SIGNING_SUCCESS, pid, bytes(20)),  # a success that is too short
+}
+
+
 class FakeSigner:
     """A unix-socket ntp_signd stand-in: delays, refuses or hangs up, as told."""
 
@@ -93,6 +108,8 @@ class FakeSigner:
                     return
                 if key_id == 404:
                     writer.write(encode_reply(SIGNING_FAILURE, packet_id))
+                elif key_id in BROKEN:  # a broken or hostile signer
+                    writer.write(BROKEN[key_id](packet_id, body))
                 else:
                     writer.write(encode_reply(SIGNING_SUCCESS, packet_id, body[16:] + body[12:16] + bytes(16)))
                 await writer.drain()
@@ -131,6 +148,33 @@ def test_outcomes_and_recovery_after_a_hang_up() -> None:
             assert stats.counts[("mssntp_sign", "refused")] == 1
             assert stats.counts[("mssntp_sign", "connection_closed")] == 1
             assert stats.counts[("mssntp_sign", "connects")] == 2
+
+    run(main)
+
+
+def test_a_broken_signer_costs_its_own_requests_and_the_connection_recovers() -> None:
+    """Whatever the signer sends, the request it answers gets no reply (never a wrong one), the
+    outcome is counted, a confused connection is replaced, and the next request is signed."""
+    expected = {
+        500: "connection_lost", 501: "connection_lost", 502: "protocol_error", 503: "refused",
+        504: "protocol_error", 505: "connection_lost",
+    }  # fmt: skip
+
+    async def main() -> None:
+        async with fake() as signer:
+            stats = Stats()
+            client = SigndClient(signer.path, stats, connections=1, deadline=1.0)
+            await client.start()
+            try:
+                for key_id, outcome in expected.items():
+                    before = stats.counts.get(("mssntp_sign", outcome), 0)
+                    assert await client.sign(key_id, PACKET) is None
+                    assert stats.counts.get(("mssntp_sign", outcome), 0) == before + 1, (key_id, stats.counts)
+                    assert await client.sign(7, PACKET) == PACKET + struct.pack("<I", 7) + bytes(16)
+            finally:
+                await client.stop()
+            assert stats.counts[("mssntp_sign", "signed")] == len(expected)
+            assert stats.counts[("mssntp_sign", "connects")] == 1 + 5  # all but the refusal replaced it
 
     run(main)
 
