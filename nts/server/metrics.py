@@ -2,7 +2,10 @@
 
 Strategy: counters are (metric, label values...) tuples; `LABELS` names the labels of each metric
 so plugins can add their own. The endpoint reads one bounded request line with a deadline and
-answers GET /metrics; anything else gets 404 or 400. It is meant for a local address.
+answers GET /metrics; anything else gets 404 or 400. It is meant for a local address; where it is
+exposed, idle connections could otherwise hold descriptors the NTS-KE listener needs, so at most
+`MAX_CLIENTS` are served at once (more are closed at once) and the request line must come within
+`REQUEST_DEADLINE` seconds (a scraper sends it at once).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any
 from ..core.decisions import LABELS
 
 log = logging.getLogger("ntsd.metrics")
+MAX_CLIENTS = 32
+REQUEST_DEADLINE = 2.0
 
 
 def _escape(value: str) -> str:
@@ -72,6 +77,8 @@ class MetricsServer:
         self._source = source
         self._reports = reports
         self._server: asyncio.Server | None = None
+        self.active = 0
+        self.refused = 0
 
     async def start_on(self, sock: socket.socket) -> None:
         self._server = await asyncio.start_server(self._serve, sock=sock, limit=8192)
@@ -82,8 +89,13 @@ class MetricsServer:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= MAX_CLIENTS:
+            self.refused += 1
+            writer.close()
+            return
+        self.active += 1
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
+            line = await asyncio.wait_for(reader.readline(), REQUEST_DEADLINE)
             parts = line.decode("latin-1").split()
             if len(parts) < 2 or parts[0] != "GET":
                 status, body = "400 Bad Request", "bad request\n"
@@ -103,4 +115,5 @@ class MetricsServer:
         except (TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError):
             pass
         finally:
+            self.active -= 1
             writer.close()

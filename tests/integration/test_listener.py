@@ -18,6 +18,7 @@ from nts.core.clockstate import ClockSettings, server_state
 from nts.core.decisions import Defer, Drop, Nak, Seal
 from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainAuthenticator
+from nts.server import metrics as metrics_module
 from nts.server import mmsg
 from nts.server.udp import MAX_DATAGRAM, UdpListener, open_udp_socket
 from tests.helpers import client_request
@@ -271,3 +272,38 @@ def test_a_datagram_that_cannot_be_sent_does_not_stop_the_rest_of_its_batch(
     batch.queue(i, namelen, b"last")
     assert batch.flush() == [errno.EDESTADDRREQ]
     assert [client.recv(100), client.recv(100)] == [b"first", b"last"]
+
+
+def test_metrics_endpoint_bounds_idle_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle connections to the metrics port cannot pile up (they would hold descriptors the NTS-KE
+    listener needs): past MAX_CLIENTS they are closed at once, and each is dropped after the
+    request deadline; a scrape still works afterwards."""
+    monkeypatch.setattr(metrics_module, "REQUEST_DEADLINE", 0.5)
+
+    async def main() -> None:
+        server = metrics_module.MetricsServer(lambda: ({("requests",): 7}, {}))
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+        await server.start_on(listener)
+        try:
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(metrics_module.MAX_CLIENTS + 8)]
+            closed_at_once = 0
+            for reader, _ in idle[metrics_module.MAX_CLIENTS :]:
+                assert await asyncio.wait_for(reader.read(), 0.3) == b""  # EOF, not a wait for the deadline
+                closed_at_once += 1
+            assert closed_at_once == 8 and server.refused == 8 and server.active == metrics_module.MAX_CLIENTS
+            for reader, _ in idle[: metrics_module.MAX_CLIENTS]:  # dropped at the deadline, not kept
+                assert await asyncio.wait_for(reader.read(), 2) == b""
+            for _, writer in idle:
+                writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert b"ntsd_requests_total 7" in await asyncio.wait_for(reader.read(), 2)
+            writer.close()
+            assert server.active == 0
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
