@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -54,6 +54,9 @@ def _certs(args: argparse.Namespace) -> int:
     names = args.name or ["localhost", "127.0.0.1", "::1"]
     try:
         paths = make_dev_certs(Path(args.dir), names, args.days, args.type)
+    except ValueError as exc:  # a name that is neither an IP address nor a DNS name
+        print(f"ntsd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"ntsd: cannot write certificates to {args.dir}: {exc.strerror}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -163,6 +166,19 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from lo to hi (argparse turns the ValueError into a usage error)."""
+
+    def convert(text: str) -> int:
+        value = int(text)
+        if not lo <= value <= hi:
+            raise ValueError(text)
+        return value
+
+    convert.__name__ = f"number from {lo} to {hi}"  # what argparse's message calls it
+    return convert
+
+
 class _CliWhere:
     """Lets parse_hostport report command-line mistakes as ConfigError."""
 
@@ -185,16 +201,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--name", action="append", help="DNS name or IP address (repeatable; default: localhost, 127.0.0.1, ::1)"
     )
-    p.add_argument("--days", type=int, default=90, help="validity in days (default 90)")
+    p.add_argument("--days", type=_int_in(1, 3650), default=90, help="validity in days (default 90)")
     p.add_argument("--type", choices=("ec", "rsa"), default="ec", help="key type (default ec, P-256)")
     p.set_defaults(func=_certs)
     p = sub.add_parser("query", help="query an NTS (or plain NTP) server and show what it answered")
     p.add_argument("host", help="server name or address (NTS-KE host with NTS)")
-    p.add_argument("--port", type=int, help="NTP port (default: what NTS-KE says, else 123)")
-    p.add_argument("--ke-port", type=int, default=4460, help="NTS-KE port (default 4460)")
+    p.add_argument("--port", type=_int_in(1, 65535), help="NTP port (default: what NTS-KE says, else 123)")
+    p.add_argument("--ke-port", type=_int_in(1, 65535), default=4460, help="NTS-KE port (default 4460)")
     p.add_argument("--ca", metavar="FILE", help="trust this CA bundle instead of the system's")
     p.add_argument("--plain", action="store_true", help="plain NTP, no NTS")
-    p.add_argument("--count", type=int, default=1, help="NTP exchanges to make (default 1)")
+    p.add_argument("--count", type=_int_in(1, 1000), default=1, help="NTP exchanges to make (default 1)")
     p.add_argument("--aead", action="append", help="offer only these AEADs, in order (name or IANA number)")
     p.add_argument("--keylog", metavar="FILE", help="append TLS secrets (SSLKEYLOGFILE format) for tshark")
     p.add_argument("--json", action="store_true", help="print JSON")

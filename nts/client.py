@@ -93,7 +93,12 @@ def key_exchange(
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
     if ca is not None:
-        ctx.load_verify_locations(str(ca))
+        if not ca.is_file():
+            raise QueryError(f"CA file {ca} does not exist (or is not a file)")
+        try:
+            ctx.load_verify_locations(str(ca))
+        except SSL.Error as exc:
+            raise QueryError(f"cannot use {ca} as CA certificates: {_ssl_text(exc)}") from None
     else:
         ctx.set_default_verify_paths()
     ctx.set_alpn_protos([ALPN])

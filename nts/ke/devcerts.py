@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,26 @@ def _pem_key(key: PrivateKey) -> bytes:
     )
 
 
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def subject_alt_name(name: str) -> x509.GeneralName:
+    """An IP address, or a DNS name (internationalised names as their ASCII form; a leading "*."
+    for a wildcard); anything else raises ValueError saying why."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    try:
+        ascii_name = name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise ValueError(f"{name!r} is neither an IP address nor a usable DNS name") from None
+    labels = ascii_name.removeprefix("*.").split(".")
+    if len(ascii_name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"{name!r} is neither an IP address nor a usable DNS name")
+    return x509.DNSName(ascii_name)
+
+
 def make_dev_certs(out: Path, names: list[str], days: int = 90, kind: str = "ec") -> DevCerts:
     """Write ca.pem, ca.key, server.pem and server.key into `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -60,16 +81,12 @@ def make_dev_certs(out: Path, names: list[str], days: int = 90, kind: str = "ec"
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    alt: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            alt.append(x509.DNSName(name))
+    alt = [subject_alt_name(name) for name in names]
     server_key = _key(kind)
+    common_name = names[0] if len(names[0]) <= 64 else "ntsd development server"  # X.509 caps CN at 64
     server = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())

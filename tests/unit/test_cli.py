@@ -1,0 +1,88 @@
+"""The command line: mistakes in arguments are usage errors with a message, never tracebacks."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from nts.cli import main
+from nts.client import QueryError, run_query
+from nts.ke.devcerts import make_dev_certs, subject_alt_name
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("127.0.0.1", x509.IPAddress(ipaddress.ip_address("127.0.0.1"))),
+        ("::1", x509.IPAddress(ipaddress.ip_address("::1"))),
+        ("ntp.example.org", x509.DNSName("ntp.example.org")),
+        ("NTP.Example.ORG", x509.DNSName("ntp.example.org")),
+        ("*.example.org", x509.DNSName("*.example.org")),
+        ("\u00e9.example", x509.DNSName("xn--9ca.example")),  # internationalised: its ASCII form
+    ],
+)
+def test_certificate_names_accepted(name: str, expected: x509.GeneralName) -> None:
+    assert subject_alt_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["", "a b", "-bad.example", "bad-.example", "a" * 64 + ".example", "a." * 127 + "a"])
+def test_certificate_names_refused_with_a_message(name: str) -> None:
+    with pytest.raises(ValueError, match=r"is neither an IP address nor a usable DNS name"):
+        subject_alt_name(name)
+
+
+def test_certs_command_refuses_a_bad_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was a traceback from the X.509 builder (found by trying the commands with bad arguments)."""
+    assert main(["certs", "--dir", str(tmp_path / "c"), "--name", "a b"]) == 2
+    assert "ntsd: 'a b' is neither an IP address nor a usable DNS name" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "server.key").exists()
+
+
+def test_a_long_first_name_still_makes_a_certificate(tmp_path: Path) -> None:
+    """X.509 caps the common name at 64 characters; the name goes in the alternative names only."""
+    long_name = ".".join(["a" * 60] * 3)
+    certs = make_dev_certs(tmp_path, [long_name])
+    cert = x509.load_pem_x509_certificate(certs.certificate.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == [long_name]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["query", "::1", "--plain", "--port", "70000"],  # was an OverflowError traceback
+        ["query", "::1", "--port", "0"],
+        ["query", "::1", "--ke-port", "-1"],
+        ["query", "::1", "--count", "0"],
+        ["certs", "--days", "0"],
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "invalid number from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("ca", "message"),
+    [
+        ("/nonexistent/ca.pem", "CA file /nonexistent/ca.pem does not exist (or is not a file)"),
+        ("/", "CA file / does not exist (or is not a file)"),
+    ],
+)
+def test_query_with_an_unusable_ca_file(ca: str, message: str) -> None:
+    """Was an OpenSSL.SSL.Error traceback."""
+    with pytest.raises(QueryError, match=f"^{re.escape(message)}$"):
+        run_query("127.0.0.1", ke_port=1, ca=Path(ca))
+
+
+def test_query_with_a_ca_file_that_holds_no_certificate(tmp_path: Path) -> None:
+    ca = tmp_path / "not-a-ca.pem"
+    ca.write_text("hello\n")
+    with pytest.raises(QueryError, match=r"^cannot use .* as CA certificates: no certificate or crl found"):
+        run_query("127.0.0.1", ke_port=1, ca=ca)
