@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import ConfigError, format_addr, iter_lines, load_config, parse_hostport
@@ -95,16 +96,43 @@ def _query(args: argparse.Namespace) -> int:
     return EXIT_OK if not result.get("kiss") else EXIT_RUNTIME
 
 
+_MAX_ANSWER = 64 << 20  # far more than any report ntsd serves; something else is on that port
+
+
 def fetch_metrics(host: str, port: int, timeout: float = 3.0, path: str = "/metrics") -> str:
+    """The body of GET `path` from ntsd's metrics endpoint; OSError when what answers is not that."""
     with socket.create_connection((host, port), timeout=timeout) as conn:
         conn.sendall(f"GET {path} HTTP/1.0\r\nHost: ntsd\r\n\r\n".encode())
-        chunks = []
+        chunks, size = [], 0
         while chunk := conn.recv(65536):
             chunks.append(chunk)
+            size += len(chunk)
+            if size > _MAX_ANSWER:
+                raise OSError("unexpected answer: larger than 64 MiB")
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.0 200"):
         raise OSError(f"unexpected answer: {head.splitlines()[0].decode(errors='replace') if head else 'nothing'}")
-    return body.decode()
+    try:
+        return body.decode()
+    except UnicodeDecodeError:
+        raise OSError("unexpected answer: not UTF-8 text") from None
+
+
+_CLIENT_FIELDS = {"client": str, "key_id": int, "algorithm": str, "requests": int, "first_seen": str,
+                  "last_seen": str, "deprecated": bool}  # fmt: skip
+
+
+def _client_rows(text: str) -> list[dict[str, Any]]:
+    """The clients report, checked to be what ntsd serves (ValueError otherwise)."""
+    try:
+        rows = json.loads(text)
+    except RecursionError:
+        raise ValueError("not a clients report (nested too deeply)") from None
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and all(type(r.get(k)) is t for k, t in _CLIENT_FIELDS.items()) for r in rows
+    ):
+        raise ValueError("not a clients report (unexpected JSON)")
+    return rows
 
 
 def _metrics_address(args: argparse.Namespace) -> tuple[str, int] | int:
@@ -127,7 +155,7 @@ def _clients(args: argparse.Namespace) -> int:
     if isinstance(where, int):
         return where
     try:
-        rows = json.loads(fetch_metrics(*where, path="/report/clients"))
+        rows = _client_rows(fetch_metrics(*where, path="/report/clients"))
     except (OSError, ValueError) as exc:
         print(f"ntsd: cannot read the clients report from {format_addr(where)}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -160,6 +188,9 @@ def _status(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return EXIT_OK
     values = parse_text(text)
+    if not values:
+        print(f"ntsd: no counters in what {format_addr((host, port))} answered (not ntsd?)", file=sys.stderr)
+        return EXIT_RUNTIME
     width = max((len(k) for k in values), default=10)
     for name in sorted(values):
         print(f"{name.removeprefix('ntsd_'):<{width}} {values[name]:g}")

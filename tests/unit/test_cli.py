@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,42 @@ def test_query_with_a_ca_file_that_holds_no_certificate(tmp_path: Path) -> None:
     ca.write_text("hello\n")
     with pytest.raises(QueryError, match=r"^cannot use .* as CA certificates: no certificate or crl found"):
         run_query("127.0.0.1", ke_port=1, ca=ca)
+
+
+def _serve_once(answer: bytes) -> int:
+    """A one-connection TCP server on loopback that reads a request and sends `answer`."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def run() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(answer)
+
+    threading.Thread(target=run, daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+OK = b"HTTP/1.0 200 OK\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "answer", "message"),
+    [
+        ("clients", OK + b'[1, 2, {"x": 1}]', "not a clients report (unexpected JSON)"),  # was a TypeError
+        ("clients", OK + b"[" * 100_000, "not a clients report (nested too deeply)"),  # was a RecursionError
+        ("clients", OK + b"\xff\xfe", "unexpected answer: not UTF-8 text"),
+        ("status", OK + b"\xff\xfe", "unexpected answer: not UTF-8 text"),  # was a UnicodeDecodeError
+        ("status", OK + b"<html>hello</html>", "no counters in what 127.0.0.1:"),
+        ("status", b"SSH-2.0-OpenSSH_9.2\r\n", "unexpected answer: SSH-2.0-OpenSSH_9.2"),
+    ],
+)
+def test_status_and_clients_pointed_at_something_else(
+    command: str, answer: bytes, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = _serve_once(answer)
+    assert main([command, "--metrics", f"127.0.0.1:{port}"]) == 1
+    assert message in capsys.readouterr().err
