@@ -127,6 +127,9 @@ _CHRONY_TYPES = {
 }
 _HEX = set("0123456789abcdefABCDEF")
 
+_NTP_TYPE_NAMES = ", ".join(_NTP_TYPES)
+_CHRONY_TYPE_NAMES = ", ".join(_CHRONY_TYPES)
+
 
 def _tokens(line: str) -> list[str]:
     return line.split("#", 1)[0].split()
@@ -137,19 +140,18 @@ def parse_ntp_line(number: int, line: str, warnings: list[Problem]) -> Key | Pro
     tokens = _tokens(line)
     if not tokens:
         return None
+    # Messages name fields by position and never quote them: on a broken line any field may be a key.
     if not (tokens[0].isascii() and tokens[0].isdigit()):  # isdigit alone takes superscripts, other scripts' digits
-        return Problem(number, f"key number {tokens[0][:20]!r} is not a number")
+        return Problem(number, "the first field is not a key number")
     keyno = int(tokens[0])
     if not 1 <= keyno <= 65535:
-        return Problem(number, f"key number {keyno} is outside 1..65535")
-    if len(tokens) < 2:
-        return Problem(number, f"key {keyno}: no key type")
+        return Problem(number, "the key number is outside 1..65535")
+    if len(tokens) < 3:
+        return Problem(number, f"key {keyno}: expected a key type and a key after the key number")
     upper = tokens[1].upper()
     algorithm = _NTP_TYPES.get(upper) or (Algorithm.MD5 if upper.startswith("M") else None)
     if algorithm is None:
-        return Problem(number, f"key {keyno}: unknown key type {tokens[1][:20]!r}")
-    if len(tokens) < 3:
-        return Problem(number, f"key {keyno}: no key")
+        return Problem(number, f"key {keyno}: unknown key type (expected one of {_NTP_TYPE_NAMES})")
     if len(tokens) > 3:
         return Problem(number, f"key {keyno}: unexpected text after the key")
     text = tokens[2]
@@ -177,14 +179,14 @@ def parse_chrony_line(number: int, line: str, warnings: list[Problem]) -> Key | 
     if not tokens:
         return None
     if not (tokens[0].isascii() and tokens[0].isdigit()) or not 0 < int(tokens[0]) < 2**32:
-        return Problem(number, f"key ID {tokens[0][:20]!r} is not a number from 1 to 4294967295")
+        return Problem(number, "the first field is not a key ID from 1 to 4294967295")
     key_id = int(tokens[0])
     if len(tokens) == 2:
         algorithm, text = Algorithm.MD5, tokens[1]
     elif len(tokens) == 3:
         found = _CHRONY_TYPES.get(tokens[1].upper())
         if found is None:
-            return Problem(number, f"key {key_id}: unknown key type {tokens[1][:20]!r}")
+            return Problem(number, f"key {key_id}: unknown key type (expected one of {_CHRONY_TYPE_NAMES})")
         algorithm, text = found, tokens[2]
     else:
         return Problem(number, f"key {key_id}: expected ID [TYPE] KEY")

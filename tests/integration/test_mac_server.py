@@ -59,7 +59,7 @@ def test_key_file_changes_apply_and_broken_files_do_not(tmp_path: Path) -> None:
         mark = len(server.lines)
         ntp_keys.write_text("1 MD5 onlykeyleft\nthis is not a key line\n")
         server.wait_for("the key file changed, but it cannot be used; keeping the keys in use", start=mark)
-        server.wait_for(f"{ntp_keys}:2: key number 'this' is not a number", start=mark)
+        server.wait_for(f"{ntp_keys}:2: the first field is not a key number", start=mark)
         ntp_keys.write_text(old)  # restore, so the request below is signed with a key in use
         signed_with_2 = mac_request(ntp_keys, 2)
         assert authenticated(port, ntp_keys, 2)
