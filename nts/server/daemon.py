@@ -83,11 +83,16 @@ def drop_privileges(user: str | None, group: str | None) -> None:
 
 
 def setup_logging(config: Config) -> None:
+    """Log where `config` says. StartupError if its file cannot be opened (logging stays as it was)."""
+    handler: logging.Handler
+    try:
+        handler = logging.FileHandler(config.log.file) if config.log.file else logging.StreamHandler(sys.stderr)
+    except OSError as exc:
+        raise StartupError(f"cannot open the log file {config.log.file}: {exc.strerror}") from None
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler: logging.Handler
-    handler = logging.FileHandler(config.log.file) if config.log.file else logging.StreamHandler(sys.stderr)
+        h.close()
     handler.setFormatter(logging.Formatter("%(asctime)s ntsd[%(process)d] %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(config.log.level)
@@ -193,7 +198,10 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         if may_bind:
-            setup_logging(new)
+            try:
+                setup_logging(new)
+            except StartupError as exc:
+                log.error("reload: %s; logging goes on where it went", exc)
 
         async def apply() -> None:
             async with self._reload_lock:

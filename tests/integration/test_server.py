@@ -216,6 +216,30 @@ def test_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
     )
 
 
+def test_a_log_file_that_cannot_be_opened(tmp_path: Path) -> None:
+    """At start: a clear error and exit 1 (was a FileNotFoundError traceback). On reload: the
+    error is logged where logging already goes, and the server keeps serving."""
+    port = free_port()
+    unusable = tmp_path / "no-such-dir" / "ntsd.log"
+    cfg = tmp_path / "c.yaml"
+    broken_log = f"log: {{level: debug, file: {unusable}}}"
+    cfg.write_text(lab_config(port).replace("log: {level: debug}", broken_log))
+    proc = subprocess.run(
+        [sys.executable, "-m", "nts", "serve", "-c", str(cfg)], capture_output=True, text=True, timeout=30
+    )
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        f"ntsd: cannot open the log file {unusable}: No such file or directory\n",
+    )
+    with running_ntsd(tmp_path, lab_config(port, extra=NO_RATE)) as server:
+        (tmp_path / "ntsd.yaml").write_text(lab_config(port, extra=NO_RATE).replace("log: {level: debug}", broken_log))
+        mark = len(server.lines)
+        server.signal(signal.SIGHUP)
+        server.wait_for(f"reload: cannot open the log file {unusable}: No such file or directory", start=mark)
+        server.wait_for("configuration reloaded", start=mark)
+        assert query(port, client_request()) is not None
+
+
 def test_workers_share_the_port_and_sum_their_counters(tmp_path: Path) -> None:
     port, mport = free_port(), free_port(socket.SOCK_STREAM)
     config = lab_config(port, metrics_port=mport, extra=NO_RATE, ntp_extra="workers: 2")
