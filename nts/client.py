@@ -21,6 +21,7 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from .aead import AEADS, DEFAULT_AEADS, AeadError
+from .config import is_ip_address
 from .ke.certs import ALPN
 from .ke.session import EXPORTER_LABEL
 from .ntsauth import auth_field, open_auth
@@ -116,7 +117,7 @@ def key_exchange(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     conn = SSL.Connection(ctx, sock)
     try:
-        if not _is_ip(host):
+        if not is_ip_address(host):
             conn.set_tlsext_host_name(host.encode("idna"))
         conn.set_connect_state()
         try:
@@ -168,14 +169,6 @@ def _syscall_reason(exc: SSL.SysCallError) -> str:
 def _append(path: Path, line: bytes) -> None:
     with open(path, "ab") as f:
         f.write(line + b"\n")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _read_response(conn: SSL.Connection) -> list[Record]:

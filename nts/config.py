@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -165,6 +166,22 @@ class Node:
 def _construct(node: yaml.ScalarNode) -> Any:
     """The Python value of a scalar node, by the safe loader's own tag rules."""
     return yaml.SafeLoader("").construct_object(node, deep=True)
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_dns_name(name: str) -> bool:
+    """An ASCII host name by RFC 1123 (letters, digits, inner hyphens; labels of 1-63; 253 in all)."""
+    return len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.removesuffix(".").split("."))
 
 
 class Where(Protocol):

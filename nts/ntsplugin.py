@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from . import nettle
 from .aead import AEADS, DEFAULT_AEADS
-from .config import Node, format_addr
+from .config import Node, format_addr, is_dns_name, is_ip_address
 from .cookies import KeyRing, load_or_create_secret
 from .core.auth import Authenticator, PluginError, ReplyContext, Request
 from .core.decisions import Drop, Nak, Seal, Stats
@@ -104,8 +104,8 @@ def parse_nts(node: Node) -> NtsSettings:
     if "aeads" in m and not aeads:
         raise m["aeads"].error("at least one AEAD is required")
     server = m["ntp_server"].string() if "ntp_server" in m and not m["ntp_server"].is_null else None
-    if server is not None and (not server.isascii() or len(server) > 255 or not server.isprintable()):
-        raise m["ntp_server"].error("expected a host name or address in printable ASCII")
+    if server is not None and not (is_ip_address(server) or is_dns_name(server)):
+        raise m["ntp_server"].error("expected a host name or an IP address")
     return NtsSettings(
         listen=listen,
         certificate=Path(m["certificate"].string()),

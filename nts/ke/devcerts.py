@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ..config import is_dns_name
 from ..files import write_private_file
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -42,9 +42,6 @@ def _pem_key(key: PrivateKey) -> bytes:
     )
 
 
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-
-
 def subject_alt_name(name: str) -> x509.GeneralName:
     """An IP address, or a DNS name (internationalised names as their ASCII form; a leading "*."
     for a wildcard); anything else raises ValueError saying why."""
@@ -56,8 +53,7 @@ def subject_alt_name(name: str) -> x509.GeneralName:
         ascii_name = name.encode("idna").decode("ascii").lower()
     except UnicodeError:
         raise ValueError(f"{name!r} is neither an IP address nor a usable DNS name") from None
-    labels = ascii_name.removeprefix("*.").split(".")
-    if len(ascii_name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+    if not is_dns_name(ascii_name.removeprefix("*.")):
         raise ValueError(f"{name!r} is neither an IP address nor a usable DNS name")
     return x509.DNSName(ascii_name)
 

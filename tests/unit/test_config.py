@@ -61,6 +61,14 @@ BROKEN = [
     ),
     ("mac: {keys: k, trusted: [1, !local 2]}\n", "1: mac.trusted[1]: unsupported YAML tag !local"),
     ("[" * 5000 + "]" * 5000, " not a usable config: collections nested too deeply"),
+    (
+        'nts: {certificate: c, private_key: k, key_dir: d, ntp_server: "a b"}\n',
+        "1: nts.ntp_server: expected a host name or an IP address",
+    ),
+    (
+        'nts: {certificate: c, private_key: k, key_dir: d, ntp_server: "-x.example"}\n',
+        "1: nts.ntp_server: expected a host name or an IP address",
+    ),
     ("ntp:\n  max_hold_us: -1\n", "2: ntp.max_hold_us: expected a whole number from 0 to 100000"),
 ]
 SECTIONS = plugin_sections(discover())
