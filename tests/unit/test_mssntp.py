@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,19 +132,26 @@ def run(coro: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(coro())  # type: ignore[arg-type]
 
 
+@contextlib.asynccontextmanager
+async def signing(signer: FakeSigner, stats: Stats, **settings: Any) -> AsyncIterator[SigndClient]:
+    """A started SigndClient on `signer`'s socket (one connection unless told), stopped after."""
+    client = SigndClient(signer.path, stats, **{"connections": 1, "deadline": 1.0, **settings})
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.stop()
+
+
 def test_outcomes_and_recovery_after_a_hang_up() -> None:
     async def main() -> None:
         async with fake() as signer:
             stats = Stats()
-            client = SigndClient(signer.path, stats, connections=1, deadline=1.0)
-            await client.start()
-            try:
+            async with signing(signer, stats) as client:
                 assert await client.sign(1, PACKET) == PACKET + struct.pack("<I", 1) + bytes(16)
                 assert await client.sign(404, PACKET) is None
                 assert await client.sign(666, PACKET) is None  # the connection is dropped...
                 assert await client.sign(2, PACKET) is not None  # ...and comes back
-            finally:
-                await client.stop()
             assert stats.counts[("mssntp_sign", "signed")] == 2
             assert stats.counts[("mssntp_sign", "refused")] == 1
             assert stats.counts[("mssntp_sign", "connection_closed")] == 1
@@ -163,16 +171,12 @@ def test_a_broken_signer_costs_its_own_requests_and_the_connection_recovers() ->
     async def main() -> None:
         async with fake() as signer:
             stats = Stats()
-            client = SigndClient(signer.path, stats, connections=1, deadline=1.0)
-            await client.start()
-            try:
+            async with signing(signer, stats) as client:
                 for key_id, outcome in expected.items():
                     before = stats.counts.get(("mssntp_sign", outcome), 0)
                     assert await client.sign(key_id, PACKET) is None
                     assert stats.counts.get(("mssntp_sign", outcome), 0) == before + 1, (key_id, stats.counts)
                     assert await client.sign(7, PACKET) == PACKET + struct.pack("<I", 7) + bytes(16)
-            finally:
-                await client.stop()
             assert stats.counts[("mssntp_sign", "signed")] == len(expected)
             assert stats.counts[("mssntp_sign", "connects")] == 1 + 5  # all but the refusal replaced it
 
@@ -183,14 +187,10 @@ def test_slow_signer_deadline_and_queue_bound() -> None:
     async def main() -> None:
         async with fake(delay=0.3) as signer:
             stats = Stats()
-            client = SigndClient(signer.path, stats, connections=1, queue_size=3, deadline=0.1)
-            await client.start()
-            try:
+            async with signing(signer, stats, queue_size=3, deadline=0.1) as client:
                 started = time.monotonic()
                 results = await asyncio.gather(*(client.sign(i, PACKET) for i in range(10)))
                 elapsed = time.monotonic() - started
-            finally:
-                await client.stop()
             assert results == [None] * 10
             assert elapsed < 0.25  # nobody waited for the slow signer past the deadline
             assert stats.counts[("mssntp_sign", "queue_full")] >= 6  # one in flight, 3 queued
