@@ -128,8 +128,9 @@ class RateLimiter:
 
     def check(self, ip: str, now_ns: int) -> int:
         tat = self._tat.get(ip)
-        if tat is None:
-            if len(self._tat) >= self._max:
+        if tat is None or tat - now_ns > self._tolerance + self._interval:
+            # new, or the clock was stepped back: no TAT this far ahead can come from requests
+            if tat is None and len(self._tat) >= self._max:
                 self._tat = _keep_newer_half(self._tat)
             self._tat[ip] = now_ns + self._interval
             return RATE_OK
@@ -144,7 +145,7 @@ class RateLimiter:
         if not self._kod:
             return RATE_DROP
         last = self._kod_at.get(ip)
-        if last is not None and now_ns - last < self._kod_interval:
+        if last is not None and 0 <= now_ns - last < self._kod_interval:  # (< 0: the clock went back)
             return RATE_DROP
         if last is None and len(self._kod_at) >= self._max:
             self._kod_at = _keep_newer_half(self._kod_at)

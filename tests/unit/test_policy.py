@@ -93,3 +93,19 @@ def test_local_reference_serves_even_when_unsynchronised() -> None:
     unsynced = KernelClock(state=5, status=STA_UNSYNC, maxerror_us=1, esterror_us=1)
     st = server_state(ClockSettings(local_reference=True, stratum=1, reference_id=b"LOCL"), unsynced, -20, 0)
     assert (st.leap, st.stratum) == (Leap.NONE, 1)
+
+
+def test_rate_limiter_survives_the_clock_stepping_back() -> None:
+    """Requests carry wall-clock receive times, and a host's clock can be stepped back (at boot, by
+    an operator). Before, every client known at the step was limited until the clock had caught up
+    with its old state: an hour's step meant an hour of RATE KoDs for all of them."""
+    r = RateLimiter(RateSettings(rate=1, burst=2, kod=True, kod_interval=1.0))
+    now = 10**18
+    assert [r.check("a", now), r.check("a", now)] == [RATE_OK, RATE_OK]
+    assert r.check("a", now) == RATE_KOD  # over its burst
+    back = now - 3600 * 10**9
+    assert r.check("a", back) == RATE_OK  # one hour earlier, as the clock now says: a fresh start
+    assert r.check("a", back) == RATE_OK
+    assert r.check("a", back) == RATE_KOD  # and still limited by the same rule
+    assert r.check("a", back + 10**6) == RATE_DROP  # KoDs still spaced by kod_interval after the step
+    assert r.check("b", back) == RATE_OK
