@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -105,23 +108,23 @@ def key_exchange(
     ctx.set_alpn_protos([ALPN])
     if keylog is not None:
         ctx.set_keylog_callback(lambda conn, line: _append(keylog, line))
+    deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
         raise QueryError(f"cannot connect to NTS-KE at {host} port {port}: {exc.strerror or exc}") from None
-    # pyOpenSSL needs a blocking socket (a Python timeout makes it non-blocking underneath): bound
-    # every read and write with kernel timeouts instead, so a silent server cannot hang us.
-    sock.settimeout(None)
-    timeval = struct.pack("@qq", int(timeout), int((timeout % 1) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    # The whole exchange has one deadline: the socket is non-blocking and each TLS step that would
+    # block waits in select() for what is left, so neither a silent server nor one that trickles its
+    # bytes one at a time can hold us longer than `timeout`.
+    sock.setblocking(False)
     conn = SSL.Connection(ctx, sock)
+    step = _Stepper(conn, sock, deadline, f"{host} port {port}")
     try:
         if not is_ip_address(host):
             conn.set_tlsext_host_name(host.encode("idna"))
         conn.set_connect_state()
         try:
-            conn.do_handshake()
+            step(conn.do_handshake)
         except SSL.SysCallError as exc:
             raise QueryError(f"TLS handshake with {host} port {port} failed: {_syscall_reason(exc)}") from None
         except SSL.Error as exc:
@@ -140,8 +143,9 @@ def key_exchange(
             request.append(Record(False, RecordType.COMPLIANT_128GCM_EXPORT))
         request += extra_records
         request.append(Record(True, RecordType.END_OF_MESSAGE))
-        conn.sendall(serialize_records(request))  # one write: some servers need the request in one record
-        records = _read_response(conn)
+        payload = serialize_records(request)  # one record: some servers need the request in one read
+        step(lambda: conn.send(payload))
+        records = _read_response(lambda: step(lambda: conn.recv(65536)))
         result = _interpret(records, cert)
         key_len = AEADS[result.aead].key_len
         ctx_aead = 15 if result.aead == 30 and not result.compliant_gcm else result.aead
@@ -171,12 +175,35 @@ def _append(path: Path, line: bytes) -> None:
         f.write(line + b"\n")
 
 
-def _read_response(conn: SSL.Connection) -> list[Record]:
+T = TypeVar("T")
+
+
+class _Stepper:
+    """Runs one pyOpenSSL call on a non-blocking socket to completion, waiting in select() while it
+    wants to read or write, until `deadline` (then QueryError)."""
+
+    def __init__(self, conn: SSL.Connection, sock: socket.socket, deadline: float, peer: str) -> None:
+        self.conn, self.sock, self.deadline, self.peer = conn, sock, deadline, peer
+
+    def __call__(self, call: Callable[[], T]) -> T:
+        while True:
+            try:
+                return call()
+            except SSL.WantReadError:
+                readable, writable = [self.sock], []
+            except SSL.WantWriteError:
+                readable, writable = [], [self.sock]
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not any(select.select(readable, writable, [], left)[:2]):
+                raise QueryError(f"NTS-KE with {self.peer} did not finish in time")
+
+
+def _read_response(recv: Callable[[], bytes]) -> list[Record]:
     reader = RecordReader(65536)
     records: list[Record] = []
     while not records or records[-1].type != RecordType.END_OF_MESSAGE:
         try:
-            chunk = conn.recv(65536)
+            chunk = recv()
         except SSL.ZeroReturnError:
             chunk = b""
         if not chunk:

@@ -315,3 +315,50 @@ def test_sighup_reloads_the_certificate_and_negotiation_records(tmp_path: Path) 
         assert (result.server, result.port) == ("localhost", ntp)
         with pytest.raises(QueryError, match="certificate verify failed"):
             key_exchange("127.0.0.1", ke, paths.ca)
+
+
+def _trickle_proxy(target: int, delay: float) -> tuple[int, threading.Event]:
+    """A one-connection TCP proxy to `target` that passes the client's bytes at once and the
+    server's one byte every `delay` seconds (a server that trickles); set the event to stop it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def run() -> None:
+        with listener, listener.accept()[0] as client, socket.create_connection(("127.0.0.1", target)) as server:
+            client.settimeout(0.01)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    data = client.recv(4096)
+                    if not data:
+                        return
+                    server.sendall(data)
+                server.settimeout(0.01)
+                with contextlib.suppress(TimeoutError):
+                    one = server.recv(1)
+                    if not one:
+                        return
+                    client.sendall(one)
+                    stop.wait(delay)
+
+    threading.Thread(target=run, daemon=True).start()
+    return listener.getsockname()[1], stop
+
+
+def test_query_gives_up_on_a_trickling_or_silent_server_at_its_deadline(tmp_path: Path) -> None:
+    """One deadline for the whole NTS-KE exchange: per-read time-outs alone let a server that
+    sends a byte every few seconds hold `ntsd query` for hours."""
+    ntp, ke, _ = ports()
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke)):
+        port, stop = _trickle_proxy(ke, 0.02)  # the server's first flight alone would take ~20 s
+        try:
+            started = time.monotonic()
+            with pytest.raises(QueryError, match=f"^NTS-KE with 127.0.0.1 port {port} did not finish in time$"):
+                key_exchange("127.0.0.1", port, dev_certs(tmp_path).ca, timeout=0.5)
+            assert time.monotonic() - started < 2
+        finally:
+            stop.set()
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel does), never answers
+        started = time.monotonic()
+        with pytest.raises(QueryError, match="did not finish in time"):
+            key_exchange("127.0.0.1", silent.getsockname()[1], dev_certs(tmp_path).ca, timeout=0.3)
+        assert time.monotonic() - started < 2
