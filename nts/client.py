@@ -24,7 +24,7 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from .aead import AEADS, DEFAULT_AEADS, AeadError
-from .config import is_ip_address
+from .config import is_dns_name, is_ip_address
 from .ke.certs import ALPN
 from .ke.session import EXPORTER_LABEL
 from .ntsauth import auth_field, open_auth
@@ -237,6 +237,8 @@ def _interpret(records: list[Record], cert: x509.Certificate) -> KeResult:
             cookies.append(r.body)
         elif r.type == RecordType.NTPV4_SERVER:
             server = r.body.decode("ascii", "replace")
+            if not (is_ip_address(server) or is_dns_name(server)):
+                raise QueryError(f"the server named an NTP host that is not a host name or address: {server[:64]!r}")
         elif r.type == RecordType.NTPV4_PORT and len(r.body) == 2:
             port = struct.unpack(">H", r.body)[0]
         elif r.type == RecordType.COMPLIANT_128GCM_EXPORT:

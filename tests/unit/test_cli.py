@@ -12,8 +12,9 @@ import pytest
 from cryptography import x509
 
 from nts.cli import main
-from nts.client import QueryError, run_query
+from nts.client import QueryError, _interpret, run_query
 from nts.ke.devcerts import make_dev_certs, subject_alt_name
+from nts.wire.ke_records import Record, RecordType
 
 
 @pytest.mark.parametrize(
@@ -127,3 +128,15 @@ def test_status_and_clients_pointed_at_something_else(
     port = _serve_once(answer)
     assert main([command, "--metrics", f"127.0.0.1:{port}"]) == 1
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host", ["a\x00b", "a b", "-x.example", ""])
+def test_query_refuses_an_ntp_host_the_server_names_badly(tmp_path: Path, host: str) -> None:
+    """The NTPv4 Server record comes from the server: a NUL in it was a ValueError (exit 2) later."""
+    records = [
+        Record(True, RecordType.NEXT_PROTOCOL, b"\0\0"), Record(True, RecordType.AEAD_ALGORITHM, b"\0\x0f"),
+        Record(False, RecordType.NEW_COOKIE, bytes(100)), Record(True, RecordType.NTPV4_SERVER, host.encode()),
+    ]  # fmt: skip
+    certificate = x509.load_pem_x509_certificate(make_dev_certs(tmp_path, ["localhost"]).certificate.read_bytes())
+    with pytest.raises(QueryError, match=r"^the server named an NTP host that is not a host name or address"):
+        _interpret(records, certificate)
