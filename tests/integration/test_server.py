@@ -258,6 +258,19 @@ def test_workers_share_the_port_and_sum_their_counters(tmp_path: Path) -> None:
         assert m["ntsd_workers"] == 2
 
 
+def test_a_dead_worker_stops_the_whole_server_for_the_service_manager(tmp_path: Path) -> None:
+    port = free_port()
+    with running_ntsd(tmp_path, lab_config(port, ntp_extra="workers: 2")) as server:
+        server.wait_for("ready with 2 workers")
+        parent = server.proc.pid
+        workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        server.wait_for(f"worker {workers[0]} exited unexpectedly")
+        assert server.proc.wait(15) == 1
+        assert not Path(f"/proc/{workers[1]}").exists() or "zombie" in Path(f"/proc/{workers[1]}/status").read_text()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_privileges_are_dropped_after_binding(tmp_path: Path) -> None:
     port = free_port()
