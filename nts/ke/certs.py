@@ -52,6 +52,12 @@ def build_context(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str]:
         raise CertError(f"private key {key_path} does not exist") from None
     except PermissionError as exc:
         raise CertError(f"private key refused: {exc}") from None
+    for path in (cert_path, key_path):  # say plainly what OpenSSL would report as "system lib"
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise CertError(f"cannot read {path}: {exc.strerror}") from None
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_CIPHER_SERVER_PREFERENCE)
@@ -73,7 +79,7 @@ def build_context(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str]:
 
 
 def _ssl_reason(exc: SSL.Error) -> str:
-    parts = [str(p[2]) for p in exc.args[0] if isinstance(p, tuple) and len(p) == 3] if exc.args else []
+    parts = [str(p[2]) for p in exc.args[0] if isinstance(p, tuple) and len(p) == 3 and p[2]] if exc.args else []
     return "; ".join(parts) or "invalid certificate or key"
 
 

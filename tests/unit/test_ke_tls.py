@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from nts.ke.certs import build_context
+from nts.ke.certs import CertError, build_context
 from nts.ke.devcerts import make_dev_certs
 
 
@@ -54,3 +54,16 @@ def test_server_prefers_a_sha256_suite(server_ctx: SSL.Context) -> None:
 @pytest.mark.parametrize("suite", ["TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"])
 def test_every_tls13_suite_is_still_accepted(server_ctx: SSL.Context, suite: str) -> None:
     assert _handshake(server_ctx, suite.encode()) == suite
+
+
+def test_unreadable_certificate_files_are_named_plainly(tmp_path: Path) -> None:
+    """OpenSSL reports an unreadable file as 'system lib'; the operator gets the file and the reason.
+    (Seen after a privilege drop: the files were root's, the reload ran as the service user.)"""
+    certs = make_dev_certs(tmp_path / "c", ["localhost"])
+    with pytest.raises(CertError, match=f"^cannot read {tmp_path}: Is a directory$"):
+        build_context(tmp_path, certs.private_key)
+    (tmp_path / "gone.pem").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(CertError, match=r"^cannot read .*gone\.pem: No such file or directory$"):
+        build_context(tmp_path / "gone.pem", certs.private_key)
+    _, description = build_context(certs.certificate, certs.private_key)
+    assert description.startswith("CN=localhost")
