@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -386,10 +387,23 @@ def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = Non
     )
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 def load_config(path: str | None, plugins: Mapping[str, Any] | None = None) -> Config:
     """Read and validate `path` (or the embedded default when None)."""
     if path is None:
-        return parse_config(DEFAULT_CONFIG, "<default>", plugins)
+        if _has_ipv6_loopback():
+            return parse_config(DEFAULT_CONFIG, "<default>", plugins)
+        # a host (or container) without IPv6: the embedded default serves IPv4 only rather than fail
+        ipv4_only = DEFAULT_CONFIG.replace(', "[::1]:123"', "").replace(', "[::1]:4460"', "")
+        return parse_config(ipv4_only, "<default, IPv4 only: this host has no ::1>", plugins)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read(1 << 20)

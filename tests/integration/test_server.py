@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -269,6 +270,48 @@ def test_a_dead_worker_stops_the_whole_server_for_the_service_manager(tmp_path: 
         server.wait_for(f"worker {workers[0]} exited unexpectedly")
         assert server.proc.wait(15) == 1
         assert not Path(f"/proc/{workers[1]}").exists() or "zombie" in Path(f"/proc/{workers[1]}/status").read_text()
+
+
+INSIDE_A_HOST_WITHOUT_IPV6 = """
+import socket, subprocess, sys
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1"], check=True)
+subprocess.run([sys.executable, "-m", "nts", "certs"], check=True, capture_output=True)
+server = subprocess.Popen([sys.executable, "-m", "nts", "serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+log = []
+for line in server.stdout:
+    log.append(line)
+    if "ready" in line:
+        break
+try:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(bytes([0x23]) + bytes(47), ("127.0.0.1", 123))
+        print("reply", len(s.recv(100)))
+finally:
+    server.terminate()
+    print("".join(log) + server.communicate(timeout=10)[0])
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"), reason="needs root, unshare and ip"
+)
+def test_embedded_default_serves_ipv4_on_a_host_without_ipv6(tmp_path: Path) -> None:
+    """The README's first command on a host (or container) with IPv6 disabled: it served nothing,
+    failing on [::1]; now the embedded default keeps to IPv4 there (explicit configs stay strict).
+    Run in a network namespace of its own, with IPv6 disabled in it."""
+    script = tmp_path / "inside.py"
+    script.write_text(INSIDE_A_HOST_WITHOUT_IPV6)
+    proc = subprocess.run(
+        ["unshare", "-n", sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reply 48" in proc.stdout
+    assert "serving NTP on 127.0.0.1:123" in proc.stdout and "serving NTS-KE on 127.0.0.1:4460" in proc.stdout
+    assert "[::1]" not in proc.stdout
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
