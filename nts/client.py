@@ -118,7 +118,7 @@ def key_exchange(
     # bytes one at a time can hold us longer than `timeout`.
     sock.setblocking(False)
     conn = SSL.Connection(ctx, sock)
-    step = _Stepper(conn, sock, deadline, f"{host} port {port}")
+    step = _Stepper(sock, deadline, f"{host} port {port}")
     try:
         if not is_ip_address(host):
             conn.set_tlsext_host_name(host.encode("idna"))
@@ -179,11 +179,11 @@ T = TypeVar("T")
 
 
 class _Stepper:
-    """Runs one pyOpenSSL call on a non-blocking socket to completion, waiting in select() while it
-    wants to read or write, until `deadline` (then QueryError)."""
+    """Runs a pyOpenSSL call on a connection over the non-blocking `sock` to completion, waiting in
+    select() while it wants to read or write, until `deadline` (then QueryError)."""
 
-    def __init__(self, conn: SSL.Connection, sock: socket.socket, deadline: float, peer: str) -> None:
-        self.conn, self.sock, self.deadline, self.peer = conn, sock, deadline, peer
+    def __init__(self, sock: socket.socket, deadline: float, peer: str) -> None:
+        self.sock, self.deadline, self.peer = sock, deadline, peer
 
     def __call__(self, call: Callable[[], T]) -> T:
         while True:
