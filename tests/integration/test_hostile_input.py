@@ -1,23 +1,27 @@
 """Hostile input at the running daemon: random and mutated datagrams and KE bytes, all accounted for.
 
 The fuzzers (tests/fuzz) and the property tests drive the sans-IO code in process; this sends the
-same kinds of input through the real sockets, batches and threads, and checks what an operator
-would: every datagram is answered or counted as a drop (nothing lost, no internal error), no reply
-is longer than the longest request, nothing reaches the log as a traceback, and the daemon still
-serves NTS, MAC and plain clients afterwards.
+same kinds of input through the real sockets, batches and threads (MS-SNTP through a stand-in for
+Samba's signing socket), and checks what an operator would: every datagram is answered or counted
+as a drop (nothing lost, no internal error), no reply is longer than the longest request, nothing
+reaches the log as a traceback, and the daemon still serves NTS, MAC and plain clients afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from legacy.keyfile import load_keyfile
 from legacy.mac import compute_mac
+from mssntp.signd import SIGNING_FAILURE, SIGNING_SUCCESS, encode_reply
 from nts.cli import fetch_metrics
 from nts.client import check_nts_reply, key_exchange, nts_request
 from nts.server.metrics import parse_text
@@ -28,6 +32,40 @@ from tests.nts_helpers import AEAD15, NP, dev_certs, ke_raw, nts_config, ports, 
 SEED = 20261122  # fixed: a failure replays exactly
 DATAGRAMS = 3000
 BURST = 100  # datagrams sent before the counters are read back (well within the socket's buffer)
+
+
+class _FakeSigner:
+    """Samba's ntp_signd on a unix socket, in threads: signs everything (a zero MAC), except key ids
+    ending in 7, which it refuses."""
+
+    def __init__(self, path: Path) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            buf = b""
+            while chunk := conn.recv(4096):
+                buf += chunk
+                while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+                    body, buf = buf[4 : 4 + int.from_bytes(buf[:4], "big")], buf[4 + int.from_bytes(buf[:4], "big") :]
+                    packet_id, key_id = struct.unpack_from(">H", body, 8)[0], struct.unpack_from("<I", body, 12)[0]
+                    if key_id % 10 == 7:
+                        conn.sendall(encode_reply(SIGNING_FAILURE, packet_id))
+                    else:
+                        conn.sendall(encode_reply(SIGNING_SUCCESS, packet_id, body[16:] + body[12:16] + bytes(16)))
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -69,12 +107,16 @@ def test_random_and_mutated_input_is_all_accounted_for(tmp_path: Path, host: str
     listen = [f"[{host}]:{ntp}" if ":" in host else f"{host}:{ntp}"]
     config = nts_config(tmp_path, ntp, ke, mport, listen=listen, ntp_extra=ntp_extra)
     config += mac_section(keys_file, trusted=[1, 2, 3, 4, 5])
-    with running_ntsd(tmp_path, config) as server:
+    signd = tmp_path / "signd.socket"
+    config += f"mssntp: {{socket: {signd}, networks: [127.0.0.0/8, '::1/128'], rate: 100000, burst: 100000}}\n"
+    signer = _FakeSigner(signd)
+    with contextlib.closing(signer), running_ntsd(tmp_path, config) as server:
         session = key_exchange("127.0.0.1", ke, dev_certs(tmp_path).ca)
         keys = load_keyfile(keys_file, "ntp").keys.values()
         header = client_request()
         valid = [header] + [header + struct.pack(">I", k.id) + compute_mac(k.algorithm, k.secret, header) for k in keys]
         valid += [nts_request(session, cookie, placeholders=i % 3)[0] for i, cookie in enumerate(session.cookies[:6])]
+        valid += [header + struct.pack("<I", rid) + bytes(16) for rid in (1105, 1107, 70001)]  # MS-SNTP
         datagrams = _mutations(valid, random.Random(SEED))
         longest = max(len(d) for d in datagrams)
 
@@ -116,13 +158,20 @@ def test_random_and_mutated_input_is_all_accounted_for(tmp_path: Path, host: str
             outcome = ke_raw(ke, rng.randbytes(rng.randrange(1, 300)) + bytes(1100), timeout=5)
             assert isinstance(outcome, str | list)
 
-        m = _metrics(mport)
+        # MS-SNTP replies finish asynchronously (through the signer): wait until all are accounted for
+        deadline = time.monotonic() + 20
+        while True:
+            m = _metrics(mport)
+            accounted = sum(v for k, v in m.items() if k.startswith(("ntsd_replies_total", "ntsd_naks_total")))
+            accounted += sum(v for k, v in m.items() if k.startswith("ntsd_drops_total"))
+            if accounted == m["ntsd_requests_total"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         sent = DATAGRAMS + len(datagrams) // BURST  # the noise and one plain query per burst
         assert m["ntsd_requests_total"] - before == sent
-        accounted = sum(v for k, v in m.items() if k.startswith(("ntsd_replies_total", "ntsd_naks_total")))
-        accounted += sum(v for k, v in m.items() if k.startswith("ntsd_drops_total"))
         assert accounted == m["ntsd_requests_total"]  # every datagram answered or counted as a drop
         assert replies > 0 and m.get('ntsd_naks_total{auth="nts",reason="cookie_forged"}', 0) > 0
+        assert m.get('ntsd_replies_total{auth="mssntp"}', 0) > 0 and m.get('ntsd_deferred_total{auth="mssntp"}', 0) > 0
         assert not [k for k in m if "internal_error" in k]
         assert not [line for line in server.lines if "Traceback" in line or "internal error" in line]
 
