@@ -49,6 +49,7 @@ nts:
 """
 
 PLUGIN_SECTIONS = ("nts", "mac", "mssntp")
+MAX_CONFIG = 1 << 20  # characters
 
 
 class ConfigError(Exception):
@@ -406,11 +407,13 @@ def load_config(path: str | None, plugins: Mapping[str, Any] | None = None) -> C
         return parse_config(ipv4_only, "<default, IPv4 only: this host has no ::1>", plugins)
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read(1 << 20)
+            text = f.read(MAX_CONFIG + 1)
     except OSError as exc:
         raise ConfigError(path, None, "", f"cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(path, None, "", "not UTF-8 text") from None
+    if len(text) > MAX_CONFIG:  # never parse a cut file: its tail (a deny list, say) would be lost quietly
+        raise ConfigError(path, None, "", f"larger than {MAX_CONFIG} characters; not a configuration file")
     return parse_config(text, path, plugins)
 
 

@@ -142,3 +142,14 @@ metrics: {listen: "[::1]:9975"}
     assert c.metrics_listen == ("::1", 9975)
     assert parse_config("rate_limit: {enabled: false}\n", "t").rate_limit is None
     assert parse_config("metrics: {listen: null}\n", "t").metrics_listen is None
+
+
+def test_an_oversized_config_is_refused_not_cut(tmp_path: Path) -> None:
+    """It was read up to 1 MiB and the rest ignored: a long deny list could lose its tail quietly."""
+    path = tmp_path / "big.yaml"
+    denied = "".join(f"    - 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32\n" for i in range(60_000))
+    path.write_text("access:\n  deny:\n" + denied)
+    assert path.stat().st_size > 1 << 20
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path), SECTIONS)
+    assert str(exc.value) == f"{path}: larger than 1048576 characters; not a configuration file"
