@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -101,10 +102,21 @@ _MAX_ANSWER = 64 << 20  # far more than any report ntsd serves; something else i
 
 def fetch_metrics(host: str, port: int, timeout: float = 3.0, path: str = "/metrics") -> str:
     """The body of GET `path` from ntsd's metrics endpoint; OSError when what answers is not that."""
+    deadline = time.monotonic() + timeout  # for the whole answer: a trickle cannot stretch it
     with socket.create_connection((host, port), timeout=timeout) as conn:
         conn.sendall(f"GET {path} HTTP/1.0\r\nHost: ntsd\r\n\r\n".encode())
         chunks, size = [], 0
-        while chunk := conn.recv(65536):
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OSError("no complete answer in time")
+            conn.settimeout(left)
+            try:
+                chunk = conn.recv(65536)
+            except TimeoutError:
+                raise OSError("no complete answer in time") from None
+            if not chunk:
+                break
             chunks.append(chunk)
             size += len(chunk)
             if size > _MAX_ANSWER:

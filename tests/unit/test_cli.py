@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,8 +93,9 @@ def test_query_with_a_ca_file_that_holds_no_certificate(tmp_path: Path) -> None:
         run_query("127.0.0.1", ke_port=1, ca=ca)
 
 
-def _serve_once(answer: bytes) -> int:
-    """A one-connection TCP server on loopback that reads a request and sends `answer`."""
+def _serve_once(answer: bytes, pause: float = 0.0) -> int:
+    """A one-connection TCP server on loopback that reads a request and sends `answer` (a byte at a
+    time, `pause` seconds apart, when given)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -100,9 +103,13 @@ def _serve_once(answer: bytes) -> int:
     def run() -> None:
         with listener:
             conn, _ = listener.accept()
-            with conn:
+            with conn, contextlib.suppress(OSError):  # the client may hang up first
                 conn.recv(4096)
-                conn.sendall(answer)
+                if not pause:
+                    conn.sendall(answer)
+                for i in range(len(answer) if pause else 0):
+                    conn.sendall(answer[i : i + 1])
+                    time.sleep(pause)
 
     threading.Thread(target=run, daemon=True).start()
     return int(listener.getsockname()[1])
@@ -140,3 +147,12 @@ def test_query_refuses_an_ntp_host_the_server_names_badly(tmp_path: Path, host: 
     certificate = x509.load_pem_x509_certificate(make_dev_certs(tmp_path, ["localhost"]).certificate.read_bytes())
     with pytest.raises(QueryError, match=r"^the server named an NTP host that is not a host name or address"):
         _interpret(records, certificate)
+
+
+def test_status_gives_up_on_an_answer_that_trickles(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each read had a time-out, the answer as a whole none: a byte every second held `ntsd status`."""
+    port = _serve_once(OK + b"ntsd_requests_total 1\n" * 10, pause=0.5)
+    started = time.monotonic()
+    assert main(["status", "--metrics", f"127.0.0.1:{port}"]) == 1
+    assert time.monotonic() - started < 5
+    assert "no complete answer in time" in capsys.readouterr().err
