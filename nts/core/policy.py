@@ -112,11 +112,12 @@ RATE_DROP = 2
 class RateLimiter:
     """GCRA per client address with a bounded table."""
 
-    __slots__ = ("_interval", "_kod", "_kod_at", "_kod_interval", "_max", "_tat", "_tolerance")
+    __slots__ = ("_interval", "_kod", "_kod_at", "_kod_interval", "_max", "_stepped", "_tat", "_tolerance")
 
     def __init__(self, settings: RateSettings) -> None:
         self._interval = int(1e9 / settings.rate)
         self._tolerance = self._interval * (settings.burst - 1)
+        self._stepped = self._tolerance + self._interval  # a TAT further ahead than this: the clock went back
         self._max = settings.max_clients
         self._kod = settings.kod
         self._kod_interval = int(settings.kod_interval * 1e9)
@@ -128,8 +129,7 @@ class RateLimiter:
 
     def check(self, ip: str, now_ns: int) -> int:
         tat = self._tat.get(ip)
-        if tat is None or tat - now_ns > self._tolerance + self._interval:
-            # new, or the clock was stepped back: no TAT this far ahead can come from requests
+        if tat is None or tat - now_ns > self._stepped:  # new, or the clock was stepped back
             if tat is None and len(self._tat) >= self._max:
                 self._tat = _keep_newer_half(self._tat)
             self._tat[ip] = now_ns + self._interval
