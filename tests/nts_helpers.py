@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 from OpenSSL import SSL
 
@@ -14,21 +15,13 @@ from tests.helpers import free_port, lab_config
 
 
 def nts_config(
-    tmp: Path,
-    ntp_port: int,
-    ke_port: int,
-    metrics_port: int | None = None,
-    extra: str = "",
-    *,
-    listen: list[str] | None = None,
-    ntp_extra: str = "",
+    tmp: Path, ntp_port: int, ke_port: int, metrics_port: int | None = None, extra: str = "", **ntp: Any
 ) -> str:
+    """lab_config (its `listen` and `ntp_extra` pass through) with rate limiting off, plus NTS."""
     certs = tmp / "certs"
     if not (certs / "server.pem").exists():
         make_dev_certs(certs, ["localhost", "127.0.0.1", "::1"])
-    plain = lab_config(
-        ntp_port, metrics_port=metrics_port, extra="rate_limit: {enabled: false}\n", listen=listen, ntp_extra=ntp_extra
-    )
+    plain = lab_config(ntp_port, metrics_port=metrics_port, extra="rate_limit: {enabled: false}\n", **ntp)
     return plain + (
         "nts:\n"
         f'  listen: ["127.0.0.1:{ke_port}"]\n'

@@ -56,8 +56,8 @@ class _FakeSigner:
             buf = b""
             while chunk := conn.recv(4096):
                 buf += chunk
-                while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
-                    body, buf = buf[4 : 4 + int.from_bytes(buf[:4], "big")], buf[4 + int.from_bytes(buf[:4], "big") :]
+                while len(buf) >= 4 and len(buf) >= (end := 4 + int.from_bytes(buf[:4], "big")):
+                    body, buf = buf[4:end], buf[end:]
                     packet_id, key_id = struct.unpack_from(">H", body, 8)[0], struct.unpack_from("<I", body, 12)[0]
                     if key_id % 10 == 7:
                         conn.sendall(encode_reply(SIGNING_FAILURE, packet_id))
