@@ -182,7 +182,7 @@ class MacAuthenticator(Authenticator):
         old = sorted(k.id for k in active if k.algorithm.deprecated)
         if old:
             log.warning(
-                "MD5/SHA1 keys in use (deprecated by RFC 8573; move these clients to NTS or AES-CMAC): %s",
+                "MD5/SHA1 keys in use, key ids %s (deprecated by RFC 8573; move these clients to NTS or AES-CMAC)",
                 ", ".join(map(str, old)),
             )
         if trusted is not None:

@@ -193,7 +193,7 @@ class Server:
                 "will not use them; run a synchronising daemon, or set clock.local_reference for a lab"
             )
         else:
-            log.info("serving time as stratum %d (reference %r)", self.state.stratum, self.state.reference_id)
+            log.info("serving time as stratum %d (reference %s)", self.state.stratum, _refid(self.state.reference_id))
 
     def counters(self) -> dict[tuple[str, ...], int]:
         now = time.monotonic()
@@ -233,3 +233,11 @@ class Server:
 def _add(total: dict[tuple[str, ...], int], more: Mapping[tuple[str, ...], int]) -> None:
     for key, value in more.items():
         total[key] = total.get(key, 0) + value
+
+
+def _refid(ref: bytes) -> str:
+    """A reference id as operators write it: ASCII text (LOCL, GPS) or an IPv4 address's dotted quad."""
+    text = ref.rstrip(b"\0")
+    if text and text.isascii() and text.decode().isprintable():
+        return text.decode()
+    return ".".join(str(b) for b in ref)

@@ -156,3 +156,13 @@ def test_status_gives_up_on_an_answer_that_trickles(capsys: pytest.CaptureFixtur
     assert main(["status", "--metrics", f"127.0.0.1:{port}"]) == 1
     assert time.monotonic() - started < 5
     assert "no complete answer in time" in capsys.readouterr().err
+
+
+def test_reference_ids_are_logged_as_operators_write_them() -> None:
+    from nts.server.serving import _refid
+
+    assert _refid(b"LOCL") == "LOCL"
+    assert _refid(b"GPS\0") == "GPS"
+    assert _refid(bytes([192, 0, 2, 1])) == "192.0.2.1"  # stratum 2+: the upstream's address
+    assert _refid(b"\0\0\0\0") == "0.0.0.0"
+    assert _refid(b"A\nB\0") == "65.10.66.0"  # never a control character in the log
