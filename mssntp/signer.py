@@ -5,7 +5,9 @@ time: Samba answers in order and, for a disabled or non-trust account, drops the
 without a reply, so one request per connection confines that loss to the request that caused it.
 Requests wait in one bounded queue (full: refused at once); each has a deadline covering queueing
 and signing; a worker whose connection fails or stalls reconnects with exponential backoff
-(0.1 s doubling to 5 s), so signing resumes soon after Samba restarts, with no restart of ours.
+(0.1 s doubling to 5 s), so signing resumes soon after Samba restarts, with no restart of ours. An
+idle connection is watched too, so one that Samba closed (a restart) is replaced before a request
+would be lost on it.
 Every outcome is counted by reason; the signing delay is summed for an average in the metrics.
 Nothing here blocks the event loop, so NTS, MAC and plain clients are unaffected by Samba.
 """
@@ -107,7 +109,9 @@ class SigndClient:
             try:
                 await self._serve(reader, writer)
             except (OSError, asyncio.IncompleteReadError, ParseError, TimeoutError) as exc:
-                self._note_failure(f"ntp_signd connection lost: {exc.__class__.__name__}")
+                self._note_failure(
+                    f"ntp_signd connection lost: {exc.__class__.__name__}{f' ({exc})' if str(exc) else ''}"
+                )
             finally:
                 self.connected -= 1
                 writer.close()
@@ -122,7 +126,7 @@ class SigndClient:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         frames = ReplyReader()
         while True:
-            job = await self._queue.get()
+            job = await self._next_job(reader)
             if job.future.done():  # timed out while queued
                 continue
             packet_id = self._next_id = (self._next_id + 1) & 0xFFFF
@@ -144,6 +148,29 @@ class SigndClient:
                 raise ConnectionResetError("ntp_signd replied out of step")
             signed = check_signed(replies[0], packet_id, job.key_id, job.packet)
             self._finish(job, signed, "signed" if signed is not None else "refused")
+
+    async def _next_job(self, reader: asyncio.StreamReader) -> _Job:
+        """The next request, while watching the idle connection: ntp_signd closing it (a Samba restart)
+        is noticed and the connection replaced now, rather than by losing the next request on it."""
+        get = asyncio.ensure_future(self._queue.get())
+        watch = asyncio.ensure_future(reader.read(1))
+        try:
+            await asyncio.wait((get, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (get, watch):
+                if not task.done():
+                    task.cancel()  # safe for both: a queued request or buffered byte stays where it was
+        if not watch.done():
+            return get.result()
+        if get.done() and not get.cancelled():  # both at once: the request waits for the next connection
+            job = get.result()
+            try:
+                self._queue.put_nowait(job)
+            except asyncio.QueueFull:
+                self._finish(job, None, "connection_lost")
+        self._count("idle_connection_lost")
+        data = watch.result()  # raises the connection's error, if it failed
+        raise ConnectionResetError("data from ntp_signd while idle" if data else "closed by ntp_signd while idle")
 
     def _finish(self, job: _Job, result: bytes | None, outcome: str) -> None:
         if job.future.done():

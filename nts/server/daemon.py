@@ -5,7 +5,9 @@ process optionally drops to an unprivileged user. With `workers > 1` the parent 
 children that share the listen ports through SO_REUSEPORT; each child publishes a snapshot of its
 counters to a shared memory slot every second and the parent serves their sum as metrics. A reload
 validates the new file first and keeps the running configuration when it is broken; sockets whose
-addresses did not change are kept, so no packet is lost across a reload.
+addresses did not change are kept, so no packet is lost across a reload. Parent and workers watch
+each other: a worker that dies stops the parent (exit 1, for the service manager), and workers
+whose parent was killed outright stop within a second instead of holding the ports as orphans.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class Daemon:
         if workers == 1:
             return asyncio.run(self._serve_one(config, socket_sets[0], metrics_sock, precision, auths))
         shared = SharedCounters(workers)
+        supervisor = os.getpid()
         for index, sockets in enumerate(socket_sets):
             pid = os.fork()
             if pid == 0:
@@ -142,7 +145,7 @@ class Daemon:
                         if other is not sockets:
                             for s in other.values():
                                 s.close()
-                    code = asyncio.run(self._serve_worker(config, sockets, precision, shared, index, auths))
+                    code = asyncio.run(self._serve_worker(config, sockets, precision, shared, index, auths, supervisor))
                 finally:
                     os._exit(code)
             self.children.append(pid)
@@ -219,6 +222,7 @@ class Daemon:
         shared: SharedCounters,
         index: int,
         auths: list[Authenticator],
+        supervisor: int,
     ) -> int:
         loop = asyncio.get_running_loop()
         server = Server(config, self.plugins, precision, auths)
@@ -227,6 +231,11 @@ class Daemon:
         stopping = self._signals(loop, lambda: self._reload(server, loop, may_bind=False))
 
         def tick() -> None:
+            if os.getppid() != supervisor:  # killed outright (kill -9, the OOM killer): orphans would keep
+                if not stopping.is_set():  # the ports from a restarted ntsd
+                    log.warning("the supervising process %d is gone; stopping", supervisor)
+                    stopping.set()
+                return
             server.refresh_state()
             shared.publish(index, server.counters(), server.gauges(), server.reports())
 

@@ -45,10 +45,11 @@ from bench import PLAIN_REQUEST, free_port, wait_port  # noqa: E402
 from legacy.keyfile import Algorithm, Key, format_ntp_keys  # noqa: E402
 from legacy.mac import compute_mac  # noqa: E402
 from nts.cli import fetch_metrics  # noqa: E402
-from nts.client import exchange, key_exchange, nts_request  # noqa: E402
+from nts.client import QueryError, exchange, key_exchange, nts_request  # noqa: E402
 from nts.ke.devcerts import make_dev_certs  # noqa: E402
 from nts.server.metrics import parse_text  # noqa: E402
 from nts.wire.packet import HEADER_LEN  # noqa: E402
+from tests.mssntp_helpers import FakeSigner  # noqa: E402
 
 KEYS = [Key(1, Algorithm.SHA1, os.urandom(20)), Key(2, Algorithm.AES128CMAC, os.urandom(16))]
 SPARE = Key(3, Algorithm.SHA256, os.urandom(32))  # added and removed by the key-file rewrites
@@ -133,6 +134,8 @@ class Soak:
         self.write_keys(True)
         self.ntp, self.ke, self.mport = free_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
         self.log = work / "ntsd.log"
+        self.signd = work / "signd.socket"
+        self.signer = FakeSigner(self.signd)  # Samba's signing socket; restarted every fifth cycle
         (work / "ntsd.yaml").write_text(
             f'ntp: {{listen: ["127.0.0.1:{self.ntp}"], workers: 2}}\n'
             "rate_limit: {enabled: true, rate: 20000, burst: 20000, max_clients: 20000}\n"
@@ -143,6 +146,7 @@ class Soak:
             f"private_key: {self.certs.private_key}, key_dir: {work / 'keys'}, rotate_interval: 60, keep_keys: 2, "
             "ke_rate: 1000000, ke_burst: 1000000, session_timeout: 2, cert_check_interval: 1}\n"
             f"mac: {{keys: {self.keyfile}, max_clients: 2000, check_interval: 1}}\n"
+            f"mssntp: {{socket: {self.signd}, networks: [127.0.0.0/8], rate: 1000000, burst: 1000000}}\n"
         )
         self.proc = subprocess.Popen(
             ["taskset", "-c", "1", python, "-m", "nts", "serve", "-c", str(work / "ntsd.yaml")],
@@ -164,7 +168,8 @@ class Soak:
         """One cycle of every kind of load and change; returns the replies to the fresh addresses."""
         ke_state = key_exchange("127.0.0.1", self.ke, self.certs.ca, (15,))
         nts = [nts_request(ke_state, c)[0] for c in ke_state.cookies[:4]]
-        packets = [PLAIN_REQUEST, mac_packet(KEYS[0]), mac_packet(KEYS[1]), *nts]
+        mssntp = [PLAIN_REQUEST + struct.pack("<I", rid) + bytes(16) for rid in (1105, 1107)]  # signed, refused
+        packets = [PLAIN_REQUEST, mac_packet(KEYS[0]), mac_packet(KEYS[1]), *nts, *mssntp]
         subprocess.run(["taskset", "-c", "0", str(self.loadgen), "127.0.0.1", str(self.ntp), "2", "64",
                         *(p.hex() for p in packets[1:])], check=True, capture_output=True)  # fmt: skip
         got = from_many(self.ntp, packets, self.first_address, per_cycle)
@@ -182,6 +187,9 @@ class Soak:
             os.replace(fresh.private_key, self.certs.private_key)
             os.replace(fresh.certificate, self.certs.certificate)
             os.replace(fresh.ca, self.certs.ca)
+        if n % 5 == 0:  # Samba restarted: ntsd's connections to the signer break and must be made again
+            self.signer.close()
+            self.signer = FakeSigner(self.signd)
         self.proc.send_signal(signal.SIGHUP)
         time.sleep(2.5)  # past the session deadline (2 s): ntsd has closed the silent connections
         for s in silent:
@@ -198,7 +206,7 @@ class Soak:
         start = time.monotonic()
         end = start + minutes * 60
         print(f"{'cycle':>5} {'min':>5} {'rss MiB':>8} {'fds':>4} {'thr':>4} {'requests':>10} {'unaccounted':>11} "
-              f"{'ke ok':>7} {'many':>9}")  # fmt: skip
+              f"{'ke ok':>7} {'ms-sntp':>8} {'many':>9}")  # fmt: skip
         n = 0
         while time.monotonic() < end:
             n += 1
@@ -207,8 +215,10 @@ class Soak:
             rss, fds, threads = resources(self.proc.pid)
             self.samples.append((time.monotonic() - start, rss, fds, threads))
             ke_ok = sum(v for k, v in m.items() if k.startswith('ntsd_nts_ke_total{event="ok_aead'))
+            signed = m.get('ntsd_replies_total{auth="mssntp"}', 0)
             print(f"{n:5} {(time.monotonic() - start) / 60:5.1f} {rss / 1024:8.1f} {fds:4} {threads:4} "
                   f"{m['ntsd_requests_total']:10.0f} {m['ntsd_requests_total'] - accounted(m):11.0f} {ke_ok:7.0f} "
+                  f"{signed:8.0f} "
                   f"{got:4}/{per_cycle}", flush=True)  # fmt: skip
 
     def verdict(self) -> list[str]:
@@ -234,11 +244,16 @@ class Soak:
         )
         if growth > 0.10:
             failures.append(f"resident memory grew {growth * 100:.1f}% over the second half")
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(2)
-            s.sendto(PLAIN_REQUEST, ("127.0.0.1", self.ntp))
-            if len(s.recv(1024)) != 48:
-                failures.append("no answer after the soak")
+        for name, packet, size in (
+            ("plain", PLAIN_REQUEST, 48),
+            ("MS-SNTP", PLAIN_REQUEST + struct.pack("<I", 1105) + bytes(16), 68),  # the signer restarted meanwhile
+        ):
+            try:
+                reply, _, _ = exchange("127.0.0.1", self.ntp, packet)
+            except QueryError:
+                reply = b""
+            if len(reply) != size:
+                failures.append(f"no {name} answer after the soak")
         self.proc.send_signal(signal.SIGTERM)
         if self.proc.wait(30) != 0:
             failures.append(f"exit status {self.proc.returncode} on SIGTERM")
@@ -254,6 +269,7 @@ class Soak:
         return failures
 
     def close(self) -> None:
+        self.signer.close()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

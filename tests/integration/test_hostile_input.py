@@ -13,7 +13,6 @@ import contextlib
 import random
 import socket
 import struct
-import threading
 import time
 from pathlib import Path
 
@@ -21,51 +20,17 @@ import pytest
 
 from legacy.keyfile import load_keyfile
 from legacy.mac import compute_mac
-from mssntp.signd import SIGNING_FAILURE, SIGNING_SUCCESS, encode_reply
 from nts.cli import fetch_metrics
 from nts.client import check_nts_reply, key_exchange, nts_request
 from nts.server.metrics import parse_text
 from tests.helpers import client_request, query, running_ntsd
 from tests.mac_helpers import mac_section, write_keys
+from tests.mssntp_helpers import FakeSigner
 from tests.nts_helpers import AEAD15, NP, dev_certs, ke_raw, nts_config, ports, request
 
 SEED = 20261122  # fixed: a failure replays exactly
 DATAGRAMS = 3000
 BURST = 100  # datagrams sent before the counters are read back (well within the socket's buffer)
-
-
-class _FakeSigner:
-    """Samba's ntp_signd on a unix socket, in threads: signs everything (a zero MAC), except key ids
-    ending in 7, which it refuses."""
-
-    def __init__(self, path: Path) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(8)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                conn, _ = self.listener.accept()
-                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _serve(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            buf = b""
-            while chunk := conn.recv(4096):
-                buf += chunk
-                while len(buf) >= 4 and len(buf) >= (end := 4 + int.from_bytes(buf[:4], "big")):
-                    body, buf = buf[4:end], buf[end:]
-                    packet_id, key_id = struct.unpack_from(">H", body, 8)[0], struct.unpack_from("<I", body, 12)[0]
-                    if key_id % 10 == 7:
-                        conn.sendall(encode_reply(SIGNING_FAILURE, packet_id))
-                    else:
-                        conn.sendall(encode_reply(SIGNING_SUCCESS, packet_id, body[16:] + body[12:16] + bytes(16)))
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -109,7 +74,7 @@ def test_random_and_mutated_input_is_all_accounted_for(tmp_path: Path, host: str
     config += mac_section(keys_file, trusted=[1, 2, 3, 4, 5])
     signd = tmp_path / "signd.socket"
     config += f"mssntp: {{socket: {signd}, networks: [127.0.0.0/8, '::1/128'], rate: 100000, burst: 100000}}\n"
-    signer = _FakeSigner(signd)
+    signer = FakeSigner(signd)
     with contextlib.closing(signer), running_ntsd(tmp_path, config) as server:
         session = key_exchange("127.0.0.1", ke, dev_certs(tmp_path).ca)
         keys = load_keyfile(keys_file, "ntp").keys.values()

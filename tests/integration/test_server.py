@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -270,6 +272,33 @@ def test_a_dead_worker_stops_the_whole_server_for_the_service_manager(tmp_path: 
         server.wait_for(f"worker {workers[0]} exited unexpectedly")
         assert server.proc.wait(15) == 1
         assert not Path(f"/proc/{workers[1]}").exists() or "zombie" in Path(f"/proc/{workers[1]}/status").read_text()
+
+
+def test_workers_stop_when_the_parent_is_killed_outright(tmp_path: Path) -> None:
+    """kill -9 or the OOM killer on the parent: the workers must not live on as orphans holding the
+    port, or the service manager's restart could not bind it."""
+    port = free_port()
+    with running_ntsd(tmp_path, lab_config(port, ntp_extra="workers: 2")) as server:
+        server.wait_for("ready with 2 workers")
+        parent = server.proc.pid
+        workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        assert len(workers) == 2
+        exits = [os.pidfd_open(pid) for pid in workers]  # readable once that process has ended
+        try:
+            os.kill(parent, signal.SIGKILL)
+            server.wait_for(f"the supervising process {parent} is gone; stopping")
+            pending, deadline = set(exits), time.monotonic() + 10
+            while pending and time.monotonic() < deadline:
+                ready, _, _ = select.select(list(pending), [], [], deadline - time.monotonic())
+                pending -= set(ready)
+            assert not pending, "a worker outlived its parent"
+        finally:
+            for fd in exits:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)  # a failed test leaves no orphans either
+                os.close(fd)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", port))  # free again: a new ntsd could start
 
 
 INSIDE_A_HOST_WITHOUT_IPV6 = """

@@ -94,8 +94,17 @@ class FakeSigner:
     def __init__(self, path: Path, delay: float = 0.0) -> None:
         self.path, self.delay, self.requests = path, delay, 0
         self.server: asyncio.base_events.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def hang_up_all(self) -> None:
+        """What a Samba restart does to the connections it has: closes them."""
+        for writer in list(self.writers):
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 (length,) = struct.unpack(">I", await reader.readexactly(4))
@@ -179,6 +188,38 @@ def test_a_broken_signer_costs_its_own_requests_and_the_connection_recovers() ->
                     assert await client.sign(7, PACKET) == PACKET + struct.pack("<I", 7) + bytes(16)
             assert stats.counts[("mssntp_sign", "signed")] == len(expected)
             assert stats.counts[("mssntp_sign", "connects")] == 1 + 5  # all but the refusal replaced it
+
+    run(main)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def test_a_samba_restart_costs_no_request() -> None:
+    """Connections that Samba closes while they are idle (it restarted) are replaced at once, not by
+    losing the next request on each of them."""
+
+    async def main() -> None:
+        async with fake() as signer:
+            stats = Stats()
+
+            def connects() -> int:
+                return stats.counts.get(("mssntp_sign", "connects"), 0)
+
+            async with signing(signer, stats, connections=2) as client:
+                assert await client.sign(1, PACKET) is not None
+                await until(lambda: connects() == 2)
+                await signer.hang_up_all()
+                await until(lambda: connects() == 4)
+                for key_id in range(2, 6):
+                    assert await client.sign(key_id, PACKET) == PACKET + struct.pack("<I", key_id) + bytes(16)
+            assert stats.counts[("mssntp_sign", "idle_connection_lost")] == 2
+            assert stats.counts[("mssntp_sign", "signed")] == 5
+            assert ("mssntp_sign", "connection_lost") not in stats.counts
 
     run(main)
 
