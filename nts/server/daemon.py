@@ -38,6 +38,7 @@ __all__ = ["Daemon", "StartupError", "plugin_sections"]
 log = logging.getLogger("ntsd")
 
 STATE_INTERVAL = 1.0  # seconds between kernel clock reads
+_HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 class StartupError(Exception):
@@ -130,6 +131,9 @@ class Daemon:
         drop_privileges(config.ntp.user, config.ntp.group)
         precision = measure_precision()
         log.info("ntsd %s starting (%s)", __version__, config.source)
+        # Held from here until each process has its handlers (_signals): a reload or stop sent while
+        # a worker starts would otherwise kill it (the default action) instead of being carried out.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
         if workers == 1:
             return asyncio.run(self._serve_one(config, socket_sets[0], metrics_sock, precision, auths))
         shared = SharedCounters(workers)
@@ -146,6 +150,8 @@ class Daemon:
                             for s in other.values():
                                 s.close()
                     code = asyncio.run(self._serve_worker(config, sockets, precision, shared, index, auths, supervisor))
+                except BaseException:  # os._exit below skips the interpreter's report: say what happened
+                    log.exception("worker %d failed", os.getpid())
                 finally:
                     os._exit(code)
             self.children.append(pid)
@@ -161,6 +167,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)  # any that came meanwhile is handled now
         return stopping
 
     async def _serve_one(
@@ -200,11 +207,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
-        if may_bind:
-            try:
-                setup_logging(new)
-            except StartupError as exc:
-                log.error("reload: %s; logging goes on where it went", exc)
+        _reopen_logging(new)
 
         async def apply() -> None:
             async with self._reload_lock:
@@ -254,6 +257,7 @@ class Daemon:
             except ConfigError as exc:
                 log.error("reload refused, keeping the running configuration: %s", exc)
                 return
+            _reopen_logging(new)
             if new.ntp.listen != config.ntp.listen or new.ntp.workers != config.ntp.workers:
                 log.warning("ntp.listen and ntp.workers changes need a restart when workers > 1")
             for pid in self.children:
@@ -298,6 +302,16 @@ class Daemon:
                 await asyncio.wait_for(stopping.wait(), STATE_INTERVAL)
             if not stopping.is_set():
                 tick()
+
+
+def _reopen_logging(config: Config) -> None:
+    """On reload, in every process (the parent and each worker write the log themselves): the file
+    is opened anew, so a log rotated away (renamed, as logrotate does) is followed by a new one,
+    and a changed file or level applies."""
+    try:
+        setup_logging(config)
+    except StartupError as exc:
+        log.error("reload: %s; logging goes on where it went", exc)
 
 
 def _merge(

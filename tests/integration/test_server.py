@@ -301,6 +301,54 @@ def test_workers_stop_when_the_parent_is_killed_outright(tmp_path: Path) -> None
             s.bind(("127.0.0.1", port))  # free again: a new ntsd could start
 
 
+def test_a_reload_sent_while_workers_start_is_carried_out(tmp_path: Path) -> None:
+    """ "ready" is logged as the workers are forked, before they have their signal handlers: a SIGHUP
+    then (a reload right after a start) killed them; now it waits for the handlers."""
+    port = free_port()
+    with running_ntsd(tmp_path, lab_config(port, extra=NO_RATE, ntp_extra="workers: 3")) as server:
+        server.wait_for("ready with 3 workers")
+        server.signal(signal.SIGHUP)
+        mark = 0
+        for _ in range(4):  # the parent and each worker
+            mark = server.wait_for("configuration reloaded", start=mark) + 1
+        assert query(port, client_request()) is not None
+        assert server.stop() == 0
+
+
+def _pids_logging(path: Path, text: str, count: int, timeout: float = 10.0) -> set[str]:
+    """The processes (ntsd[PID]) that wrote a line with `text` to `path`, once `count` of them have
+    (the file has no event to wait on; it is read again until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        pids = {line.split()[2] for line in lines if text in line}
+        if len(pids) >= count or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
+
+
+def test_reload_reopens_the_log_file_in_every_process(tmp_path: Path) -> None:
+    """logrotate renames the file and sends SIGHUP: the parent and every worker must go on in a new
+    file (with workers, none of them reopened it, and a log file set by a reload was never used)."""
+    port = free_port()
+    log_file = tmp_path / "ntsd.log"
+    with running_ntsd(tmp_path, lab_config(port, extra=NO_RATE, ntp_extra="workers: 2")) as server:
+        server.wait_for("ready with 2 workers")
+        (tmp_path / "ntsd.yaml").write_text(
+            lab_config(port, extra=NO_RATE, ntp_extra="workers: 2").replace(
+                "log: {level: debug}", f"log: {{level: info, file: {log_file}}}"
+            )
+        )
+        server.signal(signal.SIGHUP)
+        assert len(_pids_logging(log_file, "configuration reloaded", 3)) == 3  # parent and both workers
+        log_file.rename(tmp_path / "ntsd.log.1")  # what logrotate does, then it signals
+        server.signal(signal.SIGHUP)
+        assert len(_pids_logging(log_file, "configuration reloaded", 3)) == 3
+        rotated = (tmp_path / "ntsd.log.1").read_text()
+        assert rotated.count("configuration reloaded") == 3  # the second reload went to the new file only
+        assert query(port, client_request()) is not None
+
+
 INSIDE_A_HOST_WITHOUT_IPV6 = """
 import socket, subprocess, sys
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
