@@ -39,6 +39,7 @@ log = logging.getLogger("ntsd")
 
 STATE_INTERVAL = 1.0  # seconds between kernel clock reads
 _HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+WORKER_STOP_S = 5.0  # how long a stop waits for each worker before killing it
 
 
 class StartupError(Exception):
@@ -285,8 +286,8 @@ class Daemon:
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        for pid in self.children:
-            os.waitpid(pid, 0)
+        if not await _reap(self.children, WORKER_STOP_S):
+            code = 1
         if metrics is not None:
             await metrics.stop()
         log.info("stopped")
@@ -302,6 +303,24 @@ class Daemon:
                 await asyncio.wait_for(stopping.wait(), STATE_INTERVAL)
             if not stopping.is_set():
                 tick()
+
+
+async def _reap(pids: list[int], within: float) -> bool:
+    """Wait for the workers told to stop; those still there after `within` seconds (hung) are killed,
+    so that a stop never hangs on one of them. True when all stopped by themselves."""
+    deadline = time.monotonic() + within
+    left = list(pids)
+    while left:
+        left = [pid for pid in left if os.waitpid(pid, os.WNOHANG) == (0, 0)]
+        if not left or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    for pid in left:
+        log.error("worker %d did not stop within %.0f s; killed", pid, within)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return not left
 
 
 def _reopen_logging(config: Config) -> None:

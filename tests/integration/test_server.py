@@ -315,6 +315,22 @@ def test_a_reload_sent_while_workers_start_is_carried_out(tmp_path: Path) -> Non
         assert server.stop() == 0
 
 
+def test_a_hung_worker_does_not_hang_the_stop(tmp_path: Path) -> None:
+    port = free_port()
+    with running_ntsd(tmp_path, lab_config(port, ntp_extra="workers: 2")) as server:
+        server.wait_for("ready with 2 workers")
+        parent = server.proc.pid
+        workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        os.kill(workers[0], signal.SIGSTOP)  # hung: it cannot act on the stop
+        try:
+            server.signal(signal.SIGTERM)
+            assert server.proc.wait(20) == 1
+            server.wait_for(f"worker {workers[0]} did not stop within 5 s; killed")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(workers[0], signal.SIGKILL)  # a failed test leaves no stopped orphan
+
+
 def _pids_logging(path: Path, text: str, count: int, timeout: float = 10.0) -> set[str]:
     """The processes (ntsd[PID]) that wrote a line with `text` to `path`, once `count` of them have
     (the file has no event to wait on; it is read again until then)."""
