@@ -82,6 +82,10 @@ LABELS: dict[str, tuple[tuple[str, ...], str]] = {
     "naks": (("auth", "reason"), "Negative authentication replies sent (crypto-NAK, NTS NAK)."),
     "deferred": (("auth",), "Replies handed to an asynchronous signer."),
     "socket_errors": (("error",), "Errors reported by the NTP sockets."),
+    "kernel_drops": (
+        (),
+        "Datagrams the kernel dropped, receive buffers full (not in requests): more load than served.",
+    ),
     "io_calls": (("call",), "Batched listeners' recvmmsg and sendmmsg calls (requests per recvmmsg: the mean batch)."),
     "nts_ke": (("event",), "NTS-KE sessions: connections, outcomes (ok_aead_N, error_*), refusals, timeouts."),
 }

@@ -92,6 +92,9 @@ class Server:
         self.config = config
         self.authenticators = authenticators
         self._retiring: list[tuple[float, Pipeline]] = []
+        self._kernel_drops_closed = 0  # those of sockets a reload closed
+        self._kernel_drops_seen = 0  # at the last state refresh, to log an increase
+        self._kernel_drops_logged = -60.0
         self._folded: dict[tuple[str, ...], int] = {}
         self._alarm: bool | None = None
         self._parts(config, keep_rate=None)
@@ -163,6 +166,7 @@ class Server:
         for addr in list(self.listeners):
             if addr not in wanted:
                 listener = self.listeners.pop(addr)
+                self._kernel_drops_closed += listener.kernel_drops()
                 listener.stop()
                 self._retiring.append((now, listener.pipeline))
                 log.info("stopped listening on %s", format_addr(addr))
@@ -178,8 +182,24 @@ class Server:
     def refresh_state(self) -> None:
         self.state = server_state(self.config.clock, read_kernel_clock(), self.precision, time.time_ns())
         self._log_state()
+        self._log_kernel_drops()
         for listener in self.listeners.values():
             listener.pipeline.set_state(self.state)
+
+    def _log_kernel_drops(self) -> None:
+        """A warning, at most once a minute, when the kernel dropped requests we never saw."""
+        now = time.monotonic()
+        if now - self._kernel_drops_logged < 60:
+            return
+        drops = self._kernel_drops_closed + sum(listener.kernel_drops() for listener in self.listeners.values())
+        if drops > self._kernel_drops_seen:
+            log.warning(
+                "the kernel dropped %d requests since the last report: the receive buffers were full (more load "
+                "than this server takes; see ntp.workers)",
+                drops - self._kernel_drops_seen,
+            )
+            self._kernel_drops_logged = now
+        self._kernel_drops_seen = drops
 
     def _log_state(self) -> None:
         """Say so when the clock state changes whether clients will use our time."""
@@ -203,8 +223,11 @@ class Server:
         total = dict(self._folded)
         for _, old in self._retiring:
             _add(total, old.counters())
+        kernel = self._kernel_drops_closed
         for listener in list(self.listeners.values()):
             _add(total, listener.pipeline.counters())
+            kernel += listener.kernel_drops()
+        total[("kernel_drops",)] = kernel
         for auth in self.authenticators:
             _add(total, auth.counters())
         return total

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from ..core.pipeline import Pipeline
 
 log = logging.getLogger("ntsd.udp")
+_SO_MEMINFO = 55  # Linux: the socket's memory counters (u32 each); the ninth counts dropped datagrams
+_MEMINFO_LEN = 9 * 4
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; absent from the socket module
 MAX_DATAGRAM = 4096  # larger requests are dropped as oversize
@@ -113,6 +116,17 @@ class UdpListener:
         name = f"udp {self.local[0]}:{self.local[1]}"
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped on this socket because its receive buffer was full (the server
+        could not keep up); they never reach `requests`. 0 where the platform does not say."""
+        if sys.platform != "linux" or self.sock.fileno() < 0:
+            return 0
+        try:
+            info = self.sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO_LEN)
+        except OSError:
+            return 0
+        return int.from_bytes(info[_MEMINFO_LEN - 4 :], sys.byteorder) if len(info) >= _MEMINFO_LEN else 0
 
     def stop(self) -> None:
         """Stop the thread (waking its blocked read), cancel deferred replies, close the socket."""

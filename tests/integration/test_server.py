@@ -331,6 +331,47 @@ def test_a_hung_worker_does_not_hang_the_stop(tmp_path: Path) -> None:
                 os.kill(workers[0], signal.SIGKILL)  # a failed test leaves no stopped orphan
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_requests_the_kernel_dropped_are_counted(tmp_path: Path, workers: int) -> None:
+    """Datagrams that overflow the receive buffer never reach ntsd; they are counted from the
+    kernel's own figure, so that everything sent is either a request or a kernel drop."""
+    port, mport = free_port(), free_port(socket.SOCK_STREAM)
+    config = lab_config(port, metrics_port=mport, extra=NO_RATE, ntp_extra=f"workers: {workers}")
+    with running_ntsd(tmp_path, config) as server:
+        server.wait_for("ready")
+        assert query(port, client_request()) is not None
+        deadline = time.monotonic() + 10
+        while (before := metrics(mport)).get("ntsd_requests_total", 0) < 1:  # workers publish once a second
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        sent = 20_000  # several times what a 2 MiB receive buffer holds
+        processes = [server.proc.pid]
+        processes += [
+            int(p) for p in Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+        ]
+        for pid in processes:
+            os.kill(pid, signal.SIGSTOP)  # nothing is read while the datagrams arrive
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for _ in range(sent):
+                    s.sendto(client_request(), ("127.0.0.1", port))
+        finally:
+            for pid in processes:
+                os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        while True:  # workers publish their counters once a second: read until the sums add up
+            m = metrics(mport)
+            got = m.get("ntsd_requests_total", 0) - before["ntsd_requests_total"]
+            dropped = m.get("ntsd_kernel_drops_total", 0) - before.get("ntsd_kernel_drops_total", 0)
+            if got + dropped >= sent or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert dropped > 0 and got > 0
+        assert got + dropped == sent
+        server.wait_for("the kernel dropped")
+        assert query(port, client_request()) is not None
+
+
 def _pids_logging(path: Path, text: str, count: int, timeout: float = 10.0) -> set[str]:
     """The processes (ntsd[PID]) that wrote a line with `text` to `path`, once `count` of them have
     (the file has no event to wait on; it is read again until then)."""
