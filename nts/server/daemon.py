@@ -192,7 +192,9 @@ class Daemon:
             await metrics.start_on(metrics_sock)
             log.info("metrics on http://%s/metrics", format_addr(metrics_sock.getsockname()))
         log.info("ready")
+        notify("READY=1")
         await self._tick_until(stopping, server.refresh_state)
+        notify("STOPPING=1")
         log.info("shutting down")
         if metrics is not None:
             await metrics.stop()
@@ -209,10 +211,17 @@ class Daemon:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         _reopen_logging(new)
+        main = may_bind  # the single process binds on reload; workers do not (and do not notify)
 
         async def apply() -> None:
             async with self._reload_lock:
-                await server.reload(new, loop, may_bind)
+                if main:
+                    notify(_reloading())
+                try:
+                    await server.reload(new, loop, may_bind)
+                finally:
+                    if main:
+                        notify("READY=1")
 
         task = loop.create_task(apply())
         self._tasks.add(task)
@@ -258,6 +267,7 @@ class Daemon:
             except ConfigError as exc:
                 log.error("reload refused, keeping the running configuration: %s", exc)
                 return
+            notify(_reloading())
             _reopen_logging(new)
             if new.ntp.listen != config.ntp.listen or new.ntp.workers != config.ntp.workers:
                 log.warning("ntp.listen and ntp.workers changes need a restart when workers > 1")
@@ -265,6 +275,7 @@ class Daemon:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGHUP)
             log.info("configuration reloaded from %s", new.source)
+            notify("READY=1")
 
         stopping = self._signals(loop, on_hup)
         metrics = None
@@ -272,6 +283,7 @@ class Daemon:
             metrics = MetricsServer(lambda: _merge(shared.total(), self._uptime()), shared.reports)
             await metrics.start_on(metrics_sock)
         log.info("ready with %d workers", len(self.children))
+        notify("READY=1")
         code = 0
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
@@ -279,10 +291,11 @@ class Daemon:
             for pid in list(self.children):
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
-                    log.error("worker %d exited unexpectedly (status %d); shutting down", pid, status)
+                    log.error("worker %d exited unexpectedly (%s); shutting down", pid, _exit_description(status))
                     self.children.remove(pid)
                     stopping.set()
                     code = 1
+        notify("STOPPING=1")
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -303,6 +316,28 @@ class Daemon:
                 await asyncio.wait_for(stopping.wait(), STATE_INTERVAL)
             if not stopping.is_set():
                 tick()
+
+
+def notify(state: str) -> None:
+    """Tell systemd what the server is doing (`Type=notify` units: READY=1, RELOADING=1, STOPPING=1);
+    nothing when not started by it. Only the main process speaks: systemd listens to it alone."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path  # "@": the abstract namespace
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(state.encode(), address)
+
+
+def _reloading() -> str:
+    return f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+
+
+def _exit_description(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        return f"killed by signal {-code} ({signal.Signals(-code).name})"
+    return f"exit status {code}"
 
 
 async def _reap(pids: list[int], within: float) -> bool:

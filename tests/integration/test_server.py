@@ -269,7 +269,7 @@ def test_a_dead_worker_stops_the_whole_server_for_the_service_manager(tmp_path: 
         workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
-        server.wait_for(f"worker {workers[0]} exited unexpectedly")
+        server.wait_for(f"worker {workers[0]} exited unexpectedly (killed by signal 9 (SIGKILL))")
         assert server.proc.wait(15) == 1
         assert not Path(f"/proc/{workers[1]}").exists() or "zombie" in Path(f"/proc/{workers[1]}/status").read_text()
 
@@ -370,6 +370,29 @@ def test_requests_the_kernel_dropped_are_counted(tmp_path: Path, workers: int) -
         assert got + dropped == sent
         server.wait_for("the kernel dropped")
         assert query(port, client_request()) is not None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_systemd_is_told_ready_reloading_and_stopping(
+    tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Type=notify: systemd starts dependants once ntsd serves, and knows a reload or stop is under way."""
+    notify_path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(notify_path))
+        systemd.settimeout(10)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+        port = free_port()
+        with running_ntsd(tmp_path, lab_config(port, ntp_extra=f"workers: {workers}")) as server:
+            assert systemd.recv(256) == b"READY=1"
+            assert query(port, client_request()) is not None
+            server.signal(signal.SIGHUP)
+            reloading = systemd.recv(256).decode().split("\n")
+            assert reloading[0] == "RELOADING=1" and reloading[1].startswith("MONOTONIC_USEC=")
+            assert systemd.recv(256) == b"READY=1"
+            server.signal(signal.SIGTERM)
+            assert systemd.recv(256) == b"STOPPING=1"
+            assert server.stop() == 0
 
 
 def _pids_logging(path: Path, text: str, count: int, timeout: float = 10.0) -> set[str]:
