@@ -36,6 +36,7 @@ from .wire.packet import HEADER_LEN, MAX_MAC_LEN
 
 log = logging.getLogger("ntsd.nts")
 _NTS_TYPES = (FieldType.NTS_COOKIE, FieldType.NTS_AUTHENTICATOR)
+_EXPIRY_CHECK_S = 3600.0  # how often the certificate's expiry is looked at (the log says so once a day)
 AEAD_NAMES = {
     "AES-SIV-CMAC-256": 15,
     "AES-SIV-CMAC-384": 16,
@@ -172,6 +173,7 @@ class NtsAuthenticator(Authenticator):
             self.close()
             raise
         self._watch: asyncio.Task[None] | None = None
+        self._expiry: asyncio.Task[None] | None = None
 
     def matches(self, request: Request) -> int:
         for f in request.extensions:
@@ -195,6 +197,7 @@ class NtsAuthenticator(Authenticator):
         for sock in self.sockets:
             log.info("serving NTS-KE on %s", format_addr(sock.getsockname()))
         log.info("NTS-KE certificate %s", self.certs.description)
+        self.certs.report_expiry(force=True)
         if nettle.AVAILABLE:
             log.info("AES-SIV-CMAC-256/-512 through %s (libnettle.so.8)", nettle.VERSION)
         else:
@@ -206,12 +209,19 @@ class NtsAuthenticator(Authenticator):
                 self.certs.check,
             )
         )
+        self._expiry = asyncio.get_running_loop().create_task(self._watch_expiry())
+
+    async def _watch_expiry(self) -> None:
+        while True:
+            await asyncio.sleep(_EXPIRY_CHECK_S)
+            self.certs.report_expiry()
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._expiry):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.ke.stop()
 
     def reconfigure(self, config: Any) -> bool:
@@ -222,6 +232,7 @@ class NtsAuthenticator(Authenticator):
         if (new.certificate, new.private_key) != (old.certificate, old.private_key):
             try:
                 self.ke.certs = self.certs = CertStore(new.certificate, new.private_key)
+                self.certs.report_expiry(force=True)
             except CertError as exc:
                 log.error("nts: new certificate settings not applied: %s", exc)
         else:
@@ -234,6 +245,10 @@ class NtsAuthenticator(Authenticator):
 
     def counters(self) -> Mapping[tuple[str, ...], int]:
         return dict(self.stats.counts)
+
+    def gauges(self) -> Mapping[str, float]:
+        not_after = self.certs.not_after
+        return {"nts_certificate_expiry_timestamp_seconds": not_after.timestamp()} if not_after else {}
 
     def close(self) -> None:
         for sock in self.sockets:

@@ -127,6 +127,10 @@ class Authenticator(ABC):
         """The plugin's own counters (those of its background services), for the metrics."""
         return {}
 
+    def gauges(self) -> Mapping[str, float]:
+        """The plugin's own gauges (e.g. a certificate's expiry), for the metrics."""
+        return {}
+
     def reports(self) -> Mapping[str, Any]:
         """Named JSON-ready reports served by the metrics endpoint at /report/NAME (e.g. clients)."""
         return {}

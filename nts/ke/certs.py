@@ -10,6 +10,7 @@ it is fixed. TLS 1.3 only, ALPN "ntske/1" required.
 
 from __future__ import annotations
 
+import datetime
 import logging
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from ..files import check_private_file, file_identity
 
 log = logging.getLogger("ntsd.nts")
 ALPN = b"ntske/1"
+EXPIRY_WARNING_DAYS = 14
 
 
 class CertError(Exception):
@@ -70,12 +72,31 @@ def build_context(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str]:
     except SSL.Error as exc:
         raise CertError(f"cannot use {cert_path} with {key_path}: {_ssl_reason(exc)}") from None
     ctx.set_alpn_select_callback(_select_alpn)
+    subject, not_after = certificate_facts(cert_path)
+    return ctx, f"{subject}, expires {not_after:%Y-%m-%d %H:%M}Z" if not_after else subject
+
+
+def certificate_facts(cert_path: Path) -> tuple[str, datetime.datetime | None]:
+    """The subject of the chain's first (the server's) certificate, and when it expires."""
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        desc = f"{cert.subject.rfc4514_string()}, expires {cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z"
     except (ValueError, OSError):
-        desc = str(cert_path)
-    return ctx, desc
+        return str(cert_path), None
+    return cert.subject.rfc4514_string(), cert.not_valid_after_utc
+
+
+def expiry_problem(not_after: datetime.datetime | None, now: datetime.datetime) -> tuple[int, str] | None:
+    """(log level, message) when the certificate has expired or expires within EXPIRY_WARNING_DAYS."""
+    if not_after is None:
+        return None
+    left = not_after - now
+    if left <= datetime.timedelta(0):
+        return logging.ERROR, f"expired on {not_after:%Y-%m-%d %H:%M}Z: NTS clients refuse it; renew it"
+    if left < datetime.timedelta(days=EXPIRY_WARNING_DAYS):
+        days = left.days
+        when = f"in {days} day{'s' if days != 1 else ''}" if days else "within a day"
+        return logging.WARNING, f"expires {when} ({not_after:%Y-%m-%d %H:%M}Z); renew it (the new file is picked up)"
+    return None
 
 
 def _ssl_reason(exc: SSL.Error) -> str:
@@ -89,8 +110,10 @@ class CertStore:
     def __init__(self, cert_path: Path, key_path: Path) -> None:
         self.cert_path, self.key_path = cert_path, key_path
         self.context, self.description = build_context(cert_path, key_path)
+        self.subject, self.not_after = certificate_facts(cert_path)
         self._seen = (file_identity(cert_path), file_identity(key_path))
         self.reloads = 0
+        self._expiry_logged: datetime.datetime | None = None
 
     def check(self, force: bool = False) -> bool:
         """Reload if the files changed (or `force`); True when a new certificate is in use."""
@@ -106,6 +129,20 @@ class CertStore:
             return False
         self._seen = seen
         self.context, self.description = context, description
+        self.subject, self.not_after = certificate_facts(self.cert_path)
         self.reloads += 1
         log.info("serving NTS-KE certificate %s", description)
+        self.report_expiry(force=True)
         return True
+
+    def report_expiry(self, force: bool = False, now: datetime.datetime | None = None) -> None:
+        """Log an expired or soon expiring certificate: when forced (start, a new certificate), else
+        at most once a day while it lasts."""
+        now = now or datetime.datetime.now(datetime.UTC)
+        problem = expiry_problem(self.not_after, now)
+        if problem is None:
+            return
+        if not force and self._expiry_logged is not None and now - self._expiry_logged < datetime.timedelta(days=1):
+            return
+        self._expiry_logged = now
+        log.log(problem[0], "NTS-KE certificate %s %s", self.subject, problem[1])

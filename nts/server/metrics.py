@@ -48,8 +48,13 @@ def render(counts: Mapping[tuple[str, ...], int], gauges: Mapping[str, float]) -
                 lines.append(f"{full} {value}")
     for name in sorted(gauges):
         lines.append(f"# TYPE ntsd_{name} gauge")
-        lines.append(f"ntsd_{name} {gauges[name]:g}")
+        lines.append(f"ntsd_{name} {_number(gauges[name])}")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """Every digit kept (%g's six lost an uptime's seconds after 11 days, and a timestamp's minutes)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def parse_text(text: str) -> dict[str, float]:

@@ -241,11 +241,14 @@ class Server:
         return merged
 
     def gauges(self) -> dict[str, float]:
-        return {
+        out: dict[str, float] = {
             "leap": self.state.leap,
             "stratum": self.state.stratum,
             "rate_limit_clients": len(self.rate) if self.rate is not None else 0,
         }
+        for auth in self.authenticators:
+            out.update(auth.gauges())
+        return out
 
     def close(self) -> None:
         for listener in self.listeners.values():

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from OpenSSL import SSL
 
 from nts import nettle
@@ -362,3 +363,15 @@ def test_query_gives_up_on_a_trickling_or_silent_server_at_its_deadline(tmp_path
         with pytest.raises(QueryError, match="did not finish in time"):
             key_exchange("127.0.0.1", silent.getsockname()[1], dev_certs(tmp_path).ca, timeout=0.3)
         assert time.monotonic() - started < 2
+
+
+def test_a_certificate_close_to_expiry_is_logged_and_exported(tmp_path: Path) -> None:
+    """Renewals fail silently (an ACME client's cron job, a DNS change): ntsd says so two weeks ahead,
+    and exports the expiry for alerting."""
+    certs = make_dev_certs(tmp_path / "certs", ["localhost", "127.0.0.1"], days=10)
+    ntp, ke, mport = ports()
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport)) as server:
+        server.wait_for("WARNING ntsd.nts: NTS-KE certificate CN=localhost expires in 9 days")
+        expiry = parse_text(fetch_metrics("127.0.0.1", mport))["ntsd_nts_certificate_expiry_timestamp_seconds"]
+        cert = x509.load_pem_x509_certificate(certs.certificate.read_bytes())
+        assert expiry == cert.not_valid_after_utc.timestamp()

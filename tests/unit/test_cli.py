@@ -166,3 +166,12 @@ def test_reference_ids_are_logged_as_operators_write_them() -> None:
     assert _refid(bytes([192, 0, 2, 1])) == "192.0.2.1"  # stratum 2+: the upstream's address
     assert _refid(b"\0\0\0\0") == "0.0.0.0"
     assert _refid(b"A\nB\0") == "65.10.66.0"  # never a control character in the log
+
+
+def test_gauges_keep_every_digit() -> None:
+    from nts.server.metrics import parse_text, render
+
+    gauges = {"uptime_seconds": 1_234_567.891, "expiry": 1_796_223_389.0, "leap": 0, "ratio": 0.1}
+    text = render({}, gauges)
+    assert "ntsd_expiry 1796223389\n" in text and "ntsd_uptime_seconds 1234567.891\n" in text
+    assert parse_text(text) == {f"ntsd_{k}": v for k, v in gauges.items()}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
+import logging
 from pathlib import Path
 
 import pytest
 from OpenSSL import SSL
 
-from nts.ke.certs import CertError, build_context
+from nts.ke.certs import CertError, CertStore, build_context, expiry_problem
 from nts.ke.devcerts import make_dev_certs
 
 
@@ -67,3 +69,43 @@ def test_unreadable_certificate_files_are_named_plainly(tmp_path: Path) -> None:
         build_context(tmp_path / "gone.pem", certs.private_key)
     _, description = build_context(certs.certificate, certs.private_key)
     assert description.startswith("CN=localhost")
+
+
+def test_expiry_is_reported_two_weeks_ahead_and_when_past() -> None:
+    now = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
+    day = datetime.timedelta(days=1)
+    assert expiry_problem(None, now) is None
+    assert expiry_problem(now + 30 * day, now) is None
+    assert expiry_problem(now + 14 * day, now) is None
+    assert expiry_problem(now + 14 * day - datetime.timedelta(seconds=1), now) == (
+        logging.WARNING,
+        "expires in 13 days (2026-12-06 11:59Z); renew it (the new file is picked up)",
+    )
+    assert expiry_problem(now + day + datetime.timedelta(hours=1), now) == (
+        logging.WARNING,
+        "expires in 1 day (2026-11-23 13:00Z); renew it (the new file is picked up)",
+    )
+    assert expiry_problem(now + datetime.timedelta(hours=5), now) == (
+        logging.WARNING,
+        "expires within a day (2026-11-22 17:00Z); renew it (the new file is picked up)",
+    )
+    assert expiry_problem(now, now) == (logging.ERROR, "expired on 2026-11-22 12:00Z: NTS clients refuse it; renew it")
+
+
+def test_expiry_is_logged_once_a_day_unless_the_certificate_changed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    certs = make_dev_certs(tmp_path, ["localhost"], days=10)
+    store = CertStore(certs.certificate, certs.private_key)
+    assert store.not_after is not None and store.subject == "CN=localhost"
+    now = datetime.datetime.now(datetime.UTC)
+    with caplog.at_level(logging.WARNING, logger="ntsd.nts"):
+        store.report_expiry(now=now)
+        store.report_expiry(now=now + datetime.timedelta(hours=23))  # said already today
+        store.report_expiry(now=now + datetime.timedelta(hours=25))
+        store.report_expiry(force=True, now=now + datetime.timedelta(hours=26))  # a new certificate: at once
+        store.report_expiry(now=now + datetime.timedelta(days=11))  # expired meanwhile: an error
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in messages] == [logging.WARNING] * 3 + [logging.ERROR]
+    assert messages[0][1].startswith("NTS-KE certificate CN=localhost expires in 9 days")
+    assert "expired on" in messages[3][1]
