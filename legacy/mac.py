@@ -37,7 +37,7 @@ from nts.core.policy import Network, NetworkSet
 from nts.files import watch_files
 from nts.wire.packet import HEADER_LEN
 
-from .keyfile import Algorithm, Key, KeyFileError, load_keyfile
+from .keyfile import Algorithm, Key, KeyFile, KeyFileError, load_keyfile
 from .migration import ClientLedger
 
 log = logging.getLogger("ntsd.mac")
@@ -150,6 +150,23 @@ class _Table:
 describe("mac_requests", ("algorithm", "key"), "Requests authenticated with legacy MAC keys, by algorithm and key id.")
 
 
+def _key_notes(settings: MacSettings, keyfile: KeyFile) -> list[tuple[int, str]]:
+    """What loading `keyfile` has to say: skipped lines, odd keys, deprecated algorithms in use,
+    trusted ids the file lacks."""
+    notes = [(logging.ERROR, f"{keyfile.describe(p)} (line skipped)") for p in keyfile.problems]  # allow_bad_lines
+    notes += [(logging.WARNING, keyfile.describe(p)) for p in keyfile.warnings]
+    trusted = settings.trusted
+    active = [k for k in keyfile.keys.values() if trusted is None or k.id in trusted]
+    old = sorted(k.id for k in active if k.algorithm.deprecated)
+    if old:
+        notes.append((logging.WARNING, f"MD5/SHA1 keys in use, key ids {', '.join(map(str, old))} (deprecated by "
+                      "RFC 8573; move these clients to NTS or AES-CMAC)"))  # fmt: skip
+    missing = sorted(trusted - keyfile.keys.keys()) if trusted is not None else []
+    if missing:
+        notes.append((logging.WARNING, f"trusted key ids not in {settings.keys}: {', '.join(map(str, missing))}"))
+    return notes
+
+
 class MacAuthenticator(Authenticator):
     """Legacy symmetric-key MAC (RFC 5905 section 7.3, RFC 8573 AES-CMAC)."""
 
@@ -170,25 +187,21 @@ class MacAuthenticator(Authenticator):
             raise PluginError(f"mac: {exc}") from None
         self._watch: asyncio.Task[None] | None = None
 
+    @classmethod
+    def check(cls, settings: MacSettings) -> list[tuple[bool, str]]:
+        try:
+            keyfile = load_keyfile(settings.keys, settings.format, settings.allow_bad_lines)
+        except KeyFileError as exc:
+            return [(True, f"mac: {exc}")]
+        return [(False, f"mac: {message}") for _, message in _key_notes(settings, keyfile)]
+
     def _load(self, settings: MacSettings) -> _Table:
         keyfile = load_keyfile(settings.keys, settings.format, settings.allow_bad_lines)
-        for p in keyfile.problems:  # only when allow_bad_lines
-            log.error("%s (line skipped)", keyfile.describe(p))
-        for p in keyfile.warnings:
-            log.warning("%s", keyfile.describe(p))
+        for level, message in _key_notes(settings, keyfile):
+            log.log(level, "%s", message)
         keys = keyfile.keys
         trusted = settings.trusted
         active = [k for k in keys.values() if trusted is None or k.id in trusted]
-        old = sorted(k.id for k in active if k.algorithm.deprecated)
-        if old:
-            log.warning(
-                "MD5/SHA1 keys in use, key ids %s (deprecated by RFC 8573; move these clients to NTS or AES-CMAC)",
-                ", ".join(map(str, old)),
-            )
-        if trusted is not None:
-            missing = sorted(trusted - keys.keys())
-            if missing:
-                log.warning("trusted key ids not in %s: %s", settings.keys, ", ".join(map(str, missing)))
         log.info("loaded %d keys (%d trusted) from %s", len(keys), len(active), settings.keys)
         prepared = {key_id: PreparedKey(key) for key_id, key in keys.items()}
         return _Table(prepared, trusted, {k: NetworkSet(v) for k, v in settings.networks.items()})

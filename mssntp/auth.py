@@ -75,6 +75,12 @@ class MsSntpAuthenticator(Authenticator):
     def parse_config(cls, node: Any) -> MsSntpSettings:
         return parse_mssntp(node)
 
+    @classmethod
+    def check(cls, settings: MsSntpSettings) -> list[tuple[bool, str]]:
+        if settings.socket.exists():
+            return []
+        return [(False, f"mssntp: {settings.socket} does not exist (yet): is Samba running with ntp_signd?")]
+
     def __init__(self, settings: MsSntpSettings) -> None:
         self.stats = Stats()
         self.settings = settings

@@ -39,14 +39,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """The file, and what its plugin sections point at (certificates, keys, key files, sockets):
+    what `serve` would refuse, found without binding a port or creating anything."""
+    plugins = discover()
     try:
-        config = load_config(args.file, plugin_sections(discover()))
+        config = load_config(args.file, plugin_sections(plugins))
     except ConfigError as exc:
         print(f"ntsd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    findings = [f for cls in plugins.values() if cls.section is not None and cls.section in config.plugins
+                for f in cls.check(config.plugins[cls.section])]  # fmt: skip
+    errors = [message for is_error, message in findings if is_error]
+    for message in errors:
+        print(f"ntsd: {config.source}: {message}", file=sys.stderr)
+    if errors:
         return EXIT_CONFIG
     print(f"{config.source}: OK")
     for line in iter_lines(config):
         print(f"  {line}")
+    for _, message in findings:
+        print(f"  warning: {message}")
     return EXIT_OK
 
 

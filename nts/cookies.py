@@ -193,12 +193,36 @@ class KeyRing:
             return None
 
 
+def check_secret(key_dir: Path) -> str | None:
+    """Why the master secret in key_dir could not be used or created, without creating it."""
+    if not (key_dir / MASTER_FILE).exists():
+        existing = next((p for p in (key_dir, *key_dir.parents) if p.exists()), None)
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            return f"{key_dir}: the master secret cannot be created there"
+        return None
+    try:
+        _read_secret(key_dir / MASTER_FILE)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def _read_secret(path: Path) -> bytes:
+    check_private_file(path)
+    try:
+        secret = bytes.fromhex(path.read_bytes().decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"{path}: not a hex-encoded secret") from None
+    if len(secret) < SECRET_LEN:
+        raise ValueError(f"{path}: the secret must be at least {SECRET_LEN} bytes (64 hex digits)")
+    return secret
+
+
 def load_or_create_secret(key_dir: Path) -> tuple[bytes, bool]:
     """The master secret from key_dir (created, 0600, if absent). Returns (secret, created)."""
     path = key_dir / MASTER_FILE
     try:
-        check_private_file(path)
-        data = path.read_bytes()
+        return _read_secret(path), False
     except FileNotFoundError:
         key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         secret = secrets.token_bytes(SECRET_LEN)
@@ -211,10 +235,3 @@ def load_or_create_secret(key_dir: Path) -> tuple[bytes, bool]:
             f.flush()
             os.fsync(f.fileno())
         return secret, True
-    try:
-        secret = bytes.fromhex(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError(f"{path}: not a hex-encoded secret") from None
-    if len(secret) < SECRET_LEN:
-        raise ValueError(f"{path}: the secret must be at least {SECRET_LEN} bytes (64 hex digits)")
-    return secret, False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import socket
 import time
@@ -23,11 +24,11 @@ from typing import Any, ClassVar
 from . import nettle
 from .aead import AEADS, DEFAULT_AEADS
 from .config import Node, format_addr, is_dns_name, is_ip_address
-from .cookies import KeyRing, load_or_create_secret
+from .cookies import KeyRing, check_secret, load_or_create_secret
 from .core.auth import Authenticator, PluginError, ReplyContext, Request
 from .core.decisions import Drop, Nak, Seal, Stats
 from .files import watch_files
-from .ke.certs import CertError, CertStore
+from .ke.certs import CertError, CertStore, expiry_problem
 from .ke.listener import KeServer, KeSettings
 from .ntsauth import NtsPacketAuth
 from .server.udp import open_tcp_listener
@@ -148,6 +149,22 @@ class NtsAuthenticator(Authenticator):
     @classmethod
     def parse_config(cls, node: Any) -> NtsSettings:
         return parse_nts(node)
+
+    @classmethod
+    def check(cls, settings: NtsSettings) -> list[tuple[bool, str]]:
+        out = []
+        try:
+            store = CertStore(settings.certificate, settings.private_key)
+        except CertError as exc:
+            out.append((True, f"nts: {exc}"))
+        else:
+            problem = expiry_problem(store.not_after, datetime.datetime.now(datetime.UTC))
+            if problem is not None:
+                out.append((False, f"nts: certificate {store.subject} {problem[1]}"))
+        why = check_secret(settings.key_dir)
+        if why is not None:
+            out.append((True, f"nts.key_dir: {why}"))
+        return out
 
     def __init__(self, settings: NtsSettings) -> None:
         self.settings = settings

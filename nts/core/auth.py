@@ -119,6 +119,13 @@ class Authenticator(ABC):
     async def stop(self) -> None:  # noqa: B027 (optional hook)
         """Stop what start() started."""
 
+    @classmethod
+    def check(cls, settings: Any) -> list[tuple[bool, str]]:
+        """For `ntsd check-config`: (is_error, message) for what would keep the plugin from starting
+        with `settings` (errors) or what it would warn about, found without binding sockets or
+        creating anything."""
+        return []
+
     def reconfigure(self, config: Any) -> bool:
         """Apply a reloaded config section in place; False means "replace me with a new instance"."""
         return False

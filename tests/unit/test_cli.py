@@ -175,3 +175,52 @@ def test_gauges_keep_every_digit() -> None:
     text = render({}, gauges)
     assert "ntsd_expiry 1796223389\n" in text and "ntsd_uptime_seconds 1234567.891\n" in text
     assert parse_text(text) == {f"ntsd_{k}": v for k, v in gauges.items()}
+
+
+def test_check_config_looks_at_what_the_sections_point_to(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ExecStartPre=ntsd check-config must catch what `serve` would refuse: a missing certificate, a
+    broken key file, an unusable key directory (it said OK to all of them); and it binds nothing."""
+    certs = make_dev_certs(tmp_path / "certs", ["localhost"], days=5)
+    keys = tmp_path / "ntp.keys"
+    keys.write_text("1 MD5 abcdefghij\n")
+    keys.chmod(0o600)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))  # the running server's port: checking must not need it
+    port = busy.getsockname()[1]
+
+    def check(nts_cert: Path, key_text: str, key_dir: Path) -> tuple[int, str, str]:
+        keys.write_text(key_text)
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            f'nts: {{listen: ["127.0.0.1:{port}"], certificate: {nts_cert}, private_key: {certs.private_key}, '
+            f"key_dir: {key_dir}}}\nmac: {{keys: {keys}}}\n"
+            f"mssntp: {{socket: {tmp_path / 'no-signd'}, networks: [127.0.0.0/8]}}\n"
+        )
+        code = main(["check-config", str(cfg)])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    with busy:
+        code, out, err = check(certs.certificate, "1 MD5 abcdefghij\n", tmp_path / "keys")
+        assert (code, err) == (0, "")
+        assert "warning: nts: certificate CN=localhost expires in 4 days" in out
+        assert "warning: mac: MD5/SHA1 keys in use, key ids 1" in out
+        assert f"warning: mssntp: {tmp_path / 'no-signd'} does not exist (yet)" in out
+        assert not (tmp_path / "keys").exists()  # nothing created
+        code, out, err = check(tmp_path / "gone.pem", "1 MD5 abcdefghij\nfoo\n", keys / "sub")  # under a file
+        assert code == 2 and out == ""
+        assert f"nts: cannot read {tmp_path / 'gone.pem'}: No such file or directory" in err
+        assert "mac: " in err and "ntp.keys:2: the first field is not a key number" in err
+        assert f"nts.key_dir: {keys / 'sub'}: the master secret cannot be created there" in err
+
+
+def test_check_secret_reads_without_creating(tmp_path: Path) -> None:
+    from nts.cookies import MASTER_FILE, check_secret, load_or_create_secret
+
+    assert check_secret(tmp_path / "new") is None and not (tmp_path / "new").exists()
+    load_or_create_secret(tmp_path / "new")
+    assert check_secret(tmp_path / "new") is None
+    (tmp_path / "new" / MASTER_FILE).write_text("not hex\n")
+    assert check_secret(tmp_path / "new") == f"{tmp_path / 'new' / MASTER_FILE}: not a hex-encoded secret"
+    (tmp_path / "new" / MASTER_FILE).chmod(0o644)
+    assert "is readable by group or others (mode 0644)" in (check_secret(tmp_path / "new") or "")
