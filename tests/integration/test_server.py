@@ -261,13 +261,19 @@ def test_workers_share_the_port_and_sum_their_counters(tmp_path: Path) -> None:
         assert m["ntsd_workers"] == 2
 
 
+def _workers(server: Ntsd, count: int) -> list[int]:
+    """The worker processes of a server started with `count` workers, once it is ready."""
+    server.wait_for(f"ready with {count} workers")
+    parent = server.proc.pid
+    workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+    assert len(workers) == count
+    return workers
+
+
 def test_a_dead_worker_stops_the_whole_server_for_the_service_manager(tmp_path: Path) -> None:
     port = free_port()
     with running_ntsd(tmp_path, lab_config(port, ntp_extra="workers: 2")) as server:
-        server.wait_for("ready with 2 workers")
-        parent = server.proc.pid
-        workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
-        assert len(workers) == 2
+        workers = _workers(server, 2)
         os.kill(workers[0], signal.SIGKILL)
         server.wait_for(f"worker {workers[0]} exited unexpectedly (killed by signal 9 (SIGKILL))")
         assert server.proc.wait(15) == 1
@@ -279,10 +285,8 @@ def test_workers_stop_when_the_parent_is_killed_outright(tmp_path: Path) -> None
     port, or the service manager's restart could not bind it."""
     port = free_port()
     with running_ntsd(tmp_path, lab_config(port, ntp_extra="workers: 2")) as server:
-        server.wait_for("ready with 2 workers")
+        workers = _workers(server, 2)
         parent = server.proc.pid
-        workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
-        assert len(workers) == 2
         exits = [os.pidfd_open(pid) for pid in workers]  # readable once that process has ended
         try:
             os.kill(parent, signal.SIGKILL)
@@ -318,9 +322,7 @@ def test_a_reload_sent_while_workers_start_is_carried_out(tmp_path: Path) -> Non
 def test_a_hung_worker_does_not_hang_the_stop(tmp_path: Path) -> None:
     port = free_port()
     with running_ntsd(tmp_path, lab_config(port, ntp_extra="workers: 2")) as server:
-        server.wait_for("ready with 2 workers")
-        parent = server.proc.pid
-        workers = [int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        workers = _workers(server, 2)
         os.kill(workers[0], signal.SIGSTOP)  # hung: it cannot act on the stop
         try:
             server.signal(signal.SIGTERM)
