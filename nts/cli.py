@@ -38,6 +38,13 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
 
 
+def _shown(name: str, value: float) -> str:
+    """A metric for people: every digit of a count, a timestamp as a UTC date."""
+    if name.endswith("_timestamp_seconds"):
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
+    return str(int(value)) if value.is_integer() else f"{value:.6g}"
+
+
 def _check_config(args: argparse.Namespace) -> int:
     """The file, and what its plugin sections point at (certificates, keys, key files, sockets):
     what `serve` would refuse, found without binding a port or creating anything."""
@@ -217,7 +224,7 @@ def _status(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     width = max((len(k) for k in values), default=10)
     for name in sorted(values):
-        print(f"{name.removeprefix('ntsd_'):<{width}} {values[name]:g}")
+        print(f"{name.removeprefix('ntsd_'):<{width}} {_shown(name, values[name])}")
     return EXIT_OK
 
 

@@ -375,3 +375,9 @@ def test_a_certificate_close_to_expiry_is_logged_and_exported(tmp_path: Path) ->
         expiry = parse_text(fetch_metrics("127.0.0.1", mport))["ntsd_nts_certificate_expiry_timestamp_seconds"]
         cert = x509.load_pem_x509_certificate(certs.certificate.read_bytes())
         assert expiry == cert.not_valid_after_utc.timestamp()
+        status = subprocess.run(
+            [sys.executable, "-m", "nts", "status", "--metrics", f"127.0.0.1:{mport}"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        shown = dict(line.rsplit(None, 1) for line in status.splitlines())
+        assert shown["nts_certificate_expiry_timestamp_seconds"] == f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%S}Z"
