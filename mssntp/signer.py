@@ -157,12 +157,14 @@ class SigndClient:
         try:
             await asyncio.wait((get, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (get, watch):
-                if not task.done():
-                    task.cancel()  # safe for both: a queued request or buffered byte stays where it was
-        if not watch.done():
+            pending = [task for task in (get, watch) if not task.done()]
+            for task in pending:
+                task.cancel()  # safe for both: a queued request or buffered byte stays where it was
+            if pending:  # let them end before the stream is read again (one reader at a time)
+                await asyncio.wait(pending)
+        if watch.cancelled():
             return get.result()
-        if get.done() and not get.cancelled():  # both at once: the request waits for the next connection
+        if not get.cancelled():  # both at once: the request waits for the next connection
             job = get.result()
             try:
                 self._queue.put_nowait(job)
