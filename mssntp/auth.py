@@ -127,5 +127,23 @@ class MsSntpAuthenticator(Authenticator):
     async def stop(self) -> None:
         await self.client.stop()
 
+    def reconfigure(self, config: Any) -> bool:
+        """Applied in place, so a reload keeps the connections to Samba, the requests waiting for a
+        signature and the counters; a new socket, connection count or queue size needs a new client."""
+        new: MsSntpSettings = config
+        old = self.settings
+        if (new.socket, new.connections, new.queue_size) != (old.socket, old.connections, old.queue_size):
+            return False
+        if (new.rate, new.burst) != (old.rate, old.burst):
+            self.limiter = RateLimiter(RateSettings(rate=new.rate, burst=new.burst, kod=False))
+        self.networks = NetworkSet(new.networks)
+        self.client.deadline = new.deadline
+        self.settings = new
+        if new.networks != old.networks:
+            log.info(
+                "MS-SNTP signing through %s for %s", new.socket, ", ".join(map(str, new.networks)) or "no networks"
+            )
+        return True
+
     def counters(self) -> Mapping[tuple[str, ...], int]:
         return dict(self.stats.counts)

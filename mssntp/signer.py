@@ -63,9 +63,9 @@ class SigndClient:
     async def stop(self) -> None:
         for task in self._workers:
             task.cancel()
-        for task in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for outcome in await asyncio.gather(*self._workers, return_exceptions=True):
+            if not isinstance(outcome, (asyncio.CancelledError, type(None))):  # a stop must not fail on it
+                log.debug("ntp_signd connection ended with %r while stopping", outcome)
         self._workers = []
         while not self._queue.empty():
             job = self._queue.get_nowait()

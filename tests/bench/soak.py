@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -51,6 +52,7 @@ from nts.server.metrics import parse_text  # noqa: E402
 from nts.wire.packet import HEADER_LEN  # noqa: E402
 from tests.mssntp_helpers import FakeSigner  # noqa: E402
 
+_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ntsd\[\d+\] [A-Z]+ ")
 KEYS = [Key(1, Algorithm.SHA1, os.urandom(20)), Key(2, Algorithm.AES128CMAC, os.urandom(16))]
 SPARE = Key(3, Algorithm.SHA256, os.urandom(32))  # added and removed by the key-file rewrites
 
@@ -261,11 +263,17 @@ class Soak:
             failures.append(f"{self.key_mismatches} cycles where the spare MAC key's state did not follow the key file")
         text = self.log.read_text(errors="replace")
         failures += [f"the log has '{bad}'" for bad in ("Traceback", "internal error", " ERROR ") if bad in text]
-        levels = [line.split()[3] for line in text.splitlines() if len(line.split()) > 3]
+        entries = [line for line in text.splitlines() if _LOG_LINE.match(line)]
+        levels = [line.split()[3] for line in entries]
         print("log lines by level:", {level: levels.count(level) for level in sorted(set(levels))})
         warnings = sorted({line.split(": ", 1)[-1] for line in text.splitlines() if " WARNING " in line})
         for w in warnings[:10]:
             print(f"  warning: {w}")
+        lines = text.splitlines()
+        for i, line in enumerate(lines):  # each error with what follows it (a traceback), once
+            if " ERROR " in line:
+                print("\n".join(["  " + x for x in lines[i : i + 25]]))
+                break
         return failures
 
     def close(self) -> None:

@@ -278,3 +278,31 @@ def test_claims_mssntp_vs_mac(tmp_path: Path) -> None:
     )
     assert ms.matches(req(domain_rid, "192.0.2.1")) == 0  # not the domain: MS-SNTP stays silent
     assert MsSntpAuthenticator(MsSntpSettings()).matches(req(domain_rid, "10.1.1.1")) == 0  # off by default
+
+
+def test_a_reload_keeps_the_signer_connections_and_counters() -> None:
+    """SIGHUP replaced the plugin, so every reload tore down the connections to Samba, failed the
+    requests waiting for a signature and reset the MS-SNTP counters; now it applies in place."""
+    import dataclasses
+    import ipaddress
+
+    async def main() -> None:
+        async with fake() as signer:
+            settings = MsSntpSettings(socket=signer.path, networks=(ipaddress.ip_network("10.0.0.0/8"),), connections=2)
+            plugin = MsSntpAuthenticator(settings)
+            await plugin.start()
+            try:
+                assert await plugin.client.sign(1, PACKET) is not None
+                client = plugin.client
+                wider = dataclasses.replace(settings, networks=(ipaddress.ip_network("0.0.0.0/0"),), deadline=2.0)
+                assert plugin.reconfigure(wider)
+                assert plugin.client is client and client.deadline == 2.0
+                assert "192.0.2.1" in plugin.networks
+                assert await plugin.client.sign(2, PACKET) is not None
+                assert plugin.counters()[("mssntp_sign", "signed")] == 2
+                assert plugin.counters()[("mssntp_sign", "connects")] == 2  # the same two connections
+                assert not plugin.reconfigure(dataclasses.replace(wider, connections=3))  # needs a new client
+            finally:
+                await plugin.stop()
+
+    run(main)
