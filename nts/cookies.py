@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import secrets
 import struct
+from hmac import compare_digest
 from pathlib import Path
 from typing import NamedTuple
 
@@ -85,8 +86,21 @@ class KeyRing:
         if len(secret) < SECRET_LEN:
             raise ValueError("master secret too short")
         self._secret = secret
+        self._current: _Tables | None = None  # the hot path's tables, rebuilt on next use
         self.set_rotation(rotate_interval, keep_keys)
         self._ciphers: dict[int, tuple[Cipher, AESSIV]] = {}  # per period, both formats' (keyed once)
+
+    def set_secret(self, secret: bytes) -> bool:
+        """Use another master secret from now on (a reload after the file was replaced); cookies
+        sealed with the old one are no longer opened. True when it differs from the one in use."""
+        if len(secret) < SECRET_LEN:
+            raise ValueError("master secret too short")
+        if compare_digest(secret, self._secret):
+            return False
+        self._secret = secret
+        self._ciphers = {}  # a new dict: tables being built from the old one are not kept (below)
+        self._current = None
+        return True
 
     def set_rotation(self, rotate_interval: int, keep_keys: int) -> None:
         """Set the rotation interval and the number of past periods accepted (also on reload)."""
@@ -94,19 +108,19 @@ class KeyRing:
             raise ValueError("bad rotation settings")
         self.rotate_interval = rotate_interval
         self.keep_keys = keep_keys
-        self._current: _Tables | None = None  # the hot path's tables, rebuilt on next use
+        self._current = None
 
     def period(self, now_s: float) -> int:
         return int(now_s // self.rotate_interval) & _PERIOD_MASK
 
-    def _cipher(self, period: int) -> tuple[Cipher, AESSIV]:
-        ciphers = self._ciphers.get(period)
+    def _cipher(self, period: int, cache: dict[int, tuple[Cipher, AESSIV]], secret: bytes) -> tuple[Cipher, AESSIV]:
+        ciphers = cache.get(period)
         if ciphers is None:
-            if len(self._ciphers) > 4 * (self.keep_keys + 2):
-                self._ciphers.clear()
+            if len(cache) > 4 * (self.keep_keys + 2):
+                cache.clear()
             kdf = HKDF(hashes.SHA256(), _COOKIE_AEAD.key_len, salt=b"ntsd cookie key v1", info=_HEAD.pack(period))
-            key = kdf.derive(self._secret)
-            ciphers = self._ciphers[period] = (_COOKIE_AEAD.cipher(key), AESSIV(key))
+            key = kdf.derive(secret)
+            ciphers = cache[period] = (_COOKIE_AEAD.cipher(key), AESSIV(key))
         return ciphers
 
     def _tables(self, now_s: float) -> _Tables:
@@ -118,16 +132,24 @@ class KeyRing:
 
     def _build_tables(self, now_s: float) -> _Tables:
         """Build and keep the tables for the period `now_s` falls in."""
+        cache, secret = self._ciphers, self._secret  # one consistent pair, whatever set_secret does meanwhile
         period = self.period(now_s)
         start = (now_s // self.rotate_interval) * self.rotate_interval
         # accepted: this period, keep_keys before it, one after it (clock skew within a fleet)
         accepting, one_component = {}, {}
         for age in range(-1, self.keep_keys + 1):
             p = (period - age) & _PERIOD_MASK
-            accepting[_HEAD.pack(p)], one_component[_HEAD.pack(p | _ONE_COMPONENT)] = self._cipher(p)
-        current = self._current = _Tables(
-            start, start + self.rotate_interval, accepting, one_component, _HEAD.pack(period), self._cipher(period)[0]
+            accepting[_HEAD.pack(p)], one_component[_HEAD.pack(p | _ONE_COMPONENT)] = self._cipher(p, cache, secret)
+        current = _Tables(
+            start,
+            start + self.rotate_interval,
+            accepting,
+            one_component,
+            _HEAD.pack(period),
+            self._cipher(period, cache, secret)[0],
         )
+        if self._ciphers is cache:  # not if the secret was replaced while these were built
+            self._current = current
         return current
 
     def seal(self, keys: CookieKeys, now_s: float, nonce: bytes | None = None) -> bytes:

@@ -255,10 +255,23 @@ class NtsAuthenticator(Authenticator):
         else:
             self.certs.check(force=True)
         self.keyring.set_rotation(new.rotate_interval, new.keep_keys)
+        if new.key_dir == old.key_dir:
+            self._reload_secret(new.key_dir)
         self.packets.supported = new.aeads
         self.ke.configure(new.ke())
         self.settings = new
         return True
+
+    def _reload_secret(self, key_dir: Path) -> None:
+        """A replaced master secret file (rotating a fleet's secret) takes effect on reload."""
+        try:
+            secret, _ = load_or_create_secret(key_dir)
+        except (OSError, ValueError) as exc:
+            log.error("nts: the master secret in %s cannot be used, keeping the one in use: %s", key_dir, exc)
+            return
+        if self.keyring.set_secret(secret):
+            log.warning("nts: a new master secret from %s: cookies issued before are refused (clients redo NTS-KE)",
+                        key_dir)  # fmt: skip
 
     def counters(self) -> Mapping[tuple[str, ...], int]:
         return dict(self.stats.counts)

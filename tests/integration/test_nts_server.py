@@ -20,7 +20,7 @@ from OpenSSL import SSL
 
 from nts import nettle
 from nts.cli import fetch_metrics
-from nts.client import QueryError, check_nts_reply, exchange, key_exchange, nts_request, run_query
+from nts.client import KeResult, QueryError, check_nts_reply, exchange, key_exchange, nts_request, run_query
 from nts.ke.devcerts import make_dev_certs
 from nts.server.metrics import parse_text
 from nts.wire.ke_records import Record, RecordType
@@ -164,6 +164,44 @@ def test_cookies_survive_a_restart(tmp_path: Path) -> None:
         reply, _, _ = exchange("127.0.0.1", ntp, packet)
         nak, cookies = check_nts_reply(result, reply, uid)
         assert not nak and len(cookies) == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_replaced_master_secret_applies_on_reload(tmp_path: Path, workers: int) -> None:
+    """Rotating a (fleet's) secret needs no restart: replace the file, SIGHUP; cookies sealed with the
+    old secret get NTS NAKs, clients redo NTS-KE and are served. A broken file keeps the old one."""
+    ntp, ke, mport = ports()
+    ca = dev_certs(tmp_path).ca
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport, ntp_extra=f"workers: {workers}")) as server:
+        server.wait_for("ready")
+        before = key_exchange("127.0.0.1", ke, ca)
+        secret = tmp_path / "keys" / "nts-master.key"
+
+        def ask(session: KeResult, cookie: int) -> bool:
+            """True when served, False on an NTS NAK."""
+            packet, uid, _ = nts_request(session, session.cookies[cookie])
+            nak, _ = check_nts_reply(session, exchange("127.0.0.1", ntp, packet)[0], uid)
+            return not nak
+
+        assert ask(before, 0)
+        staged = secret.with_suffix(".new")
+        staged.write_text("zz\n")  # not a secret: refused, the old one stays
+        staged.chmod(0o600)
+        staged.replace(secret)
+        mark = len(server.lines)
+        server.signal(signal.SIGHUP)
+        server.wait_for("cannot be used, keeping the one in use", start=mark)
+        assert ask(before, 1)
+        staged.write_text(os.urandom(32).hex() + "\n")
+        staged.chmod(0o600)
+        staged.replace(secret)
+        mark = len(server.lines)
+        server.signal(signal.SIGHUP)
+        for _ in range(workers):  # each process that serves NTP has taken it
+            mark = server.wait_for("a new master secret from", start=mark) + 1
+        assert not any(ask(before, i) for i in range(2, 2 + 2 * workers))  # whichever worker answers
+        after = key_exchange("127.0.0.1", ke, ca)
+        assert all(ask(after, i) for i in range(2 * workers))
 
 
 def test_certificate_replaced_while_clients_connect(tmp_path: Path) -> None:

@@ -281,3 +281,19 @@ def test_reply_randomness_is_drawn_once_and_not_inherited_by_forks() -> None:
         os._exit(0 if not ntsauth._DRAWS and ntsauth._draw() not in draws else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_new_master_secret_refuses_the_old_cookies() -> None:
+    ring = KeyRing(bytes(range(32)))
+    keys = CookieKeys(15, bytes(32), bytes(range(32)))
+    now = 1_800_000_000.0
+    old = ring.seal(keys, now)
+    assert ring.open(old, now) == keys
+    assert not ring.set_secret(bytes(range(32)))  # the same secret: nothing changes
+    assert ring.open(old, now) == keys
+    assert ring.set_secret(bytes(range(1, 33)))
+    with pytest.raises(CookieError, match="cookie_forged"):
+        ring.open(old, now)
+    assert ring.open(ring.seal(keys, now), now) == keys
+    with pytest.raises(ValueError):
+        ring.set_secret(b"short")
