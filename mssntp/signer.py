@@ -80,7 +80,8 @@ class SigndClient:
             self._count("queue_full")
             return None
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.deadline)
+            async with asyncio.timeout(self.deadline):  # (3.11's wait_for can swallow a cancellation)
+                return await asyncio.shield(future)
         except TimeoutError:
             if not future.done():
                 future.cancel()  # a worker that has not taken it yet will skip it
@@ -135,7 +136,8 @@ class SigndClient:
                 await writer.drain()
                 replies: list[SignedReply] = []
                 while not replies:
-                    chunk = await asyncio.wait_for(reader.read(4096), self.deadline * 2)
+                    async with asyncio.timeout(self.deadline * 2):  # not wait_for: see sign()
+                        chunk = await reader.read(4096)
                     if not chunk:
                         self._finish(job, None, "connection_closed")  # Samba: disabled account and such
                         raise ConnectionResetError("closed by ntp_signd")

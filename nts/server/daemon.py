@@ -287,7 +287,8 @@ class Daemon:
         code = 0
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await stopping.wait()
             for pid in list(self.children):
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
@@ -313,7 +314,8 @@ class Daemon:
     async def _tick_until(stopping: asyncio.Event, tick: Any) -> None:
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), STATE_INTERVAL)
+                async with asyncio.timeout(STATE_INTERVAL):
+                    await stopping.wait()
             if not stopping.is_set():
                 tick()
 

@@ -100,7 +100,8 @@ class MetricsServer:
             return
         self.active += 1
         try:
-            line = await asyncio.wait_for(reader.readline(), REQUEST_DEADLINE)
+            async with asyncio.timeout(REQUEST_DEADLINE):  # not wait_for, which can swallow a cancellation
+                line = await reader.readline()
             parts = line.decode("latin-1").split()
             if len(parts) < 2 or parts[0] != "GET":
                 status, body = "400 Bad Request", "bad request\n"
@@ -116,7 +117,8 @@ class MetricsServer:
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
                 + payload
             )
-            await asyncio.wait_for(writer.drain(), 5)
+            async with asyncio.timeout(5):
+                await writer.drain()
         except (TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError):
             pass
         finally:
