@@ -121,6 +121,9 @@ class MsSntpAuthenticator(Authenticator):
 
     async def start(self) -> None:
         await self.client.start()
+        self._announce()
+
+    def _announce(self) -> None:
         log.info("MS-SNTP signing through %s for %s", self.settings.socket,
                  ", ".join(map(str, self.settings.networks)) or "no networks")  # fmt: skip
 
@@ -140,9 +143,7 @@ class MsSntpAuthenticator(Authenticator):
         self.client.deadline = new.deadline
         self.settings = new
         if new.networks != old.networks:
-            log.info(
-                "MS-SNTP signing through %s for %s", new.socket, ", ".join(map(str, new.networks)) or "no networks"
-            )
+            self._announce()
         return True
 
     def counters(self) -> Mapping[tuple[str, ...], int]:

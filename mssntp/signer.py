@@ -110,9 +110,8 @@ class SigndClient:
             try:
                 await self._serve(reader, writer)
             except (OSError, asyncio.IncompleteReadError, ParseError, TimeoutError) as exc:
-                self._note_failure(
-                    f"ntp_signd connection lost: {exc.__class__.__name__}{f' ({exc})' if str(exc) else ''}"
-                )
+                why = f"{exc.__class__.__name__} ({exc})" if str(exc) else exc.__class__.__name__
+                self._note_failure(f"ntp_signd connection lost: {why}")
             finally:
                 self.connected -= 1
                 writer.close()

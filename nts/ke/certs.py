@@ -48,6 +48,16 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
 
 def build_context(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str]:
     """A TLS 1.3-only server Context; returns it with a one-line description of the certificate."""
+    ctx, subject, not_after = _load(cert_path, key_path)
+    return ctx, describe(subject, not_after)
+
+
+def describe(subject: str, not_after: datetime.datetime | None) -> str:
+    return f"{subject}, expires {not_after:%Y-%m-%d %H:%M}Z" if not_after else subject
+
+
+def _load(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str, datetime.datetime | None]:
+    """The Context, and the subject and expiry of the chain's first certificate (CertError if unusable)."""
     try:
         check_private_file(key_path)
     except FileNotFoundError:
@@ -72,17 +82,11 @@ def build_context(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str]:
     except SSL.Error as exc:
         raise CertError(f"cannot use {cert_path} with {key_path}: {_ssl_reason(exc)}") from None
     ctx.set_alpn_select_callback(_select_alpn)
-    subject, not_after = certificate_facts(cert_path)
-    return ctx, f"{subject}, expires {not_after:%Y-%m-%d %H:%M}Z" if not_after else subject
-
-
-def certificate_facts(cert_path: Path) -> tuple[str, datetime.datetime | None]:
-    """The subject of the chain's first (the server's) certificate, and when it expires."""
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except (ValueError, OSError):
-        return str(cert_path), None
-    return cert.subject.rfc4514_string(), cert.not_valid_after_utc
+        return ctx, str(cert_path), None
+    return ctx, cert.subject.rfc4514_string(), cert.not_valid_after_utc
 
 
 def expiry_problem(not_after: datetime.datetime | None, now: datetime.datetime) -> tuple[int, str] | None:
@@ -109,8 +113,7 @@ class CertStore:
 
     def __init__(self, cert_path: Path, key_path: Path) -> None:
         self.cert_path, self.key_path = cert_path, key_path
-        self.context, self.description = build_context(cert_path, key_path)
-        self.subject, self.not_after = certificate_facts(cert_path)
+        self.context, self.subject, self.not_after = _load(cert_path, key_path)
         self._seen = (file_identity(cert_path), file_identity(key_path))
         self.reloads = 0
         self._expiry_logged: datetime.datetime | None = None
@@ -121,19 +124,22 @@ class CertStore:
         if seen == self._seen and not force:
             return False
         try:
-            context, description = build_context(self.cert_path, self.key_path)
+            context, subject, not_after = _load(self.cert_path, self.key_path)
         except (CertError, OSError) as exc:
             if seen != self._seen:
                 log.error("certificate change not applied, still serving the previous one: %s", exc)
             self._seen = seen  # log once per change of the files
             return False
         self._seen = seen
-        self.context, self.description = context, description
-        self.subject, self.not_after = certificate_facts(self.cert_path)
+        self.context, self.subject, self.not_after = context, subject, not_after
         self.reloads += 1
-        log.info("serving NTS-KE certificate %s", description)
+        log.info("serving NTS-KE certificate %s", self.description)
         self.report_expiry(force=True)
         return True
+
+    @property
+    def description(self) -> str:
+        return describe(self.subject, self.not_after)
 
     def report_expiry(self, force: bool = False, now: datetime.datetime | None = None) -> None:
         """Log an expired or soon expiring certificate: when forced (start, a new certificate), else

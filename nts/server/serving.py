@@ -186,12 +186,15 @@ class Server:
         for listener in self.listeners.values():
             listener.pipeline.set_state(self.state)
 
+    def _kernel_drops(self) -> int:
+        return self._kernel_drops_closed + sum(listener.kernel_drops() for listener in list(self.listeners.values()))
+
     def _log_kernel_drops(self) -> None:
         """A warning, at most once a minute, when the kernel dropped requests we never saw."""
         now = time.monotonic()
         if now - self._kernel_drops_logged < 60:
             return
-        drops = self._kernel_drops_closed + sum(listener.kernel_drops() for listener in self.listeners.values())
+        drops = self._kernel_drops()
         if drops > self._kernel_drops_seen:
             log.warning(
                 "the kernel dropped %d requests since the last report: the receive buffers were full (more load "
@@ -223,11 +226,9 @@ class Server:
         total = dict(self._folded)
         for _, old in self._retiring:
             _add(total, old.counters())
-        kernel = self._kernel_drops_closed
         for listener in list(self.listeners.values()):
             _add(total, listener.pipeline.counters())
-            kernel += listener.kernel_drops()
-        total[("kernel_drops",)] = kernel
+        total[("kernel_drops",)] = self._kernel_drops()
         for auth in self.authenticators:
             _add(total, auth.counters())
         return total
