@@ -1,8 +1,11 @@
 """Files that hold secrets or get replaced under a running server: shared by the plugins.
 
-Strategy: a secret file must be a regular file no one else can read (refused otherwise, with the
-chmod that fixes it); secrets are written atomically with mode 0600; a watched file is recognised
-as changed by its identity (inode, size, mtime), which also catches replace-by-rename.
+Strategy: a secret file must be a regular file that others cannot read or write; its group may read
+it only when root owns it (mode 0640 root:GROUP, as Debian ships chrony's key file and as sites
+share TLS keys with an ssl-cert group: root chose that group), never write it. Refused otherwise,
+with the chmod that mends it (PostgreSQL's rule for its TLS key). Secrets are written atomically
+with mode 0600; a watched file is recognised as changed by its identity (inode, size, mtime),
+which also catches replace-by-rename.
 """
 
 from __future__ import annotations
@@ -17,17 +20,29 @@ FileIdentity = tuple[int, int, int] | None
 
 
 class UnsafeFile(PermissionError):
-    """A secret file that is not a regular file, or that group or others can read."""
+    """A secret file that is not a regular file, or that others (or, unless root owns it, its group) can
+    read, or that its group can write."""
 
 
 def check_private_file(path: Path) -> None:
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise UnsafeFile(f"{path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise UnsafeFile(
-            f"{path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-        )
+    problem = private_mode_problem(path, stat.S_IMODE(st.st_mode), st.st_uid)
+    if problem:
+        raise UnsafeFile(problem)
+
+
+def private_mode_problem(path: Path, mode: int, owner: int) -> str | None:
+    """What is wrong with a secret file of this mode and owner uid, and the chmod that mends it; or None."""
+    if mode & 0o007:
+        return f"{path} is accessible to others (mode {mode:04o}); run: chmod o-rwx {path}"
+    if mode & 0o020:
+        return f"{path} is writable by its group (mode {mode:04o}); run: chmod g-w {path}"
+    if mode & 0o040 and owner != 0:
+        return (f"{path} is readable by its group but owned by uid {owner}, not root (mode {mode:04o}); "
+                f"run: chmod 600 {path}")  # fmt: skip
+    return None
 
 
 def write_private_file(path: Path, data: bytes) -> None:

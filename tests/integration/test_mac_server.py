@@ -105,5 +105,5 @@ def test_clients_report_and_startup_refusals(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith(
-        f"ntsd: mac: {ntp_keys} is readable by group or others (mode 0644); run: chmod 600 {ntp_keys}"
+        f"ntsd: mac: {ntp_keys} is accessible to others (mode 0644); run: chmod o-rwx {ntp_keys}"
     )

@@ -223,4 +223,4 @@ def test_check_secret_reads_without_creating(tmp_path: Path) -> None:
     (tmp_path / "new" / MASTER_FILE).write_text("not hex\n")
     assert check_secret(tmp_path / "new") == f"{tmp_path / 'new' / MASTER_FILE}: not a hex-encoded secret"
     (tmp_path / "new" / MASTER_FILE).chmod(0o644)
-    assert "is readable by group or others (mode 0644)" in (check_secret(tmp_path / "new") or "")
+    assert "is accessible to others (mode 0644)" in (check_secret(tmp_path / "new") or "")

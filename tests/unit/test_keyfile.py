@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from legacy.keyfile import Algorithm, KeyFileError, load_keyfile, parse_keyfile
+from nts.files import private_mode_problem
 
 NTP_ACCEPTED = [
     ("1 MD5 abcdefghij", 1, Algorithm.MD5, b"abcdefghij"),
@@ -138,13 +140,52 @@ def test_load_refuses_bad_lines_unless_allowed(tmp_path: Path) -> None:
     assert list(load_keyfile(path, "ntp", allow_bad_lines=True).keys) == [1]
 
 
-def test_load_refuses_readable_files(tmp_path: Path) -> None:
-    path = write(tmp_path / "ntp.keys", "1 MD5 good\n", 0o640)
+def test_load_refuses_files_others_can_read(tmp_path: Path) -> None:
+    path = write(tmp_path / "ntp.keys", "1 MD5 good\n", 0o644)
     with pytest.raises(KeyFileError) as exc:
         load_keyfile(path, "ntp")
-    assert str(exc.value) == f"{path} is readable by group or others (mode 0640); run: chmod 600 {path}"
+    assert str(exc.value) == f"{path} is accessible to others (mode 0644); run: chmod o-rwx {path}"
     with pytest.raises(KeyFileError, match="no such key file"):
         load_keyfile(tmp_path / "missing", "ntp")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to root or another user needs root")
+def test_group_may_read_a_key_file_only_when_root_owns_it(tmp_path: Path) -> None:
+    # Debian ships chrony's key file as 0640 root:_chrony; it must load unchanged.
+    path = write(tmp_path / "chrony.keys", "1 SHA1 HEX:" + "ab" * 20 + "\n", 0o640)
+    os.chown(path, 0, 0)
+    assert list(load_keyfile(path, "chrony").keys) == [1]
+    os.chown(path, 65534, -1)
+    with pytest.raises(KeyFileError) as exc:
+        load_keyfile(path, "chrony")
+    assert str(exc.value) == (
+        f"{path} is readable by its group but owned by uid 65534, not root (mode 0640); run: chmod 600 {path}"
+    )
+    os.chown(path, 0, -1)
+    path.chmod(0o660)
+    with pytest.raises(KeyFileError) as exc:
+        load_keyfile(path, "chrony")
+    assert str(exc.value) == f"{path} is writable by its group (mode 0660); run: chmod g-w {path}"
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "problem"),
+    [
+        (0o600, 1000, None),
+        (0o400, 1000, None),
+        (0o700, 0, None),
+        (0o640, 0, None),
+        (0o440, 0, None),
+        (0o640, 1000, "is readable by its group but owned by uid 1000, not root (mode 0640)"),
+        (0o620, 0, "is writable by its group (mode 0620)"),
+        (0o604, 0, "is accessible to others (mode 0604)"),
+        (0o601, 1000, "is accessible to others (mode 0601)"),
+        (0o602, 0, "is accessible to others (mode 0602)"),
+    ],
+)
+def test_private_file_modes(mode: int, owner: int, problem: str | None) -> None:
+    found = private_mode_problem(Path("k"), mode, owner)
+    assert (found.split(";")[0].removeprefix("k ") if found else None) == problem
 
 
 SECRET = "Zq7secretKEY9"  # a key's text, misplaced in every way a line can be broken

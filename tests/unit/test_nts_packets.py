@@ -132,7 +132,7 @@ def test_secret_file_created_private_and_refused_when_readable(tmp_path: Path) -
     path.chmod(0o644)
     with pytest.raises(PermissionError) as exc:
         check_private_file(path)
-    assert str(exc.value) == f"{path} is readable by group or others (mode 0644); run: chmod 600 {path}"
+    assert str(exc.value) == f"{path} is accessible to others (mode 0644); run: chmod o-rwx {path}"
 
 
 class Fixture:
