@@ -309,3 +309,6 @@ class MacAuthenticator(Authenticator):
 
     def reports(self) -> Mapping[str, Any]:
         return {"clients": self.ledger.report()}
+
+    def gauges(self) -> Mapping[str, float]:
+        return {"mac_ledger_entries": len(self.ledger)}  # (client, key id) pairs

@@ -46,11 +46,18 @@ class MsSntpSettings:
     deadline: float = 1.0
     rate: float = 1.0
     burst: int = 8
+    max_clients: int = 100_000
     compensate: bool = True
+
+    @property
+    def rate_settings(self) -> RateSettings:
+        return RateSettings(rate=self.rate, burst=self.burst, max_clients=self.max_clients, kod=False)
 
 
 def parse_mssntp(node: Any) -> MsSntpSettings:
-    m = node.mapping(("socket", "networks", "connections", "queue_size", "deadline", "rate", "burst", "compensate"))
+    m = node.mapping(
+        ("socket", "networks", "connections", "queue_size", "deadline", "rate", "burst", "max_clients", "compensate")
+    )
     d = MsSntpSettings()
     return MsSntpSettings(
         socket=Path(m["socket"].string()) if "socket" in m else d.socket,
@@ -60,6 +67,7 @@ def parse_mssntp(node: Any) -> MsSntpSettings:
         deadline=m["deadline"].number(0.01, 30) if "deadline" in m else d.deadline,
         rate=m["rate"].number(0.001, 1e6) if "rate" in m else d.rate,
         burst=m["burst"].integer(1, 1_000_000) if "burst" in m else d.burst,
+        max_clients=m["max_clients"].integer(16, 10_000_000) if "max_clients" in m else d.max_clients,
         compensate=m["compensate"].boolean() if "compensate" in m else d.compensate,
     )
 
@@ -85,7 +93,7 @@ class MsSntpAuthenticator(Authenticator):
         self.stats = Stats()
         self.settings = settings
         self.networks = NetworkSet(settings.networks)
-        self.limiter = RateLimiter(RateSettings(rate=settings.rate, burst=settings.burst, kod=False))
+        self.limiter = RateLimiter(settings.rate_settings)
         self.client = SigndClient(settings.socket, self.stats, settings.connections, settings.queue_size,
                                   settings.deadline)  # fmt: skip
         self._last_extended_log = 0.0
@@ -137,8 +145,8 @@ class MsSntpAuthenticator(Authenticator):
         old = self.settings
         if (new.socket, new.connections, new.queue_size) != (old.socket, old.connections, old.queue_size):
             return False
-        if (new.rate, new.burst) != (old.rate, old.burst):
-            self.limiter = RateLimiter(RateSettings(rate=new.rate, burst=new.burst, kod=False))
+        if new.rate_settings != old.rate_settings:
+            self.limiter = RateLimiter(new.rate_settings)
         self.networks = NetworkSet(new.networks)
         self.client.deadline = new.deadline
         self.settings = new
@@ -148,3 +156,6 @@ class MsSntpAuthenticator(Authenticator):
 
     def counters(self) -> Mapping[tuple[str, ...], int]:
         return dict(self.stats.counts)
+
+    def gauges(self) -> Mapping[str, float]:
+        return {"mssntp_rate_limit_clients": len(self.limiter)}

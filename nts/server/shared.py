@@ -57,7 +57,7 @@ class SharedCounters:
                 self._last[i] = {tuple(k): v for k, v in data["c"]}
                 self._last_reports[i] = data.get("r", {})
                 for k, v in data["g"].items():
-                    gauges[k] = gauges.get(k, 0) + v if k == "rate_limit_clients" else v
+                    gauges[k] = gauges.get(k, 0) + v if k.endswith(("_clients", "_entries")) else v  # per-worker tables
             except (ValueError, KeyError, TypeError):
                 pass  # torn read: use the previous snapshot
             for k, v in self._last[i].items():

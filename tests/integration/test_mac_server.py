@@ -47,6 +47,7 @@ def test_untrusting_a_key_on_sighup_stops_it_and_only_it(tmp_path: Path) -> None
         assert m['ntsd_naks_total{auth="mac",reason="untrusted_key"}'] == 2
         assert m['ntsd_mac_requests_total{algorithm="MD5",key="1"}'] == 2
         assert m['ntsd_mac_requests_total{algorithm="AES-128-CMAC",key="4"}'] == 2
+        assert m["ntsd_mac_ledger_entries"] == 3  # (127.0.0.1, key) for keys 1, 2 and 4
         assert not any("Traceback" in line or ntp_keys.read_text().split()[-1] in line for line in server.lines)
 
 

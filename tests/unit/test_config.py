@@ -48,6 +48,7 @@ BROKEN = [
     ("ntp:\n  listen: [\n", "3: not valid YAML: expected the node content, but found '<stream end>'"),
     ("- just\n- a list\n", "1: expected a mapping of keys to values"),
     ("ntp:\n  batch: 0\n", "2: ntp.batch: expected a whole number from 1 to 1024"),
+    ("mssntp:\n  max_clients: 8\n", "2: mssntp.max_clients: expected a whole number from 16 to 10000000"),
     # values YAML itself cannot construct were tracebacks (found by fuzzing the config with atheris)
     ("ntp:\n  workers: !!foo 2\n", "2: ntp.workers: unsupported YAML tag !!foo"),
     ("ntp:\n  workers: !!int abc\n", "2: ntp.workers: 'abc' is not a valid !!int (quote it if it is text)"),

@@ -281,6 +281,28 @@ def test_claims_mssntp_vs_mac(tmp_path: Path) -> None:
     assert MsSntpAuthenticator(MsSntpSettings()).matches(req(domain_rid, "10.1.1.1")) == 0  # off by default
 
 
+def test_the_rate_table_is_bounded_reported_and_kept_across_reloads() -> None:
+    import dataclasses
+    import ipaddress
+
+    from nts.core.auth import Request
+
+    settings = MsSntpSettings(networks=(ipaddress.ip_network("10.0.0.0/8"),), max_clients=16)
+    ms = MsSntpAuthenticator(settings)
+    trailer = struct.pack("<I", 1104) + bytes(16)
+    for i in range(40):  # more addresses than the bound: the table drops its older half when full
+        ms.respond(Request(bytes([0x1B]) + bytes(47), (), trailer, (f"10.0.0.{i}", 123), i), None)  # type: ignore[arg-type]
+    tracked = ms.gauges()["mssntp_rate_limit_clients"]
+    assert 8 <= tracked <= 16
+    assert ms.reconfigure(dataclasses.replace(settings, networks=(ipaddress.ip_network("10.0.0.0/16"),)))
+    assert ms.gauges()["mssntp_rate_limit_clients"] == tracked  # a reload of other settings keeps the table
+    assert ms.reconfigure(dataclasses.replace(settings, max_clients=64))
+    assert ms.gauges()["mssntp_rate_limit_clients"] == 0  # a new bound: a new table
+    for i in range(40):
+        ms.respond(Request(bytes([0x1B]) + bytes(47), (), trailer, (f"10.0.0.{i}", 123), i), None)  # type: ignore[arg-type]
+    assert ms.gauges()["mssntp_rate_limit_clients"] == 40
+
+
 def test_a_reload_keeps_the_signer_connections_and_counters() -> None:
     """SIGHUP replaced the plugin, so every reload tore down the connections to Samba, failed the
     requests waiting for a signature and reset the MS-SNTP counters; now it applies in place."""
