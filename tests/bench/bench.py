@@ -15,14 +15,17 @@ generator's limit, not the server's, and the script says so.
 Tests: plain 48-byte requests; legacy MAC requests (SHA1 and AES-128-CMAC keys, the same secrets
 in each server's key file format); NTS requests (one cookie, AES-SIV-CMAC-256; each server's own
 cookie from a real NTS-KE); NTS-KE sessions with 16 parallel clients, with EC (P-256) and RSA
-(2048) certificates, the same certificate files for both servers, each with two client TLS stacks:
-OpenSSL (an X25519 key share; offers session tickets, which an OpenSSL server then sends) and
-GnuTLS with chrony's own NTS-KE client settings (no tickets; P-256 and X25519 key shares, of which
-chrony's GnuTLS server takes P-256 and OpenSSL X25519). What the client offers changes each
-server's work, so both are shown.
+(2048) certificates, the same certificate files for both servers. The NTS-KE client sends chrony's
+own ClientHello (P-256 and X25519 key shares, of which chrony's GnuTLS server takes P-256 and
+OpenSSL X25519; no tickets offered) from tls13lite.c, a load-only TLS 1.3 client that reuses its
+key shares and checks nothing of the server's, so it costs a fraction of a server's session: a
+full TLS library costs the client more than the server (an ECDSA verify against a sign), and one
+core of it could not saturate chrony with an EC certificate. `--ke-tls openssl,gnutls` adds those
+libraries' clients (OpenSSL: an X25519 key share, tickets offered; GnuTLS with chrony's settings),
+for what real clients cost; with EC certificates they saturate ntsd but not chrony.
 
 Usage: python3 tests/bench/bench.py [--seconds 3] [--rounds 3] [--only plain,mac,nts,ke]
-       [--ntp-options "max_hold_us: 10, batch: 32"] [--python /usr/bin/python3]
+       [--ntp-options "max_hold_us: 10, batch: 32"] [--python /usr/bin/python3] [--ke-tls lite,gnutls]
 The interpreter matters: CPython built without PGO/LTO (pyenv's default) runs ntsd's hot path
 20-25% slower than a distribution's optimized build; the script prints which one ran ntsd.
 Needs: chronyd (Debian chrony), gcc, libssl-dev, libgnutls28-dev, taskset; run as root (chronyd -u root).
@@ -53,6 +56,11 @@ from nts.ke.devcerts import make_dev_certs  # noqa: E402
 
 PLAIN_REQUEST = bytes([0x23]) + bytes(39) + struct.pack(">Q", 0x1234567890ABCDEF)  # NTPv4 mode 3
 SATURATED = 0.9
+KE_CLIENTS = {  # --ke-tls name: (title, gcc flags for keload.c)
+    "lite": ("chrony-like (load-only TLS client)", ["-DKELOAD_LITE", str(HERE / "tls13lite.c"), "-lcrypto"]),
+    "openssl": ("OpenSSL", ["-lssl", "-lcrypto"]),
+    "gnutls": ("GnuTLS (chrony's client settings)", ["-DKELOAD_GNUTLS", "-lgnutls"]),
+}
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
@@ -261,6 +269,7 @@ def main() -> int:
     ap.add_argument("--server-core", type=int, default=1)
     ap.add_argument("--client-core", type=int, default=0)
     ap.add_argument("--only", default="plain,mac,nts,ke", help="comma-separated: plain, mac, nts, ke")
+    ap.add_argument("--ke-tls", default="lite", help="NTS-KE client TLS stacks, comma-separated: lite, openssl, gnutls")
     ap.add_argument("--ntp-options", default="", help='extra ntsd ntp settings, e.g. "max_hold_us: 10"')
     ap.add_argument(
         "--python",
@@ -281,10 +290,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ntsd-bench-") as tmp:
         work = Path(tmp)
         loadgen = work / "loadgen"
-        keload = {"OpenSSL": work / "keload-openssl", "GnuTLS (chrony's client settings)": work / "keload-gnutls"}
         subprocess.run(["gcc", "-O2", "-o", str(loadgen), str(HERE / "loadgen.c")], check=True)
-        for tool, flags in zip(keload.values(), (["-lssl", "-lcrypto"], ["-DKELOAD_GNUTLS", "-lgnutls"]), strict=True):
-            subprocess.run(["gcc", "-O2", "-o", str(tool), str(HERE / "keload.c"), *flags, "-lpthread"], check=True)
+        keload: dict[str, Path] = {}
+        for tls in args.ke_tls.split(","):
+            title, flags = KE_CLIENTS[tls]
+            keload[title] = work / f"keload-{tls}"
+            subprocess.run(
+                ["gcc", "-O2", "-o", str(keload[title]), str(HERE / "keload.c"), *flags, "-lpthread"], check=True
+            )
         for kind in ("ec", "rsa"):
             if kind == "ec" or "ke" in only:
                 servers = Servers(work, kind, args.server_core, args.ntp_options, args.python)

@@ -13,6 +13,10 @@
  * - GnuTLS (built with -DKELOAD_GNUTLS): chrony's own NTS-KE client settings (GNUTLS_NO_TICKETS,
  *   the default priorities with everything below TLS 1.3 removed): P-256 and X25519 key shares, no
  *   tickets. chrony is the most common NTS client.
+ * - tls13lite.c (built with -DKELOAD_LITE tls13lite.c -lcrypto): chrony's ClientHello from a
+ *   load-only client that costs a fraction of a server's session, so one core saturates chrony
+ *   (the two library clients above cannot with EC certificates: a client's ECDSA verify and key
+ *   shares cost more than the server's sign). See its top comment for what it leaves out.
  * Usage: keload HOST PORT SECONDS THREADS
  * Prints: "sessions=N seconds=S rate=R failed=F"
  */
@@ -28,12 +32,15 @@
 #include <time.h>
 #include <unistd.h>
 
-static const unsigned char REQUEST[] = {0x80, 0x01, 0x00, 0x02, 0x00, 0x00, 0x80, 0x04, 0x00, 0x02,
+const unsigned char REQUEST[16] = {0x80, 0x01, 0x00, 0x02, 0x00, 0x00, 0x80, 0x04, 0x00, 0x02,
                                         0x00, 0x0f, 0x80, 0x00, 0x00, 0x00};
-static int response_state(const unsigned char *buf, int len);
+int response_state(const unsigned char *buf, int len);
 
 /* The TLS part: tls_setup() once, then tls_exchange() per connected socket (1: a good response). */
-#ifdef KELOAD_GNUTLS
+#if defined(KELOAD_LITE)
+int tls_setup(void); /* tls13lite.c */
+int tls_exchange(int fd, unsigned char *buf, int size);
+#elif defined(KELOAD_GNUTLS)
 #include <gnutls/gnutls.h>
 
 static gnutls_certificate_credentials_t credentials;
@@ -109,7 +116,7 @@ static double now(void) {
 }
 
 /* 1: a complete good response; 0: incomplete so far; -1: complete but bad */
-static int response_state(const unsigned char *buf, int len) {
+int response_state(const unsigned char *buf, int len) {
     int pos = 0, aead = 0, cookies = 0;
     while (pos + 4 <= len) {
         int type = ((buf[pos] << 8) | buf[pos + 1]) & 0x7fff, blen = (buf[pos + 2] << 8) | buf[pos + 3];
