@@ -9,22 +9,30 @@ from typing import Any
 
 from OpenSSL import SSL
 
+from nts.config import format_addr
 from nts.ke.devcerts import DevCerts, make_dev_certs
 from nts.wire.ke_records import Record, RecordReader, RecordType, serialize_records
 from tests.helpers import free_port, lab_config
 
 
 def nts_config(
-    tmp: Path, ntp_port: int, ke_port: int, metrics_port: int | None = None, extra: str = "", **ntp: Any
+    tmp: Path,
+    ntp_port: int,
+    ke_port: int,
+    metrics_port: int | None = None,
+    extra: str = "",
+    ke_host: str = "127.0.0.1",
+    **ntp: Any,
 ) -> str:
-    """lab_config (its `listen` and `ntp_extra` pass through) with rate limiting off, plus NTS."""
+    """lab_config (its `listen` and `ntp_extra` pass through) with rate limiting off, plus NTS
+    (NTS-KE on `ke_host`)."""
     certs = tmp / "certs"
     if not (certs / "server.pem").exists():
         make_dev_certs(certs, ["localhost", "127.0.0.1", "::1"])
     plain = lab_config(ntp_port, metrics_port=metrics_port, extra="rate_limit: {enabled: false}\n", **ntp)
     return plain + (
         "nts:\n"
-        f'  listen: ["127.0.0.1:{ke_port}"]\n'
+        f'  listen: ["{format_addr((ke_host, ke_port))}"]\n'
         f"  certificate: {certs / 'server.pem'}\n"
         f"  private_key: {certs / 'server.key'}\n"
         f"  key_dir: {tmp / 'keys'}\n"

@@ -47,6 +47,22 @@ def test_chrony_gets_authenticated_samples_from_our_nts_server(tmp_path: Path) -
         assert 'ntsd_replies_total{auth="none"}' not in m  # every sample was NTS-authenticated
 
 
+def test_chrony_gets_authenticated_samples_over_ipv6(tmp_path: Path) -> None:
+    """NTS-KE and NTS-protected NTP on ::1 only; the certificate names ::1 (an IP address SAN)."""
+    ntp, ke, mport = free_port(host="::1"), free_port(socket.SOCK_STREAM, host="::1"), free_port(socket.SOCK_STREAM)
+    config = nts_config(tmp_path, ntp, ke, mport, ke_host="::1", listen=[f"[::1]:{ntp}"])
+    with running_ntsd(tmp_path, config):
+        extra = f"ntstrustedcerts {dev_certs(tmp_path).ca}\nnocerttimecheck 1\nntsdumpdir {tmp_path}\n"
+        offset, output = chrony_measure(
+            tmp_path / "chrony", f"server ::1 port {ntp} nts ntsport {ke} iburst maxsamples 4", extra
+        )
+        assert offset is not None, output
+        assert abs(offset) < 0.001, output
+        m = parse_text(fetch_metrics("127.0.0.1", mport))
+        assert m['ntsd_nts_ke_total{event="ok_aead_15"}'] == 1
+        assert m['ntsd_replies_total{auth="nts"}'] >= 3 and 'ntsd_replies_total{auth="none"}' not in m
+
+
 def test_chrony_rejects_a_server_it_cannot_authenticate(tmp_path: Path) -> None:
     """The negative control: with a CA chrony does not trust, it takes no sample from us."""
     ntp, ke, mport = ports()
