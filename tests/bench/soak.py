@@ -5,8 +5,8 @@ Strategy: one ntsd with two worker processes serves plain, MAC and NTS requests 
 loopback, with a short key rotation and rate limiting on. The run is a series of cycles; each
 cycle sends (a) a burst from the C load generator (MAC SHA1, AES-CMAC and NTS requests from one
 address), (b) requests from thousands of addresses never seen before (127.0.0.0/8 is all local
-on Linux), so every per-client table (rate limiter, legacy-use ledger, address caches) reaches
-its bound and must evict, (c) parallel NTS-KE sessions, (d) silent NTS-KE connections left for
+on Linux), so every per-client table (rate limiter, legacy-use ledger, MS-SNTP rate table,
+address caches) reaches its bound and must evict, (c) parallel NTS-KE sessions, (d) silent NTS-KE connections left for
 the session deadline and garbage datagrams, and (e) a SIGHUP, with the MAC key file rewritten
 every other cycle and the certificate replaced every fourth. After each cycle it records the
 process tree's resident memory, open descriptors and threads, and the request counters.
@@ -14,8 +14,9 @@ process tree's resident memory, open descriptors and threads, and the request co
 It passes (exit 0) when, after the load stops: every request is accounted for (requests =
 replies + NAKs + drops, exactly), the number of open descriptors is what it was after the first
 cycle, resident memory grew by less than 10% over
-the second half of the run (the tables are full by then; growth there is a leak), the log has
-no traceback or internal error, and ntsd still answers and stops on SIGTERM with exit 0.
+the second half of the run (the tables are full by then; growth there is a leak), each table's
+gauge is within its bound, the log has no traceback or internal error, and ntsd still answers and
+stops on SIGTERM with exit 0.
 
 Usage: python3 tests/bench/soak.py [--minutes 10] [--python /usr/bin/python3]
 Needs: gcc, libssl-dev (the load generators), taskset. Not part of the test suite (it runs for
@@ -55,6 +56,9 @@ from tests.mssntp_helpers import FakeSigner  # noqa: E402
 _LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ntsd\[\d+\] [A-Z]+ ")
 KEYS = [Key(1, Algorithm.SHA1, os.urandom(20)), Key(2, Algorithm.AES128CMAC, os.urandom(16))]
 SPARE = Key(3, Algorithm.SHA256, os.urandom(32))  # added and removed by the key-file rewrites
+# per-client tables (gauge: bound), small enough to fill early in a run, so the second half's memory
+# shows whether they stay bounded (the MS-SNTP table sees ~900 new addresses a cycle)
+BOUNDS = {"rate_limit_clients": 20_000, "mac_ledger_entries": 2_000, "mssntp_rate_limit_clients": 20_000}
 
 
 def tree(pid: int) -> list[int]:
@@ -140,15 +144,16 @@ class Soak:
         self.signer = FakeSigner(self.signd)  # Samba's signing socket; restarted every fifth cycle
         (work / "ntsd.yaml").write_text(
             f'ntp: {{listen: ["127.0.0.1:{self.ntp}"], workers: 2}}\n'
-            "rate_limit: {enabled: true, rate: 20000, burst: 20000, max_clients: 20000}\n"
+            f"rate_limit: {{enabled: true, rate: 20000, burst: 20000, max_clients: {BOUNDS['rate_limit_clients']}}}\n"
             "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\n"
             f'metrics: {{listen: "127.0.0.1:{self.mport}"}}\n'
             f"log: {{level: info, file: {self.log}}}\n"
             f'nts: {{listen: ["127.0.0.1:{self.ke}"], certificate: {self.certs.certificate}, '
             f"private_key: {self.certs.private_key}, key_dir: {work / 'keys'}, rotate_interval: 60, keep_keys: 2, "
             "ke_rate: 1000000, ke_burst: 1000000, session_timeout: 2, cert_check_interval: 1}\n"
-            f"mac: {{keys: {self.keyfile}, max_clients: 2000, check_interval: 1}}\n"
-            f"mssntp: {{socket: {self.signd}, networks: [127.0.0.0/8], rate: 1000000, burst: 1000000}}\n"
+            f"mac: {{keys: {self.keyfile}, max_clients: {BOUNDS['mac_ledger_entries']}, check_interval: 1}}\n"
+            f"mssntp: {{socket: {self.signd}, networks: [127.0.0.0/8], rate: 1000000, burst: 1000000, "
+            f"max_clients: {BOUNDS['mssntp_rate_limit_clients']}}}\n"
         )
         self.proc = subprocess.Popen(
             ["taskset", "-c", "1", python, "-m", "nts", "serve", "-c", str(work / "ntsd.yaml")],
@@ -246,6 +251,9 @@ class Soak:
         )
         if growth > 0.10:
             failures.append(f"resident memory grew {growth * 100:.1f}% over the second half")
+        for gauge, bound in BOUNDS.items():  # each of the two workers keeps its own table
+            if not 0 < m.get(f"ntsd_{gauge}", 0) <= 2 * bound:
+                failures.append(f"ntsd_{gauge} is {m.get(f'ntsd_{gauge}', 0):.0f}; expected 1 to 2 x {bound}")
         for name, packet, size in (
             ("plain", PLAIN_REQUEST, 48),
             ("MS-SNTP", PLAIN_REQUEST + struct.pack("<I", 1105) + bytes(16), 68),  # the signer restarted meanwhile
