@@ -6,12 +6,18 @@ reason); nothing is guessed across formats, because the same line means differen
 Length rules follow the implementations: NTPsec reads keys of up to 20 characters as ASCII and
 longer ones as hex (at most 64 digits), and pads or truncates CMAC keys to the cipher's size;
 chrony takes `HEX:`/`ASCII:` prefixes (bare means ASCII) and requires CMAC keys of exactly 16 or
-32 bytes. Secret bytes never appear in a message or a repr.
+32 bytes. Comments follow each implementation too: in ntp.keys a `#` ends the line wherever it is
+(NTPsec's tokenizer); in chrony's file a line is a comment when its first character is one of `!;#%`,
+and a `#` anywhere else is part of a word (so `1 MD5 ab#cd` is the key `ab#cd` there). Comments may
+hold any text (Debian's own chrony.keys has typographic quotes in them); words are split on ASCII
+white space only, and whatever is not a comment must be ASCII or its line is refused. Secret bytes
+never appear in a message or a repr.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -131,8 +137,22 @@ _NTP_TYPE_NAMES = ", ".join(_NTP_TYPES)
 _CHRONY_TYPE_NAMES = ", ".join(_CHRONY_TYPES)
 
 
+_SPACE = re.compile(r"[ \t\r\v\f]+")  # C's isspace() within a line, as both implementations split
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in _SPACE.split(text) if w]
+
+
 def _tokens(line: str) -> list[str]:
-    return line.split("#", 1)[0].split()
+    """The words of an ntp.keys line: a `#` starts a comment wherever it is."""
+    return _words(line.split("#", 1)[0])
+
+
+def _chrony_tokens(line: str) -> list[str]:
+    """The words of a chrony keyfile line: a comment line starts with one of `!;#%`."""
+    words = _words(line)
+    return [] if not words or words[0][0] in "!;#%" else words
 
 
 def parse_ntp_line(number: int, line: str, warnings: list[Problem]) -> Key | Problem | None:
@@ -148,7 +168,7 @@ def parse_ntp_line(number: int, line: str, warnings: list[Problem]) -> Key | Pro
         return Problem(number, "the key number is outside 1..65535")
     if len(tokens) < 3:
         return Problem(number, f"key {keyno}: expected a key type and a key after the key number")
-    upper = tokens[1].upper()
+    upper = tokens[1].upper() if tokens[1].isascii() else ""  # str.upper() maps some letters to ASCII
     algorithm = _NTP_TYPES.get(upper) or (Algorithm.MD5 if upper.startswith("M") else None)
     if algorithm is None:
         return Problem(number, f"key {keyno}: unknown key type (expected one of {_NTP_TYPE_NAMES})")
@@ -175,7 +195,7 @@ def parse_ntp_line(number: int, line: str, warnings: list[Problem]) -> Key | Pro
 
 def parse_chrony_line(number: int, line: str, warnings: list[Problem]) -> Key | Problem | None:
     """One line of a chrony keyfile (`ID [TYPE] KEY`)."""
-    tokens = _tokens(line)
+    tokens = _chrony_tokens(line)
     if not tokens:
         return None
     if not (tokens[0].isascii() and tokens[0].isdigit()) or not 0 < int(tokens[0]) < 2**32:
@@ -184,7 +204,7 @@ def parse_chrony_line(number: int, line: str, warnings: list[Problem]) -> Key | 
     if len(tokens) == 2:
         algorithm, text = Algorithm.MD5, tokens[1]
     elif len(tokens) == 3:
-        found = _CHRONY_TYPES.get(tokens[1].upper())
+        found = _CHRONY_TYPES.get(tokens[1].upper()) if tokens[1].isascii() else None
         if found is None:
             return Problem(number, f"key {key_id}: unknown key type (expected one of {_CHRONY_TYPE_NAMES})")
         algorithm, text = found, tokens[2]
@@ -215,7 +235,7 @@ def parse_keyfile(text: str, source: str, fmt: str) -> KeyFile:
     keys: dict[int, Key] = {}
     problems: list[Problem] = []
     warnings: list[Problem] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): it breaks lines at \x85, \u2028 ...
         result = parse(number, line, warnings)
         if isinstance(result, Problem):
             problems.append(result)
@@ -241,11 +261,9 @@ def load_keyfile(path: Path, fmt: str, allow_bad_lines: bool = False) -> KeyFile
         raise KeyFileError(f"{path}: cannot read: {exc.strerror}") from None
     if len(data) > 1 << 20:
         raise KeyFileError(f"{path}: larger than 1 MiB; not a key file")
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise KeyFileError(f"{path}: not ASCII text") from None
-    keyfile = parse_keyfile(text, str(path), fmt)
+    # Comments may be in any encoding; a byte that is not UTF-8 becomes U+FFFD, which no key, number
+    # or type name accepts, so such a line outside a comment is refused by its parser.
+    keyfile = parse_keyfile(data.decode("utf-8", errors="replace"), str(path), fmt)
     if keyfile.problems and not allow_bad_lines:
         lines = "\n  ".join(keyfile.describe(p) for p in keyfile.problems)
         raise KeyFileError(f"{path}: {len(keyfile.problems)} bad line(s); refusing the file:\n  {lines}")

@@ -161,6 +161,8 @@ def _key_notes(settings: MacSettings, keyfile: KeyFile) -> list[tuple[int, str]]
     if old:
         notes.append((logging.WARNING, f"MD5/SHA1 keys in use, key ids {', '.join(map(str, old))} (deprecated by "
                       "RFC 8573; move these clients to NTS or AES-CMAC)"))  # fmt: skip
+    if not keyfile.keys:
+        notes.append((logging.WARNING, f"{settings.keys} holds no keys: every MAC request gets a crypto-NAK"))
     missing = sorted(trusted - keyfile.keys.keys()) if trusted is not None else []
     if missing:
         notes.append((logging.WARNING, f"trusted key ids not in {settings.keys}: {', '.join(map(str, missing))}"))

@@ -207,6 +207,9 @@ def test_check_config_looks_at_what_the_sections_point_to(tmp_path: Path, capsys
         assert "warning: mac: MD5/SHA1 keys in use, key ids 1" in out
         assert f"warning: mssntp: {tmp_path / 'no-signd'} does not exist (yet)" in out
         assert not (tmp_path / "keys").exists()  # nothing created
+        code, out, err = check(certs.certificate, "# only comments, as Debian installs chrony.keys\n", tmp_path / "k")
+        assert (code, err) == (0, "")
+        assert f"warning: mac: {keys} holds no keys: every MAC request gets a crypto-NAK" in out
         code, out, err = check(tmp_path / "gone.pem", "1 MD5 abcdefghij\nfoo\n", keys / "sub")  # under a file
         assert code == 2 and out == ""
         assert f"nts: cannot read {tmp_path / 'gone.pem'}: No such file or directory" in err

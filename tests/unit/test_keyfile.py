@@ -83,7 +83,47 @@ CHRONY_ACCEPTED = [
     ("5 AES256 HEX:" + "01" * 32, 5, Algorithm.AES256CMAC, bytes([1]) * 32),
     ("4294967295 SHA512 " + "y" * 30, 4294967295, Algorithm.SHA512, b"y" * 30),
     ("6 SHA3-256 HEX:" + "02" * 20, 6, Algorithm.SHA3_256, bytes([2]) * 20),
+    ("7 MD5 ab#cdefghij", 7, Algorithm.MD5, b"ab#cdefghij"),  # '#' inside a word is part of it (chrony)
+    ("\t8\tMD5\tabcdefghij\r", 8, Algorithm.MD5, b"abcdefghij"),  # tabs, and a CRLF file's \r
 ]
+
+
+def test_comments_follow_each_implementation() -> None:
+    # Debian installs /etc/chrony/chrony.keys with typographic quotes in its comments (UTF-8).
+    debian_like = "# Keys made with \u201cchronyc keygen\u201d, for example:\n#\n! old-style\n; also\n% and this\n"
+    kf = parse_keyfile(debian_like + "  # indented\n1 SHA1 HEX:" + "ab" * 20 + "\n", "chrony.keys", "chrony")
+    assert (kf.problems, list(kf.keys)) == ((), [1])
+    kf = parse_keyfile("1 MD5 abcdefghij # trailing text\n", "chrony.keys", "chrony")  # chrony: four words
+    assert [kf.describe(p) for p in kf.problems] == ["chrony.keys:1: key 1: expected ID [TYPE] KEY"]
+    # ntp.keys (NTPsec's tokenizer): a '#' ends the line wherever it is, comments may hold anything
+    kf = parse_keyfile(
+        "# Schl\u00fcssel\u2028not a line\n1 MD5 abcdefghij#rest \u00fc\n2 SHA1 klmnopqrst # note \u201cx\u201d\n",
+        "k",
+        "ntp",
+    )
+    assert kf.problems == () and [k.secret for k in kf.keys.values()] == [b"abcdefghij", b"klmnopqrst"]
+
+
+@pytest.mark.parametrize("fmt", ["ntp", "chrony"])
+def test_text_other_than_ascii_outside_comments_is_refused(fmt: str) -> None:
+    lines = [
+        "1 MD5 abcdefgh\u00e9",  # a key
+        "2 \u017fha1 abcdefghij",  # a type that str.upper() would make SHA1 of
+        "3\u00a0MD5 abcdefghij",  # a space that is not ASCII: NTPsec and chrony see one word
+        "4 MD5 abcdefghij\ufffd",  # a byte that is not UTF-8, after decoding
+    ]
+    kf = parse_keyfile("\n".join(lines) + "\n", "k", fmt)
+    assert (len(kf.problems), list(kf.keys)) == (4, [])
+
+
+def test_a_key_file_in_another_encoding_loads_what_is_ascii(tmp_path: Path) -> None:
+    path = tmp_path / "ntp.keys"
+    path.write_bytes(b"# Schl\xfcssel (Latin-1)\n1 MD5 abcdefghij\n")
+    path.chmod(0o600)
+    assert list(load_keyfile(path, "ntp").keys) == [1]
+    path.write_bytes(b"1 MD5 abcdefgh\xe9\n")
+    with pytest.raises(KeyFileError, match="1 bad line"):
+        load_keyfile(path, "ntp")
 
 
 @pytest.mark.parametrize(("line", "key_id", "algorithm", "secret"), CHRONY_ACCEPTED)
