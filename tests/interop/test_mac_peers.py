@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import socket
@@ -47,6 +48,33 @@ def test_chrony_mac_client_for_each_algorithm_and_a_wrong_key(tmp_path: Path) ->
         m = parse_text(fetch_metrics("127.0.0.1", mport))
         assert m['ntsd_naks_total{auth="mac",reason="bad_mac"}'] >= 1
         assert 'ntsd_replies_total{auth="none"}' not in m  # never unauthenticated time to a MAC client
+
+
+def test_chrony_and_ntsd_read_one_chrony_keyfile_as_debian_installs_it(tmp_path: Path) -> None:
+    """One file for both: mode 0640 root:_chrony, comments in UTF-8 and in each of chrony's comment
+    styles, and an ASCII key with a '#' inside (part of the key to chrony; cut there, the MACs differ)."""
+    keys = tmp_path / "chrony.keys"
+    keys.write_text(
+        "# Keys made with \u201cchronyc keygen\u201d\n! old style\n; also\n% and this\n9 SHA1 ab#cdefghijklmnop\n"
+    )
+    keys.chmod(0o640)
+    os.chown(keys, 0, _chrony_gid())
+    port, mport = free_port(), free_port(socket.SOCK_STREAM)
+    config = lab_config(port, metrics_port=mport, extra="rate_limit: {enabled: false}\n")
+    with running_ntsd(tmp_path, config + mac_section(keys, extra="  format: chrony\n")):
+        offset, output = chrony_measure(
+            tmp_path / "c", f"server 127.0.0.1 port {port} key 9 iburst maxsamples 2", f"keyfile {keys}\n"
+        )
+        assert offset is not None, output
+        m = parse_text(fetch_metrics("127.0.0.1", mport))
+        assert m['ntsd_mac_requests_total{algorithm="SHA1",key="9"}'] >= 2
+
+
+def _chrony_gid() -> int:
+    try:
+        return grp.getgrnam("_chrony").gr_gid  # the group Debian's chrony package creates
+    except KeyError:
+        return 0
 
 
 def test_ntpdig_with_ntp_keys(tmp_path: Path) -> None:
