@@ -104,6 +104,21 @@ def test_comments_follow_each_implementation() -> None:
     assert kf.problems == () and [k.secret for k in kf.keys.values()] == [b"abcdefghij", b"klmnopqrst"]
 
 
+def test_a_file_as_ntpkeygen_writes_it() -> None:
+    """NTPsec's ntpkeygen: two comment lines, then `%2d AES key` lines: 16 printable characters from
+    '!' to '}' (which may include '#'), then 32 hex digits. NTPsec's reader, and ntpdig's, end a line
+    at '#' and NTPsec pads a short CMAC key with zeros; so does this reader (with a warning)."""
+    ascii_keys = ["q7!Vd$0p(Lm]z^K{", "ab#defghijklmnop", *(chr(0x41 + i) * 16 for i in range(8))]
+    hex_keys = [f"{i:02x}" * 16 for i in range(10)]
+    text = "# ntpkey_AES_host.3972913482\n# Sun Nov 22 17:44:42 2026\n"
+    text += "".join(f"{i:2d} AES {k}\n" for i, k in enumerate(ascii_keys + hex_keys, 1))
+    kf = parse_keyfile(text, "ntp.keys", "ntp")
+    assert kf.problems == () and len(kf.keys) == 20
+    assert kf.keys[1].secret == b"q7!Vd$0p(Lm]z^K{" and kf.keys[20].secret == bytes([9]) * 16
+    assert kf.keys[2].secret == b"ab" + bytes(14)
+    assert [kf.describe(w) for w in kf.warnings] == ["ntp.keys:4: key 2: AES-128-CMAC key padded to 16 bytes"]
+
+
 @pytest.mark.parametrize("fmt", ["ntp", "chrony"])
 def test_text_other_than_ascii_outside_comments_is_refused(fmt: str) -> None:
     lines = [
