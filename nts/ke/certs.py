@@ -15,6 +15,9 @@ import logging
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 
 from ..files import check_private_file, file_identity
@@ -56,6 +59,29 @@ def describe(subject: str, not_after: datetime.datetime | None) -> str:
     return f"{subject}, expires {not_after:%Y-%m-%d %H:%M}Z" if not_after else subject
 
 
+_KEY_MAX = 1 << 20  # a PEM private key is a few kB
+_TLS_KEYS = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
+TlsKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+
+
+def _private_key(key_path: Path, pem: bytes) -> TlsKey:
+    """The key, read by `cryptography`, never by OpenSSL's PEM reader: given an encrypted key, that
+    one asks the terminal for the passphrase, and waits (a server started, or reloading, in a
+    terminal hung there)."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except TypeError:  # cryptography's word for "encrypted, and no password was given"
+        raise CertError(
+            f"private key {key_path} is encrypted (it has a passphrase) and a server has no one to ask for it: "
+            f"store it unencrypted, mode 0600 (openssl pkey -in {key_path} -out NEW.key)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise CertError(f"private key {key_path} is not a PEM private key that can be used") from None
+    if not isinstance(key, _TLS_KEYS):
+        raise CertError(f"private key {key_path}: a {type(key).__name__} cannot sign TLS handshakes (use EC or RSA)")
+    return key
+
+
 def _load(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str, datetime.datetime | None]:
     """The Context, and the subject and expiry of the chain's first certificate (CertError if unusable)."""
     try:
@@ -66,10 +92,11 @@ def _load(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str, datetime.d
         raise CertError(f"private key refused: {exc}") from None
     for path in (cert_path, key_path):  # say plainly what OpenSSL would report as "system lib"
         try:
-            with open(path, "rb"):
-                pass
+            with open(path, "rb") as f:
+                pem = f.read(_KEY_MAX) if path == key_path else b""
         except OSError as exc:
             raise CertError(f"cannot read {path}: {exc.strerror}") from None
+    key = _private_key(key_path, pem)
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_CIPHER_SERVER_PREFERENCE)
@@ -77,7 +104,7 @@ def _load(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str, datetime.d
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     try:
         ctx.use_certificate_chain_file(str(cert_path))
-        ctx.use_privatekey_file(str(key_path))
+        ctx.use_privatekey(key)
         ctx.check_privatekey()
     except SSL.Error as exc:
         raise CertError(f"cannot use {cert_path} with {key_path}: {_ssl_reason(exc)}") from None

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import datetime
 import logging
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from nts.ke.certs import CertError, CertStore, build_context, expiry_problem
@@ -69,6 +75,64 @@ def test_unreadable_certificate_files_are_named_plainly(tmp_path: Path) -> None:
         build_context(tmp_path / "gone.pem", certs.private_key)
     _, description = build_context(certs.certificate, certs.private_key)
     assert description.startswith("CN=localhost")
+
+
+def _encrypted(key_file: Path, fmt: serialization.PrivateFormat, prefix: bytes = b"") -> Path:
+    key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    out = key_file.with_name(f"enc-{'pkcs8' if fmt == serialization.PrivateFormat.PKCS8 else 'traditional'}.key")
+    out.write_bytes(prefix + key.private_bytes(Encoding.PEM, fmt, serialization.BestAvailableEncryption(b"pw")))
+    out.chmod(0o600)
+    return out
+
+
+def test_an_encrypted_key_is_refused_plainly(tmp_path: Path) -> None:
+    certs = make_dev_certs(tmp_path / "c", ["localhost"])
+    for fmt in (serialization.PrivateFormat.PKCS8, serialization.PrivateFormat.TraditionalOpenSSL):
+        key = _encrypted(certs.private_key, fmt)
+        with pytest.raises(CertError) as exc:
+            build_context(certs.certificate, key)
+        assert str(exc.value) == (
+            f"private key {key} is encrypted (it has a passphrase) and a server has no one to ask for it: "
+            f"store it unencrypted, mode 0600 (openssl pkey -in {key} -out NEW.key)"
+        )
+
+
+def test_keys_that_are_not_usable_are_refused_plainly(tmp_path: Path) -> None:
+    certs = make_dev_certs(tmp_path / "c", ["localhost"])
+    for name, data in (("half.key", certs.private_key.read_bytes()[:60]), ("x448.key", _x448_pem())):
+        key = tmp_path / name
+        key.write_bytes(data)
+        key.chmod(0o600)
+        with pytest.raises(CertError, match=f"^private key {key}"):
+            build_context(certs.certificate, key)
+
+
+def _x448_pem() -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.x448 import X448PrivateKey
+
+    return X448PrivateKey.generate().private_bytes(
+        Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def test_openssl_never_asks_a_terminal_for_a_passphrase(tmp_path: Path) -> None:
+    """Given an encrypted key and a terminal, OpenSSL's PEM reader prompted on the terminal and waited:
+    a server starting (or reloading) in a terminal hung there. The key is read by `cryptography` now;
+    run with a pseudo-terminal, the load must end with the refusal (text before the PEM block too)."""
+    script = shutil.which("script")  # util-linux: runs a command with a pseudo-terminal
+    assert script is not None
+    certs = make_dev_certs(tmp_path / "c", ["localhost"])
+    key = _encrypted(certs.private_key, serialization.PrivateFormat.PKCS8, b"#" * 8000 + b"\n")
+    code = (
+        "import sys; from pathlib import Path; from nts.ke.certs import CertError, build_context\n"
+        f"try: build_context(Path({str(certs.certificate)!r}), Path({str(key)!r}))\n"
+        "except CertError as e: print('refused:', e)\n"
+    )
+    cmd = f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"
+    out = subprocess.run(
+        [script, "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL
+    ).stdout
+    assert f"refused: private key {key} is encrypted" in out and "pass phrase" not in out.lower()
 
 
 def test_expiry_is_reported_two_weeks_ahead_and_when_past() -> None:
