@@ -8,7 +8,10 @@ receive timestamps, and one call sends the replies back to the addresses they ca
 reply reuses the request's raw sockaddr: no address conversion on the way out). Headers are read
 and written with `struct` on memoryviews, never through ctypes attribute access, which costs
 more than the syscall. Where the layout cannot be verified (other platforms, 32-bit) `available()`
-is False and the listener uses plain recvmsg/sendto.
+is False and the listener uses plain recvmsg/sendto. On a socket bound to a wildcard address the
+kernel also reports the address each datagram was sent to (IP_PKTINFO / IPV6_PKTINFO, after the
+timestamp), and each reply carries that control message back, so it leaves from the address the
+client asked (a client rejects a reply from another one).
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ from typing import Any
 _MMSG = struct.Struct("@PIPNPNi4xI4x")
 _LENGTHS = struct.Struct("@8xI28xN8xI4x")  # what the kernel writes back: namelen, controllen, msg_len
 _PEER = struct.Struct("@PI")  # msg_name, msg_namelen: the start of an mmsghdr
+_CONTROLLEN = struct.Struct("@N")  # msg_controllen, at offset 40 of an mmsghdr
 _LENGTH = struct.Struct("@N")  # iov_len, the second half of an iovec
 _IOVEC = struct.Struct("@PN")
 _NAME_LEN = 128  # sizeof(struct sockaddr_storage)
 _IOVEC_SIZE, _MMSG_SIZE = _IOVEC.size, _MMSG.size  # plain ints for the per-reply path
 _CMSG = struct.Struct("@NiiqQ")  # cmsghdr (len, level, type) + struct timespec
 _CONTROL_LEN = socket.CMSG_SPACE(16)
+_PKTINFO_SPACE = socket.CMSG_SPACE(20)  # room for struct in6_pktinfo (struct in_pktinfo is 12 bytes)
+_CMSG_HEAD = struct.Struct("@Nii")
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python 3.11's socket module lacks the name
+PKTINFO = {(socket.IPPROTO_IP, IP_PKTINFO), (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)}
 _SCM_TIMESTAMPNS = 35  # == SO_TIMESTAMPNS
 _MSG_WAITFORONE = 0x10000
 # A sockaddr_storage slot read as IPv4: family read big-endian (compared to a swapped constant), port, address
@@ -75,7 +83,7 @@ def _buffer(size: int) -> tuple[memoryview, int]:
 class Batch:
     """Buffers and calls for one socket: `recv()` then `messages()`; `queue()` replies then `flush()`."""
 
-    def __init__(self, sock: socket.socket, size: int, max_datagram: int) -> None:
+    def __init__(self, sock: socket.socket, size: int, max_datagram: int, pktinfo: bool = False) -> None:
         if not available():
             raise OSError(errno.ENOSYS, "recvmmsg/sendmmsg are not usable here")
         self.fd = sock.fileno()
@@ -84,22 +92,27 @@ class Batch:
         self._data = ctypes.create_string_buffer(size * self.slot)  # sliced directly: bytes in one step
         data_addr = ctypes.addressof(self._data)
         self.names, self._names_addr = _buffer(size * _NAME_LEN)
-        self.control, control_addr = _buffer(size * _CONTROL_LEN)
+        self.pktinfo = pktinfo
+        self._ctl = ctl = _CONTROL_LEN + (_PKTINFO_SPACE if pktinfo else 0)  # control bytes per slot
+        self._cmsg = struct.Struct(f"{_CMSG.format}{ctl - _CMSG.size}x") if pktinfo else _CMSG
+        self.control, control_addr = _buffer(size * ctl)
         self._rx_iov, rx_iov_addr = _buffer(size * _IOVEC.size)
         self.rx, self._rx_addr = _buffer(size * _MMSG.size)
         for i in range(size):
             _IOVEC.pack_into(self._rx_iov, i * _IOVEC.size, data_addr + i * self.slot, self.slot)
             _MMSG.pack_into(
                 self.rx, i * _MMSG.size, self._names_addr + i * _NAME_LEN, _NAME_LEN,
-                rx_iov_addr + i * _IOVEC.size, 1, control_addr + i * _CONTROL_LEN, _CONTROL_LEN, 0, 0,
+                rx_iov_addr + i * _IOVEC.size, 1, control_addr + i * ctl, ctl, 0, 0,
             )  # fmt: skip
         self._pristine = bytes(self.rx)  # the kernel rewrites lengths; restored before each call
         self._out, self._out_addr = _buffer(size * self.slot)
         self._tx_iov, self._tx_iov_addr = _buffer(size * _IOVEC.size)
         self.tx, self._tx_addr = _buffer(size * _MMSG.size)
-        for i in range(size):  # reply j: iovec j over output slot j; only lengths and peers change
+        self._tx_control, tx_control_addr = _buffer(size * _PKTINFO_SPACE if pktinfo else 1)
+        for i in range(size):  # reply j: iovec j over output slot j; only lengths, peers (and pktinfo) change
             _IOVEC.pack_into(self._tx_iov, i * _IOVEC.size, self._out_addr + i * self.slot, 0)
-            _MMSG.pack_into(self.tx, i * _MMSG.size, 0, 0, self._tx_iov_addr + i * _IOVEC.size, 1, 0, 0, 0, 0)
+            tx_control = tx_control_addr + i * _PKTINFO_SPACE if pktinfo else 0
+            _MMSG.pack_into(self.tx, i * _MMSG.size, 0, 0, self._tx_iov_addr + i * _IOVEC.size, 1, tx_control, 0, 0, 0)
         self.pending = 0
         self._ips: dict[bytes, str] = {}
 
@@ -116,13 +129,13 @@ class Batch:
         out: list[Any] = []  # (ctypes slices are bytes; typeshed says list)
         data, slot, names, ips = self._data, self.slot, self.names, self._ips
         heads = _LENGTHS.iter_unpack(self.rx[: n * _MMSG.size])
-        cmsgs = _CMSG.iter_unpack(self.control[: n * _CONTROL_LEN])
+        cmsgs = self._cmsg.iter_unpack(self.control[: n * self._ctl])
         peers = _NAME4_SLOT.iter_unpack(names[: n * _NAME_LEN])
         start = 0
         for i, (namelen, controllen, length), (_, _, kind, sec, nsec), (family, port, raw) in zip(
             range(n), heads, cmsgs, peers, strict=True
         ):
-            rx = sec * 1_000_000_000 + nsec if controllen >= _CONTROL_LEN and kind == _SCM_TIMESTAMPNS else 0
+            rx = sec * 1_000_000_000 + nsec if controllen >= _CMSG.size and kind == _SCM_TIMESTAMPNS else 0
             peer: Any = None
             if family == _FAMILY4:
                 ip = ips.get(raw)
@@ -148,7 +161,34 @@ class Batch:
         self._out[start : start + n] = reply
         _LENGTH.pack_into(self._tx_iov, j * _IOVEC_SIZE + 8, n)
         _PEER.pack_into(self.tx, j * _MMSG_SIZE, self._names_addr + i * _NAME_LEN, namelen)
+        if self.pktinfo:  # the request's destination address becomes the reply's source
+            found = self.pktinfo_bytes(i)
+            self._tx_control[j * _PKTINFO_SPACE : j * _PKTINFO_SPACE + len(found)] = found
+            _CONTROLLEN.pack_into(self.tx, j * _MMSG_SIZE + 40, len(found))
         self.pending = j + 1
+
+    def pktinfo_bytes(self, i: int) -> bytes:
+        """The IP_PKTINFO / IPV6_PKTINFO control message the kernel gave receive slot i, whole (header
+        included, as sendmsg takes it), or b"" when there is none."""
+        base, ctl = i * self._ctl, self._ctl
+        (_, controllen, _) = _LENGTHS.unpack_from(self.rx, i * _MMSG_SIZE)
+        end, pos = base + min(controllen, ctl), base
+        while pos + _CMSG_HEAD.size <= end:
+            length, level, kind = _CMSG_HEAD.unpack_from(self.control, pos)
+            if length < _CMSG_HEAD.size or pos + length > end:
+                break
+            if (level, kind) in PKTINFO:
+                return bytes(self.control[pos : pos + length])
+            pos += socket.CMSG_SPACE(length - _CMSG_HEAD.size)
+        return b""
+
+    def pktinfo_ancillary(self, i: int) -> list[tuple[int, int, bytes]]:
+        """Slot i's pktinfo as socket.sendmsg takes ancillary data ([] when there is none)."""
+        found = self.pktinfo_bytes(i)
+        if not found:
+            return []
+        _, level, kind = _CMSG_HEAD.unpack_from(found)
+        return [(level, kind, found[_CMSG_HEAD.size :])]
 
     def flush(self) -> list[int]:
         """Send what is queued; returns the errno of each datagram that could not be sent."""

@@ -11,7 +11,9 @@ only after the whole batch is decided, and sends the replies with one sendmmsg, 
 when a timestamp has waited `hold_ns`. Elsewhere, or with batch 1, it is recvmsg and sendto per
 datagram. A reload swaps the pipeline between batches; stopping shuts the socket down, which wakes
 the blocked read. Deferred replies (asynchronous signers) are finished on the event loop and sent
-from there.
+from there. A socket bound to a wildcard address (0.0.0.0, ::) asks the kernel for each datagram's
+destination address (IP_PKTINFO / IPV6_RECVPKTINFO) and sends the reply from it: left to routing,
+a reply to a request sent to a host's second address leaves from its first, and clients drop it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; absent fr
 MAX_DATAGRAM = 4096  # larger requests are dropped as oversize
 _TIMESPEC = struct.Struct("@qq")
 _ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+_ANC_SPACE_PKTINFO = _ANC_SPACE + socket.CMSG_SPACE(20)  # + struct in6_pktinfo (in_pktinfo is smaller)
+WILDCARDS = ("0.0.0.0", "::")
 _K_RECV, _K_SEND = ("io_calls", "recvmmsg"), ("io_calls", "sendmmsg")
 
 
@@ -63,6 +67,11 @@ def open_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        if host in WILDCARDS:  # the kernel then says where each datagram was sent (replies go from there)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, mmsg.IP_PKTINFO, 1)
         sock.bind((host, port))
     except BaseException:
         sock.close()
@@ -109,6 +118,7 @@ class UdpListener:
         self._tasks: set[asyncio.Task[None]] = set()
         self.batch = batch  # fixed for the socket's life (its buffers are sized by it)
         self.hold_ns = hold_ns  # read per batch: a reload may change it
+        self.pktinfo = self.local[0] in WILDCARDS  # replies must leave from the address asked
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -154,9 +164,10 @@ class UdpListener:
         unpack = _TIMESPEC.unpack_from
         time_ns = time.time_ns
         trunc = int(socket.MSG_TRUNC)  # the enum member would make `&` a Python-level call
+        space = _ANC_SPACE_PKTINFO if self.pktinfo else _ANC_SPACE
         while True:
             try:
-                data, anc, flags, addr = recvmsg(MAX_DATAGRAM, _ANC_SPACE)
+                data, anc, flags, addr = recvmsg(MAX_DATAGRAM, space)
             except InterruptedError:
                 continue
             except OSError as exc:  # e.g. an ICMP error queued on the socket
@@ -170,36 +181,45 @@ class UdpListener:
                 continue
             pipeline = self.pipeline
             pipeline.requests += 1
-            if anc:
-                sec, nsec = unpack(anc[0][2])
-                rx = sec * 1_000_000_000 + nsec
-            else:
-                rx = time_ns()
+            rx, reply_anc = 0, []
+            for level, kind, payload in anc:
+                if kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET:
+                    sec, nsec = unpack(payload)
+                    rx = sec * 1_000_000_000 + nsec
+                elif (level, kind) in mmsg.PKTINFO:
+                    reply_anc = [(level, kind, payload)]
             if flags & trunc:
                 pipeline.stats.inc(("drops", "oversize"))
                 continue
-            self._answer(pipeline, data, addr, rx)
+            self._answer(pipeline, data, addr, rx or time_ns(), reply_anc)
 
-    def _answer(self, pipeline: Pipeline, data: bytes, addr: Any, rx: int) -> None:
-        """One datagram, answered at once (the reply is finished and sent before the next is read)."""
+    def _answer(self, pipeline: Pipeline, data: bytes, addr: Any, rx: int, anc: list[Any]) -> None:
+        """One datagram, answered at once (the reply is finished and sent before the next is read);
+        `anc`: the control message that sets the reply's source address, on a wildcard socket."""
         try:
             decision = pipeline.handle(data, addr, rx, self.local)
         except Exception:  # a bug (in a plugin, say) costs this datagram, never the listener
             self._internal_error(pipeline, addr)
             return
         if type(decision) is bytes:
-            try:
-                self.sock.sendto(decision, addr)
-            except OSError as exc:
-                pipeline.stats.inc(("socket_errors", exc.__class__.__name__))
+            self._send(pipeline, decision, addr, anc)
         elif type(decision) is Defer:
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision)
+            self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision, anc)
         elif self._on_drop is not None:
             self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
 
+    def _send(self, pipeline: Pipeline, reply: bytes, addr: Any, anc: list[Any]) -> None:
+        try:
+            if anc:
+                self.sock.sendmsg([reply], anc, 0, addr)
+            else:
+                self.sock.sendto(reply, addr)
+        except OSError as exc:
+            pipeline.stats.inc(("socket_errors", exc.__class__.__name__))
+
     def _serve_batched(self) -> None:
-        batch = mmsg.Batch(self.sock, self.batch, MAX_DATAGRAM)
+        batch = mmsg.Batch(self.sock, self.batch, MAX_DATAGRAM, self.pktinfo)
         recv, messages, queue = batch.recv, batch.messages, batch.queue
         time_ns = time.time_ns
         local = self.local
@@ -216,7 +236,7 @@ class UdpListener:
             counts = pipeline.stats.counts
             counts[_K_RECV] = counts.get(_K_RECV, 0) + 1
             if n == 1:  # light load: answer at once, as the unbatched loop does (no send-call overhead)
-                self._one(pipeline, messages(1)[0])
+                self._one(pipeline, messages(1)[0], batch.pktinfo_ancillary(0) if self.pktinfo else [])
                 continue
             handle = pipeline.handle
             hold = self.hold_ns
@@ -243,7 +263,8 @@ class UdpListener:
                         first = time_ns()
                 elif kind is Defer:
                     assert self._loop is not None
-                    self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision)  # type: ignore[arg-type]
+                    anc = batch.pktinfo_ancillary(i) if self.pktinfo else []
+                    self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision, anc)  # type: ignore[arg-type]
                 elif self._on_drop is not None:
                     self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
                 if first and time_ns() - first >= hold:  # a queued timestamp must not go stale
@@ -268,7 +289,7 @@ class UdpListener:
             if batch.pending:
                 self._flush(batch, pipeline)
 
-    def _one(self, pipeline: Pipeline, message: tuple[int, bytes, int, int, int, Any]) -> None:
+    def _one(self, pipeline: Pipeline, message: tuple[int, bytes, int, int, int, Any], anc: list[Any]) -> None:
         _, data, length, _, rx, addr = message
         pipeline.requests += 1
         if addr is None:
@@ -276,7 +297,7 @@ class UdpListener:
         if length > MAX_DATAGRAM:
             pipeline.stats.inc(("drops", "oversize"))
             return
-        self._answer(pipeline, data, addr, rx or time.time_ns())
+        self._answer(pipeline, data, addr, rx or time.time_ns(), anc)
 
     @staticmethod
     def _flush(batch: mmsg.Batch, pipeline: Pipeline) -> None:
@@ -293,13 +314,13 @@ class UdpListener:
             log.exception("internal error handling a datagram from %s (dropped; further ones are only counted "
                           "for a minute)", addr[0])  # fmt: skip
 
-    def _defer(self, pipeline: Pipeline, request: bytes, d: Defer) -> None:
+    def _defer(self, pipeline: Pipeline, request: bytes, d: Defer, anc: list[Any]) -> None:
         assert self._loop is not None
-        task = self._loop.create_task(self._complete(pipeline, request, d))
+        task = self._loop.create_task(self._complete(pipeline, request, d, anc))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _complete(self, pipeline: Pipeline, request: bytes, d: Defer) -> None:
+    async def _complete(self, pipeline: Pipeline, request: bytes, d: Defer, anc: list[Any]) -> None:
         try:
             reply = await d.authenticator.complete(d.job)
             reason = "failed"
@@ -310,7 +331,4 @@ class UdpListener:
             reply, reason = None, "error"
         final = pipeline.check_deferred(request, reply, d.authenticator.name, reason)
         if final is not None:
-            try:
-                self.sock.sendto(final, d.client)
-            except OSError as exc:
-                pipeline.stats.inc(("socket_errors", exc.__class__.__name__))
+            self._send(pipeline, final, d.client, anc)

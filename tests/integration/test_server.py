@@ -473,6 +473,70 @@ def test_embedded_default_serves_ipv4_on_a_host_without_ipv6(tmp_path: Path) -> 
     assert "[::1]" not in proc.stdout
 
 
+INSIDE_A_HOST_WITH_TWO_ADDRESSES = """
+import socket, struct, subprocess, sys, time
+from pathlib import Path
+from tests.mssntp_helpers import FakeSigner
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["ip", "-6", "addr", "add", "::2/128", "dev", "lo", "nodad"], check=True)
+signer = FakeSigner(Path("signd.socket").resolve())
+Path("ntsd.yaml").write_text(
+    'ntp: {listen: ["0.0.0.0:123", "[::]:123"]}\\nrate_limit: {enabled: false}\\nmetrics: {listen: null}\\n'
+    "clock: {local_reference: true}\\n"
+    f'mssntp: {{socket: {Path("signd.socket").resolve()}, networks: ["127.0.0.0/8", "::/0"]}}\\n'
+)
+server = subprocess.Popen([sys.executable, "-m", "nts", "serve", "-c", "ntsd.yaml"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+log = []
+for line in server.stdout:
+    log.append(line)
+    if "ready" in line:
+        break
+plain = bytes([0x23]) + bytes(47)
+mssntp = bytes([0x1B]) + bytes(47) + struct.pack("<I", 1104) + bytes(16)
+try:
+    for dst, family in (("127.0.0.2", socket.AF_INET), ("::2", socket.AF_INET6), ("127.0.0.1", socket.AF_INET)):
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((dst, 123))  # a connected socket takes replies from that address only, as clients check
+            s.settimeout(2)
+            counts = []
+            for packets in ([plain], [plain] * 64, [mssntp]):  # one at a time; a batch; a deferred reply
+                for p in packets:
+                    s.send(p)
+                got = 0
+                try:
+                    for _ in packets:
+                        s.recv(100)
+                        got += 1
+                except TimeoutError:
+                    pass
+                counts.append(got)
+            print(dst, "replies", *counts)
+finally:
+    server.terminate()
+    print("".join(log) + server.communicate(timeout=10)[0])
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"), reason="needs root, unshare and ip"
+)
+def test_a_wildcard_socket_answers_from_the_address_asked(tmp_path: Path) -> None:
+    """Bound to 0.0.0.0 and ::, replies left from the address routing chose (here 127.0.0.1 for a request
+    to 127.0.0.2), and clients drop a reply from an address they did not ask. Run in a network namespace
+    of its own (only there may a test bind a wildcard address), with a second IPv6 address on lo: one
+    reply at a time, a batch, and a deferred (MS-SNTP) reply, each from the address asked."""
+    script = tmp_path / "inside.py"
+    script.write_text(INSIDE_A_HOST_WITH_TWO_ADDRESSES)
+    proc = subprocess.run(
+        ["unshare", "-n", sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for dst in ("127.0.0.2", "::2", "127.0.0.1"):
+        assert f"{dst} replies 1 64 1" in proc.stdout, proc.stdout
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_privileges_are_dropped_after_binding(tmp_path: Path) -> None:
     port = free_port()
