@@ -431,53 +431,72 @@ def test_reload_reopens_the_log_file_in_every_process(tmp_path: Path) -> None:
         assert query(port, client_request()) is not None
 
 
-INSIDE_A_HOST_WITHOUT_IPV6 = """
-import socket, subprocess, sys
+NETNS_PRELUDE = """
+import socket, struct, subprocess, sys
+from pathlib import Path
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+def start_ntsd(*args):
+    server = subprocess.Popen([sys.executable, "-m", "nts", "serve", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in server.stdout:
+        log.append(line)
+        if "ready" in line:
+            break
+    return server, log
+
+
+def stop_ntsd(server, log):
+    server.terminate()
+    print("".join(log) + server.communicate(timeout=10)[0])
+"""
+
+INSIDE_A_HOST_WITHOUT_IPV6 = """
 subprocess.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1"], check=True)
 subprocess.run([sys.executable, "-m", "nts", "certs"], check=True, capture_output=True)
-server = subprocess.Popen([sys.executable, "-m", "nts", "serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-log = []
-for line in server.stdout:
-    log.append(line)
-    if "ready" in line:
-        break
+server, log = start_ntsd()
 try:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(5)
         s.sendto(bytes([0x23]) + bytes(47), ("127.0.0.1", 123))
         print("reply", len(s.recv(100)))
 finally:
-    server.terminate()
-    print("".join(log) + server.communicate(timeout=10)[0])
+    stop_ntsd(server, log)
 """
 
-
-@pytest.mark.skipif(
+needs_netns = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"), reason="needs root, unshare and ip"
 )
-def test_embedded_default_serves_ipv4_on_a_host_without_ipv6(tmp_path: Path) -> None:
-    """The README's first command on a host (or container) with IPv6 disabled: it served nothing,
-    failing on [::1]; now the embedded default keeps to IPv4 there (explicit configs stay strict).
-    Run in a network namespace of its own, with IPv6 disabled in it."""
+
+
+def run_in_netns(tmp_path: Path, script_text: str) -> subprocess.CompletedProcess[str]:
+    """Run NETNS_PRELUDE + `script_text` in a network namespace of its own (only lo, brought up), in
+    tmp_path, with this tree importable; the test asserts on what it printed."""
     script = tmp_path / "inside.py"
-    script.write_text(INSIDE_A_HOST_WITHOUT_IPV6)
+    script.write_text(NETNS_PRELUDE + script_text)
     proc = subprocess.run(
         ["unshare", "-n", sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@needs_netns
+def test_embedded_default_serves_ipv4_on_a_host_without_ipv6(tmp_path: Path) -> None:
+    """The README's first command on a host (or container) with IPv6 disabled: it served nothing,
+    failing on [::1]; now the embedded default keeps to IPv4 there (explicit configs stay strict).
+    Run in a network namespace of its own, with IPv6 disabled in it."""
+    proc = run_in_netns(tmp_path, INSIDE_A_HOST_WITHOUT_IPV6)
     assert "reply 48" in proc.stdout
     assert "serving NTP on 127.0.0.1:123" in proc.stdout and "serving NTS-KE on 127.0.0.1:4460" in proc.stdout
     assert "[::1]" not in proc.stdout
 
 
 INSIDE_A_HOST_WITH_TWO_ADDRESSES = """
-import socket, struct, subprocess, sys, time
-from pathlib import Path
 from tests.mssntp_helpers import FakeSigner
-subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 subprocess.run(["ip", "-6", "addr", "add", "::2/128", "dev", "lo", "nodad"], check=True)
 signer = FakeSigner(Path("signd.socket").resolve())
 Path("ntsd.yaml").write_text(
@@ -485,13 +504,7 @@ Path("ntsd.yaml").write_text(
     "clock: {local_reference: true}\\n"
     f'mssntp: {{socket: {Path("signd.socket").resolve()}, networks: ["127.0.0.0/8", "::/0"]}}\\n'
 )
-server = subprocess.Popen([sys.executable, "-m", "nts", "serve", "-c", "ntsd.yaml"], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-log = []
-for line in server.stdout:
-    log.append(line)
-    if "ready" in line:
-        break
+server, log = start_ntsd("-c", "ntsd.yaml")
 plain = bytes([0x23]) + bytes(47)
 mssntp = bytes([0x1B]) + bytes(47) + struct.pack("<I", 1104) + bytes(16)
 try:
@@ -513,26 +526,17 @@ try:
                 counts.append(got)
             print(dst, "replies", *counts)
 finally:
-    server.terminate()
-    print("".join(log) + server.communicate(timeout=10)[0])
+    stop_ntsd(server, log)
 """
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"), reason="needs root, unshare and ip"
-)
+@needs_netns
 def test_a_wildcard_socket_answers_from_the_address_asked(tmp_path: Path) -> None:
     """Bound to 0.0.0.0 and ::, replies left from the address routing chose (here 127.0.0.1 for a request
     to 127.0.0.2), and clients drop a reply from an address they did not ask. Run in a network namespace
     of its own (only there may a test bind a wildcard address), with a second IPv6 address on lo: one
     reply at a time, a batch, and a deferred (MS-SNTP) reply, each from the address asked."""
-    script = tmp_path / "inside.py"
-    script.write_text(INSIDE_A_HOST_WITH_TWO_ADDRESSES)
-    proc = subprocess.run(
-        ["unshare", "-n", sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_in_netns(tmp_path, INSIDE_A_HOST_WITH_TWO_ADDRESSES)
     for dst in ("127.0.0.2", "::2", "127.0.0.1"):
         assert f"{dst} replies 1 64 1" in proc.stdout, proc.stdout
 
