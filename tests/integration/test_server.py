@@ -500,7 +500,8 @@ from tests.mssntp_helpers import FakeSigner
 subprocess.run(["ip", "-6", "addr", "add", "::2/128", "dev", "lo", "nodad"], check=True)
 signer = FakeSigner(Path("signd.socket").resolve())
 Path("ntsd.yaml").write_text(
-    'ntp: {listen: ["0.0.0.0:123", "[::]:123"]}\\nrate_limit: {enabled: false}\\nmetrics: {listen: null}\\n'
+    'ntp: {listen: ["0.0.0.0:123", "[::]:123"], batch: @BATCH@}\\nrate_limit: {enabled: false}\\n'
+    "metrics: {listen: null}\\n"
     "clock: {local_reference: true}\\n"
     f'mssntp: {{socket: {Path("signd.socket").resolve()}, networks: ["127.0.0.0/8", "::/0"]}}\\n'
 )
@@ -531,12 +532,13 @@ finally:
 
 
 @needs_netns
-def test_a_wildcard_socket_answers_from_the_address_asked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [32, 1])  # recvmmsg/sendmmsg, and recvmsg/sendmsg per datagram
+def test_a_wildcard_socket_answers_from_the_address_asked(tmp_path: Path, batch: int) -> None:
     """Bound to 0.0.0.0 and ::, replies left from the address routing chose (here 127.0.0.1 for a request
     to 127.0.0.2), and clients drop a reply from an address they did not ask. Run in a network namespace
     of its own (only there may a test bind a wildcard address), with a second IPv6 address on lo: one
     reply at a time, a batch, and a deferred (MS-SNTP) reply, each from the address asked."""
-    proc = run_in_netns(tmp_path, INSIDE_A_HOST_WITH_TWO_ADDRESSES)
+    proc = run_in_netns(tmp_path, INSIDE_A_HOST_WITH_TWO_ADDRESSES.replace("@BATCH@", str(batch)))
     for dst in ("127.0.0.2", "::2", "127.0.0.1"):
         assert f"{dst} replies 1 64 1" in proc.stdout, proc.stdout
 
