@@ -4,14 +4,17 @@ Strategy: a `CertStore` owns the current pyOpenSSL Context. `check()` (called pe
 on SIGHUP) compares the files' identity (inode, size, mtime); when they changed it builds a new
 Context from them, and only if that fully succeeds (key readable only by us, chain and key match)
 swaps it in. Connections already running keep the Context they started with, so a renewal by an
-ACME client never fails a handshake; a half-written or broken file is logged and ignored until
-it is fixed. TLS 1.3 only, ALPN "ntske/1" required.
+ACME client never fails a handshake; a half-written or broken file is ignored until it is fixed,
+logged as a warning (a renewal goes through a mismatched pair for a moment), as an error if it
+lasts a minute. TLS 1.3 only, ALPN "ntske/1" required.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -25,6 +28,7 @@ from ..files import check_private_file, file_identity
 log = logging.getLogger("ntsd.nts")
 ALPN = b"ntske/1"
 EXPIRY_WARNING_DAYS = 14
+BROKEN_GRACE_S = 60.0  # changed certificate files may make no usable pair this long before it is an error
 
 
 class CertError(Exception):
@@ -144,25 +148,41 @@ class CertStore:
         self._seen = (file_identity(cert_path), file_identity(key_path))
         self.reloads = 0
         self._expiry_logged: datetime.datetime | None = None
+        self.clock: Callable[[], float] = time.monotonic
+        self._broken: tuple[float, str] | None = None  # since when the changed files make no usable pair, why
 
     def check(self, force: bool = False) -> bool:
-        """Reload if the files changed (or `force`); True when a new certificate is in use."""
+        """Reload if the files changed (or `force`); True when a new certificate is in use.
+
+        Changed files that make no usable pair are logged as a warning and the previous certificate
+        kept: an ACME client replaces the certificate and the key one after the other, so a check
+        between the two sees a mismatch for a moment. Still so after BROKEN_GRACE_S: an error."""
         seen = (file_identity(self.cert_path), file_identity(self.key_path))
         if seen == self._seen and not force:
+            self._escalate()
             return False
         try:
             context, subject, not_after = _load(self.cert_path, self.key_path)
         except (CertError, OSError) as exc:
             if seen != self._seen:
-                log.error("certificate change not applied, still serving the previous one: %s", exc)
+                log.warning("the certificate files changed but are not a usable pair (yet), still serving the "
+                            "previous certificate: %s", exc)  # fmt: skip
+                self._broken = (self.clock(), str(exc))
             self._seen = seen  # log once per change of the files
             return False
+        self._broken = None
         self._seen = seen
         self.context, self.subject, self.not_after = context, subject, not_after
         self.reloads += 1
         log.info("serving NTS-KE certificate %s", self.description)
         self.report_expiry(force=True)
         return True
+
+    def _escalate(self) -> None:
+        if self._broken is not None and self.clock() - self._broken[0] >= BROKEN_GRACE_S:
+            log.error("the certificate files have not made a usable pair for %.0f s, still serving the previous "
+                      "certificate: %s", BROKEN_GRACE_S, self._broken[1])  # fmt: skip
+            self._broken = None  # said once; the next change of the files starts afresh
 
     @property
     def description(self) -> str:

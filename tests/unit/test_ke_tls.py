@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
-from nts.ke.certs import CertError, CertStore, build_context, expiry_problem
+from nts.ke.certs import BROKEN_GRACE_S, CertError, CertStore, build_context, expiry_problem
 from nts.ke.devcerts import make_dev_certs
 
 
@@ -173,3 +173,43 @@ def test_expiry_is_logged_once_a_day_unless_the_certificate_changed(
     assert [level for level, _ in messages] == [logging.WARNING] * 3 + [logging.ERROR]
     assert messages[0][1].startswith("NTS-KE certificate CN=localhost expires in 9 days")
     assert "expired on" in messages[3][1]
+
+
+def test_a_renewal_halfway_is_a_warning_and_a_pair_that_stays_broken_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACME client replaces the key and the certificate one after the other; a check in between sees
+    a mismatched pair. That was logged as an error on every renewal (alerts for nothing); now it is a
+    warning, and an error only when the files stay unusable for BROKEN_GRACE_S."""
+    old, new = make_dev_certs(tmp_path / "old", ["localhost"]), make_dev_certs(tmp_path / "new", ["localhost"])
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "fullchain.pem", live / "privkey.pem"
+
+    def put(src: Path, dst: Path) -> None:  # replaced by rename, as ACME clients do
+        tmp = dst.with_suffix(".tmp")
+        tmp.write_bytes(src.read_bytes())
+        tmp.chmod(0o600)
+        tmp.replace(dst)
+
+    put(old.certificate, cert)
+    put(old.private_key, key)
+    store = CertStore(cert, key)
+    now = [1000.0]
+    store.clock = lambda: now[0]
+    with caplog.at_level(logging.INFO, logger="ntsd.nts"):
+        put(new.private_key, key)  # halfway
+        assert not store.check()
+        now[0] += BROKEN_GRACE_S - 1
+        assert not store.check()
+        put(new.certificate, cert)  # whole again, within the grace
+        assert store.check()
+        put(old.private_key, key)  # a pair that stays broken
+        assert not store.check()
+        now[0] += BROKEN_GRACE_S
+        for _ in range(3):
+            assert not store.check()
+    levels = [r.levelno for r in caplog.records if r.levelno >= logging.WARNING]
+    assert levels == [logging.WARNING, logging.WARNING, logging.ERROR]  # the error said once
+    assert "not a usable pair (yet)" in caplog.records[0].getMessage()
+    assert f"have not made a usable pair for {BROKEN_GRACE_S:.0f} s" in caplog.records[-1].getMessage()
