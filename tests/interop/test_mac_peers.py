@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from legacy.keyfile import load_keyfile
 from nts.cli import fetch_metrics
 from nts.server.metrics import parse_text
 from tests.helpers import free_port, lab_config, need, port_123_free, running_ntsd
@@ -68,6 +69,15 @@ def test_chrony_and_ntsd_read_one_chrony_keyfile_as_debian_installs_it(tmp_path:
         assert offset is not None, output
         m = parse_text(fetch_metrics("127.0.0.1", mport))
         assert m['ntsd_mac_requests_total{algorithm="SHA1",key="9"}'] >= 2
+
+
+def test_the_key_file_debian_installs_with_chrony_loads_unchanged() -> None:
+    """The file itself, as the chrony package installs it (0640 root:_chrony, typographic quotes in its
+    comments, no keys): it loads, with no problem and no key."""
+    path = Path("/etc/chrony/chrony.keys")
+    assert path.exists(), "chrony's package installs /etc/chrony/chrony.keys"
+    keyfile = load_keyfile(path, "chrony")
+    assert (keyfile.problems, dict(keyfile.keys)) == ((), {})
 
 
 def _chrony_gid() -> int:
