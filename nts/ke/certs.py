@@ -64,8 +64,16 @@ def describe(subject: str, not_after: datetime.datetime | None) -> str:
 
 
 _KEY_MAX = 1 << 20  # a PEM private key is a few kB
-_TLS_KEYS = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
 TlsKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+
+
+def _read(path: Path, limit: int) -> bytes:
+    """Up to `limit` bytes of `path`; what OpenSSL would report as "system lib", said plainly."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError as exc:
+        raise CertError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _private_key(key_path: Path, pem: bytes) -> TlsKey:
@@ -81,7 +89,7 @@ def _private_key(key_path: Path, pem: bytes) -> TlsKey:
         ) from None
     except (ValueError, UnsupportedAlgorithm):
         raise CertError(f"private key {key_path} is not a PEM private key that can be used") from None
-    if not isinstance(key, _TLS_KEYS):
+    if not isinstance(key, TlsKey):
         raise CertError(f"private key {key_path}: a {type(key).__name__} cannot sign TLS handshakes (use EC or RSA)")
     return key
 
@@ -94,13 +102,8 @@ def _load(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str, datetime.d
         raise CertError(f"private key {key_path} does not exist") from None
     except PermissionError as exc:
         raise CertError(f"private key refused: {exc}") from None
-    for path in (cert_path, key_path):  # say plainly what OpenSSL would report as "system lib"
-        try:
-            with open(path, "rb") as f:
-                pem = f.read(_KEY_MAX) if path == key_path else b""
-        except OSError as exc:
-            raise CertError(f"cannot read {path}: {exc.strerror}") from None
-    key = _private_key(key_path, pem)
+    _read(cert_path, 0)  # OpenSSL reads it below; here only its readability, said plainly
+    key = _private_key(key_path, _read(key_path, _KEY_MAX))
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_CIPHER_SERVER_PREFERENCE)

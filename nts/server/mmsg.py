@@ -28,8 +28,8 @@ from typing import Any
 _MMSG = struct.Struct("@PIPNPNi4xI4x")
 _LENGTHS = struct.Struct("@8xI28xN8xI4x")  # what the kernel writes back: namelen, controllen, msg_len
 _PEER = struct.Struct("@PI")  # msg_name, msg_namelen: the start of an mmsghdr
-_CONTROLLEN = struct.Struct("@N")  # msg_controllen, at offset 40 of an mmsghdr
-_LENGTH = struct.Struct("@N")  # iov_len, the second half of an iovec
+_LENGTH = struct.Struct("@N")  # iov_len, the second half of an iovec; also msg_controllen in an mmsghdr
+_CONTROLLEN_AT = 40  # msg_controllen's offset in an mmsghdr (see _LENGTHS)
 _IOVEC = struct.Struct("@PN")
 _NAME_LEN = 128  # sizeof(struct sockaddr_storage)
 _IOVEC_SIZE, _MMSG_SIZE = _IOVEC.size, _MMSG.size  # plain ints for the per-reply path
@@ -164,7 +164,7 @@ class Batch:
         if self.pktinfo:  # the request's destination address becomes the reply's source
             found = self.pktinfo_bytes(i)
             self._tx_control[j * _PKTINFO_SPACE : j * _PKTINFO_SPACE + len(found)] = found
-            _CONTROLLEN.pack_into(self.tx, j * _MMSG_SIZE + 40, len(found))
+            _LENGTH.pack_into(self.tx, j * _MMSG_SIZE + _CONTROLLEN_AT, len(found))
         self.pending = j + 1
 
     def pktinfo_bytes(self, i: int) -> bytes:
@@ -184,7 +184,7 @@ class Batch:
 
     def pktinfo_ancillary(self, i: int) -> list[tuple[int, int, bytes]]:
         """Slot i's pktinfo as socket.sendmsg takes ancillary data ([] when there is none)."""
-        found = self.pktinfo_bytes(i)
+        found = self.pktinfo_bytes(i) if self.pktinfo else b""
         if not found:
             return []
         _, level, kind = _CMSG_HEAD.unpack_from(found)

@@ -79,6 +79,18 @@ def open_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket
     return sock
 
 
+def _reports_destination(sock: socket.socket) -> bool:
+    """Whether open_udp_socket asked the kernel for each datagram's destination (wildcard addresses)."""
+    if sock.family == socket.AF_INET6:
+        level, option = socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO
+    else:
+        level, option = socket.IPPROTO_IP, mmsg.IP_PKTINFO
+    try:
+        return sock.getsockopt(level, option) != 0
+    except OSError:
+        return False
+
+
 def open_tcp_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
     """A bound, listening, non-blocking TCP socket (IPv6 sockets are IPv6-only)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -118,7 +130,7 @@ class UdpListener:
         self._tasks: set[asyncio.Task[None]] = set()
         self.batch = batch  # fixed for the socket's life (its buffers are sized by it)
         self.hold_ns = hold_ns  # read per batch: a reload may change it
-        self.pktinfo = self.local[0] in WILDCARDS  # replies must leave from the address asked
+        self.pktinfo = _reports_destination(sock)  # then replies must leave from the address asked
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -236,7 +248,7 @@ class UdpListener:
             counts = pipeline.stats.counts
             counts[_K_RECV] = counts.get(_K_RECV, 0) + 1
             if n == 1:  # light load: answer at once, as the unbatched loop does (no send-call overhead)
-                self._one(pipeline, messages(1)[0], batch.pktinfo_ancillary(0) if self.pktinfo else [])
+                self._one(pipeline, messages(1)[0], batch.pktinfo_ancillary(0))
                 continue
             handle = pipeline.handle
             hold = self.hold_ns
@@ -263,7 +275,7 @@ class UdpListener:
                         first = time_ns()
                 elif kind is Defer:
                     assert self._loop is not None
-                    anc = batch.pktinfo_ancillary(i) if self.pktinfo else []
+                    anc = batch.pktinfo_ancillary(i)
                     self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision, anc)  # type: ignore[arg-type]
                 elif self._on_drop is not None:
                     self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
