@@ -24,7 +24,7 @@ from nts.client import KeResult, QueryError, check_nts_reply, exchange, key_exch
 from nts.ke.devcerts import make_dev_certs
 from nts.server.metrics import parse_text
 from nts.wire.ke_records import Record, RecordType
-from tests.helpers import free_port, running_ntsd
+from tests.helpers import Ntsd, free_port, running_ntsd
 from tests.nts_helpers import AEAD15, NP, dev_certs, ke_raw, nts_config, ports, request
 
 
@@ -166,6 +166,18 @@ def test_cookies_survive_a_restart(tmp_path: Path) -> None:
         assert not nak and len(cookies) == 1
 
 
+def reload_everywhere(server: Ntsd, workers: int) -> str:
+    """SIGHUP, then wait until every process (the parent and each worker) has finished its reload;
+    returns what they logged meanwhile. Waiting for one worker's line let the next step of a test
+    overtake a slower worker's reload (it then read the file the test wrote next)."""
+    mark = len(server.lines)
+    server.signal(signal.SIGHUP)
+    end = mark
+    for _ in range(workers + 1 if workers > 1 else 1):
+        end = server.wait_for("configuration reloaded", start=end) + 1
+    return "\n".join(server.lines[mark:end])
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_replaced_master_secret_applies_on_reload(tmp_path: Path, workers: int) -> None:
     """Rotating a (fleet's) secret needs no restart: replace the file, SIGHUP; cookies sealed with the
@@ -188,17 +200,12 @@ def test_a_replaced_master_secret_applies_on_reload(tmp_path: Path, workers: int
         staged.write_text("zz\n")  # not a secret: refused, the old one stays
         staged.chmod(0o600)
         staged.replace(secret)
-        mark = len(server.lines)
-        server.signal(signal.SIGHUP)
-        server.wait_for("cannot be used, keeping the one in use", start=mark)
+        assert reload_everywhere(server, workers).count("cannot be used, keeping the one in use") == workers
         assert ask(before, 1)
         staged.write_text(os.urandom(32).hex() + "\n")
         staged.chmod(0o600)
         staged.replace(secret)
-        mark = len(server.lines)
-        server.signal(signal.SIGHUP)
-        for _ in range(workers):  # each process that serves NTP has taken it
-            mark = server.wait_for("a new master secret from", start=mark) + 1
+        assert reload_everywhere(server, workers).count("a new master secret from") == workers
         assert not any(ask(before, i) for i in range(2, 2 + 2 * workers))  # whichever worker answers
         after = key_exchange("127.0.0.1", ke, ca)
         assert all(ask(after, i) for i in range(2 * workers))
