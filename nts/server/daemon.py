@@ -8,6 +8,8 @@ validates the new file first and keeps the running configuration when it is brok
 addresses did not change are kept, so no packet is lost across a reload. Parent and workers watch
 each other: a worker that dies stops the parent (exit 1, for the service manager), and workers
 whose parent was killed outright stop within a second instead of holding the ports as orphans.
+The parent reports a reload done (its log line, READY=1 to systemd) once every worker has applied
+it, so `systemctl reload` returns when the new configuration is in force everywhere.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
@@ -40,6 +43,7 @@ log = logging.getLogger("ntsd")
 STATE_INTERVAL = 1.0  # seconds between kernel clock reads
 _HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 WORKER_STOP_S = 5.0  # how long a stop waits for each worker before killing it
+RELOAD_WAIT_S = 10.0  # how long the parent waits for the workers to finish a reload before saying it is done
 
 
 class StartupError(Exception):
@@ -203,12 +207,15 @@ class Daemon:
         log.info("stopped")
         return 0
 
-    def _reload(self, server: Server, loop: asyncio.AbstractEventLoop, may_bind: bool) -> None:
-        """SIGHUP: validate the file, then apply it (one reload at a time)."""
+    def _reload(
+        self, server: Server, loop: asyncio.AbstractEventLoop, may_bind: bool, done: Callable[[], None] = lambda: None
+    ) -> None:
+        """SIGHUP: validate the file, then apply it (one reload at a time); `done()` when over."""
         try:
             new = self.load()
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
+            done()
             return
         _reopen_logging(new)
         main = may_bind  # the single process binds on reload; workers do not (and do not notify)
@@ -220,6 +227,7 @@ class Daemon:
                 try:
                     await server.reload(new, loop, may_bind)
                 finally:
+                    done()
                     if main:
                         notify("READY=1")
 
@@ -241,7 +249,12 @@ class Daemon:
         server = Server(config, self.plugins, precision, auths)
         server.adopt(sockets, loop)
         await server.start_plugins()
-        stopping = self._signals(loop, lambda: self._reload(server, loop, may_bind=False))
+
+        def on_hup() -> None:
+            number = shared.ordered_reload()  # the parent numbered it before signalling
+            self._reload(server, loop, may_bind=False, done=lambda: shared.reload_done(index, number))
+
+        stopping = self._signals(loop, on_hup)
 
         def tick() -> None:
             if os.getppid() != supervisor:  # killed outright (kill -9, the OOM killer): orphans would keep
@@ -271,11 +284,25 @@ class Daemon:
             _reopen_logging(new)
             if new.ntp.listen != config.ntp.listen or new.ntp.workers != config.ntp.workers:
                 log.warning("ntp.listen and ntp.workers changes need a restart when workers > 1")
+            number = shared.order_reload()
             for pid in self.children:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGHUP)
-            log.info("configuration reloaded from %s", new.source)
-            notify("READY=1")
+            task = loop.create_task(finished(number, new.source))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        async def finished(number: int, source: str) -> None:
+            """Say the reload is over (log, systemd) only once every worker has applied it."""
+            deadline = time.monotonic() + RELOAD_WAIT_S
+            while (behind := shared.behind(number)) and time.monotonic() < deadline and not stopping.is_set():
+                await asyncio.sleep(0.01)
+            if behind and not stopping.is_set():
+                pids = ", ".join(str(self.children[i]) for i in behind if i < len(self.children))
+                log.warning("reload: worker(s) %s not done after %.0f s; reported as reloaded", pids, RELOAD_WAIT_S)
+            log.info("configuration reloaded from %s", source)
+            if shared.ordered_reload() == number:  # systemd hears of the last one only
+                notify("READY=1")
 
         stopping = self._signals(loop, on_hup)
         metrics = None

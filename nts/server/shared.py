@@ -3,6 +3,10 @@
 Strategy: anonymous shared memory with one fixed slot per worker; each worker writes a JSON
 snapshot of its counters, gauges and reports into its slot once a second (length last), and the
 parent reads every slot when asked. A torn read fails to parse and the previous snapshot is used.
+Reloads are numbered in a second, small block: the parent writes the number of the reload it
+orders before it signals the workers, each worker records the number it saw once its reload is
+done, and the parent reports the reload finished when every worker has caught up (numbers, not
+counts, because signals sent close together arrive as one).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 SLOT_SIZE = 1 << 18  # shared memory per worker for its snapshot
 _SLOT_HEAD = struct.Struct("<II")  # generation, length
+_RELOAD = struct.Struct("<Q")  # slot 0: the reload the parent ordered; slot 1 + i: the one worker i finished
 
 
 class SharedCounters:
@@ -23,6 +28,7 @@ class SharedCounters:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.mem = mmap.mmap(-1, SLOT_SIZE * workers)
+        self.reloads = mmap.mmap(-1, _RELOAD.size * (workers + 1))
         self._last: list[dict[tuple[str, ...], int]] = [{} for _ in range(workers)]
         self._last_reports: list[dict[str, Any]] = [{} for _ in range(workers)]
 
@@ -45,6 +51,26 @@ class SharedCounters:
         gen = _SLOT_HEAD.unpack_from(self.mem, base)[0] + 1
         self.mem[base + _SLOT_HEAD.size : base + _SLOT_HEAD.size + len(blob)] = blob
         _SLOT_HEAD.pack_into(self.mem, base, gen, len(blob))
+
+    def order_reload(self) -> int:
+        """Parent: number a new reload (before signalling the workers)."""
+        number = self.ordered_reload() + 1
+        _RELOAD.pack_into(self.reloads, 0, number)
+        return number
+
+    def ordered_reload(self) -> int:
+        """Worker: the reload the parent ordered last (read when the signal arrives)."""
+        return int(_RELOAD.unpack_from(self.reloads, 0)[0])
+
+    def reload_done(self, index: int, number: int) -> None:
+        """Worker `index` has finished reload `number` (and every one before it)."""
+        offset = _RELOAD.size * (index + 1)
+        if number > _RELOAD.unpack_from(self.reloads, offset)[0]:
+            _RELOAD.pack_into(self.reloads, offset, number)
+
+    def behind(self, number: int) -> list[int]:
+        """The workers that have not yet finished reload `number`."""
+        return [i for i in range(self.workers) if _RELOAD.unpack_from(self.reloads, _RELOAD.size * (i + 1))[0] < number]
 
     def total(self) -> tuple[dict[tuple[str, ...], int], dict[str, float]]:
         counts: dict[tuple[str, ...], int] = {}

@@ -397,6 +397,52 @@ def test_systemd_is_told_ready_reloading_and_stopping(
             assert server.stop() == 0
 
 
+def test_a_reload_is_reported_done_once_every_worker_has_applied_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`systemctl reload` returns at READY=1: the parent said it (and logged the reload) as soon as
+    it had signalled the workers, before they had read the file. A stopped worker holds it back."""
+    notify_path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(notify_path))
+        systemd.settimeout(20)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+        port = free_port()
+        with running_ntsd(tmp_path, lab_config(port, ntp_extra="workers: 2")) as server:
+            slow, quick = _workers(server, 2)
+            assert systemd.recv(256) == b"READY=1"
+            os.kill(slow, signal.SIGSTOP)
+            try:
+                mark = len(server.lines)
+                server.signal(signal.SIGHUP)
+                assert systemd.recv(256).startswith(b"RELOADING=1")
+                server.wait_for(f"ntsd[{quick}] INFO ntsd: configuration reloaded", start=mark)
+                parent = f"ntsd[{server.proc.pid}] INFO ntsd: configuration reloaded"
+                assert not any(parent in line for line in server.lines[mark:])  # one worker has not
+            finally:
+                os.kill(slow, signal.SIGCONT)
+            done = server.wait_for(parent, start=mark)
+            assert systemd.recv(256) == b"READY=1"
+            assert server.wait_for(f"ntsd[{slow}] INFO ntsd: configuration reloaded", start=mark) < done
+
+
+def test_a_worker_that_does_not_finish_a_reload_is_named_and_the_reload_reported(tmp_path: Path) -> None:
+    """A hung worker must not leave the reload unreported for ever (systemd would wait on it)."""
+    port = free_port()
+    with running_ntsd(tmp_path, lab_config(port, ntp_extra="workers: 2")) as server:
+        slow, _ = _workers(server, 2)
+        os.kill(slow, signal.SIGSTOP)
+        try:
+            mark = len(server.lines)
+            server.signal(signal.SIGHUP)
+            warned = server.wait_for(f"reload: worker(s) {slow} not done after 10 s", timeout=30, start=mark)
+            assert server.wait_for(f"ntsd[{server.proc.pid}] INFO ntsd: configuration reloaded", start=mark) > warned
+        finally:
+            os.kill(slow, signal.SIGCONT)
+        server.wait_for(f"ntsd[{slow}] INFO ntsd: configuration reloaded", start=mark)
+        assert query(port, client_request()) is not None
+
+
 def _pids_logging(path: Path, text: str, count: int, timeout: float = 10.0) -> set[str]:
     """The processes (ntsd[PID]) that wrote a line with `text` to `path`, once `count` of them have
     (the file has no event to wait on; it is read again until then)."""
