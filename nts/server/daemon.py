@@ -117,12 +117,13 @@ class Daemon:
         self.started = time.time()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.started_with: Config | None = None  # what the process was started with (bound sockets, user)
 
     def load(self) -> Config:
         return load_config(self.config_path, plugin_sections(self.plugins))
 
     def run(self) -> int:
-        config = self.load()
+        config = self.started_with = self.load()
         setup_logging(config)
         workers = config.ntp.workers
         socket_sets = bind_all(config, workers)
@@ -219,6 +220,8 @@ class Daemon:
             return
         _reopen_logging(new)
         main = may_bind  # the single process binds on reload; workers do not (and do not notify)
+        if main:
+            self._warn_restart_only(new)
 
         async def apply() -> None:
             async with self._reload_lock:
@@ -282,8 +285,7 @@ class Daemon:
                 return
             notify(_reloading())
             _reopen_logging(new)
-            if new.ntp.listen != config.ntp.listen or new.ntp.workers != config.ntp.workers:
-                log.warning("ntp.listen and ntp.workers changes need a restart when workers > 1")
+            self._warn_restart_only(new)
             number = shared.order_reload()
             for pid in self.children:
                 with contextlib.suppress(ProcessLookupError):
@@ -334,6 +336,10 @@ class Daemon:
         log.info("stopped")
         return code
 
+    def _warn_restart_only(self, new: Config) -> None:
+        if self.started_with is not None and (names := restart_only_changes(self.started_with, new)):
+            log.warning("%s changed: a restart applies that, a reload cannot (the rest is applied)", ", ".join(names))
+
     def _uptime(self) -> dict[str, float]:
         return {"uptime_seconds": round(time.time() - self.started, 3)}
 
@@ -345,6 +351,22 @@ class Daemon:
                     await stopping.wait()
             if not stopping.is_set():
                 tick()
+
+
+def restart_only_changes(running: Config, new: Config) -> list[str]:
+    """The settings in `new` that a reload cannot apply to a server started with `running`: they
+    shape the processes and sockets made at start (ntp.listen too when workers share the ports;
+    ntp.batch and the plugins' own say so themselves)."""
+    changed = []
+    if new.ntp.workers != running.ntp.workers:
+        changed.append("ntp.workers")
+    if running.ntp.workers > 1 and new.ntp.listen != running.ntp.listen:
+        changed.append("ntp.listen")
+    if (new.ntp.user, new.ntp.group) != (running.ntp.user, running.ntp.group):
+        changed.append("ntp.user/group")
+    if new.metrics_listen != running.metrics_listen:
+        changed.append("metrics.listen")
+    return changed
 
 
 def notify(state: str) -> None:

@@ -443,6 +443,25 @@ def test_a_worker_that_does_not_finish_a_reload_is_named_and_the_reload_reported
         assert query(port, client_request()) is not None
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_says_which_changes_need_a_restart(tmp_path: Path, workers: int) -> None:
+    """The metrics address, the number of workers (and, with workers, the NTP ports) are set at start:
+    a reload changing them said nothing, so an operator believed them applied."""
+    port, other, mport, mport2 = free_port(), free_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    with running_ntsd(tmp_path, lab_config(port, metrics_port=mport, ntp_extra=f"workers: {workers}")) as server:
+        config = lab_config(port, metrics_port=mport2, ntp_extra=f"workers: {workers + 1}", extra=NO_RATE)
+        if workers > 1:
+            config = config.replace(f'"127.0.0.1:{port}"', f'"127.0.0.1:{port}", "127.0.0.1:{other}"')
+        (tmp_path / "ntsd.yaml").write_text(config)
+        mark = len(server.lines)
+        server.signal(signal.SIGHUP)
+        changed = "ntp.workers, ntp.listen, metrics.listen" if workers > 1 else "ntp.workers, metrics.listen"
+        server.wait_for(f"{changed} changed: a restart applies that, a reload cannot", start=mark)
+        server.wait_for("configuration reloaded", start=mark)
+        assert metrics(mport)["ntsd_uptime_seconds"] > 0  # still where it was
+        assert query(port, client_request()) is not None  # the rest (rate limiting off) applied
+
+
 def _pids_logging(path: Path, text: str, count: int, timeout: float = 10.0) -> set[str]:
     """The processes (ntsd[PID]) that wrote a line with `text` to `path`, once `count` of them have
     (the file has no event to wait on; it is read again until then)."""
