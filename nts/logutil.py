@@ -1,14 +1,34 @@
-"""Log lines that cannot flood: one line per kind of event per interval, with the count left out.
+"""Log lines that cannot flood, and a count of the serious ones for the metrics.
 
 Strategy: under a flood (spoofed packets, a KE connection storm) every event is still counted in
 the metrics, but the log gets at most one line per event kind per `interval`, saying how many were
-not written since the last one.
+not written since the last one. `LINES` counts the warnings and errors each process writes, so an
+operator can alert on a rise (a reload half refused, a certificate unusable, a signer gone) without
+reading the log.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+
+
+class LevelCounter(logging.Handler):
+    """Counts the records at WARNING and above that reach the root logger, by level name."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = ("log_lines", record.levelname.lower())
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def errors(self) -> int:
+        return self.counts.get(("log_lines", "error"), 0) + self.counts.get(("log_lines", "critical"), 0)
+
+
+LINES = LevelCounter()
 
 
 class RateLimitedLog:

@@ -83,13 +83,15 @@ class Ntsd:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_for(self, text: str, timeout: float = 15.0, start: int = 0) -> int:
-        """Block until a log line containing `text` appears (at index >= start); return its index."""
+    def wait_for(self, text: str | tuple[str, ...], timeout: float = 15.0, start: int = 0) -> int:
+        """Block until a log line containing `text` (or any of several) appears (at index >= start);
+        return its index."""
         deadline = time.monotonic() + timeout
+        texts = (text,) if isinstance(text, str) else text
         with self._cond:
             while True:
                 for i in range(start, len(self.lines)):
-                    if text in self.lines[i]:
+                    if any(t in self.lines[i] for t in texts):
                         return i
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):

@@ -88,6 +88,11 @@ LABELS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "io_calls": (("call",), "Batched listeners' recvmmsg and sendmmsg calls (requests per recvmmsg: the mean batch)."),
     "nts_ke": (("event",), "NTS-KE sessions: connections, outcomes (ok_aead_N, error_*), refusals, timeouts."),
+    "log_lines": (("level",), "Log lines written at warning level and above, by level (all processes)."),
+    "reloads": (
+        ("outcome",),
+        "Configuration reloads (SIGHUP): applied, failed (refused, or in part), unconfirmed (a worker too slow).",
+    ),
 }
 
 

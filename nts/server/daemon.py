@@ -24,12 +24,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import __version__
 from ..config import Config, ConfigError, format_addr, load_config
 from ..core.auth import Authenticator, PluginError, discover
+from ..logutil import LINES
 from .kernelclock import measure_precision
 from .metrics import MetricsServer
 from .serving import Server, build_authenticators, plugin_sections
@@ -100,9 +101,11 @@ def setup_logging(config: Config) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-        h.close()
+        if h is not LINES:
+            h.close()
     handler.setFormatter(logging.Formatter("%(asctime)s ntsd[%(process)d] %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
+    root.addHandler(LINES)  # counts for the metrics; removed above with the others, so never twice
     root.setLevel(config.log.level)
 
 
@@ -118,6 +121,8 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.started_with: Config | None = None  # what the process was started with (bound sockets, user)
+        self.reloads: dict[tuple[str, ...], int] = {}  # ("reloads", outcome): count, in the main process
+        self.last_reload = (True, self.started)  # (applied, when the last applied one was)
 
     def load(self) -> Config:
         return load_config(self.config_path, plugin_sections(self.plugins))
@@ -148,6 +153,7 @@ class Daemon:
             pid = os.fork()
             if pid == 0:
                 code = 1
+                LINES.counts.clear()  # the parent's lines so far are the parent's to report
                 try:
                     if metrics_sock is not None:
                         metrics_sock.close()
@@ -190,10 +196,10 @@ class Daemon:
         for addr in sockets:
             log.info("serving NTP on %s", format_addr(addr))
         await server.start_plugins()
-        stopping = self._signals(loop, lambda: self._reload(server, loop, may_bind=True))
+        stopping = self._signals(loop, lambda: self._reload(server, loop))
         metrics = None
         if metrics_sock is not None:
-            metrics = MetricsServer(lambda: (server.counters(), {**server.gauges(), **self._uptime()}), server.reports)
+            metrics = MetricsServer(lambda: self._own((server.counters(), server.gauges())), server.reports)
             await metrics.start_on(metrics_sock)
             log.info("metrics on http://%s/metrics", format_addr(metrics_sock.getsockname()))
         log.info("ready")
@@ -209,17 +215,23 @@ class Daemon:
         return 0
 
     def _reload(
-        self, server: Server, loop: asyncio.AbstractEventLoop, may_bind: bool, done: Callable[[], None] = lambda: None
+        self, server: Server, loop: asyncio.AbstractEventLoop, done: Callable[[bool], None] | None = None
     ) -> None:
-        """SIGHUP: validate the file, then apply it (one reload at a time); `done()` when over."""
+        """SIGHUP: validate the file, then apply it (one reload at a time). A worker passes `done`,
+        told whether it applied all of the file; the single process (no `done`) binds new ports,
+        keeps the reload figures and tells systemd. A reload that logged an error while it was
+        applied (a key file or certificate that cannot be used, a port that cannot be bound) did
+        not apply all of it: what runs is not what the files say."""
+        main = done is None
+        report = self._reloaded if done is None else done
+        errors = LINES.errors()
         try:
             new = self.load()
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
-            done()
+            report(False)
             return
         _reopen_logging(new)
-        main = may_bind  # the single process binds on reload; workers do not (and do not notify)
         if main:
             self._warn_restart_only(new)
 
@@ -227,10 +239,11 @@ class Daemon:
             async with self._reload_lock:
                 if main:
                     notify(_reloading())
+                applied = False
                 try:
-                    await server.reload(new, loop, may_bind)
+                    applied = await server.reload(new, loop, may_bind=main) and LINES.errors() == errors
                 finally:
-                    done()
+                    report(applied)
                     if main:
                         notify("READY=1")
 
@@ -255,7 +268,7 @@ class Daemon:
 
         def on_hup() -> None:
             number = shared.ordered_reload()  # the parent numbered it before signalling
-            self._reload(server, loop, may_bind=False, done=lambda: shared.reload_done(index, number))
+            self._reload(server, loop, done=lambda applied: shared.reload_done(index, number, applied))
 
         stopping = self._signals(loop, on_hup)
 
@@ -266,7 +279,7 @@ class Daemon:
                     stopping.set()
                 return
             server.refresh_state()
-            shared.publish(index, server.counters(), server.gauges(), server.reports())
+            shared.publish(index, {**server.counters(), **LINES.counts}, server.gauges(), server.reports())
 
         await self._tick_until(stopping, tick)
         tick()
@@ -282,6 +295,7 @@ class Daemon:
                 new = self.load()
             except ConfigError as exc:
                 log.error("reload refused, keeping the running configuration: %s", exc)
+                self._reloaded(False)
                 return
             notify(_reloading())
             _reopen_logging(new)
@@ -299,17 +313,23 @@ class Daemon:
             deadline = time.monotonic() + RELOAD_WAIT_S
             while (behind := shared.behind(number)) and time.monotonic() < deadline and not stopping.is_set():
                 await asyncio.sleep(0.01)
+            failed = shared.failed()
             if behind and not stopping.is_set():
-                pids = ", ".join(str(self.children[i]) for i in behind if i < len(self.children))
-                log.warning("reload: worker(s) %s not done after %.0f s; reported as reloaded", pids, RELOAD_WAIT_S)
-            log.info("configuration reloaded from %s", source)
+                log.warning("reload: worker(s) %s not done after %.0f s", self._pids(behind), RELOAD_WAIT_S)
+                self._reloaded(None)
+            elif failed:
+                log.error("reload not applied in full by worker(s) %s (their errors say why)", self._pids(failed))
+                self._reloaded(False)
+            else:
+                log.info("configuration reloaded from %s", source)
+                self._reloaded(True)
             if shared.ordered_reload() == number:  # systemd hears of the last one only
                 notify("READY=1")
 
         stopping = self._signals(loop, on_hup)
         metrics = None
         if metrics_sock is not None:
-            metrics = MetricsServer(lambda: _merge(shared.total(), self._uptime()), shared.reports)
+            metrics = MetricsServer(lambda: self._own(shared.total()), shared.reports)
             await metrics.start_on(metrics_sock)
         log.info("ready with %d workers", len(self.children))
         notify("READY=1")
@@ -340,8 +360,30 @@ class Daemon:
         if self.started_with is not None and (names := restart_only_changes(self.started_with, new)):
             log.warning("%s changed: a restart applies that, a reload cannot (the rest is applied)", ", ".join(names))
 
-    def _uptime(self) -> dict[str, float]:
-        return {"uptime_seconds": round(time.time() - self.started, 3)}
+    def _reloaded(self, applied: bool | None) -> None:
+        """Count a reload's outcome (False: refused or applied in part; None: not confirmed by every
+        worker in time)."""
+        outcome = ("reloads", "unconfirmed" if applied is None else "applied" if applied else "failed")
+        self.reloads[outcome] = self.reloads.get(outcome, 0) + 1
+        self.last_reload = (bool(applied), time.time() if applied else self.last_reload[1])
+
+    def _pids(self, indices: list[int]) -> str:
+        return ", ".join(str(self.children[i]) for i in indices if i < len(self.children))
+
+    def _own(
+        self, totals: tuple[Mapping[tuple[str, ...], int], Mapping[str, float]]
+    ) -> tuple[dict[tuple[str, ...], int], dict[str, float]]:
+        """The metrics: the serving process's (or the workers' summed) with this process's own."""
+        counts = dict(totals[0])
+        for key, value in (*LINES.counts.items(), *self.reloads.items()):
+            counts[key] = counts.get(key, 0) + value
+        applied, when = self.last_reload
+        return counts, {
+            **totals[1],
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "config_last_reload_successful": int(applied),
+            "config_last_reload_success_timestamp_seconds": round(when, 3),
+        }
 
     @staticmethod
     async def _tick_until(stopping: asyncio.Event, tick: Any) -> None:
@@ -417,13 +459,6 @@ def _reopen_logging(config: Config) -> None:
         setup_logging(config)
     except StartupError as exc:
         log.error("reload: %s; logging goes on where it went", exc)
-
-
-def _merge(
-    totals: tuple[dict[tuple[str, ...], int], dict[str, float]], extra: dict[str, float]
-) -> tuple[dict[tuple[str, ...], int], dict[str, float]]:
-    counts, gauges = totals
-    return counts, {**gauges, **extra}
 
 
 def _bind_tcp(addr: tuple[str, int]) -> socket.socket:

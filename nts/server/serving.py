@@ -138,12 +138,13 @@ class Server:
             listener.start(loop)
             self.listeners[addr] = listener
 
-    async def reload(self, config: Config, loop: asyncio.AbstractEventLoop, may_bind: bool) -> None:
+    async def reload(self, config: Config, loop: asyncio.AbstractEventLoop, may_bind: bool) -> bool:
+        """Apply `config`; False when it was refused (the running configuration stays)."""
         try:
             auths, retired = build_authenticators(config, self.plugins, self.authenticators)
         except PluginError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
-            return
+            return False
         for auth in auths:
             if auth not in self.authenticators:
                 await auth.start()
@@ -161,7 +162,7 @@ class Server:
         await self.stop_plugins(retired)
         log.info("configuration reloaded from %s", config.source)
         if not may_bind:
-            return
+            return True
         wanted = set(config.ntp.listen)
         for addr in list(self.listeners):
             if addr not in wanted:
@@ -178,6 +179,7 @@ class Server:
                 continue
             self.adopt({addr: sock}, loop)
             log.info("listening on %s", format_addr(addr))
+        return True
 
     def refresh_state(self) -> None:
         self.state = server_state(self.config.clock, read_kernel_clock(), self.precision, time.time_ns())

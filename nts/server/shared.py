@@ -62,15 +62,23 @@ class SharedCounters:
         """Worker: the reload the parent ordered last (read when the signal arrives)."""
         return int(_RELOAD.unpack_from(self.reloads, 0)[0])
 
-    def reload_done(self, index: int, number: int) -> None:
-        """Worker `index` has finished reload `number` (and every one before it)."""
+    def reload_done(self, index: int, number: int, applied: bool = True) -> None:
+        """Worker `index` has finished reload `number` (and every one before it); `applied` False
+        when it refused it or applied it in part. One word (number and outcome): never read in half."""
         offset = _RELOAD.size * (index + 1)
-        if number > _RELOAD.unpack_from(self.reloads, offset)[0]:
-            _RELOAD.pack_into(self.reloads, offset, number)
+        if number > _RELOAD.unpack_from(self.reloads, offset)[0] >> 1:
+            _RELOAD.pack_into(self.reloads, offset, number << 1 | (not applied))
+
+    def _reload_word(self, index: int) -> int:
+        return int(_RELOAD.unpack_from(self.reloads, _RELOAD.size * (index + 1))[0])
 
     def behind(self, number: int) -> list[int]:
         """The workers that have not yet finished reload `number`."""
-        return [i for i in range(self.workers) if _RELOAD.unpack_from(self.reloads, _RELOAD.size * (i + 1))[0] < number]
+        return [i for i in range(self.workers) if self._reload_word(i) >> 1 < number]
+
+    def failed(self) -> list[int]:
+        """The workers whose last finished reload was refused or applied in part."""
+        return [i for i in range(self.workers) if self._reload_word(i) & 1]
 
     def total(self) -> tuple[dict[tuple[str, ...], int], dict[str, float]]:
         counts: dict[tuple[str, ...], int] = {}

@@ -21,6 +21,7 @@ from nts.server.metrics import parse_text
 from nts.wire.packet import parse_packet
 from nts.wire.timestamps import ntp64_to_unix_ns
 from tests.helpers import Ntsd, client_request, free_port, lab_config, query, running_ntsd
+from tests.mac_helpers import write_keys
 
 NO_RATE = "rate_limit: {enabled: false}\n"
 
@@ -426,17 +427,19 @@ def test_a_reload_is_reported_done_once_every_worker_has_applied_it(
             assert server.wait_for(f"ntsd[{slow}] INFO ntsd: configuration reloaded", start=mark) < done
 
 
-def test_a_worker_that_does_not_finish_a_reload_is_named_and_the_reload_reported(tmp_path: Path) -> None:
+def test_a_worker_that_does_not_finish_a_reload_is_named_and_counted(tmp_path: Path) -> None:
     """A hung worker must not leave the reload unreported for ever (systemd would wait on it)."""
-    port = free_port()
-    with running_ntsd(tmp_path, lab_config(port, ntp_extra="workers: 2")) as server:
+    port, mport = free_port(), free_port(socket.SOCK_STREAM)
+    with running_ntsd(tmp_path, lab_config(port, metrics_port=mport, ntp_extra="workers: 2")) as server:
         slow, _ = _workers(server, 2)
         os.kill(slow, signal.SIGSTOP)
         try:
             mark = len(server.lines)
             server.signal(signal.SIGHUP)
-            warned = server.wait_for(f"reload: worker(s) {slow} not done after 10 s", timeout=30, start=mark)
-            assert server.wait_for(f"ntsd[{server.proc.pid}] INFO ntsd: configuration reloaded", start=mark) > warned
+            server.wait_for(f"reload: worker(s) {slow} not done after 10 s", timeout=30, start=mark)
+            m = metrics(mport)
+            assert m['ntsd_reloads_total{outcome="unconfirmed"}'] == 1
+            assert m["ntsd_config_last_reload_successful"] == 0
         finally:
             os.kill(slow, signal.SIGCONT)
         server.wait_for(f"ntsd[{slow}] INFO ntsd: configuration reloaded", start=mark)
@@ -460,6 +463,53 @@ def test_a_reload_says_which_changes_need_a_restart(tmp_path: Path, workers: int
         server.wait_for("configuration reloaded", start=mark)
         assert metrics(mport)["ntsd_uptime_seconds"] > 0  # still where it was
         assert query(port, client_request()) is not None  # the rest (rate limiting off) applied
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_outcomes_and_warnings_are_in_the_metrics(tmp_path: Path, workers: int) -> None:
+    """Operators alert on metrics, not logs: a refused reload (a broken file, or a key file the
+    workers cannot use) shows as `config_last_reload_successful 0`, and every warning or error
+    line as a rise of `log_lines_total`."""
+    ntp_keys, _ = write_keys(tmp_path)
+    port, mport = free_port(), free_port(socket.SOCK_STREAM)
+    config = lab_config(port, metrics_port=mport, ntp_extra=f"workers: {workers}") + f"mac: {{keys: {ntp_keys}}}\n"
+    with running_ntsd(tmp_path, config) as server:
+        server.wait_for("ready")
+        m = metrics(mport)
+        assert m["ntsd_config_last_reload_successful"] == 1
+        started = m["ntsd_config_last_reload_success_timestamp_seconds"]
+        assert m['ntsd_log_lines_total{level="warning"}'] == 1  # MD5/SHA1 keys in use (keys load before a fork)
+        assert 'ntsd_log_lines_total{level="error"}' not in m
+
+        def reload(expect: str) -> dict[str, float]:
+            mark = len(server.lines)
+            server.signal(signal.SIGHUP)
+            server.wait_for(expect, start=mark)
+            deadline = time.monotonic() + 10
+            while True:  # workers publish their counters once a second
+                m = metrics(mport)
+                if m.get('ntsd_log_lines_total{level="error"}', 0) >= errors or time.monotonic() > deadline:
+                    return m
+                time.sleep(0.1)
+
+        (tmp_path / "ntsd.yaml").write_text(config + "ntp: {}\n")  # a duplicate key: refused by the parent
+        errors = 1
+        m = reload("reload refused, keeping the running configuration")
+        assert m['ntsd_reloads_total{outcome="failed"}'] == 1 and m["ntsd_config_last_reload_successful"] == 0
+        assert m['ntsd_log_lines_total{level="error"}'] == errors
+
+        (tmp_path / "ntsd.yaml").write_text(config)
+        good = ntp_keys.read_text()
+        ntp_keys.write_text(good + "not a key line\n")  # each serving process keeps its keys, applies the rest
+        errors += workers + (workers > 1)  # each worker's line, then the parent's
+        m = reload("reload not applied in full by worker(s)" if workers > 1 else "keeping the keys in use")
+        assert m['ntsd_reloads_total{outcome="failed"}'] == 2 and m["ntsd_config_last_reload_successful"] == 0
+        assert m['ntsd_log_lines_total{level="error"}'] >= errors
+
+        ntp_keys.write_text(good)
+        m = reload(f"ntsd[{server.proc.pid}] INFO ntsd: configuration reloaded")
+        assert m['ntsd_reloads_total{outcome="applied"}'] == 1 and m["ntsd_config_last_reload_successful"] == 1
+        assert m["ntsd_config_last_reload_success_timestamp_seconds"] > started
 
 
 def _pids_logging(path: Path, text: str, count: int, timeout: float = 10.0) -> set[str]:
