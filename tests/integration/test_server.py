@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -375,56 +376,53 @@ def test_requests_the_kernel_dropped_are_counted(tmp_path: Path, workers: int) -
         assert query(port, client_request()) is not None
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_systemd_is_told_ready_reloading_and_stopping(
-    tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Type=notify: systemd starts dependants once ntsd serves, and knows a reload or stop is under way."""
+@pytest.fixture
+def systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A stand-in for systemd's notification socket, named in NOTIFY_SOCKET for the ntsd started next."""
     notify_path = tmp_path / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
-        systemd.bind(str(notify_path))
-        systemd.settimeout(10)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(notify_path))
+        sock.settimeout(20)
         monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
-        port = free_port()
-        with running_ntsd(tmp_path, lab_config(port, ntp_extra=f"workers: {workers}")) as server:
-            assert systemd.recv(256) == b"READY=1"
-            assert query(port, client_request()) is not None
-            server.signal(signal.SIGHUP)
-            reloading = systemd.recv(256).decode().split("\n")
-            assert reloading[0] == "RELOADING=1" and reloading[1].startswith("MONOTONIC_USEC=")
-            assert systemd.recv(256) == b"READY=1"
-            server.signal(signal.SIGTERM)
-            assert systemd.recv(256) == b"STOPPING=1"
-            assert server.stop() == 0
+        yield sock
 
 
-def test_a_reload_is_reported_done_once_every_worker_has_applied_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_systemd_is_told_ready_reloading_and_stopping(tmp_path: Path, workers: int, systemd: socket.socket) -> None:
+    """Type=notify: systemd starts dependants once ntsd serves, and knows a reload or stop is under way."""
+    port = free_port()
+    with running_ntsd(tmp_path, lab_config(port, ntp_extra=f"workers: {workers}")) as server:
+        assert systemd.recv(256) == b"READY=1"
+        assert query(port, client_request()) is not None
+        server.signal(signal.SIGHUP)
+        reloading = systemd.recv(256).decode().split("\n")
+        assert reloading[0] == "RELOADING=1" and reloading[1].startswith("MONOTONIC_USEC=")
+        assert systemd.recv(256) == b"READY=1"
+        server.signal(signal.SIGTERM)
+        assert systemd.recv(256) == b"STOPPING=1"
+        assert server.stop() == 0
+
+
+def test_a_reload_is_reported_done_once_every_worker_has_applied_it(tmp_path: Path, systemd: socket.socket) -> None:
     """`systemctl reload` returns at READY=1: the parent said it (and logged the reload) as soon as
     it had signalled the workers, before they had read the file. A stopped worker holds it back."""
-    notify_path = tmp_path / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
-        systemd.bind(str(notify_path))
-        systemd.settimeout(20)
-        monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
-        port = free_port()
-        with running_ntsd(tmp_path, lab_config(port, ntp_extra="workers: 2")) as server:
-            slow, quick = _workers(server, 2)
-            assert systemd.recv(256) == b"READY=1"
-            os.kill(slow, signal.SIGSTOP)
-            try:
-                mark = len(server.lines)
-                server.signal(signal.SIGHUP)
-                assert systemd.recv(256).startswith(b"RELOADING=1")
-                server.wait_for(f"ntsd[{quick}] INFO ntsd: configuration reloaded", start=mark)
-                parent = f"ntsd[{server.proc.pid}] INFO ntsd: configuration reloaded"
-                assert not any(parent in line for line in server.lines[mark:])  # one worker has not
-            finally:
-                os.kill(slow, signal.SIGCONT)
-            done = server.wait_for(parent, start=mark)
-            assert systemd.recv(256) == b"READY=1"
-            assert server.wait_for(f"ntsd[{slow}] INFO ntsd: configuration reloaded", start=mark) < done
+    port = free_port()
+    with running_ntsd(tmp_path, lab_config(port, ntp_extra="workers: 2")) as server:
+        slow, quick = _workers(server, 2)
+        assert systemd.recv(256) == b"READY=1"
+        os.kill(slow, signal.SIGSTOP)
+        try:
+            mark = len(server.lines)
+            server.signal(signal.SIGHUP)
+            assert systemd.recv(256).startswith(b"RELOADING=1")
+            server.wait_for(f"ntsd[{quick}] INFO ntsd: configuration reloaded", start=mark)
+            parent = f"ntsd[{server.proc.pid}] INFO ntsd: configuration reloaded"
+            assert not any(parent in line for line in server.lines[mark:])  # one worker has not
+        finally:
+            os.kill(slow, signal.SIGCONT)
+        done = server.wait_for(parent, start=mark)
+        assert systemd.recv(256) == b"READY=1"
+        assert server.wait_for(f"ntsd[{slow}] INFO ntsd: configuration reloaded", start=mark) < done
 
 
 def test_a_worker_that_does_not_finish_a_reload_is_named_and_counted(tmp_path: Path) -> None:
