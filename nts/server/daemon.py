@@ -224,24 +224,25 @@ class Daemon:
         not apply all of it: what runs is not what the files say."""
         main = done is None
         report = self._reloaded if done is None else done
-        errors = LINES.errors()
         try:
             new = self.load()
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             report(False)
             return
+        errors = LINES.errors()
         _reopen_logging(new)
+        logging_ok = LINES.errors() == errors
         if main:
             self._warn_restart_only(new)
 
         async def apply() -> None:
-            async with self._reload_lock:
+            async with self._reload_lock:  # an error of the reload before this one is not this one's
                 if main:
                     notify(_reloading())
-                applied = False
+                applied, errors = False, LINES.errors()
                 try:
-                    applied = await server.reload(new, loop, may_bind=main) and LINES.errors() == errors
+                    applied = await server.reload(new, loop, may_bind=main) and LINES.errors() == errors and logging_ok
                 finally:
                     report(applied)
                     if main:
