@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 
 from nts.core.auth import Authenticator, PluginError, ReplyContext, Request
-from nts.core.decisions import Nak, describe
+from nts.core.decisions import Nak, describe, describe_gauge
 from nts.core.policy import Network, NetworkSet
 from nts.files import watch_files
 from nts.wire.packet import HEADER_LEN
@@ -148,6 +148,7 @@ class _Table:
 
 
 describe("mac_requests", ("algorithm", "key"), "Requests authenticated with legacy MAC keys, by algorithm and key id.")
+describe_gauge("mac_ledger_entries", "(client, key id) pairs in the legacy-use ledger (bounded by mac.max_clients).")
 
 
 def _key_notes(settings: MacSettings, keyfile: KeyFile) -> list[tuple[int, str]]:

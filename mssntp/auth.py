@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, cast
 
 from nts.core.auth import Authenticator, ReplyContext, Request
-from nts.core.decisions import Defer, Drop, Nak, Stats, describe, drop
+from nts.core.decisions import Defer, Drop, Nak, Stats, describe, describe_gauge, drop
 from nts.core.policy import RATE_OK, Network, NetworkSet, RateLimiter, RateSettings
 
 from .signer import SigndClient
@@ -34,7 +34,8 @@ _D_EXTENDED = drop("mssntp_extended_unsupported")
 _D_RATE = drop("mssntp_rate_limited")
 
 describe("mssntp_sign", ("outcome",), "MS-SNTP signing through Samba, by outcome.")
-describe("mssntp_sign_delay_us", (), "Sum of MS-SNTP signing delays (queue + Samba), microseconds.")
+describe("mssntp_sign_delay_us", (), "Sum of MS-SNTP signing delays (queue + Samba), seconds.")
+describe_gauge("mssntp_rate_limit_clients", "Addresses in the MS-SNTP rate limiter (bounded by mssntp.max_clients).")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,12 @@ class LevelCounter(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.counts: dict[tuple[str, ...], int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Start from zero, with both usual levels present (a series that appears only at its first
+        error has no increase in Prometheus, so an alert on it would never fire)."""
+        self.counts = {("log_lines", "warning"): 0, ("log_lines", "error"): 0}
 
     def emit(self, record: logging.LogRecord) -> None:
         key = ("log_lines", record.levelname.lower())

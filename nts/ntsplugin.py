@@ -26,7 +26,7 @@ from .aead import AEADS, DEFAULT_AEADS
 from .config import Node, format_addr, is_dns_name, is_ip_address
 from .cookies import KeyRing, check_secret, load_or_create_secret
 from .core.auth import Authenticator, PluginError, ReplyContext, Request
-from .core.decisions import Drop, Nak, Seal, Stats
+from .core.decisions import Drop, Nak, Seal, Stats, describe_gauge
 from .files import watch_files
 from .ke.certs import CertError, CertStore, expiry_problem
 from .ke.listener import KeServer, KeSettings
@@ -36,6 +36,7 @@ from .wire.extensions import FieldType
 from .wire.packet import HEADER_LEN, MAX_MAC_LEN
 
 log = logging.getLogger("ntsd.nts")
+describe_gauge("nts_certificate_expiry_timestamp_seconds", "When the NTS-KE certificate in use expires (notAfter).")
 _NTS_TYPES = (FieldType.NTS_COOKIE, FieldType.NTS_AUTHENTICATOR)
 _EXPIRY_CHECK_S = 3600.0  # how often the certificate's expiry is looked at (the log says so once a day)
 AEAD_NAMES = {

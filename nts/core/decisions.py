@@ -96,9 +96,26 @@ LABELS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+# gauge -> help text; plugins add theirs with describe_gauge().
+GAUGES: dict[str, str] = {
+    "leap": "Leap indicator served: 0 none, 1 insert, 2 delete, 3 unsynchronised.",
+    "stratum": "Stratum served (16: unsynchronised).",
+    "rate_limit_clients": "Addresses in the NTP rate limiter's table (bounded by rate_limit.max_clients).",
+    "uptime_seconds": "Seconds since the server started.",
+    "workers": "Worker processes serving NTP.",
+    "config_last_reload_successful": "1 when the last reload applied all of the files (or none was made), else 0.",
+    "config_last_reload_success_timestamp_seconds": "When the files were last applied in full (start or reload).",
+}
+
+
 def describe(metric: str, labels: tuple[str, ...], help_text: str) -> None:
     """Declare a counter's label names and help text."""
     LABELS.setdefault(metric, (labels, help_text))
+
+
+def describe_gauge(name: str, help_text: str) -> None:
+    """Declare a gauge's help text."""
+    GAUGES.setdefault(name, help_text)
 
 
 class Stats:

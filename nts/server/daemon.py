@@ -121,7 +121,8 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.started_with: Config | None = None  # what the process was started with (bound sockets, user)
-        self.reloads: dict[tuple[str, ...], int] = {}  # ("reloads", outcome): count, in the main process
+        # ("reloads", outcome): count, in the main process; every outcome present from the start
+        self.reloads = {("reloads", outcome): 0 for outcome in ("applied", "failed", "unconfirmed")}
         self.last_reload = (True, self.started)  # (applied, when the last applied one was)
 
     def load(self) -> Config:
@@ -153,7 +154,7 @@ class Daemon:
             pid = os.fork()
             if pid == 0:
                 code = 1
-                LINES.counts.clear()  # the parent's lines so far are the parent's to report
+                LINES.reset()  # the parent's lines so far are the parent's to report
                 try:
                     if metrics_sock is not None:
                         metrics_sock.close()

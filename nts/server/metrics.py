@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..core.decisions import LABELS
+from ..core.decisions import GAUGES, LABELS
 
 log = logging.getLogger("ntsd.metrics")
 MAX_CLIENTS = 32
@@ -35,18 +35,23 @@ def render(counts: Mapping[tuple[str, ...], int], gauges: Mapping[str, float]) -
     lines: list[str] = []
     for metric in sorted(by_metric):
         names, help_text = LABELS.get(metric, ((), ""))
-        full = f"ntsd_{metric}_total"
+        # counted in whole microseconds, shown in seconds (Prometheus's base unit)
+        scale = 1e-6 if metric.endswith("_us") else None
+        full = f"ntsd_{metric.removesuffix('_us') + '_seconds' if scale else metric}_total"
         if help_text:
             lines.append(f"# HELP {full} {help_text}")
         lines.append(f"# TYPE {full} counter")
         for labels, value in sorted(by_metric[metric]):
+            shown = _number(value * scale) if scale else str(value)
             if labels:
                 names_used = names if len(names) == len(labels) else tuple(f"l{i}" for i in range(len(labels)))
                 inner = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names_used, labels, strict=True))
-                lines.append(f"{full}{{{inner}}} {value}")
+                lines.append(f"{full}{{{inner}}} {shown}")
             else:
-                lines.append(f"{full} {value}")
+                lines.append(f"{full} {shown}")
     for name in sorted(gauges):
+        if name in GAUGES:
+            lines.append(f"# HELP ntsd_{name} {GAUGES[name]}")
         lines.append(f"# TYPE ntsd_{name} gauge")
         lines.append(f"ntsd_{name} {_number(gauges[name])}")
     return "\n".join(lines) + "\n"
