@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.cmac import CMAC
 from nts.core.auth import Authenticator, PluginError, ReplyContext, Request
 from nts.core.decisions import Nak, describe, describe_gauge
 from nts.core.policy import Network, NetworkSet
-from nts.files import watch_files
+from nts.files import FileIdentity, every, file_identity
 from nts.wire.packet import HEADER_LEN
 
 from .keyfile import Algorithm, Key, KeyFile, KeyFileError, load_keyfile
@@ -184,6 +184,7 @@ class MacAuthenticator(Authenticator):
     def __init__(self, settings: MacSettings) -> None:
         self.settings = settings
         self.ledger = ClientLedger(settings.max_clients)
+        self._seen: tuple[Path, FileIdentity] | None = None  # the key file, as it was when last read
         try:
             self.table = self._load(settings)
         except KeyFileError as exc:
@@ -199,6 +200,7 @@ class MacAuthenticator(Authenticator):
         return [(False, f"mac: {message}") for _, message in _key_notes(settings, keyfile)]
 
     def _load(self, settings: MacSettings) -> _Table:
+        self._seen = (settings.keys, file_identity(settings.keys))  # before reading: a change after is seen
         keyfile = load_keyfile(settings.keys, settings.format, settings.allow_bad_lines)
         for level, message in _key_notes(settings, keyfile):
             log.log(level, "%s", message)
@@ -279,12 +281,15 @@ class MacAuthenticator(Authenticator):
 
     async def start(self) -> None:
         self._watch = asyncio.get_running_loop().create_task(
-            watch_files(
-                lambda: (self.settings.keys,),
-                lambda: self.settings.check_interval,
-                lambda: self._reload(self.settings, "the key file changed"),
-            )
+            every(lambda: self.settings.check_interval, self.check_file)
         )
+
+    def check_file(self) -> None:
+        """Reload the key file if it changed since it was last read (or tried: a broken file is
+        reported once per change)."""
+        keys = self.settings.keys
+        if (keys, file_identity(keys)) != self._seen:
+            self._reload(self.settings, "the key file changed")
 
     def _reload(self, settings: MacSettings, why: str) -> bool:
         try:

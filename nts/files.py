@@ -5,7 +5,9 @@ it only when root owns it (mode 0640 root:GROUP, as Debian ships chrony's key fi
 share TLS keys with an ssl-cert group: root chose that group), never write it. Refused otherwise,
 with the chmod that mends it (PostgreSQL's rule for its TLS key). Secrets are written atomically
 with mode 0600; a watched file is recognised as changed by its identity (inode, size, mtime),
-which also catches replace-by-rename.
+which also catches replace-by-rename. Each owner compares against the identity it took just before
+it last read the file (not against what a watcher saw when it started, which missed a change made
+between loading the file and the watcher's first look).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 FileIdentity = tuple[int, int, int] | None
@@ -68,14 +70,8 @@ def file_identity(path: Path) -> FileIdentity:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-async def watch_files(
-    paths: Callable[[], Sequence[Path]], interval: Callable[[], float], on_change: Callable[[], object]
-) -> None:
-    """Call `on_change` whenever any of `paths()` changes identity; runs until cancelled."""
-    seen = [file_identity(p) for p in paths()]
+async def every(interval: Callable[[], float], tick: Callable[[], object]) -> None:
+    """Call `tick()` every `interval()` seconds until cancelled (the file checks)."""
     while True:
         await asyncio.sleep(interval())
-        now = [file_identity(p) for p in paths()]
-        if now != seen:
-            seen = now
-            on_change()
+        tick()

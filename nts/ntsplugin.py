@@ -27,7 +27,7 @@ from .config import Node, format_addr, is_dns_name, is_ip_address
 from .cookies import KeyRing, check_secret, load_or_create_secret
 from .core.auth import Authenticator, PluginError, ReplyContext, Request
 from .core.decisions import Drop, Nak, Seal, Stats, describe_gauge
-from .files import watch_files
+from .files import every
 from .ke.certs import CertError, CertStore, expiry_problem
 from .ke.listener import KeServer, KeSettings
 from .ntsauth import NtsPacketAuth
@@ -221,11 +221,7 @@ class NtsAuthenticator(Authenticator):
         else:
             log.info("AES-SIV through cryptography (Nettle not used: %s)", nettle.WHY)
         self._watch = asyncio.get_running_loop().create_task(
-            watch_files(
-                lambda: (self.certs.cert_path, self.certs.key_path),
-                lambda: self.settings.cert_check_interval,
-                self.certs.check,
-            )
+            every(lambda: self.settings.cert_check_interval, lambda: self.certs.check())
         )
         self._expiry = asyncio.get_running_loop().create_task(self._watch_expiry())
 

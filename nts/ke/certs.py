@@ -147,8 +147,8 @@ class CertStore:
 
     def __init__(self, cert_path: Path, key_path: Path) -> None:
         self.cert_path, self.key_path = cert_path, key_path
+        self._seen = (file_identity(cert_path), file_identity(key_path))  # before reading: a change after is seen
         self.context, self.subject, self.not_after = _load(cert_path, key_path)
-        self._seen = (file_identity(cert_path), file_identity(key_path))
         self.reloads = 0
         self._expiry_logged: datetime.datetime | None = None
         self.clock: Callable[[], float] = time.monotonic

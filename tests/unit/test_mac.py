@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import ipaddress
 import struct
 import time
@@ -123,3 +125,30 @@ def test_ledger_counts_a_key_id_apart_when_its_algorithm_changes() -> None:
     assert ledger.totals == {("MD5", "7"): 3, ("AES-128-CMAC", "7"): 1}
     (row,) = ledger.report()
     assert row["algorithm"] == "AES-128-CMAC" and row["requests"] == 1 and row["deprecated"] is False
+
+
+def test_a_key_file_changed_before_the_watcher_starts_is_still_reloaded(
+    mac: MacAuthenticator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watcher took its reference when it first ran, after the keys were loaded: a file changed
+    in between (at start-up, under load) was never reloaded. Now the reference is the file as read."""
+    mac.settings = dataclasses.replace(mac.settings, check_interval=0.1)
+    mac.settings.keys.write_text("1 MD5 onlyone\n")  # after loading, before start()
+
+    async def run() -> set[int]:
+        await mac.start()
+        try:
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if set(mac.table.keys) != set(KEYS):
+                    break
+            return set(mac.table.keys)
+        finally:
+            await mac.stop()
+
+    assert asyncio.run(run()) == {1}
+    mac.settings.keys.write_text("this is not a key line\n")
+    mac.check_file()  # broken: the keys stay, and it is reported once per change, not at every check
+    mac.check_file()
+    assert set(mac.table.keys) == {1}
+    assert sum("the key file changed, but it cannot be used" in r.getMessage() for r in caplog.records) == 1
