@@ -186,7 +186,7 @@ class MacAuthenticator(Authenticator):
         self.ledger = ClientLedger(settings.max_clients)
         self._seen: tuple[Path, FileIdentity] | None = None  # the key file, as it was when last read
         try:
-            self.table = self._load(settings)
+            self._use(self._load(settings), settings)
         except KeyFileError as exc:
             raise PluginError(f"mac: {exc}") from None
         self._watch: asyncio.Task[None] | None = None
@@ -204,12 +204,15 @@ class MacAuthenticator(Authenticator):
         keyfile = load_keyfile(settings.keys, settings.format, settings.allow_bad_lines)
         for level, message in _key_notes(settings, keyfile):
             log.log(level, "%s", message)
-        keys = keyfile.keys
-        trusted = settings.trusted
-        active = [k for k in keys.values() if trusted is None or k.id in trusted]
-        log.info("loaded %d keys (%d trusted) from %s", len(keys), len(active), settings.keys)
-        prepared = {key_id: PreparedKey(key) for key_id, key in keys.items()}
-        return _Table(prepared, trusted, {k: NetworkSet(v) for k, v in settings.networks.items()})
+        prepared = {key_id: PreparedKey(key) for key_id, key in keyfile.keys.items()}
+        return _Table(prepared, settings.trusted, {k: NetworkSet(v) for k, v in settings.networks.items()})
+
+    def _use(self, table: _Table, settings: MacSettings) -> None:
+        """Serve with `table` from now on, then say so (the listener threads read `self.table`: a
+        line logged before the swap could be acted on while the old keys still answer)."""
+        self.table = table
+        trusted = sum(1 for key_id in table.keys if table.trusted is None or key_id in table.trusted)
+        log.info("loaded %d keys (%d trusted) from %s", len(table.keys), trusted, settings.keys)
 
     def matches(self, request: Request) -> int:
         trailer = request.trailer
@@ -293,10 +296,11 @@ class MacAuthenticator(Authenticator):
 
     def _reload(self, settings: MacSettings, why: str) -> bool:
         try:
-            self.table = self._load(settings)
+            table = self._load(settings)
         except KeyFileError as exc:
             log.error("%s, but it cannot be used; keeping the keys in use: %s", why, exc)
             return False
+        self._use(table, settings)
         return True
 
     async def stop(self) -> None:
