@@ -669,6 +669,58 @@ def test_a_wildcard_socket_answers_from_the_address_asked(tmp_path: Path, batch:
         assert f"{dst} replies 1 64 1" in proc.stdout, proc.stdout
 
 
+INSIDE_A_HOST_ON_A_LINK = """
+subprocess.run(["ip", "link", "add", "va", "type", "veth", "peer", "name", "vb"], check=True)
+client = subprocess.Popen(["unshare", "-n", sys.executable, "-c", '''
+import socket, subprocess, sys
+sys.stdin.readline()  # vb is in this namespace now
+subprocess.run(["ip", "link", "set", "vb", "up"], check=True)
+subprocess.run(["ip", "-6", "addr", "add", "fe80::2/64", "dev", "vb", "nodad"], check=True)
+with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+    s.settimeout(3)
+    s.connect(("fe80::1", 123, 0, socket.if_nametoindex("vb")))  # replies from fe80::1 on vb only
+    for packets in (1, 64):
+        for _ in range(packets):
+            s.send(bytes([0x23]) + bytes(47))
+        got = 0
+        try:
+            for _ in range(packets):
+                s.recv(100)
+                got += 1
+        except TimeoutError:
+            pass
+        print("link-local replies", got, flush=True)
+'''], stdin=subprocess.PIPE, text=True)
+subprocess.run(["ip", "link", "set", "vb", "netns", str(client.pid)], check=True)
+subprocess.run(["ip", "link", "add", "vc", "type", "veth", "peer", "name", "vd"], check=True)  # a second link:
+for dev, addr in (("vc", "fe80::3"), ("vd", "fe80::4"), ("va", "fe80::1")):  # fe80::/64 is on both
+    subprocess.run(["ip", "link", "set", dev, "up"], check=True)
+    subprocess.run(["ip", "-6", "addr", "add", addr + "/64", "dev", dev, "nodad"], check=True)
+Path("ntsd.yaml").write_text(
+    'ntp: {listen: ["[::]:123"], batch: @BATCH@}\\nrate_limit: {enabled: false}\\nmetrics: {listen: null}\\n'
+    "clock: {local_reference: true}\\n"
+)
+server, log = start_ntsd("-c", "ntsd.yaml")
+try:
+    client.stdin.write("go\\n")
+    client.stdin.flush()
+    client.wait(30)
+finally:
+    stop_ntsd(server, log)
+"""
+
+
+@needs_netns
+@pytest.mark.parametrize("batch", [32, 1])
+def test_a_wildcard_socket_answers_a_link_local_client_on_its_link(tmp_path: Path, batch: int) -> None:
+    """A client on the LAN asking fe80::1%vb: the reply must leave from fe80::1 on that link (the
+    scope travels with the address, the interface with the pktinfo), though fe80::/64 is on a second
+    link too (with neither, the reply takes the other link). Two network namespaces joined by a veth
+    pair: the server's, made for the test, and the client's, made inside it."""
+    proc = run_in_netns(tmp_path, INSIDE_A_HOST_ON_A_LINK.replace("@BATCH@", str(batch)))
+    assert "link-local replies 1\n" in proc.stdout and "link-local replies 64\n" in proc.stdout, proc.stdout
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_privileges_are_dropped_after_binding(tmp_path: Path) -> None:
     port = free_port()
