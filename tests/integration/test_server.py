@@ -522,6 +522,12 @@ def test_reload_outcomes_and_warnings_are_in_the_metrics(tmp_path: Path, workers
         assert m['ntsd_reloads_total{outcome="applied"}'] == 1 and m["ntsd_config_last_reload_successful"] == 1
         assert m["ntsd_config_last_reload_success_timestamp_seconds"] > started
 
+        unusable = tmp_path / "no-such-dir" / "ntsd.log"  # every process goes on logging where it did
+        (tmp_path / "ntsd.yaml").write_text(config.replace("log: {level: debug}", f"log: {{file: {unusable}}}"))
+        errors += 1 if workers == 1 else workers + 2  # each process's line, then the parent's summary
+        m = reload("reload not applied in full by worker(s)" if workers > 1 else "configuration reloaded")
+        assert m['ntsd_reloads_total{outcome="failed"}'] == 3 and m["ntsd_config_last_reload_successful"] == 0
+
 
 def _pids_logging(path: Path, text: str, count: int, timeout: float = 10.0) -> set[str]:
     """The processes (ntsd[PID]) that wrote a line with `text` to `path`, once `count` of them have
