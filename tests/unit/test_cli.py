@@ -177,6 +177,15 @@ def test_gauges_keep_every_digit() -> None:
     assert parse_text(text) == {f"ntsd_{k}": v for k, v in gauges.items()}
 
 
+def test_counters_in_microseconds_are_served_in_seconds() -> None:
+    """Prometheus's base unit (promtool refuses `_us`); the pipeline counts whole microseconds."""
+    from nts.server.metrics import parse_text, render
+
+    text = render({("mssntp_sign_delay_us",): 1_234_567, ("requests",): 3}, {})
+    assert "# TYPE ntsd_mssntp_sign_delay_seconds_total counter\n" in text
+    assert parse_text(text) == {"ntsd_mssntp_sign_delay_seconds_total": 1.234567, "ntsd_requests_total": 3}
+
+
 def test_check_config_looks_at_what_the_sections_point_to(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """ExecStartPre=ntsd check-config must catch what `serve` would refuse: a missing certificate, a
     broken key file, an unusable key directory (it said OK to all of them); and it binds nothing."""
