@@ -261,6 +261,36 @@ def test_certificate_replaced_while_clients_connect(tmp_path: Path) -> None:
         assert subjects[0] == "CN=localhost" and subjects[-1] == "CN=renewed.example"
 
 
+def test_certificate_files_named_by_a_reload_are_watched(tmp_path: Path) -> None:
+    """After a reload points nts.certificate/private_key elsewhere, renewing those files is noticed
+    without another SIGHUP (the watcher went on asking the certificate store it started with)."""
+    ntp, ke, mport = ports()
+    config = nts_config(tmp_path, ntp, ke, mport, "  cert_check_interval: 0.2\n")
+    dev_certs(tmp_path)
+    moved = make_dev_certs(tmp_path / "moved", ["moved.example", "127.0.0.1"])
+    renewed = make_dev_certs(tmp_path / "renewed", ["renewed.example", "127.0.0.1"])
+    with running_ntsd(tmp_path, config) as server:
+        mark = len(server.lines)
+        certs = tmp_path / "certs"
+        (tmp_path / "ntsd.yaml").write_text(
+            config.replace(f"{certs / 'server.pem'}", str(moved.certificate)).replace(
+                f"{certs / 'server.key'}", str(moved.private_key)
+            )
+        )
+        server.signal(signal.SIGHUP)
+        server.wait_for("configuration reloaded", start=mark)
+        assert key_exchange("127.0.0.1", ke, moved.ca).subject == "CN=moved.example"
+        mark = len(server.lines)
+        staged = moved.private_key.with_suffix(".new")
+        shutil.copy(renewed.private_key, staged)
+        staged.chmod(0o600)
+        os.replace(staged, moved.private_key)
+        shutil.copy(renewed.certificate, staged)
+        os.replace(staged, moved.certificate)
+        server.wait_for("serving NTS-KE certificate CN=renewed.example", start=mark)
+        assert key_exchange("127.0.0.1", ke, renewed.ca).subject == "CN=renewed.example"
+
+
 def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     ntp, ke, mport = ports()
     config = nts_config(tmp_path, ntp, ke, mport)
