@@ -21,6 +21,10 @@ def test_a_reload_is_done_when_every_worker_has_reached_its_number() -> None:
     assert shared.behind(second) == [0, 2]
     shared.reload_done(0, first)  # a late report of an older reload never moves a worker back
     assert shared.behind(second) == [0, 2]
+    shared.reload_done(1, second, applied=False)  # the same number again (two signals, one order):
+    assert shared.failed() == [1]  # the later outcome stands
+    shared.reload_done(1, second)
+    assert shared.failed() == []
 
 
 def test_workers_write_what_the_parent_reads_across_fork() -> None:
