@@ -679,6 +679,7 @@ INSIDE_A_HOST_ON_A_LINK = """
 subprocess.run(["ip", "link", "add", "va", "type", "veth", "peer", "name", "vb"], check=True)
 client = subprocess.Popen(["unshare", "-n", sys.executable, "-c", '''
 import socket, subprocess, sys
+print("in a namespace of its own", flush=True)  # only now can vb be moved here
 sys.stdin.readline()  # vb is in this namespace now
 subprocess.run(["ip", "link", "set", "vb", "up"], check=True)
 subprocess.run(["ip", "-6", "addr", "add", "fe80::2/64", "dev", "vb", "nodad"], check=True)
@@ -696,7 +697,8 @@ with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
         except TimeoutError:
             pass
         print("link-local replies", got, flush=True)
-'''], stdin=subprocess.PIPE, text=True)
+'''], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+assert client.stdout.readline() == "in a namespace of its own\\n"
 subprocess.run(["ip", "link", "set", "vb", "netns", str(client.pid)], check=True)
 subprocess.run(["ip", "link", "add", "vc", "type", "veth", "peer", "name", "vd"], check=True)  # a second link:
 for dev, addr in (("vc", "fe80::3"), ("vd", "fe80::4"), ("va", "fe80::1")):  # fe80::/64 is on both
@@ -710,7 +712,7 @@ server, log = start_ntsd("-c", "ntsd.yaml")
 try:
     client.stdin.write("go\\n")
     client.stdin.flush()
-    client.wait(30)
+    print(client.communicate(timeout=30)[0], end="")
 finally:
     stop_ntsd(server, log)
 """
