@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from .. import __version__
@@ -249,9 +249,7 @@ class Daemon:
                     if main:
                         notify("READY=1")
 
-        task = loop.create_task(apply())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(loop, apply())
 
     async def _serve_worker(
         self,
@@ -306,9 +304,7 @@ class Daemon:
             for pid in self.children:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGHUP)
-            task = loop.create_task(finished(number, new.source))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(loop, finished(number, new.source))
 
         async def finished(number: int, source: str) -> None:
             """Say the reload is over (log, systemd) only once every worker has applied it."""
@@ -357,6 +353,12 @@ class Daemon:
             await metrics.stop()
         log.info("stopped")
         return code
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as a task held until it ends (the loop keeps only weak references to tasks)."""
+        task = loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _warn_restart_only(self, new: Config) -> None:
         if self.started_with is not None and (names := restart_only_changes(self.started_with, new)):

@@ -35,7 +35,7 @@ _NAME_LEN = 128  # sizeof(struct sockaddr_storage)
 _IOVEC_SIZE, _MMSG_SIZE = _IOVEC.size, _MMSG.size  # plain ints for the per-reply path
 _CMSG = struct.Struct("@NiiqQ")  # cmsghdr (len, level, type) + struct timespec
 _CONTROL_LEN = socket.CMSG_SPACE(16)
-_PKTINFO_SPACE = socket.CMSG_SPACE(20)  # room for struct in6_pktinfo (struct in_pktinfo is 12 bytes)
+PKTINFO_SPACE = socket.CMSG_SPACE(20)  # room for struct in6_pktinfo (struct in_pktinfo is 12 bytes)
 _CMSG_HEAD = struct.Struct("@Nii")
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python 3.11's socket module lacks the name
 PKTINFO = {(socket.IPPROTO_IP, IP_PKTINFO), (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)}
@@ -93,7 +93,7 @@ class Batch:
         data_addr = ctypes.addressof(self._data)
         self.names, self._names_addr = _buffer(size * _NAME_LEN)
         self.pktinfo = pktinfo
-        self._ctl = ctl = _CONTROL_LEN + (_PKTINFO_SPACE if pktinfo else 0)  # control bytes per slot
+        self._ctl = ctl = _CONTROL_LEN + (PKTINFO_SPACE if pktinfo else 0)  # control bytes per slot
         self._cmsg = struct.Struct(f"{_CMSG.format}{ctl - _CMSG.size}x") if pktinfo else _CMSG
         self.control, control_addr = _buffer(size * ctl)
         self._rx_iov, rx_iov_addr = _buffer(size * _IOVEC.size)
@@ -108,10 +108,10 @@ class Batch:
         self._out, self._out_addr = _buffer(size * self.slot)
         self._tx_iov, self._tx_iov_addr = _buffer(size * _IOVEC.size)
         self.tx, self._tx_addr = _buffer(size * _MMSG.size)
-        self._tx_control, tx_control_addr = _buffer(size * _PKTINFO_SPACE if pktinfo else 1)
+        self._tx_control, tx_control_addr = _buffer(size * PKTINFO_SPACE if pktinfo else 1)
         for i in range(size):  # reply j: iovec j over output slot j; only lengths, peers (and pktinfo) change
             _IOVEC.pack_into(self._tx_iov, i * _IOVEC.size, self._out_addr + i * self.slot, 0)
-            tx_control = tx_control_addr + i * _PKTINFO_SPACE if pktinfo else 0
+            tx_control = tx_control_addr + i * PKTINFO_SPACE if pktinfo else 0
             _MMSG.pack_into(self.tx, i * _MMSG.size, 0, 0, self._tx_iov_addr + i * _IOVEC.size, 1, tx_control, 0, 0, 0)
         self.pending = 0
         self._ips: dict[bytes, str] = {}
@@ -163,7 +163,7 @@ class Batch:
         _PEER.pack_into(self.tx, j * _MMSG_SIZE, self._names_addr + i * _NAME_LEN, namelen)
         if self.pktinfo:  # the request's destination address becomes the reply's source
             found = self.pktinfo_bytes(i)
-            self._tx_control[j * _PKTINFO_SPACE : j * _PKTINFO_SPACE + len(found)] = found
+            self._tx_control[j * PKTINFO_SPACE : j * PKTINFO_SPACE + len(found)] = found
             _LENGTH.pack_into(self.tx, j * _MMSG_SIZE + _CONTROLLEN_AT, len(found))
         self.pending = j + 1
 

@@ -66,9 +66,8 @@ class SharedCounters:
         """Worker `index` has finished reload `number` (and every one before it); `applied` False
         when it refused it or applied it in part. One word (number and outcome): never read in half.
         Two signals handled after the same order both carry its number; the later outcome stands."""
-        offset = _RELOAD.size * (index + 1)
-        if number >= _RELOAD.unpack_from(self.reloads, offset)[0] >> 1:
-            _RELOAD.pack_into(self.reloads, offset, number << 1 | (not applied))
+        if number >= self._reload_word(index) >> 1:
+            _RELOAD.pack_into(self.reloads, _RELOAD.size * (index + 1), number << 1 | (not applied))
 
     def _reload_word(self, index: int) -> int:
         return int(_RELOAD.unpack_from(self.reloads, _RELOAD.size * (index + 1))[0])

@@ -45,7 +45,6 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; absent fr
 MAX_DATAGRAM = 4096  # larger requests are dropped as oversize
 _TIMESPEC = struct.Struct("@qq")
 _ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
-_ANC_SPACE_PKTINFO = _ANC_SPACE + socket.CMSG_SPACE(20)  # + struct in6_pktinfo (in_pktinfo is smaller)
 WILDCARDS = ("0.0.0.0", "::")
 _K_RECV, _K_SEND = ("io_calls", "recvmmsg"), ("io_calls", "sendmmsg")
 
@@ -176,7 +175,7 @@ class UdpListener:
         unpack = _TIMESPEC.unpack_from
         time_ns = time.time_ns
         trunc = int(socket.MSG_TRUNC)  # the enum member would make `&` a Python-level call
-        space = _ANC_SPACE_PKTINFO if self.pktinfo else _ANC_SPACE
+        space = _ANC_SPACE + mmsg.PKTINFO_SPACE if self.pktinfo else _ANC_SPACE
         while True:
             try:
                 data, anc, flags, addr = recvmsg(MAX_DATAGRAM, space)
