@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from . import nettle
+from . import nettle, tlsconf
 from .aead import AEADS, DEFAULT_AEADS
 from .config import Node, format_addr, is_dns_name, is_ip_address
 from .cookies import KeyRing, check_secret, load_or_create_secret
@@ -215,6 +215,7 @@ class NtsAuthenticator(Authenticator):
         for sock in self.sockets:
             log.info("serving NTS-KE on %s", format_addr(sock.getsockname()))
         log.info("NTS-KE certificate %s", self.certs.description)
+        log.info("%s", tlsconf.note())
         self.certs.report_expiry(force=True)
         if nettle.AVAILABLE:
             log.info("AES-SIV-CMAC-256/-512 through %s (libnettle.so.8)", nettle.VERSION)

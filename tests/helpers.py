@@ -60,7 +60,7 @@ def query(
 class Ntsd:
     """An `ntsd serve` subprocess whose log is collected line by line (no sleeps to synchronise)."""
 
-    def __init__(self, config: Path, cwd: Path) -> None:
+    def __init__(self, config: Path, cwd: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -70,6 +70,7 @@ class Ntsd:
             stderr=subprocess.STDOUT,
             text=True,
             cwd=cwd,
+            env=None if env is None else {**os.environ, **env},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -114,10 +115,10 @@ class Ntsd:
 
 
 @contextmanager
-def running_ntsd(tmp_path: Path, config_text: str) -> Iterator[Ntsd]:
+def running_ntsd(tmp_path: Path, config_text: str, env: dict[str, str] | None = None) -> Iterator[Ntsd]:
     cfg = tmp_path / "ntsd.yaml"
     cfg.write_text(config_text)
-    server = Ntsd(cfg, tmp_path)
+    server = Ntsd(cfg, tmp_path, env)
     try:
         server.wait_for("ready")
         yield server

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -164,6 +165,39 @@ def test_cookies_survive_a_restart(tmp_path: Path) -> None:
         reply, _, _ = exchange("127.0.0.1", ntp, packet)
         nak, cookies = check_nts_reply(result, reply, uid)
         assert not nak and len(cookies) == 1
+
+
+def _ticket_received(port: int, ca: Path) -> bool:
+    """One NTS-KE session with a client (Python's ssl, another OpenSSL) that would keep a ticket."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_alpn_protocols(["ntske/1"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(request(NP, AEAD15))
+        received = b""
+        while chunk := tls.recv(65536):  # to the server's close_notify: tickets come before the response
+            received += chunk
+        assert received.endswith(b"\x80\x00\x00\x00")  # End of Message: a whole response was read
+        assert tls.session is not None
+        return bool(tls.session.has_ticket)
+
+
+@pytest.mark.parametrize("operator_conf", [False, True])
+def test_no_tls_session_tickets_unless_the_operator_configures_openssl(tmp_path: Path, operator_conf: bool) -> None:
+    ntp, ke, _ = ports()
+    env = None
+    if operator_conf:  # the operator's own OpenSSL configuration is read instead of ntsd's (which has none of it)
+        (tmp_path / "operator.cnf").write_text("# an operator's OpenSSL configuration, without NumTickets\n")
+        env = {"OPENSSL_CONF": str(tmp_path / "operator.cnf")}
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke), env) as server:
+        if operator_conf:
+            server.wait_for(f"OpenSSL reads '{tmp_path / 'operator.cnf'}' (OPENSSL_CONF): NTS-KE sends TLS session")
+        else:
+            server.wait_for("NTS-KE sends no TLS session tickets")
+        assert _ticket_received(ke, dev_certs(tmp_path).ca) is operator_conf
 
 
 def reload_everywhere(server: Ntsd, workers: int) -> str:
