@@ -10,6 +10,7 @@ Next Protocol or AEAD yields Error 0, never Error 1; duplicate or missing record
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,26 +90,43 @@ def response(
     port: int | None = None,
 ) -> bytes:
     """The bytes of the server's reply (always ending with End of Message)."""
-    records: list[Record] = []
-    if isinstance(outcome, KeRefusal):
-        records.append(Record(True, RecordType.ERROR, struct.pack(">H", outcome.code)))
-    elif outcome.protocol is None:
-        records.append(Record(True, RecordType.NEXT_PROTOCOL))
-    elif outcome.aead is None:
-        records.append(Record(True, RecordType.NEXT_PROTOCOL, struct.pack(">H", outcome.protocol)))
-        records.append(Record(True, RecordType.AEAD_ALGORITHM))
-    else:
-        records.append(Record(True, RecordType.NEXT_PROTOCOL, struct.pack(">H", outcome.protocol)))
-        records.append(Record(True, RecordType.AEAD_ALGORITHM, struct.pack(">H", outcome.aead)))
-        if outcome.compliant_gcm:
-            records.append(Record(False, RecordType.COMPLIANT_128GCM_EXPORT))
-        if port is not None:
-            records.append(Record(True, RecordType.NTPV4_PORT, struct.pack(">H", port)))
-        if server is not None:
-            records.append(Record(True, RecordType.NTPV4_SERVER, server.encode("ascii")))
-        records += [Record(False, RecordType.NEW_COOKIE, c) for c in cookies]
-    records.append(Record(True, RecordType.END_OF_MESSAGE))
+    if isinstance(outcome, KeRefusal) or outcome.protocol is None or outcome.aead is None:
+        return _refusal(outcome)
+    head = _accepted(outcome.protocol, outcome.aead, outcome.compliant_gcm, port, server)
+    return b"".join([head, *[_COOKIE_HEAD.pack(RecordType.NEW_COOKIE, len(c)) + c for c in cookies], _END])
+
+
+_COOKIE_HEAD = struct.Struct(">HH")  # New Cookie records are not critical
+_END = serialize_records([Record(True, RecordType.END_OF_MESSAGE)])
+
+
+@functools.lru_cache(maxsize=64)
+def _accepted(protocol: int, aead: int, compliant_gcm: bool, port: int | None, server: str | None) -> bytes:
+    """The records before the cookies of an accepted request: the same for every session alike."""
+    records = [
+        Record(True, RecordType.NEXT_PROTOCOL, struct.pack(">H", protocol)),
+        Record(True, RecordType.AEAD_ALGORITHM, struct.pack(">H", aead)),
+    ]
+    if compliant_gcm:
+        records.append(Record(False, RecordType.COMPLIANT_128GCM_EXPORT))
+    if port is not None:
+        records.append(Record(True, RecordType.NTPV4_PORT, struct.pack(">H", port)))
+    if server is not None:
+        records.append(Record(True, RecordType.NTPV4_SERVER, server.encode("ascii")))
     return serialize_records(records)
+
+
+def _refusal(outcome: Negotiation | KeRefusal) -> bytes:
+    if isinstance(outcome, KeRefusal):
+        records = [Record(True, RecordType.ERROR, struct.pack(">H", outcome.code))]
+    elif outcome.protocol is None:
+        records = [Record(True, RecordType.NEXT_PROTOCOL)]
+    else:
+        records = [
+            Record(True, RecordType.NEXT_PROTOCOL, struct.pack(">H", outcome.protocol)),
+            Record(True, RecordType.AEAD_ALGORITHM),
+        ]
+    return serialize_records([*records, Record(True, RecordType.END_OF_MESSAGE)])
 
 
 class KeServerSession:

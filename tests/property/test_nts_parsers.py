@@ -12,10 +12,10 @@ from nts.core.clockstate import ClockSettings, server_state
 from nts.core.decisions import Drop
 from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainAuthenticator
-from nts.ke.session import KeRefusal, KeServerSession, Negotiation, negotiate
+from nts.ke.session import KeRefusal, KeServerSession, Negotiation, negotiate, response
 from nts.ntsauth import NtsPacketAuth
 from nts.wire.errors import ParseError
-from nts.wire.ke_records import Record, RecordReader, parse_records, serialize_records
+from nts.wire.ke_records import Record, RecordReader, RecordType, parse_records, serialize_records
 
 records = st.builds(Record, critical=st.booleans(), type=st.integers(0, 0x7FFF), body=st.binary(max_size=40))
 
@@ -48,6 +48,32 @@ def test_reader_chunking_does_not_matter(rs: list[Record], cuts: list[int]) -> N
 @given(st.lists(records, max_size=10))
 def test_negotiate_always_decides(rs: list[Record]) -> None:
     assert isinstance(negotiate(rs, (15, 30)), Negotiation | KeRefusal)
+
+
+@given(
+    st.sampled_from([15, 17, 30]),
+    st.booleans(),
+    st.lists(st.binary(min_size=1, max_size=200), max_size=8),
+    st.none() | st.integers(0, 65535),
+    st.none() | st.text("abcdefghijklmnopqrstuvwxyz0123456789.-:", min_size=1, max_size=40),
+)
+def test_response_parses_back_to_its_records(
+    aead: int, compliant: bool, cookies: list[bytes], port: int | None, server: str | None
+) -> None:
+    records = parse_records(response(Negotiation(0, aead, compliant), cookies, server, port))
+    assert records[:2] == [
+        Record(True, RecordType.NEXT_PROTOCOL, b"\x00\x00"),
+        Record(True, RecordType.AEAD_ALGORITHM, aead.to_bytes(2, "big")),
+    ]
+    rest = records[2:]
+    if compliant:
+        assert rest.pop(0) == Record(False, RecordType.COMPLIANT_128GCM_EXPORT)
+    if port is not None:
+        assert rest.pop(0) == Record(True, RecordType.NTPV4_PORT, port.to_bytes(2, "big"))
+    if server is not None:
+        assert rest.pop(0) == Record(True, RecordType.NTPV4_SERVER, server.encode())
+    end = Record(True, RecordType.END_OF_MESSAGE)
+    assert rest == [*(Record(False, RecordType.NEW_COOKIE, c) for c in cookies), end]
 
 
 @given(st.binary(max_size=300))
