@@ -67,7 +67,8 @@ def ke_raw(
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     if max_version is not None:
         ctx.set_max_proto_version(max_version)
-    ctx.set_alpn_protos(alpn if alpn is not None else [b"ntske/1"])
+    if alpn != []:  # [] offers no ALPN at all
+        ctx.set_alpn_protos(alpn if alpn is not None else [b"ntske/1"])
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.settimeout(None)
     tv = struct.pack("@qq", int(timeout), 0)

@@ -48,9 +48,16 @@ TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256
 
 
 def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    """Choose ntske/1, and note the choice on the connection (cheaper to ask than OpenSSL)."""
     if ALPN in offered:
+        conn.set_app_data(ALPN)
         return ALPN
     raise AlpnRefused
+
+
+def alpn_chosen(conn: SSL.Connection) -> bool:
+    """Whether the handshake agreed on ntske/1 (a client may offer no ALPN at all: then it did not)."""
+    return conn.get_app_data() is ALPN
 
 
 def build_context(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str]:

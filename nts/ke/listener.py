@@ -30,7 +30,7 @@ from ..core.decisions import Stats
 from ..core.policy import RATE_OK, RateLimiter, RateSettings
 from ..logutil import RateLimitedLog
 from ..wire.errors import ParseError
-from .certs import ALPN, AlpnRefused, CertStore
+from .certs import AlpnRefused, CertStore, alpn_chosen
 from .session import COOKIES_PER_RESPONSE, EXPORTER_LABEL, KeRefusal, KeServerSession, Negotiation, response
 
 log = logging.getLogger("ntsd.nts")
@@ -247,7 +247,7 @@ class KeSession:
         if not self.handshaken:
             tls.do_handshake()
             self.handshaken = True
-            if tls.get_alpn_proto_negotiated() != ALPN:  # a client that offered no ALPN at all
+            if not alpn_chosen(tls):  # a client that offered no ALPN at all
                 self.server.count("refused_no_alpn", self.peer)
                 self.close()
                 return

@@ -55,6 +55,7 @@ def test_ke_misuse_gets_documented_outcomes_and_service_continues(tmp_path: Path
     extra = "  max_request: 512\n  session_timeout: 1.0\n"
     with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport, extra)):
         assert ke_raw(ke, request(NP, AEAD15), alpn=[b"http/1.1"]).startswith("handshake failed")
+        assert ke_raw(ke, request(NP, AEAD15), alpn=[]) == "closed"  # no ALPN: closed after the handshake
         assert ke_raw(ke, request(NP, AEAD15), max_version=SSL.TLS1_2_VERSION).startswith("handshake failed")
         unknown = ke_raw(ke, request(Record(True, 0x4321, b"?"), NP, AEAD15))
         assert isinstance(unknown, list)
@@ -74,6 +75,7 @@ def test_ke_misuse_gets_documented_outcomes_and_service_continues(tmp_path: Path
         assert isinstance(ok, list) and [r.type for r in ok].count(RecordType.NEW_COOKIE) == 8
         events = ke_events(mport)
         assert events["refused_alpn"] == 1
+        assert events["refused_no_alpn"] == 1
         assert events["handshake_failed"] == 1  # TLS 1.2 only
         assert events["error_unknown_critical_record"] == 1
         assert events["error_next_protocol_count"] == 1
