@@ -12,9 +12,12 @@ two trees (e.g. a `git worktree` of the base commit and the working tree) with t
 mostly the kernel's, which callgrind does not count, so compare these figures between trees of
 ours, and use bench.py for ratios.
 
-Usage: python3 tests/bench/instructions.py [--repo DIR] [--kind plain|mac|cmac|nts] [--seconds 8]
+`--kind ke` counts per NTS-KE session instead (EC certificate; keload.c with the chrony-like
+client of bench.py, 4 sessions in parallel), and divides by the sessions completed.
+
+Usage: python3 tests/bench/instructions.py [--repo DIR] [--kind plain|mac|cmac|nts|ke] [--seconds 8]
        [--server ntsd|chrony] [--keep FILE]
-Needs: valgrind (Debian valgrind), gcc; chronyd and root for --server chrony.
+Needs: valgrind (Debian valgrind), gcc (and libssl-dev for ke); chronyd and root for --server chrony.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def wait_answer(port: int, packet: bytes, proc: subprocess.Popen[bytes], timeout
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", default=str(HERE.parent.parent), help="the tree whose ntsd is measured")
-    ap.add_argument("--kind", choices=("plain", "mac", "cmac", "nts"), default="mac")
+    ap.add_argument("--kind", choices=("plain", "mac", "cmac", "nts", "ke"), default="mac")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--keep", metavar="FILE", help="copy the callgrind dump here (for callgrind_annotate)")
     ap.add_argument("--server", choices=("ntsd", "chrony"), default="ntsd", help="the server measured")
@@ -80,6 +83,10 @@ def main() -> int:
         work = Path(tmp)
         loadgen = work / "loadgen"
         subprocess.run(["gcc", "-O2", "-o", str(loadgen), str(HERE / "loadgen.c")], check=True)
+        keload = work / "keload"
+        if args.kind == "ke":
+            lite = ["-DKELOAD_LITE", str(HERE / "tls13lite.c"), "-lcrypto", "-lpthread"]
+            subprocess.run(["gcc", "-O2", "-o", str(keload), str(HERE / "keload.c"), *lite], check=True)
         key = Key(1, Algorithm.SHA1, bytes(range(20)))
         if args.kind == "cmac":
             key = Key(1, Algorithm.AES128CMAC, bytes(range(16)))
@@ -94,10 +101,11 @@ def main() -> int:
             "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\nmetrics: {listen: null}\n"
             f"log: {{level: warning}}\nmac: {{keys: {work / 'ntp.keys'}}}\n"
         )
-        if args.kind == "nts":
+        if args.kind in ("nts", "ke"):
             config += (
                 f'nts: {{listen: ["127.0.0.1:{ke_port}"], certificate: {certs.certificate}, '
-                f"private_key: {certs.private_key}, key_dir: {work / 'keys'}, ntp_port: {port}}}\n"
+                f"private_key: {certs.private_key}, key_dir: {work / 'keys'}, ntp_port: {port}, "
+                "ke_rate: 1000000, ke_burst: 1000000}\n"
             )
         (work / "ntsd.yaml").write_text(config)
         (work / "chrony.conf").write_text(
@@ -122,14 +130,19 @@ def main() -> int:
             if args.kind == "nts":
                 ke = key_exchange("127.0.0.1", ke_port, certs.ca, aeads=(15,), timeout=120)
                 packet = nts_request(ke, ke.cookies[0])[0]
+            if args.kind == "ke":  # one session first, so that nothing done once is counted
+                key_exchange("127.0.0.1", ke_port, certs.ca, aeads=(15,), timeout=120)
             subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-            load = subprocess.run(
-                [str(loadgen), "127.0.0.1", str(port), str(args.seconds), "64", packet.hex()],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            replies = int(dict(kv.split("=") for kv in load.split())["replies"])
+            if args.kind == "ke":
+                cmd = [str(keload), "127.0.0.1", str(ke_port), str(args.seconds), "4"]
+            else:
+                cmd = [str(loadgen), "127.0.0.1", str(port), str(args.seconds), "64", packet.hex()]
+            load = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            counts = dict(kv.split("=") for kv in load.split())
+            if int(counts.get("failed", 0)):  # refused or broken sessions would cost without counting
+                print(f"instructions: the load generator saw failures: {load.strip()}", file=sys.stderr)
+                return 1
+            replies = int(counts["sessions" if args.kind == "ke" else "replies"])
             subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
         finally:
             proc.terminate()
@@ -142,7 +155,8 @@ def main() -> int:
         if args.keep:
             shutil.copyfile(dumps[-1], args.keep)
         where = repo if args.server == "ntsd" else "chronyd"
-        print(f"{args.kind}: {replies} replies, {int(found.group(1)) / replies:,.0f} instructions per reply ({where})")
+        unit = "session" if args.kind == "ke" else "reply"
+        print(f"{args.kind}: {replies} {unit}s, {int(found.group(1)) / replies:,.0f} instructions per {unit} ({where})")
     return 0
 
 
