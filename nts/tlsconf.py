@@ -21,7 +21,7 @@ from pathlib import Path
 FILE = Path(__file__).with_name("openssl.cnf")
 ENV = "OPENSSL_CONF"
 
-state = "not applied"  # "ours", "operator's" or "too late" once apply() ran
+state = "not applied"  # "ours", "operator's", "too late" or "missing" once apply() ran
 
 
 def apply() -> None:
@@ -36,6 +36,9 @@ def apply() -> None:
     if "cryptography.hazmat.bindings._rust" in sys.modules:  # OpenSSL read its configuration already
         state = "too late"
         return
+    if not FILE.is_file():  # an installation without its data file (OpenSSL would go on without it)
+        state = "missing"
+        return
     os.environ[ENV] = str(FILE)
     try:
         from OpenSSL import SSL
@@ -48,14 +51,16 @@ def apply() -> None:
 
 def note() -> str:
     """One line for the log: what OpenSSL's configuration means for NTS-KE's session tickets."""
+    sent = "NTS-KE sends TLS session tickets"
+    why = "(no NTS-KE client uses them)"
     if state == "operator's":
-        return (
-            f"OpenSSL reads {os.environ.get(ENV)!r} (OPENSSL_CONF): NTS-KE sends TLS session tickets unless its "
-            "system_default section sets NumTickets = 0 (no NTS-KE client uses them)"
-        )
+        unless = "unless its system_default section sets NumTickets = 0"
+        return f"OpenSSL reads {os.environ.get(ENV)!r} (OPENSSL_CONF): {sent} {unless} {why}"
     if state == "too late":
-        return "OpenSSL was initialised before ntsd: NTS-KE sends TLS session tickets (no NTS-KE client uses them)"
-    line = "NTS-KE sends no TLS session tickets (no NTS-KE client uses them)"
+        return f"OpenSSL was initialised before ntsd: {sent} {why}"
+    if state == "missing":
+        return f"{FILE} is missing from this installation: {sent} {why}"
+    line = f"NTS-KE sends no TLS session tickets {why}"
     system = _library_config()
     if system is not None:  # a cryptography linked to the system's OpenSSL: say whose file was read
         line += f"; OpenSSL read {FILE} instead of {system} (set OPENSSL_CONF to read that file instead)"

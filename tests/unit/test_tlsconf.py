@@ -81,3 +81,17 @@ print(json.dumps(sent))
     # each round: client to server, server to client: the hello, the server's flight, the client's Finished
     assert sent[0] > 0 and sent[3] > 0 and sent[4] > 0, sent
     assert sent[7] == 0, sent  # and after the client's Finished, no NewSessionTicket
+
+
+def test_a_missing_file_is_said_and_changes_nothing() -> None:
+    module = Path(__file__).parents[2] / "nts" / "tlsconf.py"
+    code = (  # the module on its own, before anything imported OpenSSL (the package's __init__ would)
+        "import importlib.util, os, pathlib"
+        f"; spec = importlib.util.spec_from_file_location('alone', {str(module)!r})"
+        "; t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)"
+        "; t.FILE = pathlib.Path('/nonexistent/openssl.cnf'); t.apply()"
+        "; print(t.state); print(t.note()); print(os.environ.get('OPENSSL_CONF'))"
+    )
+    state, note, env = run(code)
+    assert state == "missing" and env == "None"
+    assert note.startswith("/nonexistent/openssl.cnf is missing from this installation: NTS-KE sends TLS session")
