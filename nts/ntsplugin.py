@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -146,6 +146,11 @@ class NtsAuthenticator(Authenticator):
     name: ClassVar[str] = "nts"
     section: ClassVar[str | None] = "nts"
     order: ClassVar[int] = 10
+    listens: ClassVar[bool] = True
+
+    @classmethod
+    def listen_addresses(cls, settings: Any) -> tuple[tuple[str, int], ...]:
+        return tuple(settings.listen)
 
     @classmethod
     def parse_config(cls, node: Any) -> NtsSettings:
@@ -183,10 +188,10 @@ class NtsAuthenticator(Authenticator):
         self.keyring = KeyRing(secret, settings.rotate_interval, settings.keep_keys)
         self.packets = NtsPacketAuth(self.keyring, settings.aeads, time.time)
         self.ke = KeServer(self.certs, self.keyring, settings.ke(), self.stats)
-        self.sockets: list[socket.socket] = []
+        self.sockets: dict[tuple[str, int], socket.socket] = {}  # by configured address
         try:
             for host, port in settings.listen:
-                self.sockets.append(bind_tcp(host, port))
+                self.sockets[(host, port)] = bind_tcp(host, port)
         except PluginError:
             self.close()
             raise
@@ -211,8 +216,8 @@ class NtsAuthenticator(Authenticator):
         return length > _SHORTEST and length % 4 == 0  # fields come in multiples of 4 bytes
 
     async def start(self) -> None:
-        await self.ke.start(self.sockets)
-        for sock in self.sockets:
+        await self.ke.start(list(self.sockets.values()))
+        for sock in self.sockets.values():
             log.info("serving NTS-KE on %s", format_addr(sock.getsockname()))
         log.info("NTS-KE certificate %s", self.certs.description)
         log.info("%s", tlsconf.note())
@@ -242,8 +247,11 @@ class NtsAuthenticator(Authenticator):
     def reconfigure(self, config: Any) -> bool:
         new: NtsSettings = config
         old = self.settings
-        if (new.listen, new.key_dir) != (old.listen, old.key_dir):
-            log.warning("nts.listen and nts.key_dir changes need a restart; the other nts settings were applied")
+        if new.key_dir != old.key_dir:
+            log.warning("nts.key_dir changes need a restart; the other nts settings were applied")
+        if new.listen != old.listen and self.may_bind:
+            self._relisten(new.listen)
+        new = replace(new, listen=tuple(self.sockets))  # where it listens, whatever the file says
         if (new.certificate, new.private_key) != (old.certificate, old.private_key):
             try:
                 self.ke.certs = self.certs = CertStore(new.certificate, new.private_key)
@@ -259,6 +267,24 @@ class NtsAuthenticator(Authenticator):
         self.ke.configure(new.ke())
         self.settings = new
         return True
+
+    def _relisten(self, wanted: tuple[tuple[str, int], ...]) -> None:
+        """Listen where `wanted` says: the new addresses first, then the others closed (their
+        sessions under way finish). An address that cannot be bound is an error, and skipped."""
+        for host, port in wanted:
+            if (host, port) in self.sockets:
+                continue
+            try:
+                sock = bind_tcp(host, port)
+            except PluginError as exc:
+                log.error("nts: %s", exc)
+                continue
+            self.sockets[(host, port)] = sock
+            self.ke.listen(sock)
+            log.info("serving NTS-KE on %s", format_addr(sock.getsockname()))
+        for addr in [a for a in self.sockets if a not in wanted]:
+            self.ke.unlisten(self.sockets.pop(addr))
+            log.info("stopped serving NTS-KE on %s", format_addr(addr))
 
     def _reload_secret(self, key_dir: Path) -> None:
         """A replaced master secret file (rotating a fleet's secret) takes effect on reload."""
@@ -279,6 +305,6 @@ class NtsAuthenticator(Authenticator):
         return {"nts_certificate_expiry_timestamp_seconds": not_after.timestamp()} if not_after else {}
 
     def close(self) -> None:
-        for sock in self.sockets:
+        for sock in self.sockets.values():
             sock.close()
-        self.sockets = []
+        self.sockets = {}

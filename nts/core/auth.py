@@ -85,6 +85,16 @@ class Authenticator(ABC):
     section: ClassVar[str | None] = None  # config section that enables it (None: always on)
     order: ClassVar[int] = 100  # lower is asked first
     bare: ClassVar[bool] = False  # answers bare 48-byte requests (the plain mode only)
+    # Opens listening sockets of its own when built (see listen_addresses). With workers those are
+    # bound once, before the workers start, and the workers share them; so there, enabling or
+    # disabling such a plugin, or changing where it listens, takes a restart.
+    listens: ClassVar[bool] = False
+    may_bind = True  # False in a worker: it must not open listening sockets of its own on a reload
+
+    @classmethod
+    def listen_addresses(cls, settings: Any) -> tuple[tuple[str, int], ...]:
+        """Where a plugin that `listens` listens with these settings."""
+        return ()
 
     @classmethod
     def parse_config(cls, node: Any) -> Any:

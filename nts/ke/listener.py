@@ -80,12 +80,25 @@ class KeServer:
         self.settings = settings
 
     async def start(self, sockets: list[socket.socket]) -> None:
-        loop = self._loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         for sock in sockets:
-            sock.setblocking(False)
-            loop.add_reader(sock.fileno(), self._accept, sock, loop)
-            self._listeners.append(sock)
-        self._sweeper = loop.call_later(_SWEEP_S, self._sweep)
+            self.listen(sock)
+        self._sweeper = self._loop.call_later(_SWEEP_S, self._sweep)
+
+    def listen(self, sock: socket.socket) -> None:
+        """Accept sessions on one more listening socket (after start)."""
+        assert self._loop is not None
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._accept, sock, self._loop)
+        self._listeners.append(sock)
+
+    def unlisten(self, sock: socket.socket) -> None:
+        """Stop accepting on `sock` and close it; sessions it accepted go on to their end."""
+        if sock in self._listeners:
+            self._listeners.remove(sock)
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())  # (not registered while paused: no matter)
+        sock.close()
 
     async def stop(self) -> None:
         """Stop accepting and end the sessions under way."""

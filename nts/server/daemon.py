@@ -262,6 +262,8 @@ class Daemon:
         supervisor: int,
     ) -> int:
         loop = asyncio.get_running_loop()
+        for auth in auths:
+            auth.may_bind = False  # the listening sockets are the parent's, shared by every worker
         server = Server(config, self.plugins, precision, auths)
         server.adopt(sockets, loop)
         await server.start_plugins()
@@ -361,7 +363,7 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     def _warn_restart_only(self, new: Config) -> None:
-        if self.started_with is not None and (names := restart_only_changes(self.started_with, new)):
+        if self.started_with is not None and (names := restart_only_changes(self.started_with, new, self.plugins)):
             log.warning("%s changed: a restart applies that, a reload cannot (the rest is applied)", ", ".join(names))
 
     def _reloaded(self, applied: bool | None) -> None:
@@ -399,15 +401,25 @@ class Daemon:
                 tick()
 
 
-def restart_only_changes(running: Config, new: Config) -> list[str]:
+def restart_only_changes(
+    running: Config, new: Config, plugins: Mapping[str, type[Authenticator]] | None = None
+) -> list[str]:
     """The settings in `new` that a reload cannot apply to a server started with `running`: they
-    shape the processes and sockets made at start (ntp.listen too when workers share the ports;
-    ntp.batch and the plugins' own say so themselves)."""
+    shape the processes and sockets made at start (ntp.listen, and the sections of plugins that
+    listen, too when workers share the ports; ntp.batch and the plugins' own say so themselves)."""
     changed = []
     if new.ntp.workers != running.ntp.workers:
         changed.append("ntp.workers")
     if running.ntp.workers > 1 and new.ntp.listen != running.ntp.listen:
         changed.append("ntp.listen")
+    for cls in (plugins or {}).values():
+        if running.ntp.workers == 1 or not cls.listens or cls.section is None:
+            continue
+        before, after = running.plugins.get(cls.section), new.plugins.get(cls.section)
+        if (before is None) != (after is None):
+            changed.append(f"{cls.section} ({'enabled' if before is None else 'disabled'})")
+        elif before is not None and cls.listen_addresses(before) != cls.listen_addresses(after):
+            changed.append(f"{cls.section}.listen")
     if (new.ntp.user, new.ntp.group) != (running.ntp.user, running.ntp.group):
         changed.append("ntp.user/group")
     if new.metrics_listen != running.metrics_listen:

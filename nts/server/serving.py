@@ -33,21 +33,32 @@ def plugin_sections(plugins: Mapping[str, type[Authenticator]]) -> dict[str, typ
 
 
 def build_authenticators(
-    config: Config, plugins: Mapping[str, type[Authenticator]], old: list[Authenticator] | None = None
+    config: Config,
+    plugins: Mapping[str, type[Authenticator]],
+    old: list[Authenticator] | None = None,
+    may_bind: bool = True,
 ) -> tuple[list[Authenticator], list[Authenticator]]:
     """The authenticators `config` enables, and those of `old` no longer in use.
 
     An existing instance is kept when it can apply its new section in place (`reconfigure`), so
     its listeners and connections survive a reload. Raises PluginError when a new one cannot start.
+    A worker (`may_bind` False) keeps the plugins that listen as they started: it neither builds
+    nor retires one (the main process says that a restart applies such a change).
     """
     previous = {a.name: a for a in old or []}
     current: list[Authenticator] = []
     retired: list[Authenticator] = []
     for cls in plugins.values():
+        if cls.listens and not may_bind and cls.section not in config.plugins:
+            if cls.name in previous:
+                current.append(previous.pop(cls.name))
+            continue
         if cls.section is not None and cls.section not in config.plugins:
             continue
         section = config.plugins.get(cls.section) if cls.section else None
         existing = previous.pop(cls.name, None)
+        if existing is None and cls.listens and not may_bind:
+            continue
         if existing is not None and (cls.section is None or existing.reconfigure(section)):
             current.append(existing)
             continue
@@ -141,7 +152,7 @@ class Server:
     async def reload(self, config: Config, loop: asyncio.AbstractEventLoop, may_bind: bool) -> bool:
         """Apply `config`; False when it was refused (the running configuration stays)."""
         try:
-            auths, retired = build_authenticators(config, self.plugins, self.authenticators)
+            auths, retired = build_authenticators(config, self.plugins, self.authenticators, may_bind)
         except PluginError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return False

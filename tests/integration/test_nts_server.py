@@ -430,6 +430,69 @@ def test_sighup_reloads_the_certificate_and_negotiation_records(tmp_path: Path) 
             key_exchange("127.0.0.1", ke, paths.ca)
 
 
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_nts_listen_changes_apply_on_reload(tmp_path: Path) -> None:
+    """One process: new NTS-KE addresses are served after SIGHUP, dropped ones closed, and an address
+    that cannot be bound is an error (the reload then counts as failed) while the rest applies."""
+    ntp, ke, mport = ports()
+    other, taken = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    config = nts_config(tmp_path, ntp, ke, mport)
+    ca = dev_certs(tmp_path).ca
+    with running_ntsd(tmp_path, config) as server:
+        (tmp_path / "ntsd.yaml").write_text(config.replace(f'"127.0.0.1:{ke}"', f'"127.0.0.1:{other}"'))
+        log = reload_everywhere(server, 1)
+        assert f"serving NTS-KE on 127.0.0.1:{other}" in log and f"stopped serving NTS-KE on 127.0.0.1:{ke}" in log
+        assert "restart" not in log
+        assert key_exchange("127.0.0.1", other, ca).aead == 15
+        assert _refused(ke)
+        assert parse_text(fetch_metrics("127.0.0.1", mport))["ntsd_config_last_reload_successful"] == 1
+        with socket.create_server(("127.0.0.1", taken)):  # someone else has this one
+            both = f'"127.0.0.1:{ke}", "127.0.0.1:{taken}"'
+            (tmp_path / "ntsd.yaml").write_text(config.replace(f'"127.0.0.1:{ke}"', both))
+            log = reload_everywhere(server, 1)
+        assert f"ERROR ntsd.nts: nts: cannot listen for NTS-KE on 127.0.0.1:{taken}: Address already in use" in log
+        assert key_exchange("127.0.0.1", ke, ca).aead == 15  # the address that could be bound is served
+        assert _refused(other)
+        assert parse_text(fetch_metrics("127.0.0.1", mport))["ntsd_config_last_reload_successful"] == 0
+        log = reload_everywhere(server, 1)  # the port is free now: the next reload takes it
+        assert f"serving NTS-KE on 127.0.0.1:{taken}" in log
+        assert key_exchange("127.0.0.1", taken, ca).aead == 15
+
+
+def test_with_workers_listening_changes_are_said_to_need_a_restart(tmp_path: Path) -> None:
+    """Workers share the NTS-KE sockets bound before they started. Enabling NTS by a reload had each
+    worker bind the port: one served NTS-KE, the others refused the whole reload. Now changing where
+    NTS-KE listens, enabling or disabling it, is named as needing a restart, and nothing else fails."""
+    ntp, ke, mport = ports()
+    other = free_port(socket.SOCK_STREAM)
+    with_nts = nts_config(tmp_path, ntp, ke, mport, ntp_extra="workers: 2")
+    plain = with_nts[: with_nts.index("nts:\n")]
+    ca = dev_certs(tmp_path).ca
+    with running_ntsd(tmp_path, plain) as server:
+        (tmp_path / "ntsd.yaml").write_text(with_nts)
+        log = reload_everywhere(server, 2)
+        assert "nts (enabled) changed: a restart applies that, a reload cannot" in log
+        assert "ERROR" not in log and "refused" not in log
+        assert _refused(ke)
+        assert parse_text(fetch_metrics("127.0.0.1", mport))["ntsd_config_last_reload_successful"] == 1
+    with running_ntsd(tmp_path, with_nts) as server:
+        (tmp_path / "ntsd.yaml").write_text(with_nts.replace(f'"127.0.0.1:{ke}"', f'"127.0.0.1:{other}"'))
+        log = reload_everywhere(server, 2)
+        assert "nts.listen changed: a restart applies that" in log and "ERROR" not in log
+        assert key_exchange("127.0.0.1", ke, ca).aead == 15 and _refused(other)
+        (tmp_path / "ntsd.yaml").write_text(plain)
+        log = reload_everywhere(server, 2)
+        assert "nts (disabled) changed: a restart applies that" in log and "ERROR" not in log
+        assert run_query("127.0.0.1", ke_port=ke, ca=ca)["authenticated"] is True  # NTS still served in full
+
+
 def _trickle_proxy(target: int, delay: float) -> tuple[int, threading.Event]:
     """A one-connection TCP proxy to `target` that passes the client's bytes at once and the
     server's one byte every `delay` seconds (a server that trickles); set the event to stop it."""

@@ -1,0 +1,71 @@
+"""Which plugins a reload builds, keeps or retires, and which changes the main process says need a restart."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+from nts.core.auth import Authenticator, Request
+from nts.core.decisions import Drop
+from nts.server.daemon import restart_only_changes
+from nts.server.serving import build_authenticators
+
+
+class Listening(Authenticator):
+    """A plugin with listening sockets of its own, as NTS has."""
+
+    name: ClassVar[str] = "listening"
+    section: ClassVar[str | None] = "listening"
+    listens: ClassVar[bool] = True
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    @classmethod
+    def listen_addresses(cls, settings: Any) -> tuple[tuple[str, int], ...]:
+        return tuple(settings["listen"])
+
+    def reconfigure(self, config: Any) -> bool:
+        self.settings = config
+        return True
+
+    def matches(self, request: Request) -> int:
+        return 0
+
+    def respond(self, request: Request, ctx: Any) -> Drop:
+        return Drop("unused")
+
+
+PLUGINS: dict[str, type[Authenticator]] = {"listening": Listening}
+
+
+def config(section: dict[str, Any] | None, workers: int = 2) -> Any:
+    ntp = SimpleNamespace(workers=workers, listen=(("127.0.0.1", 123),), user=None, group=None)
+    return SimpleNamespace(ntp=ntp, metrics_listen=None, plugins={} if section is None else {"listening": section})
+
+
+ON = {"listen": [("127.0.0.1", 4460)]}
+
+
+def test_a_worker_neither_builds_nor_retires_a_listening_plugin() -> None:
+    assert build_authenticators(config(ON), PLUGINS, [], may_bind=False) == ([], [])
+    running = Listening(ON)
+    assert build_authenticators(config(None), PLUGINS, [running], may_bind=False) == ([running], [])
+    moved = {"listen": [("127.0.0.1", 4461)]}
+    assert build_authenticators(config(moved), PLUGINS, [running], may_bind=False) == ([running], [])
+    assert running.settings is moved  # reconfigured in place (the plugin keeps its sockets itself)
+
+
+def test_a_single_process_builds_and_retires_it() -> None:
+    built, retired = build_authenticators(config(ON, 1), PLUGINS, [])
+    assert [type(a) for a in built] == [Listening] and retired == []
+    assert build_authenticators(config(None, 1), PLUGINS, built) == ([], built)
+
+
+def test_with_workers_its_listening_changes_need_a_restart() -> None:
+    moved = {"listen": [("127.0.0.1", 4461)]}
+    assert restart_only_changes(config(None), config(ON), PLUGINS) == ["listening (enabled)"]
+    assert restart_only_changes(config(ON), config(None), PLUGINS) == ["listening (disabled)"]
+    assert restart_only_changes(config(ON), config(moved), PLUGINS) == ["listening.listen"]
+    assert restart_only_changes(config(ON), config({"listen": [("127.0.0.1", 4460)], "x": 1}), PLUGINS) == []
+    assert restart_only_changes(config(ON, 1), config(moved, 1), PLUGINS) == []  # one process rebinds
