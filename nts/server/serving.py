@@ -49,16 +49,18 @@ def build_authenticators(
     current: list[Authenticator] = []
     retired: list[Authenticator] = []
     for cls in plugins.values():
-        if cls.listens and not may_bind and cls.section not in config.plugins:
-            if cls.name in previous:
-                current.append(previous.pop(cls.name))
-            continue
-        if cls.section is not None and cls.section not in config.plugins:
-            continue
+        enabled = cls.section is None or cls.section in config.plugins
         section = config.plugins.get(cls.section) if cls.section else None
-        existing = previous.pop(cls.name, None)
-        if existing is None and cls.listens and not may_bind:
+        if cls.listens and not may_bind:
+            kept = previous.pop(cls.name, None)
+            if kept is not None:
+                if enabled:
+                    kept.reconfigure(section)  # (it keeps its sockets: may_bind is False)
+                current.append(kept)
             continue
+        if not enabled:
+            continue
+        existing = previous.pop(cls.name, None)
         if existing is not None and (cls.section is None or existing.reconfigure(section)):
             current.append(existing)
             continue
