@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -220,7 +221,19 @@ def compare(
     # either server's rate does over the whole test.
     paired = sorted(n / c for c, n in zip(rates["chrony"], rates["ntsd"], strict=True))
     print(f"  ratio round by round: median {statistics.median(paired):.2f}, from {paired[0]:.2f} to {paired[-1]:.2f}")
+    if len(paired) >= 5:
+        low, high = median_interval(paired)
+        print(f"  that median's 95% interval (bootstrap over the rounds): {low:.2f} to {high:.2f}")
     return med, used
+
+
+def median_interval(values: list[float], resamples: int = 4000) -> tuple[float, float]:
+    """A percentile-bootstrap 95% interval for the median of `values` (seeded: the same input
+    prints the same interval). On this machine a server's rate drifts by 10-30% between rounds;
+    the interval says whether a ratio is below or above a goal by more than that noise."""
+    draw = random.Random(len(values))
+    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def run_all(
