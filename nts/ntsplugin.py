@@ -5,7 +5,9 @@ privileges and before any worker is forked: the master secret is loaded (or crea
 certificate and key are checked and loaded, and the NTS-KE sockets are bound. `start()` then only
 attaches the listener to the running loop and begins watching the certificate files. A reload
 applies new limits, negotiation records and rotation settings in place and re-reads the
-certificate; new listen addresses or a new key_dir need a restart (said in the log).
+certificate. In a single process it also opens new listen addresses and closes dropped ones; with
+workers (which share the sockets bound before they started) that takes a restart, as a new
+key_dir always does (both said in the log).
 """
 
 from __future__ import annotations
