@@ -89,7 +89,7 @@ class Authenticator(ABC):
     # bound once, before the workers start, and the workers share them; so there, enabling or
     # disabling such a plugin, or changing where it listens, takes a restart.
     listens: ClassVar[bool] = False
-    may_bind = True  # False in a worker: it must not open listening sockets of its own on a reload
+    may_bind = True  # set False by a worker's reload (build_authenticators): keep the sockets as they are
 
     @classmethod
     def listen_addresses(cls, settings: Any) -> tuple[tuple[str, int], ...]:

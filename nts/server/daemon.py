@@ -225,17 +225,10 @@ class Daemon:
         not apply all of it: what runs is not what the files say."""
         main = done is None
         report = self._reloaded if done is None else done
-        try:
-            new = self.load()
-        except ConfigError as exc:
-            log.error("reload refused, keeping the running configuration: %s", exc)
-            report(False)
+        read = self._read_new(report, main)
+        if read is None:
             return
-        errors = LINES.errors()
-        _reopen_logging(new)
-        logging_ok = LINES.errors() == errors
-        if main:
-            self._warn_restart_only(new)
+        new, logging_ok = read
 
         async def apply() -> None:
             async with self._reload_lock:  # an error of the reload before this one is not this one's
@@ -262,8 +255,6 @@ class Daemon:
         supervisor: int,
     ) -> int:
         loop = asyncio.get_running_loop()
-        for auth in auths:
-            auth.may_bind = False  # the listening sockets are the parent's, shared by every worker
         server = Server(config, self.plugins, precision, auths)
         server.adopt(sockets, loop)
         await server.start_plugins()
@@ -293,15 +284,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
 
         def on_hup() -> None:
-            try:
-                new = self.load()
-            except ConfigError as exc:
-                log.error("reload refused, keeping the running configuration: %s", exc)
-                self._reloaded(False)
+            read = self._read_new(self._reloaded, main=True)
+            if read is None:
                 return
+            new = read[0]  # (a worker that cannot reopen the log reports its reload failed itself)
             notify(_reloading())
-            _reopen_logging(new)
-            self._warn_restart_only(new)
             number = shared.order_reload()
             for pid in self.children:
                 with contextlib.suppress(ProcessLookupError):
@@ -362,9 +349,23 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _warn_restart_only(self, new: Config) -> None:
-        if self.started_with is not None and (names := restart_only_changes(self.started_with, new, self.plugins)):
+    def _read_new(self, report: Callable[[bool], None], main: bool) -> tuple[Config, bool] | None:
+        """A reload's first step in every process: the file, validated (None when it is refused,
+        which is logged and reported), and logging reopened as it says (False: that failed). The
+        main process also names the changes only a restart applies."""
+        try:
+            new = self.load()
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            report(False)
+            return None
+        errors = LINES.errors()
+        _reopen_logging(new)
+        logging_ok = LINES.errors() == errors
+        names = restart_only_changes(self.started_with, new, self.plugins) if main and self.started_with else []
+        if names:
             log.warning("%s changed: a restart applies that, a reload cannot (the rest is applied)", ", ".join(names))
+        return new, logging_ok
 
     def _reloaded(self, applied: bool | None) -> None:
         """Count a reload's outcome (False: refused or applied in part; None: not confirmed by every
@@ -410,16 +411,17 @@ def restart_only_changes(
     changed = []
     if new.ntp.workers != running.ntp.workers:
         changed.append("ntp.workers")
-    if running.ntp.workers > 1 and new.ntp.listen != running.ntp.listen:
-        changed.append("ntp.listen")
-    for cls in (plugins or {}).values():
-        if running.ntp.workers == 1 or not cls.listens or cls.section is None:
-            continue
-        before, after = running.plugins.get(cls.section), new.plugins.get(cls.section)
-        if (before is None) != (after is None):
-            changed.append(f"{cls.section} ({'enabled' if before is None else 'disabled'})")
-        elif before is not None and cls.listen_addresses(before) != cls.listen_addresses(after):
-            changed.append(f"{cls.section}.listen")
+    if running.ntp.workers > 1:  # the workers share the sockets bound before they started
+        if new.ntp.listen != running.ntp.listen:
+            changed.append("ntp.listen")
+        for cls in (plugins or {}).values():
+            if not cls.listens or cls.section is None:
+                continue
+            before, after = running.plugins.get(cls.section), new.plugins.get(cls.section)
+            if (before is None) != (after is None):
+                changed.append(f"{cls.section} ({'enabled' if before is None else 'disabled'})")
+            elif before is not None and cls.listen_addresses(before) != cls.listen_addresses(after):
+                changed.append(f"{cls.section}.listen")
     if (new.ntp.user, new.ntp.group) != (running.ntp.user, running.ntp.group):
         changed.append("ntp.user/group")
     if new.metrics_listen != running.metrics_listen:

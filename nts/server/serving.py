@@ -54,8 +54,9 @@ def build_authenticators(
         if cls.listens and not may_bind:
             kept = previous.pop(cls.name, None)
             if kept is not None:
+                kept.may_bind = False  # so that it keeps its sockets while it reconfigures
                 if enabled:
-                    kept.reconfigure(section)  # (it keeps its sockets: may_bind is False)
+                    kept.reconfigure(section)
                 current.append(kept)
             continue
         if not enabled:
