@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 FILE = Path(__file__).with_name("openssl.cnf")
@@ -31,8 +32,6 @@ def apply() -> None:
     if ENV in os.environ:
         state = "operator's"
         return
-    import sys
-
     if "cryptography.hazmat.bindings._rust" in sys.modules:  # OpenSSL read its configuration already
         state = "too late"
         return
