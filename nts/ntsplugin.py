@@ -7,7 +7,7 @@ attaches the listener to the running loop and begins watching the certificate fi
 applies new limits, negotiation records and rotation settings in place and re-reads the
 certificate. In a single process it also opens new listen addresses and closes dropped ones; with
 workers (which share the sockets bound before they started) that takes a restart, as a new
-key_dir always does (both said in the log).
+key_dir always does (the main process names both; the running ones are kept).
 """
 
 from __future__ import annotations
@@ -155,6 +155,10 @@ class NtsAuthenticator(Authenticator):
         return tuple(settings.listen)
 
     @classmethod
+    def restart_only(cls, running: Any, new: Any) -> list[str]:
+        return ["nts.key_dir"] if new.key_dir != running.key_dir else []
+
+    @classmethod
     def parse_config(cls, node: Any) -> NtsSettings:
         return parse_nts(node)
 
@@ -249,11 +253,10 @@ class NtsAuthenticator(Authenticator):
     def reconfigure(self, config: Any) -> bool:
         new: NtsSettings = config
         old = self.settings
-        if new.key_dir != old.key_dir:
-            log.warning("nts.key_dir changes need a restart; the other nts settings were applied")
         if new.listen != old.listen and self.may_bind:
             self._relisten(new.listen)
-        new = replace(new, listen=tuple(self.sockets))  # where it listens, whatever the file says
+        # where it listens, whatever the file says; and the secret stays where it was (restart_only)
+        new = replace(new, listen=tuple(self.sockets), key_dir=old.key_dir)
         if (new.certificate, new.private_key) != (old.certificate, old.private_key):
             try:
                 self.ke.certs = self.certs = CertStore(new.certificate, new.private_key)
@@ -263,8 +266,7 @@ class NtsAuthenticator(Authenticator):
         else:
             self.certs.check(force=True)
         self.keyring.set_rotation(new.rotate_interval, new.keep_keys)
-        if new.key_dir == old.key_dir:
-            self._reload_secret(new.key_dir)
+        self._reload_secret(new.key_dir)
         self.packets.supported = new.aeads
         self.ke.configure(new.ke())
         self.settings = new

@@ -97,6 +97,12 @@ class Authenticator(ABC):
         return ()
 
     @classmethod
+    def restart_only(cls, running: Any, new: Any) -> list[str]:
+        """The settings (as "section.name") changed from `running` to `new` that a reload cannot
+        apply: the plugin keeps the running ones, and the main process names them once."""
+        return []
+
+    @classmethod
     def parse_config(cls, node: Any) -> Any:
         """Validate this plugin's config section (an nts.config.Node); raise ConfigError with a location."""
         return node

@@ -407,10 +407,12 @@ def restart_only_changes(
 ) -> list[str]:
     """The settings in `new` that a reload cannot apply to a server started with `running`: they
     shape the processes and sockets made at start (ntp.listen, and the sections of plugins that
-    listen, too when workers share the ports; ntp.batch and the plugins' own say so themselves)."""
+    listen, too when workers share the ports), or that plugins name themselves (`restart_only`)."""
     changed = []
     if new.ntp.workers != running.ntp.workers:
         changed.append("ntp.workers")
+    if new.ntp.batch != running.ntp.batch:
+        changed.append("ntp.batch")
     if running.ntp.workers > 1:  # the workers share the sockets bound before they started
         if new.ntp.listen != running.ntp.listen:
             changed.append("ntp.listen")
@@ -422,6 +424,10 @@ def restart_only_changes(
                 changed.append(f"{cls.section} ({'enabled' if before is None else 'disabled'})")
             elif before is not None and cls.listen_addresses(before) != cls.listen_addresses(after):
                 changed.append(f"{cls.section}.listen")
+    for cls in (plugins or {}).values():
+        before, after = running.plugins.get(cls.section or ""), new.plugins.get(cls.section or "")
+        if before is not None and after is not None:
+            changed += cls.restart_only(before, after)
     if (new.ntp.user, new.ntp.group) != (running.ntp.user, running.ntp.group):
         changed.append("ntp.user/group")
     if new.metrics_listen != running.metrics_listen:

@@ -167,12 +167,10 @@ class Server:
         self.authenticators = auths
         self._parts(config, keep_rate=self.rate if same_rate else None)
         now = time.monotonic()
-        for addr, listener in self.listeners.items():
+        for listener in self.listeners.values():
             self._retiring.append((now, listener.pipeline))
             listener.pipeline = self.new_pipeline()
-            listener.hold_ns = config.ntp.max_hold_us * 1000
-            if listener.batch != config.ntp.batch:
-                log.warning("ntp.batch takes effect on %s when the server restarts", format_addr(addr))
+            listener.hold_ns = config.ntp.max_hold_us * 1000  # (a new ntp.batch waits for a restart)
         await self.stop_plugins(retired)
         log.info("configuration reloaded from %s", config.source)
         if not may_bind:

@@ -248,6 +248,29 @@ def test_a_replaced_master_secret_applies_on_reload(tmp_path: Path, workers: int
         assert all(ask(after, i) for i in range(2 * workers))
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_new_key_dir_waits_for_a_restart(tmp_path: Path, workers: int) -> None:
+    """A reload cannot move the master secret: a changed nts.key_dir is named once (each worker
+    said it, the other processes not at all), and the secret in use stays. It used to be applied
+    by the next reload all the same, creating a new secret there (cookies issued before refused)."""
+    ntp, ke, mport = ports()
+    config = nts_config(tmp_path, ntp, ke, mport, ntp_extra=f"workers: {workers}")
+    moved = tmp_path / "moved"
+    with running_ntsd(tmp_path, config) as server:
+        server.wait_for("ready")
+        before = key_exchange("127.0.0.1", ke, dev_certs(tmp_path).ca)
+        (tmp_path / "ntsd.yaml").write_text(config.replace(f"key_dir: {tmp_path / 'keys'}", f"key_dir: {moved}"))
+        for reload in range(2):
+            log = reload_everywhere(server, workers)
+            assert log.count("nts.key_dir changed: a restart applies that, a reload cannot") == 1, reload
+            assert "key_dir changes need a restart" not in log and "master secret" not in log
+        assert not moved.exists()
+        for cookie in range(2 * workers):  # whichever worker answers
+            packet, uid, _ = nts_request(before, before.cookies[cookie])
+            nak, _ = check_nts_reply(before, exchange("127.0.0.1", ntp, packet)[0], uid)
+            assert not nak
+
+
 def test_certificate_replaced_while_clients_connect(tmp_path: Path) -> None:
     ntp, ke, mport = ports()
     config = nts_config(tmp_path, ntp, ke, mport, "  cert_check_interval: 0.2\n")

@@ -25,6 +25,10 @@ class Listening(Authenticator):
     def listen_addresses(cls, settings: Any) -> tuple[tuple[str, int], ...]:
         return tuple(settings["listen"])
 
+    @classmethod
+    def restart_only(cls, running: Any, new: Any) -> list[str]:
+        return ["listening.store"] if running.get("store") != new.get("store") else []
+
     def reconfigure(self, config: Any) -> bool:
         self.settings = config
         return True
@@ -39,8 +43,8 @@ class Listening(Authenticator):
 PLUGINS: dict[str, type[Authenticator]] = {"listening": Listening}
 
 
-def config(section: dict[str, Any] | None, workers: int = 2) -> Any:
-    ntp = SimpleNamespace(workers=workers, listen=(("127.0.0.1", 123),), user=None, group=None)
+def config(section: dict[str, Any] | None, workers: int = 2, batch: int = 32) -> Any:
+    ntp = SimpleNamespace(workers=workers, listen=(("127.0.0.1", 123),), user=None, group=None, batch=batch)
     return SimpleNamespace(ntp=ntp, metrics_listen=None, plugins={} if section is None else {"listening": section})
 
 
@@ -69,3 +73,11 @@ def test_with_workers_its_listening_changes_need_a_restart() -> None:
     assert restart_only_changes(config(ON), config(moved), PLUGINS) == ["listening.listen"]
     assert restart_only_changes(config(ON), config({"listen": [("127.0.0.1", 4460)], "x": 1}), PLUGINS) == []
     assert restart_only_changes(config(ON, 1), config(moved, 1), PLUGINS) == []  # one process rebinds
+
+
+def test_what_plugins_and_the_batch_size_keep_until_a_restart_is_named_in_any_process_count() -> None:
+    stored = {**ON, "store": "/elsewhere"}
+    for workers in (1, 2):
+        assert restart_only_changes(config(ON, workers), config(stored, workers), PLUGINS) == ["listening.store"]
+        assert restart_only_changes(config(ON, workers), config(ON, workers, batch=8), PLUGINS) == ["ntp.batch"]
+    assert restart_only_changes(config(None, 1), config(stored, 1), PLUGINS) == []  # enabled: built anew
