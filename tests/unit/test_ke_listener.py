@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,32 @@ def test_a_session_answers_at_once_when_the_socket_takes_it(
     session = session_with(monkeypatch, server, pair[0], tls, loop)
     session.step()
     assert session.closed and len(tls.sent) == 1 and tls.shut
+
+
+@pytest.mark.skipif(not hasattr(select, "epoll"), reason="the epoll set is Linux's (elsewhere: the loop, above)")
+def test_sessions_in_the_epoll_set_are_stepped_when_their_socket_is_ready(
+    monkeypatch: pytest.MonkeyPatch,
+    server: KeServer,
+    pair: tuple[socket.socket, socket.socket],
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    poller = server._poller = select.epoll()  # as start() makes it on Linux
+    try:
+        tls = StandInTls(full=2)
+        session = session_with(monkeypatch, server, pair[0], tls, loop)
+        server._sessions[session.fd] = session
+        assert poller.poll(0) == []  # watched for readable only, and nothing has come (always writable)
+        assert loop.remove_reader(session.fd) is False  # not by the loop
+        pair[1].send(b"client hello")
+        server._ready()  # stepped: the send buffer is full, so now watched for writable only
+        assert session.writing and poller.poll(0) == [(session.fd, select.EPOLLOUT)]
+        server._ready()
+        assert not session.closed and not tls.sent
+        server._ready()
+        assert session.closed and tls.sent and tls.shut and session.fd not in server._sessions
+        assert pair[0].fileno() == -1 and poller.poll(0) == []  # closed: out of the set too
+    finally:
+        poller.close()
 
 
 class ExhaustedListener:
