@@ -25,6 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import replace
 from typing import Any
 
 from .. import __version__
@@ -236,7 +237,10 @@ class Daemon:
                     notify(_reloading())
                 applied, errors = False, LINES.errors()
                 try:
-                    applied = await server.reload(new, loop, may_bind=main) and LINES.errors() == errors and logging_ok
+                    reloaded = await server.reload(new, loop, may_bind=main)
+                    if reloaded and main and self.started_with is not None:
+                        self.started_with = _rebased(self.started_with, new)
+                    applied = reloaded and LINES.errors() == errors and logging_ok
                 finally:
                     report(applied)
                     if main:
@@ -433,6 +437,12 @@ def restart_only_changes(
     if new.metrics_listen != running.metrics_listen:
         changed.append("metrics.listen")
     return changed
+
+
+def _rebased(running: Config, new: Config) -> Config:
+    """What a single process runs after it applied `new`, as restart_only_changes compares: a plugin
+    section it disabled is gone, and one it enabled was built anew from `new` (all of it applied)."""
+    return replace(running, plugins={name: running.plugins.get(name, section) for name, section in new.plugins.items()})
 
 
 def notify(state: str) -> None:

@@ -271,6 +271,25 @@ def test_a_new_key_dir_waits_for_a_restart(tmp_path: Path, workers: int) -> None
             assert not nak
 
 
+def test_nts_enabled_again_by_a_reload_runs_with_its_new_key_dir(tmp_path: Path) -> None:
+    """One process builds NTS anew when a reload enables it again, so a key_dir changed meanwhile
+    is applied, and not named as needing a restart (the warning compared with the start's file);
+    a later change of it is named, against the directory that is in use."""
+    ntp, ke, mport = ports()
+    config = nts_config(tmp_path, ntp, ke, mport)
+    plain = config[: config.index("nts:\n")]
+    moved = config.replace(f"key_dir: {tmp_path / 'keys'}", f"key_dir: {tmp_path / 'moved'}")
+    with running_ntsd(tmp_path, config) as server:
+        server.wait_for("ready")
+        for text in (plain, moved):
+            (tmp_path / "ntsd.yaml").write_text(text)
+            assert "WARNING" not in reload_everywhere(server, 1)
+        assert (tmp_path / "moved" / "nts-master.key").exists()  # built anew, with the new directory
+        assert run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca)["authenticated"] is True
+        (tmp_path / "ntsd.yaml").write_text(config)
+        assert "nts.key_dir changed: a restart applies that" in reload_everywhere(server, 1)
+
+
 def test_certificate_replaced_while_clients_connect(tmp_path: Path) -> None:
     ntp, ke, mport = ports()
     config = nts_config(tmp_path, ntp, ke, mport, "  cert_check_interval: 0.2\n")
