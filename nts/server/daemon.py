@@ -121,7 +121,9 @@ class Daemon:
         self.started = time.time()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.started_with: Config | None = None  # what the process was started with (bound sockets, user)
+        # what the process was started with (bound sockets, user); in a single process, its plugin
+        # sections as they were last built (_rebased): what restart_only_changes compares a reload with
+        self.started_with: Config | None = None
         # ("reloads", outcome): count, in the main process; every outcome present from the start
         self.reloads = {("reloads", outcome): 0 for outcome in ("applied", "failed", "unconfirmed")}
         self.last_reload = (True, self.started)  # (applied, when the last applied one was)
