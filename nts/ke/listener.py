@@ -73,7 +73,7 @@ class KeServer:
         self._sessions: dict[int, KeSession] = {}  # by socket fd, oldest first
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self._poller: select.epoll | None = None  # the sessions' sockets (Linux), watched by the loop as one
+        self.poller: select.epoll | None = None  # the sessions' sockets (Linux, once started), as one reader
 
     @property
     def active(self) -> int:
@@ -87,8 +87,8 @@ class KeServer:
     async def start(self, sockets: list[socket.socket]) -> None:
         self._loop = asyncio.get_running_loop()
         if hasattr(select, "epoll"):
-            self._poller = select.epoll()
-            self._loop.add_reader(self._poller.fileno(), self._ready)
+            self.poller = select.epoll()
+            self._loop.add_reader(self.poller.fileno(), self._ready)
         for sock in sockets:
             self.listen(sock)
         self._sweeper = self._loop.call_later(_SWEEP_S, self._sweep)
@@ -119,17 +119,17 @@ class KeServer:
             self._sweeper = None
         for session in list(self._sessions.values()):
             session.close()
-        if self._poller is not None:
+        if self.poller is not None:
             if self._loop is not None:
-                self._loop.remove_reader(self._poller.fileno())
-            self._poller.close()
-            self._poller = None
+                self._loop.remove_reader(self.poller.fileno())
+            self.poller.close()
+            self.poller = None
 
     def _ready(self) -> None:
         """Step every session whose socket is ready (the loop saw the epoll set readable)."""
-        assert self._poller is not None
+        assert self.poller is not None
         sessions = self._sessions
-        for fd, _ in self._poller.poll(0):
+        for fd, _ in self.poller.poll(0):
             session = sessions.get(fd)
             if session is not None:
                 session.step()
@@ -245,7 +245,7 @@ class KeSession:
         self.pending: bytes | None = None  # the response, until the socket took all of it
         self.writing = False  # waiting for the socket to be writable rather than readable
         self.closed = False
-        self.poller = server._poller
+        self.poller = server.poller
         if self.poller is not None:
             self.poller.register(self.fd, select.EPOLLIN)
         else:

@@ -419,21 +419,20 @@ def restart_only_changes(
         changed.append("ntp.workers")
     if new.ntp.batch != running.ntp.batch:
         changed.append("ntp.batch")
-    if running.ntp.workers > 1:  # the workers share the sockets bound before they started
-        if new.ntp.listen != running.ntp.listen:
-            changed.append("ntp.listen")
-        for cls in (plugins or {}).values():
-            if not cls.listens or cls.section is None:
-                continue
-            before, after = running.plugins.get(cls.section), new.plugins.get(cls.section)
-            if (before is None) != (after is None):
-                changed.append(f"{cls.section} ({'enabled' if before is None else 'disabled'})")
-            elif before is not None and cls.listen_addresses(before) != cls.listen_addresses(after):
-                changed.append(f"{cls.section}.listen")
+    shared = running.ntp.workers > 1  # the workers share the sockets bound before they started
+    if shared and new.ntp.listen != running.ntp.listen:
+        changed.append("ntp.listen")
     for cls in (plugins or {}).values():
-        before, after = running.plugins.get(cls.section or ""), new.plugins.get(cls.section or "")
-        if before is not None and after is not None:
-            changed += cls.restart_only(before, after)
+        if cls.section is None:
+            continue
+        before, after = running.plugins.get(cls.section), new.plugins.get(cls.section)
+        if shared and cls.listens and (before is None) != (after is None):
+            changed.append(f"{cls.section} ({'enabled' if before is None else 'disabled'})")
+        if before is None or after is None:
+            continue
+        if shared and cls.listens and cls.listen_addresses(before) != cls.listen_addresses(after):
+            changed.append(f"{cls.section}.listen")
+        changed += cls.restart_only(before, after)
     if (new.ntp.user, new.ntp.group) != (running.ntp.user, running.ntp.group):
         changed.append("ntp.user/group")
     if new.metrics_listen != running.metrics_listen:

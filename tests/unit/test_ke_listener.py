@@ -140,7 +140,7 @@ def test_sessions_in_the_epoll_set_are_stepped_when_their_socket_is_ready(
     pair: tuple[socket.socket, socket.socket],
     loop: asyncio.AbstractEventLoop,
 ) -> None:
-    poller = server._poller = select.epoll()  # as start() makes it on Linux
+    poller = server.poller = select.epoll()  # as start() makes it on Linux
     try:
         tls = StandInTls(full=2)
         session = session_with(monkeypatch, server, pair[0], tls, loop)
