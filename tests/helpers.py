@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,6 +19,9 @@ from pathlib import Path
 import pytest
 
 REQUIRE_PEERS = os.environ.get("NTSD_REQUIRE_PEERS") == "1"
+# the daemon's line once it serves ("ready", or "ready with N workers"); "ready" alone also matched
+# "Address already in use", so a server that could not bind its port looked ready
+READY = " INFO ntsd: ready"
 
 
 def need(tool: str) -> str:
@@ -30,9 +34,35 @@ def need(tool: str) -> str:
     return path
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+_pick = random.Random()
+
+
 def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
+    """A port free now, below the kernel's ephemeral range: a port the kernel chose (bind to 0) is
+    one it may give next to any outgoing connection, and one did take it between this call and the
+    server binding it (the server then could not listen, and the test saw "connection refused")."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
+    for _ in range(200):
+        port = _pick.randrange(10000, _EPHEMERAL_LOW)
+        if port in _handed_out:
+            continue
+        with socket.socket(family, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(family, kind) as s:  # a crowded machine: the kernel's choice after all
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
@@ -120,7 +150,7 @@ def running_ntsd(tmp_path: Path, config_text: str, env: dict[str, str] | None = 
     cfg.write_text(config_text)
     server = Ntsd(cfg, tmp_path, env)
     try:
-        server.wait_for("ready")
+        server.wait_for(READY)
         yield server
     finally:
         server.stop()

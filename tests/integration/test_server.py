@@ -21,7 +21,7 @@ from nts.cli import fetch_metrics
 from nts.server.metrics import parse_text
 from nts.wire.packet import parse_packet
 from nts.wire.timestamps import ntp64_to_unix_ns
-from tests.helpers import Ntsd, client_request, free_port, lab_config, query, running_ntsd
+from tests.helpers import READY, Ntsd, client_request, free_port, lab_config, query, running_ntsd
 from tests.mac_helpers import write_keys
 
 NO_RATE = "rate_limit: {enabled: false}\n"
@@ -185,7 +185,7 @@ def test_sigterm_and_sigint_stop_cleanly(tmp_path: Path) -> None:
         cfg.write_text(lab_config(port))
         server = Ntsd(cfg, tmp_path)
         try:
-            server.wait_for("ready")
+            server.wait_for(READY)
             server.signal(sig)
             assert server.proc.wait(10) == 0
             server.wait_for("stopped")
@@ -355,7 +355,7 @@ def test_requests_the_kernel_dropped_are_counted(tmp_path: Path, workers: int) -
     port, mport = free_port(), free_port(socket.SOCK_STREAM)
     config = lab_config(port, metrics_port=mport, extra=NO_RATE, ntp_extra=f"workers: {workers}")
     with running_ntsd(tmp_path, config) as server:
-        server.wait_for("ready")
+        server.wait_for(READY)
         assert query(port, client_request()) is not None
         deadline = time.monotonic() + 10
         while (before := metrics(mport)).get("ntsd_requests_total", 0) < 1:  # workers publish once a second
@@ -485,7 +485,7 @@ def test_reload_outcomes_and_warnings_are_in_the_metrics(tmp_path: Path, workers
     port, mport = free_port(), free_port(socket.SOCK_STREAM)
     config = lab_config(port, metrics_port=mport, ntp_extra=f"workers: {workers}") + f"mac: {{keys: {ntp_keys}}}\n"
     with running_ntsd(tmp_path, config) as server:
-        server.wait_for("ready")
+        server.wait_for(READY)
         m = metrics(mport)
         assert m["ntsd_config_last_reload_successful"] == 1
         started = m["ntsd_config_last_reload_success_timestamp_seconds"]
