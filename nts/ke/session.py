@@ -129,6 +129,13 @@ def _refusal(outcome: Negotiation | KeRefusal) -> bytes:
     return serialize_records([*records, Record(True, RecordType.END_OF_MESSAGE)])
 
 
+# Whole requests that came in one read, with the AEADs supported then -> their outcome. Clients of
+# one implementation send the same bytes every time, so most sessions skip parsing (negotiate() is
+# pure). Bounded: once full, new requests are parsed as usual and not kept.
+_DECIDED: dict[tuple[bytes, tuple[int, ...]], Negotiation | KeRefusal] = {}
+_DECIDED_MAX = 64
+
+
 class KeServerSession:
     """Collects one request from the TLS stream and decides on it."""
 
@@ -136,11 +143,27 @@ class KeServerSession:
         self._reader = RecordReader(max_request)
         self._records: list[Record] = []
         self._supported = tuple(supported)
+        self._max_request = max_request
+        self._first = True
         self.done = False
 
     def receive(self, data: bytes) -> Negotiation | KeRefusal | None:
         """Feed decrypted bytes; None until a whole request has arrived. Raises ParseError when
         the request is longer than allowed or continues after End of Message."""
+        if not self._first:
+            return self._receive(data)
+        self._first = False
+        key = (data, self._supported)
+        outcome = _DECIDED.get(key)
+        if outcome is not None and len(data) <= self._max_request:
+            self.done = True
+            return outcome
+        outcome = self._receive(data)
+        if outcome is not None and len(_DECIDED) < _DECIDED_MAX:
+            _DECIDED[key] = outcome
+        return outcome
+
+    def _receive(self, data: bytes) -> Negotiation | KeRefusal | None:
         if self.done:
             if data:
                 raise ParseError("ke_after_end", "data after End of Message")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,6 +13,7 @@ from nts.core.clockstate import ClockSettings, server_state
 from nts.core.decisions import Drop
 from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainAuthenticator
+from nts.ke import session as ke_session
 from nts.ke.session import KeRefusal, KeServerSession, Negotiation, negotiate, response
 from nts.ntsauth import NtsPacketAuth
 from nts.wire.errors import ParseError
@@ -82,6 +84,39 @@ def test_ke_session_parses_or_raises(data: bytes) -> None:
         KeServerSession((15,), max_request=256).receive(data)
     except ParseError:
         pass
+
+
+ke_requests = st.lists(
+    st.builds(
+        Record,
+        critical=st.booleans(),
+        type=st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 1024, 77]),
+        body=st.sampled_from([b"", b"\x00\x00", b"\x00\x0f", b"\x00\x1e\x00\x0f", b"\x00", b"x" * 9]),
+    ),
+    max_size=6,
+).map(lambda rs: serialize_records([*rs, Record(True, RecordType.END_OF_MESSAGE)]))
+
+
+def _outcome(pieces: list[bytes], max_request: int = 64) -> object:
+    """What the listener does: feed pieces until there is an answer (or an error)."""
+    session = KeServerSession((15, 30), max_request)
+    try:
+        for piece in pieces:
+            result = session.receive(piece)
+            if result is not None:
+                return result
+    except ParseError as exc:
+        return exc.code
+    return None
+
+
+@given(ke_requests, st.integers(1, 20))
+def test_a_remembered_request_gets_the_answer_parsing_gives(request: bytes, cut: int) -> None:
+    with mock.patch.dict(ke_session._DECIDED, clear=True):
+        first = _outcome([request])  # parsed (and remembered when decided)
+        assert _outcome([request]) == first  # answered from memory, or parsed again
+        assert _outcome([request[:cut], request[cut:]]) == first  # in pieces: always parsed
+        assert _outcome([request], max_request=len(request) - 1) == "ke_too_long"
 
 
 @given(st.binary(max_size=200))

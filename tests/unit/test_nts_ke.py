@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import struct
+from unittest import mock
 
 import pytest
 
+from nts.ke import session as ke_session
 from nts.ke.session import KeRefusal, KeServerSession, Negotiation, negotiate, response
 from nts.wire.errors import ParseError
 from nts.wire.ke_records import Record, RecordReader, parse_records, serialize_records
@@ -121,6 +123,35 @@ def test_session_collects_until_end_of_message() -> None:
     assert s.receive(request[-1:]) == Negotiation(0, 15)
     with pytest.raises(ParseError):
         s.receive(b"more")
+
+
+def test_a_request_seen_whole_before_is_answered_from_memory_alike() -> None:
+    request = serialize_records([NP, AEAD, rec(0)])
+    with mock.patch.dict(ke_session._DECIDED, clear=True):
+        assert KeServerSession(SUPPORTED).receive(request) == Negotiation(0, 15)
+        assert ke_session._DECIDED == {(request, SUPPORTED): Negotiation(0, 15)}
+        ke_session._DECIDED[(request, SUPPORTED)] = KeRefusal(0, "marker")  # so the next answer shows its source
+        session = KeServerSession(SUPPORTED)
+        assert session.receive(request) == KeRefusal(0, "marker")
+        with pytest.raises(ParseError):  # and the session is over, as after a parsed request
+            session.receive(b"more")
+        assert KeServerSession((17,)).receive(request) == Negotiation(0, None)  # other AEADs: decided afresh
+        split = KeServerSession(SUPPORTED)
+        assert split.receive(request[:5]) is None
+        assert split.receive(request[5:]) == Negotiation(0, 15)  # pieces are parsed, and not kept
+        assert set(ke_session._DECIDED) == {(request, SUPPORTED), (request, (17,))}
+        with pytest.raises(ParseError) as exc:  # a limit lowered since (a reload) still applies
+            KeServerSession(SUPPORTED, max_request=len(request) - 1).receive(request)
+        assert exc.value.code == "ke_too_long"
+
+
+def test_the_memory_of_requests_is_bounded() -> None:
+    with mock.patch.dict(ke_session._DECIDED, clear=True):
+        for port in range(ke_session._DECIDED_MAX + 10):
+            extra = Record(True, 7, struct.pack(">H", port))  # Port Negotiation: each request differs
+            request = serialize_records([NP, AEAD, extra, rec(0)])
+            assert KeServerSession(SUPPORTED).receive(request) == Negotiation(0, 15)
+        assert len(ke_session._DECIDED) == ke_session._DECIDED_MAX
 
 
 def test_session_refuses_trailing_bytes_and_bad_end() -> None:
