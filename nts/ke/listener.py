@@ -17,7 +17,6 @@ Message the server answers, sends close_notify and closes (RFC 8915 section 4).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import select
@@ -301,8 +300,10 @@ class KeSession:
         then close_notify, then close."""
         assert self.pending is not None
         self.tls.send(self.pending)  # partial writes are whole records: all of it, or WantWrite
-        with contextlib.suppress(SSL.Error):
+        try:
             self.tls.shutdown()
+        except SSL.Error:  # the peer is gone already: nothing more to say to it
+            pass
         self.close()
 
     def _wait(self, writing: bool) -> None:
