@@ -43,7 +43,7 @@ def _ephemeral_low() -> int:
 
 _EPHEMERAL_LOW = _ephemeral_low()
 _handed_out: set[int] = set()
-_pick = random.Random()
+_pick = random.Random()  # its own: hypothesis seeds the global one, which would repeat picks across runs
 
 
 def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:

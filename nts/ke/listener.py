@@ -227,8 +227,8 @@ class KeSession:
     instead of when it is readable.
     """
 
-    __slots__ = ("closed", "fd", "handshaken", "loop", "peer", "pending", "poller", "server", "session", "sock",
-                 "started", "tls", "writing")  # fmt: skip
+    __slots__ = ("closed", "fd", "handshaken", "loop", "peer", "pending", "server", "session", "sock", "started",
+                 "tls", "writing")  # fmt: skip
 
     def __init__(self, server: KeServer, sock: socket.socket, peer: str, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
@@ -244,9 +244,8 @@ class KeSession:
         self.pending: bytes | None = None  # the response, until the socket took all of it
         self.writing = False  # waiting for the socket to be writable rather than readable
         self.closed = False
-        self.poller = server.poller
-        if self.poller is not None:
-            self.poller.register(self.fd, select.EPOLLIN)
+        if server.poller is not None:
+            server.poller.register(self.fd, select.EPOLLIN)
         else:
             loop.add_reader(self.fd, self.step)
 
@@ -309,8 +308,8 @@ class KeSession:
     def _wait(self, writing: bool) -> None:
         if self.closed or writing == self.writing:
             return
-        if self.poller is not None:
-            self.poller.modify(self.fd, select.EPOLLOUT if writing else select.EPOLLIN)
+        if self.server.poller is not None:
+            self.server.poller.modify(self.fd, select.EPOLLOUT if writing else select.EPOLLIN)
         elif writing:
             self.loop.remove_reader(self.fd)
             self.loop.add_writer(self.fd, self.step)
@@ -324,7 +323,8 @@ class KeSession:
             return
         self.closed = True
         self.server.forget(self.fd)
-        if self.poller is None:  # (an epoll set drops a socket when it is closed: no other descriptor refers to it)
+        # (an epoll set drops a socket when it is closed: no other descriptor refers to it)
+        if self.server.poller is None:
             if self.writing:
                 self.loop.remove_writer(self.fd)
             else:

@@ -143,7 +143,6 @@ class KeServerSession:
         self._reader = RecordReader(max_request)
         self._records: list[Record] = []
         self._supported = tuple(supported)
-        self._max_request = max_request
         self._first = True
         self.done = False
 
@@ -155,7 +154,7 @@ class KeServerSession:
         self._first = False
         key = (data, self._supported)
         outcome = _DECIDED.get(key)
-        if outcome is not None and len(data) <= self._max_request:
+        if outcome is not None and len(data) <= self._reader.max_bytes:
             self.done = True
             return outcome
         outcome = self._receive(data)

@@ -75,7 +75,7 @@ class RecordReader:
 
     def __init__(self, max_bytes: int = 16384) -> None:
         self._buf = bytearray()
-        self._max = max_bytes
+        self.max_bytes = max_bytes
         self._total = 0
 
     @property
@@ -84,8 +84,8 @@ class RecordReader:
 
     def feed(self, data: bytes) -> list[Record]:
         self._total += len(data)
-        if self._total > self._max:
-            raise ParseError("ke_too_long", f"NTS-KE message longer than {self._max} bytes")
+        if self._total > self.max_bytes:
+            raise ParseError("ke_too_long", f"NTS-KE message longer than {self.max_bytes} bytes")
         self._buf += data
         out: list[Record] = []
         pos = 0

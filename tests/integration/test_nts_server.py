@@ -25,7 +25,7 @@ from nts.client import KeResult, QueryError, check_nts_reply, exchange, key_exch
 from nts.ke.devcerts import make_dev_certs
 from nts.server.metrics import parse_text
 from nts.wire.ke_records import Record, RecordType
-from tests.helpers import READY, Ntsd, free_port, running_ntsd
+from tests.helpers import Ntsd, free_port, running_ntsd
 from tests.nts_helpers import AEAD15, NP, dev_certs, ke_raw, nts_config, ports, request
 
 
@@ -222,7 +222,6 @@ def test_a_replaced_master_secret_applies_on_reload(tmp_path: Path, workers: int
     ntp, ke, mport = ports()
     ca = dev_certs(tmp_path).ca
     with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport, ntp_extra=f"workers: {workers}")) as server:
-        server.wait_for(READY)
         before = key_exchange("127.0.0.1", ke, ca)
         secret = tmp_path / "keys" / "nts-master.key"
 
@@ -257,7 +256,6 @@ def test_a_new_key_dir_waits_for_a_restart(tmp_path: Path, workers: int) -> None
     config = nts_config(tmp_path, ntp, ke, mport, ntp_extra=f"workers: {workers}")
     moved = tmp_path / "moved"
     with running_ntsd(tmp_path, config) as server:
-        server.wait_for(READY)
         before = key_exchange("127.0.0.1", ke, dev_certs(tmp_path).ca)
         (tmp_path / "ntsd.yaml").write_text(config.replace(f"key_dir: {tmp_path / 'keys'}", f"key_dir: {moved}"))
         for reload in range(2):
@@ -280,7 +278,6 @@ def test_nts_enabled_again_by_a_reload_runs_with_its_new_key_dir(tmp_path: Path)
     plain = config[: config.index("nts:\n")]
     moved = config.replace(f"key_dir: {tmp_path / 'keys'}", f"key_dir: {tmp_path / 'moved'}")
     with running_ntsd(tmp_path, config) as server:
-        server.wait_for(READY)
         for text in (plain, moved):
             (tmp_path / "ntsd.yaml").write_text(text)
             assert "WARNING" not in reload_everywhere(server, 1)

@@ -20,7 +20,7 @@ from typing import Any
 
 from nts.cli import fetch_metrics
 from nts.client import check_nts_reply, exchange, key_exchange, nts_request
-from tests.helpers import READY, client_request, free_port, need, query, running_ntsd
+from tests.helpers import client_request, free_port, need, query, running_ntsd
 from tests.mac_helpers import write_keys
 from tests.mssntp_helpers import FakeSigner
 from tests.nts_helpers import dev_certs, nts_config
@@ -134,7 +134,6 @@ def test_prometheus_scrapes_ntsd_and_the_readme_alert_fires_on_a_refused_reload(
     port, mport = free_port(), free_port(socket.SOCK_STREAM)
     config = nts_config(tmp_path, port, free_port(socket.SOCK_STREAM), mport)
     with running_ntsd(tmp_path, config) as server, prometheus(tmp_path, mport, rules) as base:
-        server.wait_for(READY)
 
         def value(expr: str) -> float | None:
             result = api(base, "query", query=expr)["result"]
