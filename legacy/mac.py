@@ -1,4 +1,4 @@
-"""MAC computation and the `mac` authenticator plugin.
+"""MAC computation and the `mac` plugin.
 
 Strategy: a request whose trailer is 20 or 24 bytes (key id + MAC) is this plugin's. The key id
 selects the key; it must be in the file, trusted, allowed for the client's network, and of an
@@ -31,11 +31,24 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 
-from nts.core.auth import Authenticator, PluginError, ReplyContext, Request
-from nts.core.decisions import Nak, describe, describe_gauge
+from nts.config import (
+    Node,
+    PluginError,
+    Reader,
+    boolean,
+    choice,
+    integer,
+    listof,
+    network,
+    number,
+    path,
+    read_settings,
+)
+from nts.core.decisions import Nak
+from nts.core.handler import Client, ReplyContext, Request, RequestHandler
 from nts.core.policy import Network, NetworkSet
 from nts.files import FileIdentity, every, file_identity
-from nts.wire.packet import HEADER_LEN
+from nts.wire.packet import HEADER_LEN, crypto_nak
 
 from .keyfile import Algorithm, Key, KeyFile, KeyFileError, load_keyfile
 from .migration import ClientLedger
@@ -43,20 +56,11 @@ from .migration import ClientLedger
 log = logging.getLogger("ntsd.mac")
 _KEYID = struct.Struct(">I")
 _MAC_TRAILERS = frozenset({20, 24, 32, 36, 52, 68})  # key id + 16/20-byte MAC, or a full digest (NTPv1-3)
-_NAK_HEADER = struct.Struct(">BBbbII4sQQQQ")
 
 
 def compute_mac(algorithm: Algorithm, secret: bytes, data: bytes, length: int | None = None) -> bytes:
     """The MAC of `data`; digests are truncated to `length` (default: NTPv4's 20 bytes)."""
     return PreparedKey(Key(0, algorithm, secret)).mac(data, length or algorithm.mac_len)
-
-
-def crypto_nak(request: bytes) -> bytes:
-    """A header with no time (stratum 0, leap 3) answering `request`, then key id 0 (4 bytes)."""
-    version = (request[0] >> 3) & 7
-    origin = struct.unpack_from(">Q", request, 40)[0]
-    return _NAK_HEADER.pack(0xC0 | (version << 3) | 4, 0, request[2] - 256 if request[2] > 127 else request[2], 0,
-                            0, 0, b"\0\0\0\0", 0, origin, 0, 0) + bytes(4)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,28 +74,30 @@ class MacSettings:
     max_clients: int = 10_000
 
 
-def parse_mac(node: Any) -> MacSettings:
-    m = node.mapping(("keys", "format", "trusted", "networks", "allow_bad_lines", "check_interval", "max_clients"))
-    if "keys" not in m:
-        raise node.error("'keys' is required (the key file)")
-    trusted = None
-    if "trusted" in m:
-        trusted = frozenset(n.integer(1, 2**32 - 1) for n in m["trusted"].items())
+def _key_networks(node: Node) -> dict[int, tuple[Network, ...]]:
     networks: dict[int, tuple[Network, ...]] = {}
-    if "networks" in m:
-        for key_node_name, nets in m["networks"].mapping().items():
-            if not (key_node_name.isascii() and key_node_name.isdigit()):
-                raise nets.error("keys of mac.networks are key ids")
-            networks[int(key_node_name)] = tuple(n.network() for n in nets.items())
-    return MacSettings(
-        keys=Path(m["keys"].string()),
-        format=m["format"].choice("ntp", "chrony") if "format" in m else "ntp",
-        trusted=trusted,
-        networks=networks,
-        allow_bad_lines=m["allow_bad_lines"].boolean() if "allow_bad_lines" in m else False,
-        check_interval=m["check_interval"].number(0.1, 86400) if "check_interval" in m else 5.0,
-        max_clients=m["max_clients"].integer(16, 10_000_000) if "max_clients" in m else 10_000,
-    )
+    for key_node_name, nets in node.mapping().items():
+        if not (key_node_name.isascii() and key_node_name.isdigit()):
+            raise nets.error("keys of mac.networks are key ids")
+        networks[int(key_node_name)] = listof(network)(nets)
+    return networks
+
+
+_READERS: dict[str, Reader] = {
+    "keys": path,
+    "format": choice("ntp", "chrony"),
+    "trusted": lambda n: frozenset(listof(integer(1, 2**32 - 1))(n)),
+    "networks": _key_networks,
+    "allow_bad_lines": boolean,
+    "check_interval": number(0.1, 86400),
+    "max_clients": integer(16, 10_000_000),
+}
+
+
+def parse_mac(node: Node) -> MacSettings:
+    if "keys" not in node.mapping(tuple(_READERS)):
+        raise node.error("'keys' is required (the key file)")
+    return read_settings(node, MacSettings, _READERS)
 
 
 class PreparedKey:
@@ -147,10 +153,6 @@ class _Table:
         object.__setattr__(self, "ready", ready)
 
 
-describe("mac_requests", ("algorithm", "key"), "Requests authenticated with legacy MAC keys, by algorithm and key id.")
-describe_gauge("mac_ledger_entries", "(client, key id) pairs in the legacy-use ledger (bounded by mac.max_clients).")
-
-
 def _key_notes(settings: MacSettings, keyfile: KeyFile) -> list[tuple[int, str]]:
     """What loading `keyfile` has to say: skipped lines, odd keys, deprecated algorithms in use,
     trusted ids the file lacks."""
@@ -170,16 +172,36 @@ def _key_notes(settings: MacSettings, keyfile: KeyFile) -> list[tuple[int, str]]
     return notes
 
 
-class MacAuthenticator(Authenticator):
-    """Legacy symmetric-key MAC (RFC 5905 section 7.3, RFC 8573 AES-CMAC)."""
+class MacPlugin(RequestHandler):
+    """Legacy symmetric-key MAC (RFC 5905 section 7.3, RFC 8573 AES-CMAC). A `RequestHandler` for the
+    pipeline and, structurally, an `nts.server.plugin.Plugin` for the shell."""
 
     name: ClassVar[str] = "mac"
-    section: ClassVar[str | None] = "mac"
+    section: ClassVar[str] = "mac"
     order: ClassVar[int] = 20
+    listens: ClassVar[bool] = False
+    COUNTERS: ClassVar[Mapping[str, tuple[tuple[str, ...], str]]] = {
+        "mac_requests": (("algorithm", "key"), "Requests authenticated with legacy MAC keys, by algorithm and key id."),
+    }
+    GAUGES: ClassVar[Mapping[str, str]] = {
+        "mac_ledger_entries": "(client, key id) pairs in the legacy-use ledger (bounded by mac.max_clients).",
+    }
+    may_bind = True
 
     @classmethod
-    def parse_config(cls, node: Any) -> MacSettings:
+    def parse_config(cls, node: Node) -> MacSettings:
         return parse_mac(node)
+
+    @classmethod
+    def listen_addresses(cls, settings: MacSettings) -> tuple[tuple[str, int], ...]:
+        return ()
+
+    @classmethod
+    def restart_only(cls, running: MacSettings, new: MacSettings) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        """Nothing to release: the key table is memory."""
 
     def __init__(self, settings: MacSettings) -> None:
         self.settings = settings
@@ -229,7 +251,7 @@ class MacAuthenticator(Authenticator):
             return Nak(crypto_nak(data), "unknown_key")
         return self._verify(table, key, key_id, data, len(request.trailer), request.client[0], request.rx_ns, ctx)
 
-    def fast(self, data: bytes, client: tuple[str, int], rx_ns: int, ctx: ReplyContext) -> bytes | Nak | None:
+    def fast(self, data: bytes, client: Client, rx_ns: int, ctx: ReplyContext) -> bytes | Nak | None:
         """Key id + 16/20-byte MAC after the header and nothing else (`fast_takes`), with a key id we
         know: a claim of 2 that no plugin asked earlier can match (NTS sees no fields in so short a
         body). A ready key of the right MAC length is checked here, in one piece (the MAC hot path);
@@ -309,8 +331,7 @@ class MacAuthenticator(Authenticator):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
 
-    def reconfigure(self, config: Any) -> bool:
-        settings: MacSettings = config
+    def reconfigure(self, settings: MacSettings) -> bool:
         if self._reload(settings, "reload"):
             self.settings = settings
             self.ledger.max_clients = settings.max_clients

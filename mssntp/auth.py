@@ -1,4 +1,4 @@
-"""The `mssntp` authenticator plugin: MS-SNTP requests signed by Samba, asynchronously.
+"""The `mssntp` plugin: MS-SNTP requests signed by Samba, asynchronously.
 
 Strategy: a request from a configured domain network whose trailer is the MS-SNTP shape (20
 bytes: key id little-endian + 16 ignored bytes) is claimed firmly, unless the legacy MAC plugin
@@ -18,12 +18,15 @@ import struct
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
-from nts.core.auth import Authenticator, ReplyContext, Request
-from nts.core.decisions import Defer, Drop, Nak, Stats, describe, describe_gauge, drop
+from nts.config import Node, Reader, boolean, integer, listof, network, number, path, read_settings
+from nts.core.decisions import Answer, Defer, drop
+from nts.core.handler import ReplyContext, Request, RequestHandler
 from nts.core.policy import RATE_OK, Network, NetworkSet, RateLimiter, RateSettings
+from nts.core.stats import Counters
 
 from .signer import SigndClient
 
@@ -32,10 +35,6 @@ DEFAULT_SOCKET = "/var/lib/samba/ntp_signd/socket"
 _KEY_LE = struct.Struct("<I")
 _D_EXTENDED = drop("mssntp_extended_unsupported")
 _D_RATE = drop("mssntp_rate_limited")
-
-describe("mssntp_sign", ("outcome",), "MS-SNTP signing through Samba, by outcome.")
-describe("mssntp_sign_delay_us", (), "Sum of MS-SNTP signing delays (queue + Samba), seconds.")
-describe_gauge("mssntp_rate_limit_clients", "Addresses in the MS-SNTP rate limiter (bounded by mssntp.max_clients).")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,34 +54,51 @@ class MsSntpSettings:
         return RateSettings(rate=self.rate, burst=self.burst, max_clients=self.max_clients, kod=False)
 
 
-def parse_mssntp(node: Any) -> MsSntpSettings:
-    m = node.mapping(
-        ("socket", "networks", "connections", "queue_size", "deadline", "rate", "burst", "max_clients", "compensate")
-    )
-    d = MsSntpSettings()
-    return MsSntpSettings(
-        socket=Path(m["socket"].string()) if "socket" in m else d.socket,
-        networks=tuple(n.network() for n in m["networks"].items()) if "networks" in m else (),
-        connections=m["connections"].integer(1, 64) if "connections" in m else d.connections,
-        queue_size=m["queue_size"].integer(1, 100_000) if "queue_size" in m else d.queue_size,
-        deadline=m["deadline"].number(0.01, 30) if "deadline" in m else d.deadline,
-        rate=m["rate"].number(0.001, 1e6) if "rate" in m else d.rate,
-        burst=m["burst"].integer(1, 1_000_000) if "burst" in m else d.burst,
-        max_clients=m["max_clients"].integer(16, 10_000_000) if "max_clients" in m else d.max_clients,
-        compensate=m["compensate"].boolean() if "compensate" in m else d.compensate,
-    )
+_READERS: dict[str, Reader] = {
+    "socket": path,
+    "networks": listof(network),
+    "connections": integer(1, 64),
+    "queue_size": integer(1, 100_000),
+    "deadline": number(0.01, 30),
+    "rate": number(0.001, 1e6),
+    "burst": integer(1, 1_000_000),
+    "max_clients": integer(16, 10_000_000),
+    "compensate": boolean,
+}
 
 
-class MsSntpAuthenticator(Authenticator):
-    """[MS-SNTP] authentication for Windows domain members, signed by Samba's ntp_signd."""
+def parse_mssntp(node: Node) -> MsSntpSettings:
+    return read_settings(node, MsSntpSettings, _READERS)
+
+
+class MsSntpPlugin(RequestHandler):
+    """[MS-SNTP] authentication for Windows domain members, signed by Samba's ntp_signd. A
+    `RequestHandler` for the pipeline and, structurally, an `nts.server.plugin.Plugin` for the shell."""
 
     name: ClassVar[str] = "mssntp"
-    section: ClassVar[str | None] = "mssntp"
+    section: ClassVar[str] = "mssntp"
     order: ClassVar[int] = 30
+    listens: ClassVar[bool] = False
+    COUNTERS: ClassVar[Mapping[str, tuple[tuple[str, ...], str]]] = {
+        "mssntp_sign": (("outcome",), "MS-SNTP signing through Samba, by outcome."),
+        "mssntp_sign_delay_us": ((), "Sum of MS-SNTP signing delays (queue + Samba), seconds."),
+    }
+    GAUGES: ClassVar[Mapping[str, str]] = {
+        "mssntp_rate_limit_clients": "Addresses in the MS-SNTP rate limiter (bounded by mssntp.max_clients).",
+    }
+    may_bind = True
 
     @classmethod
-    def parse_config(cls, node: Any) -> MsSntpSettings:
+    def parse_config(cls, node: Node) -> MsSntpSettings:
         return parse_mssntp(node)
+
+    @classmethod
+    def listen_addresses(cls, settings: MsSntpSettings) -> tuple[tuple[str, int], ...]:
+        return ()
+
+    @classmethod
+    def restart_only(cls, running: MsSntpSettings, new: MsSntpSettings) -> list[str]:
+        return []
 
     @classmethod
     def check(cls, settings: MsSntpSettings) -> list[tuple[bool, str]]:
@@ -91,7 +107,7 @@ class MsSntpAuthenticator(Authenticator):
         return [(False, f"mssntp: {settings.socket} does not exist (yet): is Samba running with ntp_signd?")]
 
     def __init__(self, settings: MsSntpSettings) -> None:
-        self.stats = Stats()
+        self.stats = Counters()
         self.settings = settings
         self.networks = NetworkSet(settings.networks)
         self.limiter = RateLimiter(settings.rate_settings)
@@ -106,7 +122,7 @@ class MsSntpAuthenticator(Authenticator):
             return 0
         return 2
 
-    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:
+    def respond(self, request: Request, ctx: ReplyContext) -> Answer:
         if len(request.trailer) == 72:
             now = time.monotonic()
             if now - self._last_extended_log > 60:
@@ -117,14 +133,13 @@ class MsSntpAuthenticator(Authenticator):
         if self.limiter.check(request.client[0], request.rx_ns) != RATE_OK:
             return _D_RATE
         (key_id,) = _KEY_LE.unpack_from(request.trailer)
-        return Defer(self, (key_id, request, ctx), request.client)
+        return Defer(partial(self._signed, key_id, request, ctx), self.name, request.client)
 
-    async def complete(self, job: object) -> bytes | None:
+    async def _signed(self, key_id: int, request: Request, ctx: ReplyContext) -> bytes | None:
         # The header, and so the transmit timestamp, is made here, as the request goes to Samba,
         # not when the datagram arrived: the hop to the event loop and the queue are not counted
         # in T3. With `compensate`, T3 is moved on by the recent signing delay, the time the
         # signed reply takes to come back from Samba before it leaves (measured: README).
-        key_id, request, ctx = cast(tuple[int, Request, ReplyContext], job)
         delay = self.client.delay_estimate_ns if self.settings.compensate else 0
         return await self.client.sign(key_id, ctx.reply_header(request.data, request.rx_ns, delay))
 
@@ -139,11 +154,10 @@ class MsSntpAuthenticator(Authenticator):
     async def stop(self) -> None:
         await self.client.stop()
 
-    def reconfigure(self, config: Any) -> bool:
+    def reconfigure(self, settings: MsSntpSettings) -> bool:
         """Applied in place, so a reload keeps the connections to Samba, the requests waiting for a
         signature and the counters; a new socket, connection count or queue size needs a new client."""
-        new: MsSntpSettings = config
-        old = self.settings
+        new, old = settings, self.settings
         if (new.socket, new.connections, new.queue_size) != (old.socket, old.connections, old.queue_size):
             return False
         if new.rate_settings != old.rate_settings:
@@ -156,7 +170,13 @@ class MsSntpAuthenticator(Authenticator):
         return True
 
     def counters(self) -> Mapping[tuple[str, ...], int]:
-        return dict(self.stats.counts)
+        return self.stats.snapshot()
+
+    def reports(self) -> Mapping[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        """Nothing to release: stop() closed the connections to Samba."""
 
     def gauges(self) -> Mapping[str, float]:
         return {"mssntp_rate_limit_clients": len(self.limiter)}

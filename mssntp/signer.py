@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nts.core.decisions import Stats
+from nts.core.stats import Counters
 from nts.wire.errors import ParseError
 
 from .signd import ReplyReader, SignedReply, check_signed, encode_request
@@ -43,7 +43,7 @@ class SigndClient:
     """Signs 48-byte replies through ntp_signd; `sign` returns the 68-byte packet or None."""
 
     def __init__(
-        self, path: Path, stats: Stats, connections: int = 4, queue_size: int = 256, deadline: float = 1.0
+        self, path: Path, stats: Counters, connections: int = 4, queue_size: int = 256, deadline: float = 1.0
     ) -> None:
         self.path = path
         self.stats = stats

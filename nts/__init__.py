@@ -1,7 +1,7 @@
-"""ntsd: an NTS-KE and NTP server with legacy MAC and MS-SNTP authenticators."""
+"""ntsd: an NTS-KE and NTP server with legacy MAC and MS-SNTP authenticators.
 
-from . import tlsconf
-
-tlsconf.apply()  # before anything else initialises OpenSSL: it reads its configuration once
+Importing any part of it has no side effects: OpenSSL's configuration is applied by the commands
+that serve or query (`nts.cli`), before anything initialises OpenSSL.
+"""
 
 __version__ = "0.1.0"

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, format_addr, iter_lines, load_config, parse_hostport
-from .core.auth import discover
-from .server.daemon import Daemon, StartupError, plugin_sections
+from .config import ConfigError, iter_lines, load_config, parse_hostport
+from .net import format_addr
+from .nts import tlsconf
+from .server.daemon import Daemon, StartupError
 from .server.metrics import parse_text
+from .server.plugin import discover, sections
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 
@@ -50,11 +52,11 @@ def _check_config(args: argparse.Namespace) -> int:
     what `serve` would refuse, found without binding a port or creating anything."""
     plugins = discover()
     try:
-        config = load_config(args.file, plugin_sections(plugins))
+        config = load_config(args.file, sections(plugins))
     except ConfigError as exc:
         print(f"ntsd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    findings = [f for cls in plugins.values() if cls.section is not None and cls.section in config.plugins
+    findings = [f for cls in plugins.values() if cls.section in config.plugins
                 for f in cls.check(config.plugins[cls.section])]  # fmt: skip
     errors = [message for is_error, message in findings if is_error]
     for message in errors:
@@ -70,7 +72,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from .ke.devcerts import make_dev_certs
+    from .nts.devcerts import make_dev_certs
 
     names = args.name or ["localhost", "127.0.0.1", "::1"]
     try:
@@ -171,7 +173,7 @@ def _metrics_address(args: argparse.Namespace) -> tuple[str, int] | int:
     try:
         if args.metrics:
             return parse_hostport(_CliWhere(), args.metrics, 9975)
-        config = load_config(args.config, plugin_sections(discover()))
+        config = load_config(args.config, sections(discover()))
     except ConfigError as exc:
         print(f"ntsd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -249,6 +251,7 @@ class _CliWhere:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    tlsconf.apply()  # before anything initialises OpenSSL (it reads its configuration once)
     parser = argparse.ArgumentParser(prog="ntsd", description="NTS, NTP, legacy MAC and MS-SNTP time server")
     parser.add_argument("--version", action="version", version=f"ntsd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

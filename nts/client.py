@@ -23,11 +23,11 @@ from typing import TypeVar
 from cryptography import x509
 from OpenSSL import SSL
 
-from .aead import AEADS, DEFAULT_AEADS, AeadError
-from .config import is_dns_name, is_ip_address
-from .ke.certs import ALPN
-from .ke.session import EXPORTER_LABEL
-from .ntsauth import auth_field, open_auth
+from .net import is_dns_name, is_ip_address
+from .nts.aead import AEAD_NAMES, AEADS, DEFAULT_AEADS, AeadError, AeadId
+from .nts.certs import ALPN
+from .nts.ke_session import EXPORTER_LABEL
+from .nts.packets import auth_field, open_auth
 from .wire.errors import ParseError
 from .wire.extensions import ExtensionField, FieldType, make_field, parse_extension, serialize_extension
 from .wire.ke_records import NEXT_PROTOCOL_NTPV4, Record, RecordReader, RecordType, serialize_records, u16_list
@@ -353,8 +353,6 @@ def plain_request() -> tuple[bytes, bytes]:
 
 
 def _parse_aead(text: str) -> int:
-    from .ntsplugin import AEAD_NAMES
-
     if text.upper() in AEAD_NAMES:
         return AEAD_NAMES[text.upper()]
     if text.isascii() and text.isdigit() and int(text) in AEADS:
@@ -395,7 +393,7 @@ def run_query(
         out["nts_ke"] = f"{host} port {ke_port}"
         out["certificate"] = ke.subject
         out["certificate_expires"] = ke.expires
-        out["aead"] = f"{next(k for k, v in _aead_names().items() if v == ke.aead)} ({ke.aead})"
+        out["aead"] = f"{AeadId(ke.aead).name.replace('_', '-')} ({ke.aead})"
         out["cookies_from_ke"] = len(ke.cookies)
         fresh = 0
         for _ in range(count):
@@ -423,9 +421,3 @@ def run_query(
     if result.kiss:
         out["kiss"] = result.kiss
     return out
-
-
-def _aead_names() -> dict[str, int]:
-    from .ntsplugin import AEAD_NAMES
-
-    return AEAD_NAMES

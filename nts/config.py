@@ -2,8 +2,10 @@
 
 Strategy: PyYAML's safe composer yields a node tree that keeps each value's line; `Node` wraps it so
 validators read typed values and raise `ConfigError` pointing at the offending line. Each section
-becomes a frozen settings object; unknown keys are errors (typos must not pass silently). Sections
-owned by authenticator plugins (`nts`, `mac`, `mssntp`) are validated by the plugins themselves.
+becomes a frozen settings object through `read_settings`: a table of key -> reader, the defaults
+being the dataclass's own; unknown keys are errors (typos must not pass silently). Sections owned
+by plugins (`nts`, `mac`, `mssntp`, or a third party's) are named by the plugins the caller passes
+and validated by the plugins themselves, with the same helpers.
 The embedded default serves plain NTP on loopback so the daemon runs with no file at all.
 """
 
@@ -11,16 +13,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import yaml
 
 from .core.clockstate import ClockSettings
 from .core.policy import Network, RateSettings
+from .net import format_addr
 
 DEFAULT_CONFIG = """\
 # ntsd embedded default: NTP and NTS on loopback, metrics on loopback.
@@ -48,7 +51,6 @@ nts:
   key_dir: certs                  # the NTS master secret is kept here (mode 0600)
 """
 
-PLUGIN_SECTIONS = ("nts", "mac", "mssntp")
 MAX_CONFIG = 1 << 20  # characters
 
 
@@ -59,6 +61,10 @@ class ConfigError(Exception):
         self.source, self.line, self.key, self.message = source, line, key, message
         where = f"{source}:{line}" if line is not None else source
         super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+class PluginError(Exception):
+    """A plugin cannot start with its (valid) settings: a missing certificate, an unusable key..."""
 
 
 class Node:
@@ -170,22 +176,6 @@ def _construct(node: yaml.ScalarNode) -> Any:
     return yaml.SafeLoader("").construct_object(node, deep=True)
 
 
-_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
-def is_ip_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def is_dns_name(name: str) -> bool:
-    """An ASCII host name by RFC 1123 (letters, digits, inner hyphens; labels of 1-63; 253 in all)."""
-    return len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.removesuffix(".").split("."))
-
-
 class Where(Protocol):
     """Anything that can turn a message into a located ConfigError (a Node, the command line)."""
 
@@ -215,9 +205,66 @@ def parse_hostport(where: Where, text: str, default_port: int | None) -> tuple[s
     return str(ip), int(port_text)
 
 
+Reader = Callable[[Node], Any]
+S = TypeVar("S")
+
+
+def read_settings(
+    node: Node, cls: Callable[..., S], readers: Mapping[str, Reader], fields: Mapping[str, str | None] | None = None
+) -> S:
+    """`cls` built from the keys of mapping `node` that `readers` knows, each read by its reader
+    into the field of the same name (or the one `fields` names for it: None, checked but not
+    passed); keys left out take the class's defaults. Any other key is an error that names it."""
+    m = node.mapping(tuple(readers))
+    fields = fields or {}
+    values = {fields.get(key, key): read(m[key]) for key, read in readers.items() if key in m}
+    return cls(**{name: value for name, value in values.items() if name is not None})
+
+
+def integer(lo: int, hi: int) -> Reader:
+    return lambda n: n.integer(lo, hi)
+
+
+def number(lo: float, hi: float) -> Reader:
+    return lambda n: n.number(lo, hi)
+
+
+def choice(*options: str) -> Reader:
+    return lambda n: n.choice(*options)
+
+
+def optional(read: Reader) -> Reader:
+    """`read`, or None for an explicit null (`key: ~`)."""
+    return lambda n: None if n.is_null else read(n)
+
+
+def listof(read: Reader) -> Reader:
+    return lambda n: tuple(read(item) for item in n.items())
+
+
+def string(n: Node) -> str:
+    return n.string()
+
+
+def boolean(n: Node) -> bool:
+    return n.boolean()
+
+
+def path(n: Node) -> Path:
+    return Path(n.string())
+
+
+def network(n: Node) -> Network:
+    return n.network()
+
+
+def address(n: Node) -> tuple[str, int]:
+    return n.address()
+
+
 @dataclass(frozen=True, slots=True)
 class NtpSettings:
-    listen: tuple[tuple[str, int], ...]
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 123), ("::1", 123))
     workers: int = 1
     batch: int = 32  # datagrams per recvmmsg/sendmmsg call (1: one syscall per datagram)
     max_hold_us: int = 20  # how long a finished reply may wait for others to share its send call
@@ -251,49 +298,54 @@ class Config:
     plugins: Mapping[str, Any] = field(default_factory=dict)
 
 
+_NTP: dict[str, Reader] = {
+    "listen": listof(address),
+    "workers": integer(1, 64),
+    "batch": integer(1, 1024),
+    "max_hold_us": integer(0, 100_000),
+    "user": optional(string),
+    "group": optional(string),
+}
+
+
 def _ntp(node: Node) -> NtpSettings:
-    m = node.mapping(("listen", "workers", "batch", "max_hold_us", "user", "group"))
-    listen = tuple(n.address() for n in m["listen"].items()) if "listen" in m else (("127.0.0.1", 123), ("::1", 123))
-    if not listen:
-        raise (m["listen"] if "listen" in m else node).error("at least one listen address is required")
-    if len(set(listen)) != len(listen):
-        raise m["listen"].error("the same address is listed twice")
-    return NtpSettings(
-        listen=listen,
-        workers=m["workers"].integer(1, 64) if "workers" in m else 1,
-        batch=m["batch"].integer(1, 1024) if "batch" in m else 32,
-        max_hold_us=m["max_hold_us"].integer(0, 100_000) if "max_hold_us" in m else 20,
-        user=m["user"].string() if "user" in m and not m["user"].is_null else None,
-        group=m["group"].string() if "group" in m and not m["group"].is_null else None,
-    )
+    settings = read_settings(node, NtpSettings, _NTP)
+    where = node.mapping().get("listen", node)
+    if not settings.listen:
+        raise where.error("at least one listen address is required")
+    if len(set(settings.listen)) != len(settings.listen):
+        raise where.error("the same address is listed twice")
+    return settings
+
+
+_KOD_OR_IGNORE = choice("kod", "ignore")
+_ACCESS: dict[str, Reader] = {
+    "allow": listof(network),
+    "deny": listof(network),
+    "deny_action": lambda n: _KOD_OR_IGNORE(n) == "kod",
+    "require_auth": listof(network),
+}
 
 
 def _access(node: Node) -> AccessSettings:
-    m = node.mapping(("allow", "deny", "deny_action", "require_auth"))
-
-    def nets(key: str) -> tuple[Network, ...]:
-        return tuple(n.network() for n in m[key].items()) if key in m else ()
-
-    return AccessSettings(
-        allow=nets("allow"),
-        deny=nets("deny"),
-        deny_kod=m["deny_action"].choice("kod", "ignore") == "kod" if "deny_action" in m else True,
-        require_auth=nets("require_auth"),
-    )
+    return read_settings(node, AccessSettings, _ACCESS, {"deny_action": "deny_kod"})
 
 
 def _rate_limit(node: Node) -> RateSettings | None:
-    m = node.mapping(("enabled", "rate", "burst", "max_clients", "action", "kod_interval"))
-    if "enabled" in m and not m["enabled"].boolean():
+    enabled = node.mapping().get("enabled")
+    if enabled is not None and not enabled.boolean():
         return None
-    d = RateSettings()
-    return RateSettings(
-        rate=m["rate"].number(0.001, 1e6) if "rate" in m else d.rate,
-        burst=m["burst"].integer(1, 1_000_000) if "burst" in m else d.burst,
-        max_clients=m["max_clients"].integer(16, 10_000_000) if "max_clients" in m else d.max_clients,
-        kod=m["action"].choice("kod", "ignore") == "kod" if "action" in m else d.kod,
-        kod_interval=m["kod_interval"].number(0, 3600) if "kod_interval" in m else d.kod_interval,
-    )
+    return read_settings(node, RateSettings, _RATE, {"action": "kod", "enabled": None})
+
+
+_RATE: dict[str, Reader] = {
+    "enabled": boolean,
+    "rate": number(0.001, 1e6),
+    "burst": integer(1, 1_000_000),
+    "max_clients": integer(16, 10_000_000),
+    "action": lambda n: _KOD_OR_IGNORE(n) == "kod",
+    "kod_interval": number(0, 3600),
+}
 
 
 def _reference_id(node: Node) -> bytes:
@@ -307,27 +359,27 @@ def _reference_id(node: Node) -> bytes:
     return text.encode().ljust(4, b"\0")
 
 
+_CLOCK: dict[str, Reader] = {
+    "stratum": integer(1, 15),
+    "reference_id": _reference_id,
+    "local_reference": boolean,
+    "root_delay": number(0, 16),
+    "root_dispersion": number(0, 16),
+}
+
+
 def _clock(node: Node) -> ClockSettings:
-    m = node.mapping(("stratum", "reference_id", "local_reference", "root_delay", "root_dispersion"))
-    d = ClockSettings()
-    return ClockSettings(
-        stratum=m["stratum"].integer(1, 15) if "stratum" in m else d.stratum,
-        reference_id=_reference_id(m["reference_id"]) if "reference_id" in m else d.reference_id,
-        local_reference=m["local_reference"].boolean() if "local_reference" in m else d.local_reference,
-        root_delay=m["root_delay"].number(0, 16) if "root_delay" in m else d.root_delay,
-        root_dispersion=m["root_dispersion"].number(0, 16) if "root_dispersion" in m else d.root_dispersion,
-    )
+    return read_settings(node, ClockSettings, _CLOCK)
 
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+_LOG: dict[str, Reader] = {"level": lambda n: _LEVELS[n.choice(*_LEVELS)], "file": optional(string)}
+
+
 def _log(node: Node) -> LogSettings:
-    m = node.mapping(("level", "file"))
-    return LogSettings(
-        level=_LEVELS[m["level"].choice(*_LEVELS)] if "level" in m else logging.INFO,
-        file=m["file"].string() if "file" in m and not m["file"].is_null else None,
-    )
+    return read_settings(node, LogSettings, _LOG)
 
 
 def _metrics(node: Node) -> tuple[str, int] | None:
@@ -360,7 +412,12 @@ def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = Non
         raise ConfigError(source, None, "", f"not valid YAML: {exc}") from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise ConfigError(source, None, "", "not a usable config: collections nested too deeply") from None
-    top = Node(root, source, "").mapping(tuple(_SECTIONS) + PLUGIN_SECTIONS)
+    top = Node(root, source, "").mapping()
+    for name, node in top.items():
+        if name not in _SECTIONS and name not in plugins:
+            known = ", ".join((*_SECTIONS, *plugins))
+            raise ConfigError(source, node.key_line, name, f"unknown section: no installed plugin provides it "
+                              f"(sections: {known})")  # fmt: skip
     values: dict[str, Any] = {}
     for name, fn in _SECTIONS.items():
         if name in top:
@@ -368,14 +425,9 @@ def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = Non
     if "ntp" not in values:
         values["ntp"] = _ntp(Node(None, source, "ntp"))
     plugin_values: dict[str, Any] = {}
-    for name in PLUGIN_SECTIONS:
-        if name not in top:
-            continue
-        if name not in plugins:
-            raise ConfigError(
-                source, top[name].key_line, name, "no installed authenticator plugin provides this section"
-            )
-        plugin_values[name] = plugins[name].parse_config(top[name])
+    for name, plugin in plugins.items():
+        if name in top:
+            plugin_values[name] = plugin.parse_config(top[name])
     return Config(
         source=source,
         ntp=values["ntp"],
@@ -427,8 +479,3 @@ def iter_lines(config: Config) -> Iterator[str]:
         yield f"metrics: http://{format_addr(config.metrics_listen)}/metrics"
     for name in config.plugins:
         yield f"authenticator section: {name}"
-
-
-def format_addr(addr: tuple[str, int]) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

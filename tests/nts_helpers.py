@@ -9,8 +9,8 @@ from typing import Any
 
 from OpenSSL import SSL
 
-from nts.config import format_addr
-from nts.ke.devcerts import DevCerts, make_dev_certs
+from nts.net import format_addr
+from nts.nts.devcerts import DevCerts, make_dev_certs
 from nts.wire.ke_records import Record, RecordReader, RecordType, serialize_records
 from tests.helpers import free_port, lab_config
 

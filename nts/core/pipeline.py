@@ -1,36 +1,32 @@
 """The association core: one pipeline for every datagram, whatever its authentication mode.
 
-Strategy: `handle(data, client, rx_ns, local)` runs parse -> access -> rate -> authenticator ->
-reply -> length guard and returns a Decision (reply bytes, a Drop, a Defer, or with `late` a Seal
-that `seal()` finishes), counting the outcome in `stats`. Only mode-3 requests of versions 1-4 are
-answered. The common case (a bare 48-byte request in plain mode) takes the same steps without
-building a Packet: the header's first byte gives mode and version, and the reply is assembled
-from bytes prebuilt whenever the server state changes. Plugins' fast paths (chosen by datagram
-length) come next, and only then the general path: split fields, weigh claims, `respond`. Time
-comes in: `rx_ns` per call, and the injected `clock()` for the transmit timestamp, read as the
-last step before the reply is returned (or, for a Seal, when it is finished).
+Strategy: `handle(data, client, rx_ns)` runs parse -> access -> rate -> handler -> reply -> length
+guard and returns a Decision (reply bytes, a Drop, a Defer, or with `late` a Seal the shell
+completes right before sending), counting the outcome in the stats sink it was given. Only mode-3
+requests of versions 1-4 are answered. The common case (a bare 48-byte request in plain mode) takes
+the same steps without building a Packet: the header's first byte gives mode and version, and the
+reply header comes from bytes prebuilt whenever the server state changes (`Replies`, which is also
+what handlers build their answers with). Handlers' fast paths (chosen by datagram length) come
+next, and only then the general path: split fields, weigh claims, `respond`. Every handler's
+answer becomes a decision in one place, `_finish`. Time comes in: `rx_ns` per call, and the
+injected `clock()` for the transmit timestamp, read as the last step before the reply is returned
+(or, for a Seal, when it is completed).
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Sequence
 
 from ..wire.errors import ParseError
-from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, kiss_of_death, split_body
-from ..wire.timestamps import NTP_UNIX_OFFSET
-from .auth import Authenticator, Request
+from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, ReplyHeader, kiss_of_death, split_body
+from ..wire.timestamps import unix_ns_to_ntp64
 from .clockstate import ServerState
-from .decisions import Decision, Defer, Drop, Nak, Seal, Stats, drop
+from .decisions import D_TOO_LONG, Answer, Decision, Defer, Drop, Nak, Seal, drop
+from .handler import Client, Request, RequestHandler
 from .policy import ALLOW, DENIED, RATE_KOD, RATE_OK, AccessPolicy, NetworkSet, RateLimiter
+from .stats import Counters, Key, add
 
-_REPLY = struct.Struct(">2s1s21s8sQQ")  # LI/VN/mode+stratum, poll, state bytes, origin, receive, transmit
-_NS = 1_000_000_000
-_MASK64 = (1 << 64) - 1
-_OFFSET_SCALED = NTP_UNIX_OFFSET * _NS << 32  # (unix_ns << 32) + this, // _NS, is the NTP timestamp
-
-# Stable counter keys, prebuilt so the hot path does not build tuples.
-K_REQUESTS = ("requests",)
+# Stable drops and counter keys, prebuilt so the hot path does not build tuples.
 _MODE_DROPS = {m: drop(f"mode_{m}") for m in range(8)}
 _D_SHORT = drop("too_short")
 _D_VERSION = drop("bad_version")
@@ -38,89 +34,87 @@ _D_ACCESS = drop("access_denied")
 _D_RATE = drop("rate_limited")
 _D_NOAUTH = drop("no_authenticator")
 _D_REQUIRE_AUTH = drop("auth_required")
-_D_TOO_LONG = drop("reply_too_long")
-_Fast = tuple[Authenticator, Callable[..., "bytes | Nak | Drop | Seal | None"], tuple[str, ...]]
+_Fast = tuple[RequestHandler, Callable[[bytes, Client, int, "Replies"], "Answer | None"]]
 _FAST_TABLE = 4097  # datagram lengths whose list of fast paths is kept (the shell's largest + 1)
 
 
-def ntp64(ns: int) -> int:
-    """Unix ns -> NTP 64-bit timestamp (era folded), in one multiply and one divide."""
-    return (((ns << 32) + _OFFSET_SCALED) // _NS) & _MASK64
+class Replies:
+    """The ReplyContext handlers build answers with: the server state's header and the clock."""
+
+    __slots__ = ("build", "clock")
+
+    def __init__(self, state: ServerState, clock: Callable[[], int]) -> None:
+        self.clock = clock
+        self.build = ReplyHeader(
+            state.leap,
+            state.stratum,
+            state.precision,
+            state.root_delay,
+            state.root_dispersion,
+            state.reference_id,
+            state.reference_ts,
+        ).build
+
+    def reply_header(self, request: bytes, rx_ns: int, tx_delay_ns: int = 0) -> bytes:
+        return self.build(request, rx_ns, self.clock() + tx_delay_ns)
+
+    def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:
+        return kiss_of_death(request, code, unix_ns_to_ntp64(rx_ns), unix_ns_to_ntp64(self.clock()))
 
 
 class Pipeline:
-    """Turns datagrams into decisions. Not thread-safe; one per event loop."""
+    """Turns datagrams into decisions. Not thread-safe; one per serving thread.
+
+    `stats` is the sink for what `handle` decides (the serving thread's); `deferred_stats` the one
+    for `check_deferred`, which runs on the event loop's thread. Both are the shell's to give.
+    """
 
     def __init__(
         self,
         *,
         state: ServerState,
-        authenticators: Sequence[Authenticator],
+        authenticators: Sequence[RequestHandler],
         clock: Callable[[], int],
-        stats: Stats | None = None,
+        stats: Counters | None = None,
+        deferred_stats: Counters | None = None,
         access: AccessPolicy | None = None,
         deny_kod: bool = True,
         rate: RateLimiter | None = None,
         require_auth: NetworkSet | None = None,
         fast_paths: bool = True,
     ) -> None:
-        self.stats = stats if stats is not None else Stats()
+        self.stats = stats if stats is not None else Counters()
+        self.deferred_stats = deferred_stats if deferred_stats is not None else Counters()
         self.clock = clock
         self._auths = sorted(authenticators, key=lambda a: a.order)
         self._bare = next((a for a in self._auths if a.bare), None)
+        self._bare_replies = self.stats.tally(("replies", self._bare.name if self._bare is not None else "none"))
         self._access = None if access is None or access.open else access
         self._deny_kod = deny_kod
         self._rate = rate
         self._require_auth = require_auth if require_auth is not None and require_auth.networks else None
         self._k_replies = {a.name: ("replies", a.name) for a in self._auths}
-        fast: list[_Fast] = [
-            (a, a.fast, self._k_replies[a.name]) for a in self._auths if type(a).fast is not Authenticator.fast
-        ]
+        fast: list[_Fast] = [(a, a.fast) for a in self._auths if type(a).fast is not RequestHandler.fast]
         if not fast_paths:  # every datagram takes the general path (tests compare the two)
             fast = []
         self._fast = tuple(fast)
         # The fast paths that may take each datagram length, asked once per length seen.
         self._fast_by_len: dict[int, tuple[_Fast, ...]] = {}
-        # Plain ints are cheaper than dict entries on the hot path; counters() merges them.
-        self.requests = 0  # incremented by the shell for every datagram
-        self.bare_replies = 0
-        # check_deferred runs on the event loop thread, apart from the thread calling handle().
-        self.deferred_stats = Stats()
         self.set_state(state)
 
     @property
-    def authenticators(self) -> tuple[Authenticator, ...]:
+    def authenticators(self) -> tuple[RequestHandler, ...]:
         return tuple(self._auths)
 
     def set_state(self, state: ServerState) -> None:
-        """Rebuild the reply bytes that depend only on the server state."""
+        """Serve `state` from the next datagram on (the reply bytes that depend on it are prebuilt)."""
         self.state = state
-        self._first = [bytes(((state.leap << 6) | (v << 3) | 4, state.stratum)) for v in range(8)]
-        self._middle = struct.pack(
-            ">bII4sQ", state.precision, state.root_delay, state.root_dispersion, state.reference_id, state.reference_ts
-        )
+        self.replies = Replies(state, self.clock)
+        self._build = self.replies.build
 
-    # -- the ReplyContext plugins use ------------------------------------------------------------
-    def reply_header(self, request: bytes, rx_ns: int, tx_delay_ns: int = 0) -> bytes:
-        return _REPLY.pack(
-            self._first[(request[0] >> 3) & 7],
-            request[2:3],
-            self._middle,
-            request[40:48],
-            (((rx_ns << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
-            ((((self.clock() + tx_delay_ns) << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
-        )
-
-    def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:
-        return kiss_of_death(request, code, ntp64(rx_ns), ntp64(self.clock()))
-
-    # -- the pipeline -------------------------------------------------------------------------------
-    def handle(
-        self, data: bytes, client: tuple[str, int], rx_ns: int, local: object = None, late: bool = False
-    ) -> Decision:
-        """Decide what to answer. The caller counts datagrams in `requests`. With `late`, a verified
-        authenticated request comes back as a `Seal` for the caller to finish with `seal()` right
-        before sending; otherwise it is finished here."""
+    def handle(self, data: bytes, client: Client, rx_ns: int, late: bool = False) -> Decision:
+        """Decide what to answer. With `late`, a verified authenticated request comes back as a
+        `Seal` for the caller to complete right before sending; otherwise it is completed here."""
         n = len(data)
         if not n:
             return self._drop(_D_SHORT)
@@ -140,97 +134,71 @@ class Pipeline:
                     return self._drop(_D_ACCESS)
                 self._count(("kod", "DENY" if verdict == DENIED else "RSTR"))
                 self._drop(_D_ACCESS)
-                return self.kiss(data, KISS_DENY if verdict == DENIED else KISS_RSTR, rx_ns)
+                return self.replies.kiss(data, KISS_DENY if verdict == DENIED else KISS_RSTR, rx_ns)
         if self._rate is not None:
             limited = self._rate.check(ip, rx_ns)
             if limited != RATE_OK:
                 self._drop(_D_RATE)
                 if limited == RATE_KOD:
                     self._count(("kod", "RATE"))
-                    return self.kiss(data, KISS_RATE, rx_ns)
+                    return self.replies.kiss(data, KISS_RATE, rx_ns)
                 return _D_RATE
         if n == HEADER_LEN and self._bare is not None:
             if self._require_auth is not None and ip in self._require_auth:
                 return self._drop(_D_REQUIRE_AUTH)
-            self.bare_replies += 1
-            return _REPLY.pack(
-                self._first[version],
-                data[2:3],
-                self._middle,
-                data[40:48],
-                (((rx_ns << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
-                (((self.clock() << 32) + _OFFSET_SCALED) // _NS) & _MASK64,
-            )
+            self._bare_replies.n += 1
+            return self._build(data, rx_ns, self.clock())
         fasts = self._fast_by_len.get(n)
         if fasts is None:
             fasts = tuple(f for f in self._fast if f[0].fast_takes(n))
             if n < _FAST_TABLE:
                 self._fast_by_len[n] = fasts
-        for auth, fast, k_replies in fasts:
-            result = fast(data, client, rx_ns, self)
-            if result is not None:
-                if type(result) is bytes and len(result) <= n:  # a finished reply (MAC), counted here
-                    counts = self.stats.counts
-                    counts[k_replies] = counts.get(k_replies, 0) + 1
-                    return result
-                if late and type(result) is Seal:  # verified, to be finished by the caller (NTS)
-                    result.key, result.limit = k_replies, n
-                    return result
-                return self._finish(auth, result, n, late)
-        return self._authenticated(data, client, rx_ns, local, version, late)
+        for handler, fast in fasts:
+            answer = fast(data, client, rx_ns, self.replies)
+            if answer is not None:
+                return self._finish(handler, answer, n, late)
+        return self._general(data, client, rx_ns, version, late)
 
-    def _authenticated(
-        self, data: bytes, client: tuple[str, int], rx_ns: int, local: object, version: int, late: bool
-    ) -> Decision:
+    def _general(self, data: bytes, client: Client, rx_ns: int, version: int, late: bool) -> Decision:
         try:
             fields, trailer = split_body(data, version)
         except ParseError as exc:
             return self._drop(drop(f"malformed_{exc.code}"))
-        request = Request(data, fields, trailer, client, rx_ns, local)
-        auth, best = None, 0
-        for candidate in self._auths:  # the firmest claim wins; on a tie, the earlier plugin
+        request = Request(data, fields, trailer, client, rx_ns)
+        handler, best = None, 0
+        for candidate in self._auths:  # the firmest claim wins; on a tie, the earlier handler
             claim = candidate.matches(request)
             if claim > best:
-                auth, best = candidate, claim
+                handler, best = candidate, claim
                 if claim >= 2:
                     break
-        if auth is None:
+        if handler is None:
             return self._drop(_D_NOAUTH)
-        if auth.bare and self._require_auth is not None and client[0] in self._require_auth:
+        if handler.bare and self._require_auth is not None and client[0] in self._require_auth:
             return self._drop(_D_REQUIRE_AUTH)
-        return self._finish(auth, auth.respond(request, self), len(data), late)
+        return self._finish(handler, handler.respond(request, self.replies), len(data), late)
 
-    def _finish(
-        self, auth: Authenticator, result: bytes | Nak | Drop | Defer | Seal, limit: int, late: bool
-    ) -> Decision:
-        """Guard the reply length and count the outcome of a plugin's answer."""
-        if type(result) is Seal:
-            result.key, result.limit = self._k_replies[auth.name], limit
-            return result if late else self.seal(result)
-        if isinstance(result, bytes):
-            if len(result) > limit:
-                return self._drop(_D_TOO_LONG)
-            self._count(self._k_replies[auth.name])
-            return result
-        if isinstance(result, Nak):
-            if len(result.data) > limit:
-                return self._drop(_D_TOO_LONG)
-            self._count(("naks", auth.name, result.reason))
-            return result.data
-        if isinstance(result, Drop):
-            return self._drop(result)
-        assert isinstance(result, Defer)
-        self._count(("deferred", auth.name))
-        return result
-
-    def seal(self, pending: Seal) -> bytes | Drop:
-        """Finish a verified request's reply (transmit time read now), guard its length, count it."""
-        reply = pending.finish()
-        if len(reply) > pending.limit:
-            return self._drop(_D_TOO_LONG)
-        counts = self.stats.counts
-        counts[pending.key] = counts.get(pending.key, 0) + 1
-        return reply
+    def _finish(self, handler: RequestHandler, answer: Answer, limit: int, late: bool) -> Decision:
+        """The one place a handler's answer becomes a decision: guard the reply's length, count it."""
+        kind = type(answer)
+        if kind is bytes:  # a finished time reply (MAC)
+            if len(answer) > limit:  # type: ignore[arg-type]
+                return self._drop(D_TOO_LONG)
+            self._count(self._k_replies[handler.name])
+            return answer  # type: ignore[return-value]
+        if kind is Seal:  # verified (NTS): completed by the caller right before sending, or now
+            answer.key, answer.limit, answer.stats = self._k_replies[handler.name], limit, self.stats  # type: ignore[union-attr]
+            return answer if late else answer.complete()  # type: ignore[return-value,union-attr]
+        if kind is Nak:
+            if len(answer.data) > limit:  # type: ignore[union-attr]
+                return self._drop(D_TOO_LONG)
+            self._count(("naks", handler.name, answer.reason))  # type: ignore[union-attr]
+            return answer.data  # type: ignore[union-attr]
+        if kind is Drop:
+            return self._drop(answer)  # type: ignore[arg-type]
+        assert kind is Defer
+        self._count(("deferred", handler.name))
+        return answer  # type: ignore[return-value]
 
     def check_deferred(self, request: bytes, reply: bytes | None, name: str, reason: str = "failed") -> bytes | None:
         """Apply the final guard and counters to a deferred reply when it arrives (or fails)."""
@@ -239,24 +207,18 @@ class Pipeline:
             stats.inc(("drops", f"{name}_{reason}"))
             return None
         if len(reply) > len(request):
-            stats.inc(("drops", _D_TOO_LONG.reason))
+            stats.inc(("drops", D_TOO_LONG.reason))
             return None
         stats.inc(self._k_replies[name])
         return reply
 
-    def counters(self) -> dict[tuple[str, ...], int]:
-        """A merged copy of every counter; safe to call from another thread (nothing is reset)."""
-        merged = dict(self.stats.counts)
-        for key, value in tuple(self.deferred_stats.counts.items()):
-            merged[key] = merged.get(key, 0) + value
-        if self.requests:
-            merged[K_REQUESTS] = merged.get(K_REQUESTS, 0) + self.requests
-        if self.bare_replies and self._bare is not None:
-            key = self._k_replies[self._bare.name]
-            merged[key] = merged.get(key, 0) + self.bare_replies
+    def counters(self) -> dict[Key, int]:
+        """A merged copy of both sinks; safe to call from another thread (nothing is reset)."""
+        merged = self.stats.snapshot()
+        add(merged, self.deferred_stats.snapshot())
         return merged
 
-    def _count(self, key: tuple[str, ...]) -> None:
+    def _count(self, key: Key) -> None:
         counts = self.stats.counts
         counts[key] = counts.get(key, 0) + 1
 

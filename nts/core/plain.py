@@ -1,13 +1,13 @@
-"""The unauthenticated mode: a bare header in, a bare header out."""
+"""The unauthenticated mode: a bare header in, a bare header out. Always on; the shell adds it."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from .auth import Authenticator, ReplyContext, Request
+from .handler import ReplyContext, Request, RequestHandler
 
 
-class PlainAuthenticator(Authenticator):
+class PlainHandler(RequestHandler):
     """Answers requests that carry no authentication (unknown extension fields are ignored)."""
 
     name: ClassVar[str] = "none"

@@ -29,16 +29,17 @@ from dataclasses import replace
 from typing import Any
 
 from .. import __version__
-from ..config import Config, ConfigError, format_addr, load_config
-from ..core.auth import Authenticator, PluginError, discover
+from ..config import Config, ConfigError, PluginError, load_config
 from ..logutil import LINES
+from ..net import format_addr, open_tcp_listener
 from .kernelclock import measure_precision
-from .metrics import MetricsServer
-from .serving import Server, build_authenticators, plugin_sections
+from .metrics import Descriptions, MetricsServer
+from .plugin import Plugin, discover, sections
+from .serving import Server, build_plugins
 from .shared import SharedCounters
-from .udp import open_tcp_listener, open_udp_socket
+from .udp import open_udp_socket
 
-__all__ = ["Daemon", "StartupError", "plugin_sections"]
+__all__ = ["Daemon", "StartupError"]
 
 log = logging.getLogger("ntsd")
 
@@ -116,6 +117,7 @@ class Daemon:
     def __init__(self, config_path: str | None) -> None:
         self.config_path = config_path
         self.plugins = discover()
+        self.described = Descriptions.of((cls.COUNTERS, cls.GAUGES) for cls in self.plugins.values())
         self.stopping: asyncio.Event | None = None
         self.children: list[int] = []
         self.started = time.time()
@@ -129,7 +131,7 @@ class Daemon:
         self.last_reload = (True, self.started)  # (applied, when the last applied one was)
 
     def load(self) -> Config:
-        return load_config(self.config_path, plugin_sections(self.plugins))
+        return load_config(self.config_path, sections(self.plugins))
 
     def run(self) -> int:
         config = self.started_with = self.load()
@@ -140,7 +142,7 @@ class Daemon:
         if config.metrics_listen is not None:
             metrics_sock = _bind_tcp(config.metrics_listen)
         try:
-            auths, _ = build_authenticators(config, self.plugins)
+            auths, _ = build_plugins(config, self.plugins)
         except PluginError as exc:
             raise StartupError(str(exc)) from None
         drop_privileges(config.ntp.user, config.ntp.group)
@@ -192,7 +194,7 @@ class Daemon:
         sockets: dict[tuple[str, int], socket.socket],
         metrics_sock: socket.socket | None,
         precision: int,
-        auths: list[Authenticator],
+        auths: list[Plugin],
     ) -> int:
         loop = asyncio.get_running_loop()
         server = Server(config, self.plugins, precision, auths)
@@ -203,7 +205,9 @@ class Daemon:
         stopping = self._signals(loop, lambda: self._reload(server, loop))
         metrics = None
         if metrics_sock is not None:
-            metrics = MetricsServer(lambda: self._own((server.counters(), server.gauges())), server.reports)
+            metrics = MetricsServer(
+                lambda: self._own((server.counters(), server.gauges())), server.reports, self.described
+            )
             await metrics.start_on(metrics_sock)
             log.info("metrics on http://%s/metrics", format_addr(metrics_sock.getsockname()))
         log.info("ready")
@@ -257,7 +261,7 @@ class Daemon:
         precision: int,
         shared: SharedCounters,
         index: int,
-        auths: list[Authenticator],
+        auths: list[Plugin],
         supervisor: int,
     ) -> int:
         loop = asyncio.get_running_loop()
@@ -322,7 +326,7 @@ class Daemon:
         stopping = self._signals(loop, on_hup)
         metrics = None
         if metrics_sock is not None:
-            metrics = MetricsServer(lambda: self._own(shared.total()), shared.reports)
+            metrics = MetricsServer(lambda: self._own(shared.total()), shared.reports, self.described)
             await metrics.start_on(metrics_sock)
         log.info("ready with %d workers", len(self.children))
         notify("READY=1")
@@ -408,9 +412,7 @@ class Daemon:
                 tick()
 
 
-def restart_only_changes(
-    running: Config, new: Config, plugins: Mapping[str, type[Authenticator]] | None = None
-) -> list[str]:
+def restart_only_changes(running: Config, new: Config, plugins: Mapping[str, type[Plugin]] | None = None) -> list[str]:
     """The settings in `new` that a reload cannot apply to a server started with `running`: they
     shape the processes and sockets made at start (ntp.listen, and the sections of plugins that
     listen, too when workers share the ports), or that plugins name themselves (`restart_only`)."""
@@ -423,8 +425,6 @@ def restart_only_changes(
     if shared and new.ntp.listen != running.ntp.listen:
         changed.append("ntp.listen")
     for cls in (plugins or {}).values():
-        if cls.section is None:
-            continue
         before, after = running.plugins.get(cls.section), new.plugins.get(cls.section)
         if shared and cls.listens and (before is None) != (after is None):
             changed.append(f"{cls.section} ({'enabled' if before is None else 'disabled'})")

@@ -1,11 +1,12 @@
 """Prometheus text exposition of the pipeline's counters, over a tiny HTTP/1.0 endpoint.
 
-Strategy: counters are (metric, label values...) tuples; `LABELS` names the labels of each metric
-so plugins can add their own. The endpoint reads one bounded request line with a deadline and
-answers GET /metrics; anything else gets 404 or 400. It is meant for a local address; where it is
-exposed, idle connections could otherwise hold descriptors the NTS-KE listener needs, so at most
-`MAX_CLIENTS` are served at once (more are closed at once) and the request line must come within
-`REQUEST_DEADLINE` seconds (a scraper sends it at once).
+Strategy: counters are (metric, label values...) tuples; `Descriptions` names the labels of each
+metric and says what it and each gauge mean, merged from their owners' tables (the core's, the
+shell's below, each plugin's `COUNTERS`/`GAUGES`) when the server starts. The endpoint reads one
+bounded request line with a deadline and answers GET /metrics; anything else gets 404 or 400. It is
+meant for a local address; where it is exposed, idle connections could otherwise hold descriptors
+the NTS-KE listener needs, so at most `MAX_CLIENTS` are served at once (more are closed at once) and
+the request line must come within `REQUEST_DEADLINE` seconds (a scraper sends it at once).
 """
 
 from __future__ import annotations
@@ -14,27 +15,72 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.decisions import GAUGES, LABELS
+from ..core.stats import CORE_COUNTERS, CORE_GAUGES, CounterHelp, GaugeHelp
 
 log = logging.getLogger("ntsd.metrics")
 MAX_CLIENTS = 32
 REQUEST_DEADLINE = 2.0
 
 
+# The shell's own counters and gauges (the core's are in nts.core.stats, plugins' on their classes).
+SHELL_COUNTERS: CounterHelp = {
+    "socket_errors": (("error",), "Errors reported by the NTP sockets."),
+    "kernel_drops": (
+        (),
+        "Datagrams the kernel dropped, receive buffers full (not in requests): more load than served.",
+    ),
+    "io_calls": (("call",), "Batched listeners' recvmmsg and sendmmsg calls (requests per recvmmsg: the mean batch)."),
+    "log_lines": (("level",), "Log lines written at warning level and above, by level (all processes)."),
+    "reloads": (
+        ("outcome",),
+        "Configuration reloads (SIGHUP): applied, failed (refused, or in part), unconfirmed (a worker too slow).",
+    ),
+}
+SHELL_GAUGES: GaugeHelp = {
+    "uptime_seconds": "Seconds since the server started.",
+    "workers": "Worker processes serving NTP.",
+    "config_last_reload_successful": "1 when the last reload applied all of the files (or none was made), else 0.",
+    "config_last_reload_success_timestamp_seconds": "When the files were last applied in full (start or reload).",
+}
+
+
+@dataclass(frozen=True)
+class Descriptions:
+    """Label names and help text of every metric the server may serve."""
+
+    counters: dict[str, tuple[tuple[str, ...], str]] = field(default_factory=dict)
+    gauges: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, owners: Iterable[tuple[CounterHelp, GaugeHelp]]) -> Descriptions:
+        """The core's and the shell's, then each owner's (a plugin class's COUNTERS and GAUGES)."""
+        merged = cls({**CORE_COUNTERS, **SHELL_COUNTERS}, {**CORE_GAUGES, **SHELL_GAUGES})
+        for counters, gauges in owners:
+            for name, described in counters.items():
+                merged.counters.setdefault(name, described)
+            for name, text in gauges.items():
+                merged.gauges.setdefault(name, text)
+        return merged
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(counts: Mapping[tuple[str, ...], int], gauges: Mapping[str, float]) -> str:
+def render(
+    counts: Mapping[tuple[str, ...], int], gauges: Mapping[str, float], described: Descriptions | None = None
+) -> str:
+    described = described if described is not None else Descriptions.of(())
     by_metric: dict[str, list[tuple[tuple[str, ...], int]]] = {}
     for key, value in counts.items():
         by_metric.setdefault(key[0], []).append((key[1:], value))
     lines: list[str] = []
     for metric in sorted(by_metric):
-        names, help_text = LABELS.get(metric, ((), ""))
+        names, help_text = described.counters.get(metric, ((), ""))
         # counted in whole microseconds, shown in seconds (Prometheus's base unit)
         scale = 1e-6 if metric.endswith("_us") else None
         full = f"ntsd_{metric.removesuffix('_us') + '_seconds' if scale else metric}_total"
@@ -50,8 +96,8 @@ def render(counts: Mapping[tuple[str, ...], int], gauges: Mapping[str, float]) -
             else:
                 lines.append(f"{full} {shown}")
     for name in sorted(gauges):
-        if name in GAUGES:
-            lines.append(f"# HELP ntsd_{name} {GAUGES[name]}")
+        if name in described.gauges:
+            lines.append(f"# HELP ntsd_{name} {described.gauges[name]}")
         lines.append(f"# TYPE ntsd_{name} gauge")
         lines.append(f"ntsd_{name} {_number(gauges[name])}")
     return "\n".join(lines) + "\n"
@@ -83,9 +129,11 @@ class MetricsServer:
         self,
         source: Callable[[], tuple[Mapping[tuple[str, ...], int], Mapping[str, float]]],
         reports: Callable[[], Mapping[str, Any]] = dict,
+        described: Descriptions | None = None,
     ) -> None:
         self._source = source
         self._reports = reports
+        self._described = described if described is not None else Descriptions.of(())
         self._server: asyncio.Server | None = None
         self.active = 0
         self.refused = 0
@@ -111,7 +159,7 @@ class MetricsServer:
             if len(parts) < 2 or parts[0] != "GET":
                 status, body = "400 Bad Request", "bad request\n"
             elif parts[1] in ("/metrics", "/"):
-                status, body = "200 OK", render(*self._source())
+                status, body = "200 OK", render(*self._source(), self._described)
             elif parts[1].startswith("/report/") and parts[1][8:] in (reports := self._reports()):
                 status, body = "200 OK", json.dumps(reports[parts[1][8:]], indent=1) + "\n"
             else:

@@ -1,10 +1,10 @@
 """One process's serving: UDP listeners with their pipelines, the plugins, the clock-state refresh.
 
-Strategy: the plugins (authenticators), access lists and rate limiter are shared by the
-listeners' pipelines; counters are per pipeline (one writer each) and summed on demand. A reload
-builds the new parts first, reuses plugins that can take their new section in place, then swaps
-each listener's pipeline between two datagrams; retired pipelines are still summed for a grace
-period (a listener may be finishing one datagram on the old one) and then folded.
+Strategy: the plugins, access lists and rate limiter are shared by the listeners' pipelines; each
+listener owns its counters (one writer each), which it hands to every pipeline it is given, and
+they are summed on demand. A reload builds the new parts first, reuses plugins that can take their
+new section in place, then gives each listener a new pipeline between two datagrams. The plain
+mode is the core's own handler, always in the pipeline, after every plugin that answers requests.
 """
 
 from __future__ import annotations
@@ -16,29 +16,29 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import Config, format_addr
-from ..core.auth import Authenticator, PluginError
+from ..config import Config, PluginError
 from ..core.clockstate import server_state
+from ..core.handler import RequestHandler
 from ..core.pipeline import Pipeline
+from ..core.plain import PlainHandler
 from ..core.policy import AccessPolicy, NetworkSet, RateLimiter
+from ..core.stats import Counters, Key, add
 from ..logutil import RateLimitedLog
+from ..net import format_addr
 from .kernelclock import read_kernel_clock
+from .plugin import Plugin
 from .udp import UdpListener, open_udp_socket
 
 log = logging.getLogger("ntsd")
 
 
-def plugin_sections(plugins: Mapping[str, type[Authenticator]]) -> dict[str, type[Authenticator]]:
-    return {cls.section: cls for cls in plugins.values() if cls.section}
-
-
-def build_authenticators(
+def build_plugins(
     config: Config,
-    plugins: Mapping[str, type[Authenticator]],
-    old: list[Authenticator] | None = None,
+    plugins: Mapping[str, type[Plugin]],
+    old: list[Plugin] | None = None,
     may_bind: bool = True,
-) -> tuple[list[Authenticator], list[Authenticator]]:
-    """The authenticators `config` enables, and those of `old` no longer in use.
+) -> tuple[list[Plugin], list[Plugin]]:
+    """The plugins `config` enables, and those of `old` no longer in use.
 
     An existing instance is kept when it can apply its new section in place (`reconfigure`), so
     its listeners and connections survive a reload. Raises PluginError when a new one cannot start.
@@ -46,11 +46,11 @@ def build_authenticators(
     nor retires one (the main process says that a restart applies such a change).
     """
     previous = {a.name: a for a in old or []}
-    current: list[Authenticator] = []
-    retired: list[Authenticator] = []
+    current: list[Plugin] = []
+    retired: list[Plugin] = []
     for cls in plugins.values():
-        enabled = cls.section is None or cls.section in config.plugins
-        section = config.plugins.get(cls.section) if cls.section else None
+        enabled = cls.section in config.plugins
+        section = config.plugins.get(cls.section)
         if cls.listens and not may_bind:
             kept = previous.pop(cls.name, None)
             if kept is not None:
@@ -62,12 +62,12 @@ def build_authenticators(
         if not enabled:
             continue
         existing = previous.pop(cls.name, None)
-        if existing is not None and (cls.section is None or existing.reconfigure(section)):
+        if existing is not None and existing.reconfigure(section):
             current.append(existing)
             continue
         if existing is not None:
             retired.append(existing)
-        current.append(cls() if cls.section is None else cls(section))  # type: ignore[call-arg]
+        current.append(cls(section))
     retired.extend(previous.values())
     return current, retired
 
@@ -83,21 +83,14 @@ class DropLog:
 
 
 class Server:
-    """One process's serving: UDP listeners, each with a pipeline, and the clock-state refresh.
-
-    Authenticators, access lists and the rate limiter are shared by the listeners' pipelines;
-    counters are per pipeline and summed here. Pipelines replaced by a reload are summed for a
-    grace period (a listener may be finishing one datagram on the old one) and then folded.
-    """
-
-    RETIRE_GRACE = 5.0
+    """One process's serving: UDP listeners, each with a pipeline, and the clock-state refresh."""
 
     def __init__(
         self,
         config: Config,
-        plugins: Mapping[str, type[Authenticator]],
+        plugins: Mapping[str, type[Plugin]],
         precision: int,
-        authenticators: list[Authenticator],
+        authenticators: list[Plugin],
     ) -> None:
         self.plugins = plugins
         self.precision = precision
@@ -105,7 +98,7 @@ class Server:
         self.drop_log = DropLog()
         self.config = config
         self.authenticators = authenticators
-        self._retiring: list[tuple[float, Pipeline]] = []
+        self.plain = PlainHandler()
         self._kernel_drops_closed = 0  # those of sockets a reload closed
         self._kernel_drops_seen = 0  # at the last state refresh, to log an increase
         self._kernel_drops_logged = -60.0
@@ -117,7 +110,7 @@ class Server:
         for auth in self.authenticators:
             await auth.start()
 
-    async def stop_plugins(self, auths: list[Authenticator] | None = None) -> None:
+    async def stop_plugins(self, auths: list[Plugin] | None = None) -> None:
         for auth in self.authenticators if auths is None else auths:
             try:
                 await auth.stop()
@@ -134,11 +127,15 @@ class Server:
         self.state = server_state(config.clock, read_kernel_clock(), self.precision, time.time_ns())
         self._log_state()
 
-    def new_pipeline(self) -> Pipeline:
+    def new_pipeline(self, stats: Counters | None = None, deferred_stats: Counters | None = None) -> Pipeline:
+        """A pipeline over the running parts, counting into the sinks given (a listener's)."""
+        handlers = [a for a in self.authenticators if isinstance(a, RequestHandler)]
         return Pipeline(
             state=self.state,
-            authenticators=self.authenticators,
+            authenticators=[*handlers, self.plain],
             clock=time.time_ns,
+            stats=stats,
+            deferred_stats=deferred_stats,
             access=self.access,
             deny_kod=self.config.access.deny_kod,
             rate=self.rate,
@@ -148,14 +145,14 @@ class Server:
     def adopt(self, sockets: Mapping[tuple[str, int], socket.socket], loop: asyncio.AbstractEventLoop) -> None:
         for addr, sock in sockets.items():
             ntp = self.config.ntp
-            listener = UdpListener(sock, self.new_pipeline(), self.drop_log, ntp.batch, ntp.max_hold_us * 1000)
+            listener = UdpListener(sock, self.new_pipeline, self.drop_log, ntp.batch, ntp.max_hold_us * 1000)
             listener.start(loop)
             self.listeners[addr] = listener
 
     async def reload(self, config: Config, loop: asyncio.AbstractEventLoop, may_bind: bool) -> bool:
         """Apply `config`; False when it was refused (the running configuration stays)."""
         try:
-            auths, retired = build_authenticators(config, self.plugins, self.authenticators, may_bind)
+            auths, retired = build_plugins(config, self.plugins, self.authenticators, may_bind)
         except PluginError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return False
@@ -166,10 +163,8 @@ class Server:
         self.config = config
         self.authenticators = auths
         self._parts(config, keep_rate=self.rate if same_rate else None)
-        now = time.monotonic()
         for listener in self.listeners.values():
-            self._retiring.append((now, listener.pipeline))
-            listener.pipeline = self.new_pipeline()
+            listener.renew(self.new_pipeline)
             listener.hold_ns = config.ntp.max_hold_us * 1000  # (a new ntp.batch waits for a restart)
         await self.stop_plugins(retired)
         log.info("configuration reloaded from %s", config.source)
@@ -181,7 +176,7 @@ class Server:
                 listener = self.listeners.pop(addr)
                 self._kernel_drops_closed += listener.kernel_drops()
                 listener.stop()
-                self._retiring.append((now, listener.pipeline))
+                add(self._folded, listener.counters())
                 log.info("stopped listening on %s", format_addr(addr))
         for addr in sorted(wanted - set(self.listeners)):
             try:
@@ -232,19 +227,13 @@ class Server:
         else:
             log.info("serving time as stratum %d (reference %s)", self.state.stratum, _refid(self.state.reference_id))
 
-    def counters(self) -> dict[tuple[str, ...], int]:
-        now = time.monotonic()
-        while self._retiring and now - self._retiring[0][0] > self.RETIRE_GRACE:
-            _, old = self._retiring.pop(0)
-            _add(self._folded, old.counters())
+    def counters(self) -> dict[Key, int]:
         total = dict(self._folded)
-        for _, old in self._retiring:
-            _add(total, old.counters())
         for listener in list(self.listeners.values()):
-            _add(total, listener.pipeline.counters())
+            add(total, listener.counters())
         total[("kernel_drops",)] = self._kernel_drops()
         for auth in self.authenticators:
-            _add(total, auth.counters())
+            add(total, auth.counters())
         return total
 
     def reports(self) -> dict[str, Any]:
@@ -269,11 +258,6 @@ class Server:
         for listener in self.listeners.values():
             listener.stop()
         self.listeners.clear()
-
-
-def _add(total: dict[tuple[str, ...], int], more: Mapping[tuple[str, ...], int]) -> None:
-    for key, value in more.items():
-        total[key] = total.get(key, 0) + value
 
 
 def _refid(ref: bytes) -> str:

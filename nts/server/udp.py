@@ -1,19 +1,21 @@
 """NTP over UDP: one receive thread per socket, kernel receive timestamps, replies in batches.
 
 Strategy: measured here, asyncio's per-event overhead costs a fifth of the throughput of a blocking
-loop, and its datagram API cannot return ancillary data at all. So each socket gets a thread
-that blocks in the kernel (the GIL is released while it waits; the asyncio thread, which runs
-everything else, is idle nearly always). SO_TIMESTAMPNS makes the kernel attach the receive time.
-Each listener has its own Pipeline (exact counters, no races); access and rate-limit tables are
-shared. On Linux a thread takes up to `batch` datagrams per recvmmsg (mmsg.py): it asks the
-pipeline about each, finishes the verified ones (`Seal`: transmit timestamp, then MAC or AEAD)
-only after the whole batch is decided, and sends the replies with one sendmmsg, flushing early
-when a timestamp has waited `hold_ns`. Elsewhere, or with batch 1, it is recvmsg and sendto per
-datagram. A reload swaps the pipeline between batches; stopping shuts the socket down, which wakes
-the blocked read. Deferred replies (asynchronous signers) are finished on the event loop and sent
-from there. A socket bound to a wildcard address (0.0.0.0, ::) asks the kernel for each datagram's
-destination address (IP_PKTINFO / IPV6_RECVPKTINFO) and sends the reply from it: left to routing,
-a reply to a request sent to a host's second address leaves from its first, and clients drop it.
+loop, and its datagram API cannot return ancillary data at all. So each socket gets a thread that
+blocks in the kernel (the GIL is released while it waits; the asyncio thread, which runs everything
+else, is idle nearly always). SO_TIMESTAMPNS makes the kernel attach the receive time. Each listener
+has its own Pipeline and owns the stats sinks it hands to it (one per writing thread: its own, and
+the event loop's for deferred replies), so counters are exact and survive a reload's new pipeline;
+access and rate-limit tables are shared. On Linux a thread takes up to `batch` datagrams per
+recvmmsg (mmsg.py): it asks the pipeline about each, finishes the verified ones (`Seal`: transmit
+timestamp, then MAC or AEAD) only after the whole batch is decided, and sends the replies with one
+sendmmsg, flushing early when a timestamp has waited `hold_ns`. Elsewhere, or with batch 1, it is
+recvmsg and sendto per datagram. A reload swaps the pipeline between batches; stopping shuts the
+socket down, which wakes the blocked read. Deferred replies (asynchronous signers) are finished on
+the event loop and sent from there. A socket bound to a wildcard address (0.0.0.0, ::) asks the
+kernel for each datagram's destination address (IP_PKTINFO / IPV6_RECVPKTINFO) and sends the reply
+from it: left to routing, a reply to a request sent to a host's second address leaves from its
+first, and clients drop it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core.decisions import Defer, Seal
+from ..core.stats import Counters, Key
 from . import mmsg
 
 if TYPE_CHECKING:
@@ -47,6 +50,7 @@ _TIMESPEC = struct.Struct("@qq")
 _ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 WILDCARDS = ("0.0.0.0", "::")
 _K_RECV, _K_SEND = ("io_calls", "recvmmsg"), ("io_calls", "sendmmsg")
+_K_REQUESTS, _K_OVERSIZE, _K_INTERNAL = ("requests",), ("drops", "oversize"), ("drops", "internal_error")
 
 
 def _error_label(err: int) -> str:
@@ -90,37 +94,23 @@ def _reports_destination(sock: socket.socket) -> bool:
         return False
 
 
-def open_tcp_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket (IPv6 sockets are IPv6-only)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class UdpListener:
     """Serves one bound socket from its own thread through `self.pipeline`."""
 
     def __init__(
         self,
         sock: socket.socket,
-        pipeline: Pipeline,
+        make_pipeline: Callable[[Counters, Counters], Pipeline],
         on_drop: Callable[[str, tuple[str, int]], None] | None = None,
         batch: int = 1,
         hold_ns: int = 0,
     ) -> None:
         self.sock = sock
         self.local = sock.getsockname()
-        self.pipeline = pipeline  # replaced by reload; read once per datagram
+        self.stats = Counters()  # written by the listener's thread (and its pipeline)
+        self.loop_stats = Counters()  # written on the event loop (deferred replies)
+        self._requests = self.stats.tally(_K_REQUESTS)
+        self.pipeline = make_pipeline(self.stats, self.loop_stats)  # replaced by reload; read once per datagram
         self._on_drop = on_drop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -130,6 +120,17 @@ class UdpListener:
         self.batch = batch  # fixed for the socket's life (its buffers are sized by it)
         self.hold_ns = hold_ns  # read per batch: a reload may change it
         self.pktinfo = _reports_destination(sock)  # then replies must leave from the address asked
+
+    def renew(self, make_pipeline: Callable[[Counters, Counters], Pipeline]) -> None:
+        """Serve through a new pipeline (a reload) from the next datagram on, with the same counters."""
+        self.pipeline = make_pipeline(self.stats, self.loop_stats)
+
+    def counters(self) -> dict[Key, int]:
+        """Everything this listener counted, its pipelines' decisions included."""
+        merged = self.stats.snapshot()
+        for key, value in self.loop_stats.snapshot().items():
+            merged[key] = merged.get(key, 0) + value
+        return merged
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -184,14 +185,13 @@ class UdpListener:
             except OSError as exc:  # e.g. an ICMP error queued on the socket
                 if self._stopping:
                     return
-                self.pipeline.stats.inc(("socket_errors", exc.__class__.__name__))
+                self.stats.inc(("socket_errors", exc.__class__.__name__))
                 continue
             if addr is None:  # woken by shutdown()
                 if self._stopping:
                     return
                 continue
-            pipeline = self.pipeline
-            pipeline.requests += 1
+            self._requests.n += 1
             rx, reply_anc = 0, []
             for level, kind, payload in anc:
                 if kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET:
@@ -200,51 +200,52 @@ class UdpListener:
                 elif (level, kind) in mmsg.PKTINFO:
                     reply_anc = [(level, kind, payload)]
             if flags & trunc:
-                pipeline.stats.inc(("drops", "oversize"))
+                self.stats.inc(_K_OVERSIZE)
                 continue
-            self._answer(pipeline, data, addr, rx or time_ns(), reply_anc)
+            self._answer(self.pipeline, data, addr, rx or time_ns(), reply_anc)
 
     def _answer(self, pipeline: Pipeline, data: bytes, addr: Any, rx: int, anc: list[Any]) -> None:
         """One datagram, answered at once (the reply is finished and sent before the next is read);
         `anc`: the control message that sets the reply's source address, on a wildcard socket."""
         try:
-            decision = pipeline.handle(data, addr, rx, self.local)
+            decision = pipeline.handle(data, addr, rx)
         except Exception:  # a bug (in a plugin, say) costs this datagram, never the listener
-            self._internal_error(pipeline, addr)
+            self._internal_error(addr)
             return
         if type(decision) is bytes:
-            self._send(pipeline, decision, addr, anc)
+            self._send(self.stats, decision, addr, anc)
         elif type(decision) is Defer:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision, anc)
         elif self._on_drop is not None:
             self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
 
-    def _send(self, pipeline: Pipeline, reply: bytes, addr: Any, anc: list[Any]) -> None:
+    def _send(self, stats: Counters, reply: bytes, addr: Any, anc: list[Any]) -> None:
+        """Send one reply; `stats`: the sink of the thread sending it (errors are counted there)."""
         try:
             if anc:
                 self.sock.sendmsg([reply], anc, 0, addr)
             else:
                 self.sock.sendto(reply, addr)
         except OSError as exc:
-            pipeline.stats.inc(("socket_errors", exc.__class__.__name__))
+            stats.inc(("socket_errors", exc.__class__.__name__))
 
     def _serve_batched(self) -> None:
         batch = mmsg.Batch(self.sock, self.batch, MAX_DATAGRAM, self.pktinfo)
         recv, messages, queue = batch.recv, batch.messages, batch.queue
         time_ns = time.time_ns
-        local = self.local
         limit = MAX_DATAGRAM
+        stats, requests = self.stats, self._requests
+        counts = stats.counts
         while True:
             n = recv()
             if self._stopping:
                 return
             if n < 0:
                 if n != -errno.EINTR:
-                    self.pipeline.stats.inc(("socket_errors", _error_label(-n)))
+                    stats.inc(("socket_errors", _error_label(-n)))
                 continue
             pipeline = self.pipeline
-            counts = pipeline.stats.counts
             counts[_K_RECV] = counts.get(_K_RECV, 0) + 1
             if n == 1:  # light load: answer at once, as the unbatched loop does (no send-call overhead)
                 self._one(pipeline, messages(1)[0], batch.pktinfo_ancillary(0))
@@ -253,17 +254,17 @@ class UdpListener:
             hold = self.hold_ns
             first = 0  # when the oldest reply waiting to be sent got its transmit timestamp
             sealing: list[tuple[int, int, Seal, Any]] = []
-            pipeline.requests += n
+            requests.n += n
             for i, data, length, namelen, rx, addr in messages(n):
                 if addr is None:  # not an IP peer (cannot happen on an IP socket)
                     continue
                 if length > limit:
-                    pipeline.stats.inc(("drops", "oversize"))
+                    stats.inc(_K_OVERSIZE)
                     continue
                 try:
-                    decision = handle(data, addr, rx or time_ns(), local, True)
+                    decision = handle(data, addr, rx or time_ns(), True)
                 except Exception:
-                    self._internal_error(pipeline, addr)
+                    self._internal_error(addr)
                     continue
                 kind = type(decision)
                 if kind is Seal:  # verified; finished below, after the rest of the batch
@@ -279,13 +280,13 @@ class UdpListener:
                 elif self._on_drop is not None:
                     self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
                 if first and time_ns() - first >= hold:  # a queued timestamp must not go stale
-                    self._flush(batch, pipeline)
+                    self._flush(batch)
                     first = 0
             for i, namelen, pending, addr in sealing:
                 try:
-                    reply = pipeline.seal(pending)
+                    reply = pending.complete()
                 except Exception:
-                    self._internal_error(pipeline, addr)
+                    self._internal_error(addr)
                     continue
                 if type(reply) is bytes:
                     queue(i, namelen, reply)
@@ -293,32 +294,30 @@ class UdpListener:
                     if not first:
                         first = now
                     if now - first >= hold:
-                        self._flush(batch, pipeline)
+                        self._flush(batch)
                         first = 0
                 elif self._on_drop is not None:
                     self._on_drop(reply.reason, addr)  # type: ignore[union-attr]
             if batch.pending:
-                self._flush(batch, pipeline)
+                self._flush(batch)
 
     def _one(self, pipeline: Pipeline, message: tuple[int, bytes, int, int, int, Any], anc: list[Any]) -> None:
         _, data, length, _, rx, addr = message
-        pipeline.requests += 1
+        self._requests.n += 1
         if addr is None:
             return
         if length > MAX_DATAGRAM:
-            pipeline.stats.inc(("drops", "oversize"))
+            self.stats.inc(_K_OVERSIZE)
             return
         self._answer(pipeline, data, addr, rx or time.time_ns(), anc)
 
-    @staticmethod
-    def _flush(batch: mmsg.Batch, pipeline: Pipeline) -> None:
-        counts = pipeline.stats.counts
-        counts[_K_SEND] = counts.get(_K_SEND, 0) + 1
+    def _flush(self, batch: mmsg.Batch) -> None:
+        self.stats.inc(_K_SEND)
         for err in batch.flush():
-            pipeline.stats.inc(("socket_errors", _error_label(err)))
+            self.stats.inc(("socket_errors", _error_label(err)))
 
-    def _internal_error(self, pipeline: Pipeline, addr: tuple[str, int]) -> None:
-        pipeline.stats.inc(("drops", "internal_error"))
+    def _internal_error(self, addr: tuple[str, int]) -> None:
+        self.stats.inc(_K_INTERNAL)
         now = time.monotonic()
         if now - self._last_error_log > 60:  # the traceback once a minute at most
             self._last_error_log = now
@@ -333,13 +332,13 @@ class UdpListener:
 
     async def _complete(self, pipeline: Pipeline, request: bytes, d: Defer, anc: list[Any]) -> None:
         try:
-            reply = await d.authenticator.complete(d.job)
+            reply = await d.complete()
             reason = "failed"
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a plugin failure must cost one reply, never the listener
-            log.warning("%s: deferred reply failed: %s", d.authenticator.name, exc)
+            log.warning("%s: deferred reply failed: %s", d.name, exc)
             reply, reason = None, "error"
-        final = pipeline.check_deferred(request, reply, d.authenticator.name, reason)
+        final = pipeline.check_deferred(request, reply, d.name, reason)
         if final is not None:
-            self._send(pipeline, final, d.client, anc)
+            self._send(self.loop_stats, final, d.client, anc)

@@ -15,6 +15,7 @@ from enum import IntEnum
 
 from .errors import ParseError
 from .extensions import ExtensionField, parse_extension, serialize_extensions
+from .timestamps import unix_ns_to_ntp64
 
 HEADER_LEN = 48
 MAX_MAC_LEN = 24  # key id + 20-byte digest (RFC 5905 section 7.3; longer digests truncated)
@@ -43,25 +44,12 @@ class Leap(IntEnum):
     ALARM = 3  # clock unsynchronized
 
 
-class TrailerKind(IntEnum):
-    """Shape of the bytes after the extension fields, by length alone."""
-
-    NONE = 0  # no trailer
-    CRYPTO_NAK = 4  # key id only (RFC 5905 section 7.4)
-    MAC_20 = 20  # key id + 16-byte digest (MD5-sized; also the MS-SNTP 68-byte request)
-    MAC_24 = 24  # key id + 20-byte digest (SHA-1, and SHA-2 digests truncated to 20 bytes)
-    MAC_32 = 32  # key id + untruncated 28-byte digest (SHA-224), as chrony sends in NTPv3
-    MAC_36 = 36  # key id + untruncated SHA-256 / SHA3-256 digest (chrony: NTPv3; ntpdig: NTPv4)
-    MAC_52 = 52  # key id + untruncated SHA-384 digest
-    MAC_68 = 68  # key id + untruncated SHA-512 digest
-    MSSNTP_EXTENDED = 72  # [MS-SNTP] 2.2.4 extended authenticator (120-byte request)
-
-
-_TRAILER_KINDS = {k.value: k for k in TrailerKind}
 # In NTPv4 anything longer than a 24-byte MAC is extension fields (RFC 7822), so the long MAC
 # shapes exist only in earlier versions; chrony sends long digests in NTPv3 packets for that reason.
-_V4_TRAILERS = frozenset({0, 4, 20, 24})
-_LONG_MACS = frozenset({32, 36, 52, 68})
+_V4_TRAILERS = frozenset({0, 4, 20, 24})  # none, crypto-NAK (key id 0), key id + 16- or 20-byte MAC
+_LONG_MACS = frozenset({32, 36, 52, 68})  # key id + an untruncated SHA-224, -256, -384 or -512 digest
+# Before NTPv4 any of these, and 72: the [MS-SNTP] extended authenticator (a 120-byte request).
+_TRAILERS = _V4_TRAILERS | _LONG_MACS | {72}
 
 # RFC 5905 section 7.4 kiss codes, and RFC 8915 section 5.7 NTSN.
 KISS_RATE = b"RATE"
@@ -96,10 +84,6 @@ class Packet:
     header: Header
     extensions: tuple[ExtensionField, ...] = ()
     trailer: bytes = b""
-
-    @property
-    def trailer_kind(self) -> TrailerKind:
-        return _TRAILER_KINDS[len(self.trailer)]
 
 
 def parse_header(data: bytes) -> Header:
@@ -147,7 +131,7 @@ def split_body(data: bytes, version: int) -> tuple[tuple[ExtensionField, ...], b
                 raise
             return (), bytes(data[HEADER_LEN:])
     rest = end - pos
-    if rest not in (_V4_TRAILERS if version >= 4 else _TRAILER_KINDS):
+    if rest not in (_V4_TRAILERS if version >= 4 else _TRAILERS):
         raise ParseError("trailer", f"{rest} bytes after the extension fields fit no MAC or authenticator")
     return tuple(fields), bytes(data[pos:])
 
@@ -159,7 +143,7 @@ def parse_packet(data: bytes) -> Packet:
 
 
 def serialize_packet(p: Packet) -> bytes:
-    if len(p.trailer) not in _TRAILER_KINDS:
+    if len(p.trailer) not in _TRAILERS:
         raise ValueError("trailer length fits no known shape")
     return serialize_header(p.header) + serialize_extensions(p.extensions) + p.trailer
 
@@ -184,3 +168,43 @@ def kiss_of_death(request: bytes, code: bytes, rx_ts: int = 0, tx_ts: int = 0) -
         rx_ts,
         tx_ts,
     )
+
+
+def crypto_nak(request: bytes) -> bytes:
+    """A crypto-NAK (RFC 5905 section 7.4): a header offering no time, then key id 0 alone."""
+    return kiss_of_death(request, bytes(4)) + bytes(4)
+
+
+_REPLY = struct.Struct(">2s1s21s8sQQ")  # LI/VN/mode + stratum, poll, the state's bytes, origin, receive, transmit
+
+
+class ReplyHeader:
+    """Builds the 48-byte mode-4 header of a time reply (RFC 5905 section 7.3): what depends only on
+    the server's state is packed once, so a reply costs one struct.pack. Version and poll are the
+    request's, origin its transmit timestamp."""
+
+    __slots__ = ("_first", "_middle")
+
+    def __init__(
+        self,
+        leap: int,
+        stratum: int,
+        precision: int,
+        root_delay: int,
+        root_dispersion: int,
+        reference_id: bytes,
+        reference_ts: int,
+    ) -> None:
+        self._first = [bytes(((leap << 6) | (v << 3) | Mode.SERVER, stratum)) for v in range(8)]
+        self._middle = struct.pack(">bII4sQ", precision, root_delay, root_dispersion, reference_id, reference_ts)
+
+    def build(self, request: bytes, rx_ns: int, tx_ns: int) -> bytes:
+        """The header answering `request`, received at `rx_ns` and sent at `tx_ns` (Unix ns)."""
+        return _REPLY.pack(
+            self._first[(request[0] >> 3) & 7],
+            request[2:3],
+            self._middle,
+            request[40:48],
+            unix_ns_to_ntp64(rx_ns),
+            unix_ns_to_ntp64(tx_ns),
+        )

@@ -53,7 +53,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 from legacy.keyfile import Algorithm, Key, format_chrony_keys, format_ntp_keys  # noqa: E402
 from legacy.mac import compute_mac  # noqa: E402
 from nts.client import check_nts_reply, exchange, key_exchange, nts_request  # noqa: E402
-from nts.ke.devcerts import make_dev_certs  # noqa: E402
+from nts.nts.devcerts import make_dev_certs  # noqa: E402
 
 PLAIN_REQUEST = bytes([0x23]) + bytes(39) + struct.pack(">Q", 0x1234567890ABCDEF)  # NTPv4 mode 3
 SATURATED = 0.9

@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 from legacy.keyfile import Algorithm, Key, format_chrony_keys, format_ntp_keys  # noqa: E402
 from legacy.mac import compute_mac  # noqa: E402
 from nts.client import key_exchange, nts_request  # noqa: E402
-from nts.ke.devcerts import make_dev_certs  # noqa: E402
+from nts.nts.devcerts import make_dev_certs  # noqa: E402
 
 HEADER = bytes([0x23]) + bytes(39) + struct.pack(">Q", 42)
 

@@ -48,7 +48,7 @@ from legacy.keyfile import Algorithm, Key, format_ntp_keys  # noqa: E402
 from legacy.mac import compute_mac  # noqa: E402
 from nts.cli import fetch_metrics  # noqa: E402
 from nts.client import QueryError, exchange, key_exchange, nts_request  # noqa: E402
-from nts.ke.devcerts import make_dev_certs  # noqa: E402
+from nts.nts.devcerts import make_dev_certs  # noqa: E402
 from nts.server.metrics import parse_text  # noqa: E402
 from nts.wire.packet import HEADER_LEN  # noqa: E402
 from tests.mssntp_helpers import FakeSigner  # noqa: E402

@@ -44,24 +44,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 with atheris.instrument_imports(include=["nts", "legacy", "mssntp"]):
     from legacy.keyfile import Algorithm, Key, KeyFileError, format_ntp_keys, parse_keyfile
-    from legacy.mac import MacAuthenticator, MacSettings, compute_mac
-    from mssntp.auth import MsSntpAuthenticator, MsSntpSettings
+    from legacy.mac import MacPlugin, MacSettings, compute_mac
+    from mssntp.auth import MsSntpPlugin, MsSntpSettings
     from mssntp.signd import ReplyReader, check_signed, encode_reply, parse_reply
-    from nts.aead import AEADS
-    from nts.cli import plugin_sections
     from nts.client import KeResult, QueryError, _interpret, check_nts_reply, nts_request, sample
     from nts.config import DEFAULT_CONFIG, ConfigError, parse_config
-    from nts.cookies import CookieKeys, KeyRing
-    from nts.core.auth import Authenticator, discover
     from nts.core.clockstate import ClockSettings, server_state
     from nts.core.decisions import Defer, Drop, Seal
+    from nts.core.handler import RequestHandler
     from nts.core.pipeline import Pipeline
-    from nts.core.plain import PlainAuthenticator
+    from nts.core.plain import PlainHandler
     from nts.core.policy import RateLimiter, RateSettings
-    from nts.ke.devcerts import make_dev_certs
-    from nts.ke.session import KeServerSession, Negotiation, response
-    from nts.ntsauth import NtsPacketAuth, auth_field
-    from nts.ntsplugin import NtsAuthenticator
+    from nts.nts.aead import AEADS
+    from nts.nts.cookies import CookieKeys, KeyRing
+    from nts.nts.devcerts import make_dev_certs
+    from nts.nts.ke_session import KeServerSession, Negotiation, response
+    from nts.nts.packets import NtsPackets, auth_field
+    from nts.nts.plugin import NtsPlugin
+    from nts.server.plugin import discover, sections
     from nts.wire.errors import ParseError
     from nts.wire.extensions import ExtensionField, FieldType, serialize_extension
     from nts.wire.ke_records import Record, RecordType, parse_records, serialize_records
@@ -80,17 +80,17 @@ CLIENTS: list[Any] = [("127.0.0.1", 123), ("10.1.2.3", 5), ("::1", 7, 0, 0), ("1
 def _pipelines() -> list[Pipeline]:
     (WORK / "ntp.keys").write_text(format_ntp_keys(KEYS))
     (WORK / "ntp.keys").chmod(0o600)
-    mac = MacAuthenticator(
+    mac = MacPlugin(
         MacSettings(
             keys=WORK / "ntp.keys",
             trusted=frozenset(k.id for k in KEYS[:-1]),  # the last one untrusted
             networks={2: (ip_network("10.0.0.0/8"),)},  # the second only for 10/8
         )
     )
-    nts = NtsAuthenticator.__new__(NtsAuthenticator)  # the packet path only: no sockets, no certificates
-    nts.packets = NtsPacketAuth(RING, (15, 17, 30), time.time)
-    mssntp = MsSntpAuthenticator(MsSntpSettings(networks=(ip_network("127.0.0.0/8"), ip_network("::1/128"))))
-    auths: list[Authenticator] = [nts, mac, mssntp, PlainAuthenticator()]
+    nts = NtsPlugin.__new__(NtsPlugin)  # the packet path only: no sockets, no certificates
+    nts.packets = NtsPackets(RING, (15, 17, 30), time.time)
+    mssntp = MsSntpPlugin(MsSntpSettings(networks=(ip_network("127.0.0.0/8"), ip_network("::1/128"))))
+    auths: list[RequestHandler] = [nts, mac, mssntp, PlainHandler()]
     state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
     rate = RateLimiter(RateSettings(rate=1e9, burst=10**9))
     return [
@@ -149,7 +149,7 @@ def parser_seeds() -> list[bytes]:
 
 
 def parsers_target() -> Callable[[bytes], None]:
-    plugins = plugin_sections(discover())
+    plugins = sections(discover())
 
     def one(buf: bytes) -> None:
         if len(buf) < 2:

@@ -13,18 +13,19 @@ from typing import ClassVar
 
 import pytest
 
-from nts.core.auth import Authenticator, ReplyContext, Request
 from nts.core.clockstate import ClockSettings, server_state
 from nts.core.decisions import Defer, Drop, Nak, Seal
+from nts.core.handler import ReplyContext, Request, RequestHandler
 from nts.core.pipeline import Pipeline
-from nts.core.plain import PlainAuthenticator
+from nts.core.plain import PlainHandler
+from nts.core.stats import Counters
 from nts.server import metrics as metrics_module
 from nts.server import mmsg
 from nts.server.udp import MAX_DATAGRAM, UdpListener, open_udp_socket
 from tests.helpers import client_request
 
 
-class SlowSigner(Authenticator):
+class SlowSigner(RequestHandler):
     """Defers 20-byte-trailer requests; `complete` answers after a delay, or fails when asked to."""
 
     name: ClassVar[str] = "slow"
@@ -34,10 +35,10 @@ class SlowSigner(Authenticator):
         return len(request.trailer) == 20
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:
-        return Defer(self, (ctx.reply_header(request.data, request.rx_ns), request.trailer), request.client)
+        header, trailer = ctx.reply_header(request.data, request.rx_ns), request.trailer
+        return Defer(lambda: self.complete(header, trailer), self.name, request.client)
 
-    async def complete(self, job: object) -> bytes | None:
-        header, trailer = job  # type: ignore[misc]
+    async def complete(self, header: bytes, trailer: bytes) -> bytes | None:
         await asyncio.sleep(0.01)
         if trailer[0] == 0xFF:
             raise RuntimeError("signer exploded")
@@ -63,13 +64,18 @@ BATCHES = [1, pytest.param(32, marks=pytest.mark.skipif(not mmsg.available(), re
 
 
 def _listener(
-    plugin: Authenticator, batch: int, hold_ns: int = 50_000, host: str = "127.0.0.1"
+    plugin: RequestHandler, batch: int, hold_ns: int = 50_000, host: str = "127.0.0.1"
 ) -> tuple[UdpListener, Pipeline, int]:
     """An unstarted listener on a free port of `host`, with one plugin; returns it, its pipeline, the port."""
     sock = open_udp_socket(host, 0)
     state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
-    pipeline = Pipeline(state=state, authenticators=[plugin], clock=time.time_ns)
-    return UdpListener(sock, pipeline, batch=batch, hold_ns=hold_ns), pipeline, sock.getsockname()[1]
+
+    def make(stats: Counters, deferred_stats: Counters) -> Pipeline:
+        return Pipeline(state=state, authenticators=[plugin], clock=time.time_ns, stats=stats,
+                        deferred_stats=deferred_stats)  # fmt: skip
+
+    listener = UdpListener(sock, make, batch=batch, hold_ns=hold_ns)
+    return listener, listener.pipeline, sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -133,7 +139,7 @@ def test_a_burst_is_answered_in_full_to_each_sender(batch: int, hold_ns: int, ho
     with its own origin timestamp (batched sends must not mix up slots or addresses)."""
 
     async def main() -> None:
-        listener, pipeline, port = _listener(PlainAuthenticator(), batch, hold_ns, host)
+        listener, pipeline, port = _listener(PlainHandler(), batch, hold_ns, host)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         clients = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(2)]
         try:
@@ -170,7 +176,7 @@ def test_a_burst_is_answered_in_full_to_each_sender(batch: int, hold_ns: int, ho
 @pytest.mark.parametrize("batch", BATCHES)
 def test_oversize_and_empty_datagrams_are_counted_drops(batch: int) -> None:
     async def main() -> None:
-        listener, pipeline, port = _listener(PlainAuthenticator(), batch, 0)
+        listener, pipeline, port = _listener(PlainHandler(), batch, 0)
         listener.start(asyncio.get_running_loop())
         try:
             replies = await _exchange(port, [bytes(MAX_DATAGRAM + 1), b"", client_request()])

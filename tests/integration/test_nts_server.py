@@ -19,10 +19,10 @@ import pytest
 from cryptography import x509
 from OpenSSL import SSL
 
-from nts import nettle
 from nts.cli import fetch_metrics
 from nts.client import KeResult, QueryError, check_nts_reply, exchange, key_exchange, nts_request, run_query
-from nts.ke.devcerts import make_dev_certs
+from nts.nts import nettle
+from nts.nts.devcerts import make_dev_certs
 from nts.server.metrics import parse_text
 from nts.wire.ke_records import Record, RecordType
 from tests.helpers import Ntsd, free_port, running_ntsd

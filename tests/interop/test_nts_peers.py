@@ -15,7 +15,7 @@ import pytest
 
 from nts.cli import fetch_metrics
 from nts.client import run_query
-from nts.ke.devcerts import make_dev_certs
+from nts.nts.devcerts import make_dev_certs
 from nts.server.metrics import parse_text
 from nts.wire.ke_records import Record, RecordType, parse_records
 from tests.helpers import free_port, need, running_ntsd

@@ -1,7 +1,7 @@
 """Fast paths decide exactly as the general path: the same decision and the same counters.
 
 The NTS and MAC plugins answer their common shapes from the raw datagram before the pipeline splits
-fields (`Authenticator.fast`). Two pipelines with the same plugins, one with its fast paths switched
+fields (`RequestHandler.fast`). Two pipelines with the same plugins, one with its fast paths switched
 off, are fed the same generated datagrams: near-valid NTS requests (fields in any order, duplicated,
 truncated, with trailers, forged cookies and authenticators) and key id + MAC requests that MAC and
 MS-SNTP both may claim. Every decision (kind, drop or NAK reason, reply length) and every counter
@@ -25,17 +25,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from legacy.keyfile import Algorithm, Key, format_ntp_keys
-from legacy.mac import MacAuthenticator, MacSettings
-from mssntp.auth import MsSntpAuthenticator, MsSntpSettings
-from nts.aead import AEADS
-from nts.cookies import CookieKeys, KeyRing
-from nts.core.auth import Authenticator
+from legacy.mac import MacPlugin, MacSettings
+from mssntp.auth import MsSntpPlugin, MsSntpSettings
 from nts.core.clockstate import ClockSettings, server_state
 from nts.core.decisions import Defer, Drop
+from nts.core.handler import RequestHandler
 from nts.core.pipeline import Pipeline
-from nts.core.plain import PlainAuthenticator
-from nts.ntsauth import NtsPacketAuth, auth_field
-from nts.ntsplugin import NtsAuthenticator
+from nts.core.plain import PlainHandler
+from nts.nts.aead import AEADS
+from nts.nts.cookies import CookieKeys, KeyRing
+from nts.nts.packets import NtsPackets, auth_field
+from nts.nts.plugin import NtsPlugin
 
 NOW = 1_800_000_000.0
 RING = KeyRing(bytes(range(32)))
@@ -50,12 +50,12 @@ UNKNOWN = [Key(9, Algorithm.SHA1, bytes(20)), Key(8, Algorithm.MD5, bytes(16))] 
 (_KEYS_DIR / "ntp.keys").chmod(0o600)
 
 
-def _plugins() -> list[Authenticator]:
-    nts = NtsAuthenticator.__new__(NtsAuthenticator)
-    nts.packets = NtsPacketAuth(RING, (15, 30), lambda: NOW)
-    mac = MacAuthenticator(MacSettings(_KEYS_DIR / "ntp.keys", trusted=frozenset({1, 2})))
-    mssntp = MsSntpAuthenticator(MsSntpSettings(networks=(ipaddress.ip_network("127.0.0.0/8"),), burst=10**6))
-    return [nts, mac, mssntp, PlainAuthenticator()]
+def _plugins() -> list[RequestHandler]:
+    nts = NtsPlugin.__new__(NtsPlugin)
+    nts.packets = NtsPackets(RING, (15, 30), lambda: NOW)
+    mac = MacPlugin(MacSettings(_KEYS_DIR / "ntp.keys", trusted=frozenset({1, 2})))
+    mssntp = MsSntpPlugin(MsSntpSettings(networks=(ipaddress.ip_network("127.0.0.0/8"),), burst=10**6))
+    return [nts, mac, mssntp, PlainHandler()]
 
 
 def _pipelines() -> tuple[Pipeline, Pipeline]:

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import time
-from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nts.cookies import CookieError, KeyRing
 from nts.core.clockstate import ClockSettings, server_state
 from nts.core.decisions import Drop
 from nts.core.pipeline import Pipeline
-from nts.core.plain import PlainAuthenticator
-from nts.ke import session as ke_session
-from nts.ke.session import KeRefusal, KeServerSession, Negotiation, negotiate, response
-from nts.ntsauth import NtsPacketAuth
+from nts.core.plain import PlainHandler
+from nts.nts.cookies import CookieError, KeyRing
+from nts.nts.ke_session import DecidedRequests, KeRefusal, KeRequest, Negotiation, negotiate, response
+from nts.nts.packets import NtsPackets
 from nts.wire.errors import ParseError
 from nts.wire.ke_records import Record, RecordReader, RecordType, parse_records, serialize_records
 
@@ -81,7 +79,7 @@ def test_response_parses_back_to_its_records(
 @given(st.binary(max_size=300))
 def test_ke_session_parses_or_raises(data: bytes) -> None:
     try:
-        KeServerSession((15,), max_request=256).receive(data)
+        KeRequest((15,), max_request=256).receive(data)
     except ParseError:
         pass
 
@@ -97,9 +95,9 @@ ke_requests = st.lists(
 ).map(lambda rs: serialize_records([*rs, Record(True, RecordType.END_OF_MESSAGE)]))
 
 
-def _outcome(pieces: list[bytes], max_request: int = 64) -> object:
+def _outcome(pieces: list[bytes], memo: DecidedRequests, max_request: int = 64) -> object:
     """What the listener does: feed pieces until there is an answer (or an error)."""
-    session = KeServerSession((15, 30), max_request)
+    session = KeRequest((15, 30), max_request, memo)
     try:
         for piece in pieces:
             result = session.receive(piece)
@@ -112,11 +110,11 @@ def _outcome(pieces: list[bytes], max_request: int = 64) -> object:
 
 @given(ke_requests, st.integers(1, 20))
 def test_a_remembered_request_gets_the_answer_parsing_gives(request: bytes, cut: int) -> None:
-    with mock.patch.dict(ke_session._DECIDED, clear=True):
-        first = _outcome([request])  # parsed (and remembered when decided)
-        assert _outcome([request]) == first  # answered from memory, or parsed again
-        assert _outcome([request[:cut], request[cut:]]) == first  # in pieces: always parsed
-        assert _outcome([request], max_request=len(request) - 1) == "ke_too_long"
+    memo = DecidedRequests()
+    first = _outcome([request], memo)  # parsed (and remembered when decided)
+    assert _outcome([request], memo) == first  # answered from memory, or parsed again
+    assert _outcome([request[:cut], request[cut:]], memo) == first  # in pieces: always parsed
+    assert _outcome([request], memo, max_request=len(request) - 1) == "ke_too_long"
 
 
 @given(st.binary(max_size=200))
@@ -133,12 +131,12 @@ NTS_PREFIX = st.sampled_from([b"", bytes.fromhex("01040024") + bytes(32), bytes.
 @given(NTS_PREFIX, st.binary(max_size=400))
 @settings(max_examples=300)
 def test_nts_path_never_raises_or_grows(prefix: bytes, tail: bytes) -> None:
-    from nts.ntsplugin import NtsAuthenticator
+    from nts.nts.plugin import NtsPlugin
 
-    auth = NtsAuthenticator.__new__(NtsAuthenticator)
-    auth.packets = NtsPacketAuth(KeyRing(bytes(32)), (15, 30), time.time)
+    auth = NtsPlugin.__new__(NtsPlugin)
+    auth.packets = NtsPackets(KeyRing(bytes(32)), (15, 30), time.time)
     state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
-    p = Pipeline(state=state, authenticators=[auth, PlainAuthenticator()], clock=time.time_ns)
+    p = Pipeline(state=state, authenticators=[auth, PlainHandler()], clock=time.time_ns)
     data = bytes([0x23]) + bytes(47) + prefix + tail
     decision = p.handle(data, ("127.0.0.1", 1), time.time_ns())
     assert isinstance(decision, bytes | Drop)

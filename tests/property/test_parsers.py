@@ -13,7 +13,7 @@ from nts.config import ConfigError, parse_config
 from nts.core.clockstate import ClockSettings, server_state
 from nts.core.decisions import Drop
 from nts.core.pipeline import Pipeline
-from nts.core.plain import PlainAuthenticator
+from nts.core.plain import PlainHandler
 from nts.wire.errors import ParseError
 from nts.wire.extensions import ExtensionField, parse_extension, serialize_extension
 from nts.wire.packet import (
@@ -95,7 +95,7 @@ def test_packet_round_trip(p: Packet) -> None:
 @settings(max_examples=300)
 def test_pipeline_never_raises_and_never_replies_longer(data: bytes) -> None:
     state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
-    p = Pipeline(state=state, authenticators=[PlainAuthenticator()], clock=time.time_ns)
+    p = Pipeline(state=state, authenticators=[PlainHandler()], clock=time.time_ns)
     decision = p.handle(data, ("127.0.0.1", 1), time.time_ns())
     assert isinstance(decision, (bytes, Drop))
     if isinstance(decision, bytes):

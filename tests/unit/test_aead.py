@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV, AESSIV
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nts import nettle
-from nts.aead import AEADS, AeadError, CryptographySiv, GcmSiv
+from nts.nts import nettle
+from nts.nts.aead import AEADS, AeadError, CryptographySiv, GcmSiv
 
 needs_nettle = pytest.mark.skipif(not nettle.AVAILABLE, reason=f"Nettle not used here: {nettle.WHY}")
 

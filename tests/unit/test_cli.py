@@ -15,7 +15,7 @@ from cryptography import x509
 
 from nts.cli import main
 from nts.client import QueryError, _interpret, run_query
-from nts.ke.devcerts import make_dev_certs, subject_alt_name
+from nts.nts.devcerts import make_dev_certs, subject_alt_name
 from nts.wire.ke_records import Record, RecordType
 
 
@@ -227,7 +227,7 @@ def test_check_config_looks_at_what_the_sections_point_to(tmp_path: Path, capsys
 
 
 def test_check_secret_reads_without_creating(tmp_path: Path) -> None:
-    from nts.cookies import MASTER_FILE, check_secret, load_or_create_secret
+    from nts.nts.cookies import MASTER_FILE, check_secret, load_or_create_secret
 
     assert check_secret(tmp_path / "new") is None and not (tmp_path / "new").exists()
     load_or_create_secret(tmp_path / "new")

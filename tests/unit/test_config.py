@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from nts.config import DEFAULT_CONFIG, ConfigError, load_config, parse_config
-from nts.core.auth import discover
-from nts.server.daemon import plugin_sections
+from nts.server.plugin import discover, sections
 
 BROKEN = [
     ('ntp:\n  listen: ["127.0.0.1:99999"]\n', "2: ntp.listen[0]: '127.0.0.1:99999': port must be 1 to 65535"),
@@ -72,7 +71,7 @@ BROKEN = [
     ),
     ("ntp:\n  max_hold_us: -1\n", "2: ntp.max_hold_us: expected a whole number from 0 to 100000"),
 ]
-SECTIONS = plugin_sections(discover())
+SECTIONS = sections(discover())
 
 
 @pytest.mark.parametrize(("text", "message"), BROKEN)
@@ -89,7 +88,10 @@ def test_section_of_a_plugin_that_is_not_installed(tmp_path: Path) -> None:
     path.write_text("ntp: {workers: 1}\nmssntp:\n  socket: /x\n")
     with pytest.raises(ConfigError) as exc:
         load_config(str(path), {})
-    assert str(exc.value) == f"{path}:2: mssntp: no installed authenticator plugin provides this section"
+    assert str(exc.value) == (
+        f"{path}:2: mssntp: unknown section: no installed plugin provides it "
+        "(sections: ntp, access, rate_limit, clock, log, metrics)"
+    )
 
 
 @pytest.mark.parametrize(("text", "message"), BROKEN[:4] + BROKEN[10:12])

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 
-from nts.cookies import KeyRing
-from nts.core.decisions import Stats
-from nts.ke import listener
-from nts.ke.certs import ALPN, CertStore
-from nts.ke.devcerts import make_dev_certs
-from nts.ke.listener import KeServer, KeSession, KeSettings
+from nts.core.stats import Counters
+from nts.nts import ke_listener as listener
+from nts.nts.certs import ALPN, CertStore
+from nts.nts.cookies import KeyRing
+from nts.nts.devcerts import make_dev_certs
+from nts.nts.ke_listener import KeServer, KeSession, KeSettings
 from nts.wire.ke_records import RecordReader, RecordType
 from tests.nts_helpers import AEAD15, NP, request
 
@@ -66,7 +66,7 @@ class StandInTls:
 def server(tmp_path: Path) -> KeServer:
     certs = make_dev_certs(tmp_path, ["localhost"])
     return KeServer(CertStore(certs.certificate, certs.private_key), KeyRing(os.urandom(32)),
-                    KeSettings(supported_aeads=(15,)), Stats())  # fmt: skip
+                    KeSettings(supported_aeads=(15,)), Counters())  # fmt: skip
 
 
 @pytest.fixture
@@ -144,16 +144,16 @@ def test_sessions_in_the_epoll_set_are_stepped_when_their_socket_is_ready(
     try:
         tls = StandInTls(full=2)
         session = session_with(monkeypatch, server, pair[0], tls, loop)
-        server._sessions[session.fd] = session
+        server.adopt(session)
         assert poller.poll(0) == []  # watched for readable only, and nothing has come (always writable)
         assert loop.remove_reader(session.fd) is False  # not by the loop
         pair[1].send(b"client hello")
-        server._ready()  # stepped: the send buffer is full, so now watched for writable only
+        server.step_ready()  # stepped: the send buffer is full, so now watched for writable only
         assert session.writing and poller.poll(0) == [(session.fd, select.EPOLLOUT)]
-        server._ready()
+        server.step_ready()
         assert not session.closed and not tls.sent
-        server._ready()
-        assert session.closed and tls.sent and tls.shut and session.fd not in server._sessions
+        server.step_ready()
+        assert session.closed and tls.sent and tls.shut and session not in server.sessions
         assert pair[0].fileno() == -1 and poller.poll(0) == []  # closed: out of the set too
     finally:
         poller.close()

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
-from nts.ke.certs import BROKEN_GRACE_S, CertError, CertStore, build_context, expiry_problem
-from nts.ke.devcerts import make_dev_certs
+from nts.nts.certs import BROKEN_GRACE_S, CertError, CertStore, build_context, expiry_problem
+from nts.nts.devcerts import make_dev_certs
 
 
 def _handshake(server_ctx: SSL.Context, client_suites: bytes | None) -> str:
@@ -124,7 +124,7 @@ def test_openssl_never_asks_a_terminal_for_a_passphrase(tmp_path: Path) -> None:
     certs = make_dev_certs(tmp_path / "c", ["localhost"])
     key = _encrypted(certs.private_key, serialization.PrivateFormat.PKCS8, b"#" * 8000 + b"\n")
     code = (
-        "import sys; from pathlib import Path; from nts.ke.certs import CertError, build_context\n"
+        "import sys; from pathlib import Path; from nts.nts.certs import CertError, build_context\n"
         f"try: build_context(Path({str(certs.certificate)!r}), Path({str(key)!r}))\n"
         "except CertError as e: print('refused:', e)\n"
     )

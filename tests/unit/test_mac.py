@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from legacy.keyfile import Algorithm
-from legacy.mac import MacAuthenticator, MacSettings
+from legacy.mac import MacPlugin, MacSettings
 from legacy.migration import ClientLedger
 from nts.core.clockstate import ClockSettings, server_state
 from nts.core.pipeline import Pipeline
-from nts.core.plain import PlainAuthenticator
+from nts.core.plain import PlainHandler
 from nts.core.policy import NetworkSet
 from nts.wire.packet import parse_packet
 from tests.helpers import client_request
@@ -33,17 +33,17 @@ KEYS = {
 
 
 @pytest.fixture
-def mac(tmp_path: Path) -> MacAuthenticator:
+def mac(tmp_path: Path) -> MacPlugin:
     lines = [f"{i} {t} {k.hex()}" if len(k) * 2 > 20 else f"{i} {t} {k.decode()}" for i, (t, k, _) in KEYS.items()]
     path = tmp_path / "ntp.keys"
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
-    return MacAuthenticator(MacSettings(keys=path, trusted=frozenset({1, 2, 3, 4, 5, 6})))
+    return MacPlugin(MacSettings(keys=path, trusted=frozenset({1, 2, 3, 4, 5, 6})))
 
 
-def pipeline(mac: MacAuthenticator) -> Pipeline:
+def pipeline(mac: MacPlugin) -> Pipeline:
     state = server_state(ClockSettings(local_reference=True, stratum=1, reference_id=b"LOCL"), None, -20, 0)
-    return Pipeline(state=state, authenticators=[mac, PlainAuthenticator()], clock=time.time_ns)
+    return Pipeline(state=state, authenticators=[mac, PlainHandler()], clock=time.time_ns)
 
 
 def signed(version: int, key_id: int, length: int | None = None) -> bytes:
@@ -58,7 +58,7 @@ def signed(version: int, key_id: int, length: int | None = None) -> bytes:
     (3, 3, 32), (5, 3, 64),  # chrony: full digests in NTPv3
     (3, 4, 32),  # ntpdig: a full SHA-256 digest in NTPv4
 ])  # fmt: skip
-def test_valid_mac_gets_a_signed_time_reply(mac: MacAuthenticator, key_id: int, version: int, length: int) -> None:
+def test_valid_mac_gets_a_signed_time_reply(mac: MacPlugin, key_id: int, version: int, length: int) -> None:
     p = pipeline(mac)
     request = signed(version, key_id, length)
     reply = p.handle(request, ("192.0.2.5", 123), time.time_ns())
@@ -76,7 +76,7 @@ def test_valid_mac_gets_a_signed_time_reply(mac: MacAuthenticator, key_id: int, 
     (lambda r: r[:48] + struct.pack(">I", 99) + r[52:], "unknown_key"),
     (lambda r: r[:20] + b"X" + r[21:], "bad_mac"),  # header changed after signing
 ])  # fmt: skip
-def test_failures_get_a_crypto_nak_without_time(mac: MacAuthenticator, mutate: object, reason: str) -> None:
+def test_failures_get_a_crypto_nak_without_time(mac: MacPlugin, mutate: object, reason: str) -> None:
     p = pipeline(mac)
     request = signed(4, 2)
     reply = p.handle(mutate(request), ("192.0.2.5", 123), time.time_ns())  # type: ignore[operator]
@@ -88,7 +88,7 @@ def test_failures_get_a_crypto_nak_without_time(mac: MacAuthenticator, mutate: o
     assert p.counters()[("naks", "mac", reason)] == 1
 
 
-def test_untrusted_and_wrong_length_and_network(mac: MacAuthenticator) -> None:
+def test_untrusted_and_wrong_length_and_network(mac: MacPlugin) -> None:
     from legacy.mac import _Table
 
     mac.table = _Table(mac.table.keys, frozenset({1, 2, 3}), {2: NetworkSet([ipaddress.ip_network("10.0.0.0/8")])})
@@ -128,7 +128,7 @@ def test_ledger_counts_a_key_id_apart_when_its_algorithm_changes() -> None:
 
 
 def test_a_key_file_changed_before_the_watcher_starts_is_still_reloaded(
-    mac: MacAuthenticator, caplog: pytest.LogCaptureFixture
+    mac: MacPlugin, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The watcher took its reference when it first ran, after the keys were loaded: a file changed
     in between (at start-up, under load) was never reloaded. Now the reference is the file as read."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from mssntp.auth import MsSntpAuthenticator, MsSntpSettings
+from mssntp.auth import MsSntpPlugin, MsSntpSettings
 from mssntp.signd import (
     SIGNING_FAILURE,
     SIGNING_SUCCESS,
@@ -27,7 +27,7 @@ from mssntp.signd import (
     parse_reply,
 )
 from mssntp.signer import SigndClient
-from nts.core.decisions import Stats
+from nts.core.stats import Counters
 from nts.wire.errors import ParseError
 
 PACKET = bytes(range(48))
@@ -143,7 +143,7 @@ def run(coro: Callable[[], Awaitable[None]]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def signing(signer: FakeSigner, stats: Stats, **settings: Any) -> AsyncIterator[SigndClient]:
+async def signing(signer: FakeSigner, stats: Counters, **settings: Any) -> AsyncIterator[SigndClient]:
     """A started SigndClient on `signer`'s socket (one connection unless told), stopped after."""
     client = SigndClient(signer.path, stats, **{"connections": 1, "deadline": 1.0, **settings})
     await client.start()
@@ -156,7 +156,7 @@ async def signing(signer: FakeSigner, stats: Stats, **settings: Any) -> AsyncIte
 def test_outcomes_and_recovery_after_a_hang_up() -> None:
     async def main() -> None:
         async with fake() as signer:
-            stats = Stats()
+            stats = Counters()
             async with signing(signer, stats) as client:
                 assert await client.sign(1, PACKET) == PACKET + struct.pack("<I", 1) + bytes(16)
                 assert await client.sign(404, PACKET) is None
@@ -180,7 +180,7 @@ def test_a_broken_signer_costs_its_own_requests_and_the_connection_recovers() ->
 
     async def main() -> None:
         async with fake() as signer:
-            stats = Stats()
+            stats = Counters()
             async with signing(signer, stats) as client:
                 for key_id, outcome in expected.items():
                     before = stats.counts.get(("mssntp_sign", outcome), 0)
@@ -206,7 +206,7 @@ def test_a_samba_restart_costs_no_request() -> None:
 
     async def main() -> None:
         async with fake() as signer:
-            stats = Stats()
+            stats = Counters()
 
             def connects() -> int:
                 return stats.counts.get(("mssntp_sign", "connects"), 0)
@@ -228,7 +228,7 @@ def test_a_samba_restart_costs_no_request() -> None:
 def test_slow_signer_deadline_and_queue_bound() -> None:
     async def main() -> None:
         async with fake(delay=0.3) as signer:
-            stats = Stats()
+            stats = Counters()
             async with signing(signer, stats, queue_size=3, deadline=0.1) as client:
                 started = time.monotonic()
                 results = await asyncio.gather(*(client.sign(i, PACKET) for i in range(10)))
@@ -244,7 +244,7 @@ def test_slow_signer_deadline_and_queue_bound() -> None:
 
 def test_no_signer_means_no_reply_fast() -> None:
     async def main() -> None:
-        stats = Stats()
+        stats = Counters()
         client = SigndClient(Path("/nonexistent/ntp_signd/socket"), stats, connections=1, deadline=0.05)
         await client.start()
         try:
@@ -259,14 +259,14 @@ def test_no_signer_means_no_reply_fast() -> None:
 def test_claims_mssntp_vs_mac(tmp_path: Path) -> None:
     import ipaddress
 
-    from legacy.mac import MacAuthenticator, MacSettings
-    from nts.core.auth import Request
+    from legacy.mac import MacPlugin, MacSettings
+    from nts.core.handler import Request
 
     keys = tmp_path / "ntp.keys"
     keys.write_text("7 MD5 sevenseven\n")
     os.chmod(keys, 0o600)
-    mac = MacAuthenticator(MacSettings(keys=keys))
-    ms = MsSntpAuthenticator(MsSntpSettings(networks=(ipaddress.ip_network("10.0.0.0/8"),)))
+    mac = MacPlugin(MacSettings(keys=keys))
+    ms = MsSntpPlugin(MsSntpSettings(networks=(ipaddress.ip_network("10.0.0.0/8"),)))
 
     def req(key_be: bytes, client: str) -> Request:
         return Request(bytes([0x1B]) + bytes(67), (), key_be + bytes(16), (client, 123), 0)
@@ -278,17 +278,17 @@ def test_claims_mssntp_vs_mac(tmp_path: Path) -> None:
         2,
     )
     assert ms.matches(req(domain_rid, "192.0.2.1")) == 0  # not the domain: MS-SNTP stays silent
-    assert MsSntpAuthenticator(MsSntpSettings()).matches(req(domain_rid, "10.1.1.1")) == 0  # off by default
+    assert MsSntpPlugin(MsSntpSettings()).matches(req(domain_rid, "10.1.1.1")) == 0  # off by default
 
 
 def test_the_rate_table_is_bounded_reported_and_kept_across_reloads() -> None:
     import dataclasses
     import ipaddress
 
-    from nts.core.auth import Request
+    from nts.core.handler import Request
 
     settings = MsSntpSettings(networks=(ipaddress.ip_network("10.0.0.0/8"),), max_clients=16)
-    ms = MsSntpAuthenticator(settings)
+    ms = MsSntpPlugin(settings)
     trailer = struct.pack("<I", 1104) + bytes(16)
     for i in range(40):  # more addresses than the bound: the table drops its older half when full
         ms.respond(Request(bytes([0x1B]) + bytes(47), (), trailer, (f"10.0.0.{i}", 123), i), None)  # type: ignore[arg-type]
@@ -312,7 +312,7 @@ def test_a_reload_keeps_the_signer_connections_and_counters() -> None:
     async def main() -> None:
         async with fake() as signer:
             settings = MsSntpSettings(socket=signer.path, networks=(ipaddress.ip_network("10.0.0.0/8"),), connections=2)
-            plugin = MsSntpAuthenticator(settings)
+            plugin = MsSntpPlugin(settings)
             await plugin.start()
             try:
                 assert await plugin.client.sign(1, PACKET) is not None
@@ -340,7 +340,7 @@ def test_stop_never_hangs_whatever_the_signer_is_doing() -> None:
 
     async def trial() -> None:
         async with fake() as signer:
-            client = SigndClient(signer.path, Stats(), connections=4, deadline=0.3)
+            client = SigndClient(signer.path, Counters(), connections=4, deadline=0.3)
             await client.start()
             pending: list[asyncio.Future[bytes | None]] = []
             for _ in range(rng.randrange(1, 30)):

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import struct
-from unittest import mock
 
 import pytest
 
-from nts.ke import session as ke_session
-from nts.ke.session import KeRefusal, KeServerSession, Negotiation, negotiate, response
+from nts.nts.cookies import CookieKeys, KeyRing
+from nts.nts.ke_session import (
+    EXPORTER_LABEL,
+    DecidedRequests,
+    KeRefusal,
+    KeRequest,
+    KeServerSession,
+    KeSettings,
+    Negotiation,
+    negotiate,
+    response,
+)
 from nts.wire.errors import ParseError
-from nts.wire.ke_records import Record, RecordReader, parse_records, serialize_records
+from nts.wire.ke_records import Record, RecordReader, RecordType, parse_records, serialize_records
 
 SUPPORTED = (15, 17, 30)
 
@@ -116,7 +125,7 @@ def test_response_vectors() -> None:
 
 
 def test_session_collects_until_end_of_message() -> None:
-    s = KeServerSession(SUPPORTED)
+    s = KeRequest(SUPPORTED)
     request = serialize_records([NP, AEAD, rec(0)])
     for b in request[:-1]:
         assert s.receive(bytes([b])) is None
@@ -127,39 +136,67 @@ def test_session_collects_until_end_of_message() -> None:
 
 def test_a_request_seen_whole_before_is_answered_from_memory_alike() -> None:
     request = serialize_records([NP, AEAD, rec(0)])
-    with mock.patch.dict(ke_session._DECIDED, clear=True):
-        assert KeServerSession(SUPPORTED).receive(request) == Negotiation(0, 15)
-        assert ke_session._DECIDED == {(request, SUPPORTED): Negotiation(0, 15)}
-        ke_session._DECIDED[(request, SUPPORTED)] = KeRefusal(0, "marker")  # so the next answer shows its source
-        session = KeServerSession(SUPPORTED)
-        assert session.receive(request) == KeRefusal(0, "marker")
-        with pytest.raises(ParseError):  # and the session is over, as after a parsed request
-            session.receive(b"more")
-        assert KeServerSession((17,)).receive(request) == Negotiation(0, None)  # other AEADs: decided afresh
-        split = KeServerSession(SUPPORTED)
-        assert split.receive(request[:5]) is None
-        assert split.receive(request[5:]) == Negotiation(0, 15)  # pieces are parsed, and not kept
-        assert set(ke_session._DECIDED) == {(request, SUPPORTED), (request, (17,))}
-        with pytest.raises(ParseError) as exc:  # a limit lowered since (a reload) still applies
-            KeServerSession(SUPPORTED, max_request=len(request) - 1).receive(request)
-        assert exc.value.code == "ke_too_long"
+    memo = DecidedRequests()
+    assert KeRequest(SUPPORTED, decided=memo).receive(request) == Negotiation(0, 15)
+    assert memo.outcomes == {(request, SUPPORTED): Negotiation(0, 15)}
+    memo.outcomes[(request, SUPPORTED)] = KeRefusal(0, "marker")  # so the next answer shows its source
+    session = KeRequest(SUPPORTED, decided=memo)
+    assert session.receive(request) == KeRefusal(0, "marker")
+    with pytest.raises(ParseError):  # and the session is over, as after a parsed request
+        session.receive(b"more")
+    assert KeRequest((17,), decided=memo).receive(request) == Negotiation(0, None)  # other AEADs: decided afresh
+    split = KeRequest(SUPPORTED, decided=memo)
+    assert split.receive(request[:5]) is None
+    assert split.receive(request[5:]) == Negotiation(0, 15)  # pieces are parsed, and not kept
+    assert set(memo.outcomes) == {(request, SUPPORTED), (request, (17,))}
+    with pytest.raises(ParseError) as exc:  # a limit lowered since (a reload) still applies
+        KeRequest(SUPPORTED, max_request=len(request) - 1, decided=memo).receive(request)
+    assert exc.value.code == "ke_too_long"
+    assert KeRequest(SUPPORTED).receive(request) == Negotiation(0, 15)  # with no memory: parsed
 
 
 def test_the_memory_of_requests_is_bounded() -> None:
-    with mock.patch.dict(ke_session._DECIDED, clear=True):
-        for port in range(ke_session._DECIDED_MAX + 10):
-            extra = Record(True, 7, struct.pack(">H", port))  # Port Negotiation: each request differs
-            request = serialize_records([NP, AEAD, extra, rec(0)])
-            assert KeServerSession(SUPPORTED).receive(request) == Negotiation(0, 15)
-        assert len(ke_session._DECIDED) == ke_session._DECIDED_MAX
+    memo = DecidedRequests(limit=64)
+    for port in range(64 + 10):
+        extra = Record(True, 7, struct.pack(">H", port))  # Port Negotiation: each request differs
+        request = serialize_records([NP, AEAD, extra, rec(0)])
+        assert KeRequest(SUPPORTED, decided=memo).receive(request) == Negotiation(0, 15)
+    assert len(memo.outcomes) == 64
 
 
 def test_session_refuses_trailing_bytes_and_bad_end() -> None:
     with pytest.raises(ParseError) as exc:
-        KeServerSession(SUPPORTED).receive(serialize_records([NP, AEAD, rec(0)]) + b"\x00")
+        KeRequest(SUPPORTED).receive(serialize_records([NP, AEAD, rec(0)]) + b"\x00")
     assert exc.value.code == "ke_after_end"
-    bad_end = KeServerSession(SUPPORTED).receive(serialize_records([NP, AEAD, rec(0, b"x")]))
+    bad_end = KeRequest(SUPPORTED).receive(serialize_records([NP, AEAD, rec(0, b"x")]))
     assert bad_end == KeRefusal(1, "bad_end_of_message")
     with pytest.raises(ParseError) as exc:
-        KeServerSession(SUPPORTED, max_request=64).receive(serialize_records([NP, AEAD, rec(9, bytes(80), False)]))
+        KeRequest(SUPPORTED, max_request=64).receive(serialize_records([NP, AEAD, rec(9, bytes(80), False)]))
     assert exc.value.code == "ke_too_long"
+
+
+def test_the_session_turns_request_bytes_into_the_reply_bytes_and_an_outcome() -> None:
+    """Sans-IO to the end: decrypted bytes, an exporter and the time in; what to send out."""
+    asked: list[tuple[bytes, int, bytes]] = []
+
+    def export(label: bytes, length: int, context: bytes) -> bytes:
+        asked.append((label, length, context))
+        return bytes([context[-1] + 1]) * length  # C2S all 0x01, S2C all 0x02
+
+    keyring = KeyRing(bytes(32))
+    settings = KeSettings(supported_aeads=SUPPORTED, ntp_port=1234)
+    session = KeServerSession(settings, keyring)
+    request = serialize_records([NP, AEAD, rec(0)])
+    assert session.receive(request[:3], export, 1e9) is None
+    reply = session.receive(request[3:], export, 1e9)
+    assert reply is not None and reply.outcome == "ok_aead_15"
+    assert asked == [
+        (EXPORTER_LABEL, 32, bytes.fromhex("0000000f00")),
+        (EXPORTER_LABEL, 32, bytes.fromhex("0000000f01")),
+    ]
+    records = parse_records(reply.data)
+    cookies = [r.body for r in records if r.type == RecordType.NEW_COOKIE]
+    assert len(cookies) == 8 and records[-1].type == RecordType.END_OF_MESSAGE
+    assert keyring.open(cookies[0], 1e9) == CookieKeys(15, bytes([1]) * 32, bytes([2]) * 32)
+    refused = KeServerSession(settings, keyring).receive(serialize_records([AEAD, rec(0)]), export, 1e9)
+    assert refused is not None and refused.outcome == "error_next_protocol_count" and len(asked) == 2

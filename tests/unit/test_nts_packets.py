@@ -15,15 +15,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from nts import nettle
-from nts.aead import AEADS
 from nts.client import KeResult, QueryError, check_nts_reply, nts_request
-from nts.cookies import CookieError, CookieKeys, KeyRing, load_or_create_secret
 from nts.core.clockstate import ClockSettings, server_state
 from nts.core.pipeline import Pipeline
-from nts.core.plain import PlainAuthenticator
+from nts.core.plain import PlainHandler
 from nts.files import check_private_file
-from nts.ntsauth import NtsPacketAuth, auth_field
+from nts.nts import nettle
+from nts.nts.aead import AEADS
+from nts.nts.cookies import CookieError, CookieKeys, KeyRing, load_or_create_secret
+from nts.nts.packets import NtsPackets, auth_field
 from nts.wire.extensions import ExtensionField, FieldType, make_field, serialize_extension
 from nts.wire.packet import parse_packet
 
@@ -141,11 +141,11 @@ class Fixture:
         self.keys = keys(aead)
         self.ke = KeResult(aead, self.keys.c2s, self.keys.s2c, [], None, None, "", "")
         state = server_state(ClockSettings(local_reference=True), None, -20, int(NOW * 1e9))
-        from nts.ntsplugin import NtsAuthenticator
+        from nts.nts.plugin import NtsPlugin
 
-        auth = NtsAuthenticator.__new__(NtsAuthenticator)  # the packet path only: no sockets, no certificates
-        auth.packets = NtsPacketAuth(self.ring, supported, lambda: NOW)
-        self.pipeline = Pipeline(state=state, authenticators=[auth, PlainAuthenticator()], clock=time.time_ns)
+        auth = NtsPlugin.__new__(NtsPlugin)  # the packet path only: no sockets, no certificates
+        auth.packets = NtsPackets(self.ring, supported, lambda: NOW)
+        self.pipeline = Pipeline(state=state, authenticators=[auth, PlainHandler()], clock=time.time_ns)
 
     def cookie(self) -> bytes:
         return self.ring.seal(self.keys, NOW)
@@ -271,7 +271,7 @@ def test_malformed_nts_requests_are_dropped(case: str) -> None:
 
 
 def test_reply_randomness_is_drawn_once_and_not_inherited_by_forks() -> None:
-    from nts import ntsauth
+    from nts.nts import packets as ntsauth
 
     draws = [ntsauth._draw() for _ in range(300)]  # more than one block of 128
     assert all(len(d) == 32 for d in draws) and len(set(draws)) == len(draws)

@@ -8,11 +8,11 @@ from typing import ClassVar
 
 import pytest
 
-from nts.core.auth import Authenticator, ReplyContext, Request
 from nts.core.clockstate import ClockSettings, server_state
 from nts.core.decisions import Defer, Drop, Nak, Seal
-from nts.core.pipeline import Pipeline, ntp64
-from nts.core.plain import PlainAuthenticator
+from nts.core.handler import ReplyContext, Request, RequestHandler
+from nts.core.pipeline import Pipeline
+from nts.core.plain import PlainHandler
 from nts.core.policy import AccessPolicy, NetworkSet, RateLimiter, RateSettings
 from nts.wire.packet import parse_packet
 from nts.wire.timestamps import unix_ns_to_ntp64
@@ -32,7 +32,7 @@ class FakeClock:
 
 
 def make(**kw: object) -> Pipeline:
-    kw.setdefault("authenticators", [PlainAuthenticator()])
+    kw.setdefault("authenticators", [PlainHandler()])
     return Pipeline(state=STATE, clock=FakeClock(T0 + 1000), **kw)  # type: ignore[arg-type]
 
 
@@ -85,8 +85,8 @@ def test_malformed_body_dropped_with_code() -> None:
 
 def test_era_rollover_timestamps() -> None:
     after_2036 = 2_085_978_496 * 10**9 + 5 * 10**9
-    assert ntp64(after_2036) == 5 << 32
-    reply = Pipeline(state=STATE, clock=FakeClock(after_2036), authenticators=[PlainAuthenticator()]).handle(
+    assert unix_ns_to_ntp64(after_2036) == 5 << 32
+    reply = Pipeline(state=STATE, clock=FakeClock(after_2036), authenticators=[PlainHandler()]).handle(
         client_request(), CLIENT, after_2036
     )
     assert isinstance(reply, bytes)
@@ -132,7 +132,7 @@ def test_require_auth_refuses_plain_requests() -> None:
     assert isinstance(p.handle(client_request(), ("198.51.100.1", 1), T0), bytes)
 
 
-class TrailerAuth(Authenticator):
+class TrailerAuth(RequestHandler):
     """A test plugin that answers requests with a 20-byte trailer, to exercise dispatch."""
 
     name: ClassVar[str] = "test"
@@ -144,7 +144,10 @@ class TrailerAuth(Authenticator):
     def matches(self, request: Request) -> bool:
         return len(request.trailer) == 20
 
-    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:
+    async def signed(self) -> bytes | None:
+        return None
+
+    def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer | Seal:
         if self.answer == "time":
             return ctx.reply_header(request.data, request.rx_ns) + request.trailer
         if self.answer == "long":
@@ -152,7 +155,7 @@ class TrailerAuth(Authenticator):
         if self.answer == "nak":
             return Nak(ctx.reply_header(request.data, request.rx_ns) + bytes(4), "bad_mac")
         if self.answer == "defer":
-            return Defer(self, "job", request.client)
+            return Defer(self.signed, self.name, request.client)
         if self.answer in ("seal", "seal_long"):
             extra = bytes(40) if self.answer == "seal_long" else request.trailer
             return Seal(lambda: ctx.reply_header(request.data, request.rx_ns) + extra)
@@ -161,11 +164,11 @@ class TrailerAuth(Authenticator):
 
 def test_dispatch_by_shape_and_reply_guard() -> None:
     req = client_request() + bytes(20)
-    p = make(authenticators=[PlainAuthenticator(), TrailerAuth("time")])
+    p = make(authenticators=[PlainHandler(), TrailerAuth("time")])
     reply = p.handle(req, CLIENT, T0)
     assert isinstance(reply, bytes) and len(reply) == 68
     assert p.counters()[("replies", "test")] == 1
-    long = make(authenticators=[PlainAuthenticator(), TrailerAuth("long")])
+    long = make(authenticators=[PlainHandler(), TrailerAuth("long")])
     assert long.handle(req, CLIENT, T0) == Drop("reply_too_long")
     nak = make(authenticators=[TrailerAuth("nak")])
     out = nak.handle(req, CLIENT, T0)
@@ -173,7 +176,7 @@ def test_dispatch_by_shape_and_reply_guard() -> None:
     assert nak.counters()[("naks", "test", "bad_mac")] == 1
     deferred = make(authenticators=[TrailerAuth("defer")])
     d = deferred.handle(req, CLIENT, T0)
-    assert isinstance(d, Defer) and d.job == "job"
+    assert isinstance(d, Defer) and d.name == "test"
     assert deferred.check_deferred(req, None, "test") is None
     assert deferred.check_deferred(req, bytes(68), "test") == bytes(68)
     assert deferred.check_deferred(req, bytes(69), "test") is None
@@ -201,9 +204,9 @@ def test_a_seal_reads_the_transmit_time_when_finished_and_counts_then(path: str)
     assert isinstance(pending, Seal) and pending.limit == 68
     assert ("replies", "test") not in p.counters()
     clock.now = T0 + 5_000_000  # the rest of the batch was verified meanwhile
-    reply = p.seal(pending)
+    reply = pending.complete()
     assert isinstance(reply, bytes) and len(reply) == 68
-    assert struct.unpack_from(">Q", reply, 40)[0] == ntp64(T0 + 5_000_000)  # transmit: when sealed
+    assert struct.unpack_from(">Q", reply, 40)[0] == unix_ns_to_ntp64(T0 + 5_000_000)  # transmit: when sealed
     assert (reply[48:52] == b"fast") == (path == "fast")
     assert p.counters()[("replies", "test")] == 1
     now = p.handle(req, CLIENT, T0)  # without `late`: finished at once
@@ -214,7 +217,7 @@ def test_a_seal_that_grows_the_reply_is_dropped() -> None:
     p = make(authenticators=[TrailerAuth("seal_long")])
     pending = p.handle(client_request() + bytes(20), CLIENT, T0, late=True)
     assert isinstance(pending, Seal)
-    assert p.seal(pending) == Drop("reply_too_long")
+    assert pending.complete() == Drop("reply_too_long")
     assert p.counters()[("drops", "reply_too_long")] == 1 and ("replies", "test") not in p.counters()
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-from nts.core.auth import Authenticator, Request
 from nts.core.decisions import Drop
+from nts.core.handler import Request, RequestHandler
 from nts.server.daemon import restart_only_changes
-from nts.server.serving import build_authenticators
+from nts.server.serving import build_plugins
 
 
-class Listening(Authenticator):
+class Listening(RequestHandler):
     """A plugin with listening sockets of its own, as NTS has."""
 
     name: ClassVar[str] = "listening"
-    section: ClassVar[str | None] = "listening"
+    section: ClassVar[str] = "listening"
     listens: ClassVar[bool] = True
 
     def __init__(self, settings: Any) -> None:
@@ -40,7 +40,7 @@ class Listening(Authenticator):
         return Drop("unused")
 
 
-PLUGINS: dict[str, type[Authenticator]] = {"listening": Listening}
+PLUGINS: dict[str, Any] = {"listening": Listening}
 
 
 def config(section: dict[str, Any] | None, workers: int = 2, batch: int = 32) -> Any:
@@ -52,18 +52,18 @@ ON = {"listen": [("127.0.0.1", 4460)]}
 
 
 def test_a_worker_neither_builds_nor_retires_a_listening_plugin() -> None:
-    assert build_authenticators(config(ON), PLUGINS, [], may_bind=False) == ([], [])
+    assert build_plugins(config(ON), PLUGINS, [], may_bind=False) == ([], [])
     running = Listening(ON)
-    assert build_authenticators(config(None), PLUGINS, [running], may_bind=False) == ([running], [])
+    assert build_plugins(config(None), PLUGINS, [running], may_bind=False) == ([running], [])
     moved = {"listen": [("127.0.0.1", 4461)]}
-    assert build_authenticators(config(moved), PLUGINS, [running], may_bind=False) == ([running], [])
+    assert build_plugins(config(moved), PLUGINS, [running], may_bind=False) == ([running], [])
     assert running.settings is moved  # reconfigured in place (the plugin keeps its sockets itself)
 
 
 def test_a_single_process_builds_and_retires_it() -> None:
-    built, retired = build_authenticators(config(ON, 1), PLUGINS, [])
+    built, retired = build_plugins(config(ON, 1), PLUGINS, [])
     assert [type(a) for a in built] == [Listening] and retired == []
-    assert build_authenticators(config(None, 1), PLUGINS, built) == ([], built)
+    assert build_plugins(config(None, 1), PLUGINS, built) == ([], built)
 
 
 def test_with_workers_its_listening_changes_need_a_restart() -> None:

@@ -1,4 +1,4 @@
-"""nts.tlsconf: which OpenSSL configuration a process ends up with, and what its start-up line says."""
+"""nts.nts.tlsconf: which OpenSSL configuration a process ends up with, and what its start-up line says."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SHOW = "import nts.tlsconf as t; print(t.state); print(t.note())"
+SHOW = "import nts.nts.tlsconf as t; t.apply(); print(t.state); print(t.note())"
 
 
 def run(code: str, **env: str) -> list[str]:
@@ -24,6 +24,22 @@ def test_ntsd_reads_its_own_file_and_children_do_not_inherit_it() -> None:
     assert state == "ours"
     assert note.startswith("NTS-KE sends no TLS session tickets")
     assert run("import nts, os; print(os.environ.get('OPENSSL_CONF'))") == ["None"]
+
+
+def test_importing_the_packages_has_no_side_effects() -> None:
+    """Importing the core, the wire layer, the NTS package and the CLI neither touches the environment
+    nor initialises OpenSSL; only the commands do (before anything else reads OpenSSL's configuration)."""
+    code = (
+        "import os, sys, nts, nts.wire.packet, nts.core.pipeline, nts.nts.plugin, nts.cli, nts.nts.tlsconf as t"
+        "; print(t.state, os.environ.get('OPENSSL_CONF'))"
+    )
+    assert run(code) == ["not applied None"]
+    code = (
+        "import nts.cli, nts.nts.tlsconf as t\n"
+        "try:\n    nts.cli.main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "print(t.state)"
+    )
+    assert run(code)[-1] == "ours"
 
 
 def test_an_operators_openssl_conf_is_left_alone(tmp_path: Path) -> None:
@@ -41,7 +57,7 @@ def test_too_late_when_openssl_was_initialised_first() -> None:
 
 
 def test_the_file_is_shipped_beside_the_module() -> None:
-    from nts import tlsconf
+    from nts.nts import tlsconf
 
     text = tlsconf.FILE.read_text()
     assert "NumTickets = 0" in text and "system_default" in text
@@ -52,11 +68,12 @@ def test_an_in_memory_handshake_brings_no_ticket(tmp_path: Path, kind: str) -> N
     """The setting reaches the contexts ntsd builds: after the client's Finished, the server has nothing to say."""
     code = f"""
 import json
-import nts
+import nts.nts.tlsconf
+nts.nts.tlsconf.apply()
 from pathlib import Path
 from OpenSSL import SSL
-from nts.ke.certs import build_context
-from nts.ke.devcerts import make_dev_certs
+from nts.nts.certs import build_context
+from nts.nts.devcerts import make_dev_certs
 c = make_dev_certs(Path({str(tmp_path)!r}), ["localhost"], kind={kind!r})
 server = SSL.Connection(build_context(c.certificate, c.private_key)[0]); server.set_accept_state()
 ctx = SSL.Context(SSL.TLS_CLIENT_METHOD); ctx.set_alpn_protos([b"ntske/1"])
@@ -84,7 +101,7 @@ print(json.dumps(sent))
 
 
 def test_a_missing_file_is_said_and_changes_nothing() -> None:
-    module = Path(__file__).parents[2] / "nts" / "tlsconf.py"
+    module = Path(__file__).parents[2] / "nts" / "nts" / "tlsconf.py"
     code = (  # the module on its own, before anything imported OpenSSL (the package's __init__ would)
         "import importlib.util, os, pathlib"
         f"; spec = importlib.util.spec_from_file_location('alone', {str(module)!r})"

@@ -1,27 +1,61 @@
-"""The server side of one NTS-KE exchange, sans-IO (RFC 8915 section 4).
+"""The server side of one NTS-KE exchange, sans-IO (RFC 8915 section 4), as h11 is for HTTP.
 
-Strategy: `KeServerSession.receive(bytes)` buffers records (bounded) until End of Message, then
-returns a `Negotiation` (what to answer, and which exporter context to derive keys with) or a
-`KeRefusal` (an Error record to send). The TLS shell exports the keys, asks the key ring for
-cookies and calls `response(...)` for the bytes to send. Validation follows RFC 8915 section 4 in
-record order, as chrony does: the first problem wins, so an unrecognised critical record before
-Next Protocol or AEAD yields Error 0, never Error 1; duplicate or missing records are checked last.
+Strategy: `KeServerSession.receive(bytes, export, now)` takes the decrypted bytes the TLS shell
+read, a function giving the TLS exporter's keys, and the time; it returns None until the request
+is complete, then a `KeReply`: the bytes to send and the outcome (a metrics label). The shell only
+runs TLS and moves bytes. Inside, `KeRequest` buffers records (bounded) until End of Message and
+decides: a `Negotiation` (what to answer, and which exporter context to derive keys with) or a
+`KeRefusal` (an Error record to send); for an accepted request the session exports the keys and has
+the key ring seal the cookies. Validation follows RFC 8915 section 4 in record order, as chrony
+does: the first problem wins, so an unrecognised critical record before Next Protocol or AEAD
+yields Error 0, never Error 1; duplicate or missing records are checked last. Whole requests seen
+before are answered from `DecidedRequests`, a bounded memory that the sessions' owner keeps.
 """
 
 from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..aead import AEADS
 from ..wire.errors import ParseError
-from ..wire.ke_records import NEXT_PROTOCOL_NTPV4, ErrorCode, Record, RecordReader, RecordType, serialize_records
+from ..wire.ke_records import (
+    NEXT_PROTOCOL_NTPV4,
+    ErrorCode,
+    Record,
+    RecordReader,
+    RecordType,
+    serialize_records,
+    u16_list,
+)
+from .aead import AEADS, AeadId
+from .cookies import CookieKeys, KeyRing
 
 EXPORTER_LABEL = b"EXPORTER-network-time-security"
 COOKIES_PER_RESPONSE = 8
 MAX_REQUEST = 4096  # a request is a few dozen bytes; anything this large is abuse
+Exporter = Callable[[bytes, int, bytes], bytes]  # (label, length, context) -> the TLS exporter's bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeSettings:
+    supported_aeads: tuple[int, ...]
+    max_connections: int = 256
+    session_timeout: float = 5.0
+    max_request: int = 1024
+    rate: float = 2.0  # sessions per second per client address
+    burst: int = 16
+    ntp_server: str | None = None
+    ntp_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeReply:
+    """What to send to the client, and the session's outcome (a metrics label)."""
+
+    data: bytes
+    outcome: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +69,8 @@ class Negotiation:
     def exporter_context(self, s2c: bool) -> bytes:
         """RFC 8915 section 5.1 context; chrony's pre-4.6 clients expect id 15 for AES-128-GCM-SIV."""
         assert self.protocol is not None and self.aead is not None
-        context_aead = 15 if self.aead == 30 and not self.compliant_gcm else self.aead
+        compat = self.aead == AeadId.AES_128_GCM_SIV and not self.compliant_gcm
+        context_aead = AeadId.AES_SIV_CMAC_256 if compat else self.aead
         return struct.pack(">HHB", self.protocol, context_aead, 1 if s2c else 0)
 
 
@@ -57,12 +92,12 @@ def negotiate(records: Sequence[Record], supported: Sequence[int]) -> Negotiatio
             if not r.critical or len(r.body) < 2 or len(r.body) % 2:
                 return KeRefusal(ErrorCode.BAD_REQUEST, "bad_next_protocol")
             n_protocol += 1
-            protocols += struct.unpack(f">{len(r.body) // 2}H", r.body)
+            protocols += u16_list(r.body)
         elif t == RecordType.AEAD_ALGORITHM:
             if len(r.body) < 2 or len(r.body) % 2:
                 return KeRefusal(ErrorCode.BAD_REQUEST, "bad_aead")
             n_aead += 1
-            aeads += struct.unpack(f">{len(r.body) // 2}H", r.body)
+            aeads += u16_list(r.body)
         elif t == RecordType.COMPLIANT_128GCM_EXPORT:
             if r.body:
                 return KeRefusal(ErrorCode.BAD_REQUEST, "bad_compliance_record")
@@ -80,7 +115,7 @@ def negotiate(records: Sequence[Record], supported: Sequence[int]) -> Negotiatio
     if n_aead != 1:
         return KeRefusal(ErrorCode.BAD_REQUEST, "aead_count")
     chosen = next((a for a in aeads if a in supported and a in AEADS), None)
-    return Negotiation(NEXT_PROTOCOL_NTPV4, chosen, compliant and chosen == 30)
+    return Negotiation(NEXT_PROTOCOL_NTPV4, chosen, compliant and chosen == AeadId.AES_128_GCM_SIV)
 
 
 def response(
@@ -129,37 +164,52 @@ def _refusal(outcome: Negotiation | KeRefusal) -> bytes:
     return serialize_records([*records, Record(True, RecordType.END_OF_MESSAGE)])
 
 
-# Whole requests that came in one read, with the AEADs supported then -> their outcome. Clients of
-# one implementation send the same bytes every time, so most sessions skip parsing (negotiate() is
-# pure). Bounded: once full, new requests are parsed as usual and not kept.
-_DECIDED: dict[tuple[bytes, tuple[int, ...]], Negotiation | KeRefusal] = {}
-_DECIDED_MAX = 64
+class DecidedRequests:
+    """Whole requests that came in one read, with the AEADs supported then -> their outcome. Clients
+    of one implementation send the same bytes every time, so most sessions skip parsing
+    (negotiate() is pure). Bounded: once full, new requests are parsed as usual and not kept."""
+
+    __slots__ = ("limit", "outcomes")
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self.outcomes: dict[tuple[bytes, tuple[int, ...]], Negotiation | KeRefusal] = {}
+
+    def get(self, data: bytes, supported: tuple[int, ...]) -> Negotiation | KeRefusal | None:
+        return self.outcomes.get((data, supported))
+
+    def keep(self, data: bytes, supported: tuple[int, ...], outcome: Negotiation | KeRefusal) -> None:
+        if len(self.outcomes) < self.limit:
+            self.outcomes[(data, supported)] = outcome
 
 
-class KeServerSession:
-    """Collects one request from the TLS stream and decides on it."""
+class KeRequest:
+    """Collects one request from the TLS stream and decides on it (no keys, no cookies)."""
 
-    def __init__(self, supported: Sequence[int], max_request: int = MAX_REQUEST) -> None:
+    def __init__(
+        self, supported: Sequence[int], max_request: int = MAX_REQUEST, decided: DecidedRequests | None = None
+    ) -> None:
         self._reader = RecordReader(max_request)
         self._records: list[Record] = []
         self._supported = tuple(supported)
+        self._decided = decided
         self._first = True
         self.done = False
 
     def receive(self, data: bytes) -> Negotiation | KeRefusal | None:
         """Feed decrypted bytes; None until a whole request has arrived. Raises ParseError when
         the request is longer than allowed or continues after End of Message."""
-        if not self._first:
+        if not self._first or self._decided is None:
+            self._first = False
             return self._receive(data)
         self._first = False
-        key = (data, self._supported)
-        outcome = _DECIDED.get(key)
+        outcome = self._decided.get(data, self._supported)
         if outcome is not None and len(data) <= self._reader.max_bytes:
             self.done = True
             return outcome
         outcome = self._receive(data)
-        if outcome is not None and len(_DECIDED) < _DECIDED_MAX:
-            _DECIDED[key] = outcome
+        if outcome is not None:
+            self._decided.keep(data, self._supported, outcome)
         return outcome
 
     def _receive(self, data: bytes) -> Negotiation | KeRefusal | None:
@@ -181,3 +231,32 @@ class KeServerSession:
         if self._reader.pending:
             raise ParseError("ke_after_end", "data after End of Message")
         return negotiate(self._records, self._supported)
+
+
+class KeServerSession:
+    """One NTS-KE exchange: bytes in, the reply's bytes and outcome out (see the module comment)."""
+
+    __slots__ = ("keyring", "request", "settings")
+
+    def __init__(self, settings: KeSettings, keyring: KeyRing, decided: DecidedRequests | None = None) -> None:
+        self.settings = settings
+        self.keyring = keyring
+        self.request = KeRequest(settings.supported_aeads, settings.max_request, decided)
+
+    def receive(self, data: bytes, export: Exporter, now: float) -> KeReply | None:
+        """Feed decrypted bytes. None until the request is complete; then what to send. Raises
+        ParseError as KeRequest.receive does (the shell closes the connection)."""
+        outcome = self.request.receive(data)
+        if outcome is None:
+            return None
+        if isinstance(outcome, KeRefusal):
+            return KeReply(response(outcome), f"error_{outcome.reason}")
+        if outcome.aead is None:
+            missing = "aead" if outcome.protocol is not None else "protocol"
+            return KeReply(response(outcome), f"no_common_{missing}")
+        key_len = AEADS[outcome.aead].key_len
+        c2s = export(EXPORTER_LABEL, key_len, outcome.exporter_context(False))
+        s2c = export(EXPORTER_LABEL, key_len, outcome.exporter_context(True))
+        cookies = self.keyring.seal_many(CookieKeys(outcome.aead, c2s, s2c), now, COOKIES_PER_RESPONSE)
+        settings = self.settings
+        return KeReply(response(outcome, cookies, settings.ntp_server, settings.ntp_port), f"ok_aead_{outcome.aead}")

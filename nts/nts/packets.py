@@ -20,13 +20,13 @@ from collections import deque
 from collections.abc import Callable
 from functools import partial
 
+from ..core.decisions import Drop, Nak, Seal, drop
+from ..core.handler import ReplyContext, Request
+from ..wire.errors import ParseError
+from ..wire.extensions import MIN_FIELD_LEN, FieldType, parse_extension
+from ..wire.packet import HEADER_LEN, KISS_NTSN, MAX_MAC_LEN
 from .aead import AEADS, TAG_LEN, Aead, Cipher
 from .cookies import CookieError, KeyRing
-from .core.auth import ReplyContext, Request
-from .core.decisions import Drop, Nak, Seal, drop
-from .wire.errors import ParseError
-from .wire.extensions import MIN_FIELD_LEN, FieldType, parse_extension
-from .wire.packet import HEADER_LEN, KISS_NTSN, MAX_MAC_LEN
 
 MAX_COOKIES = 8
 MIN_UID = 32
@@ -117,7 +117,7 @@ def _finish(
     return head + before + s2c.seal(nonce, cookies, head) + after
 
 
-class NtsPacketAuth:
+class NtsPackets:
     """The packet side of NTS: verify a request and build its reply (used by the plugin).
 
     Keyed ciphers are cached per session (bounded, cleared when full): every cookie a client holds

@@ -111,4 +111,9 @@ AEADS: dict[int, Aead] = {
     AeadId.AES_128_GCM_SIV: Aead(30, 16, 12),
     AeadId.AES_256_GCM_SIV: Aead(31, 32, 12),
 }
-DEFAULT_AEADS = (15, 17, 30, 31, 16)
+DEFAULT_AEADS: tuple[int, ...] = tuple(
+    int(a) for a in (AeadId.AES_SIV_CMAC_256, AeadId.AES_SIV_CMAC_512, AeadId.AES_128_GCM_SIV, AeadId.AES_256_GCM_SIV,
+                     AeadId.AES_SIV_CMAC_384)
+)  # fmt: skip
+# The names operators write (config `nts.aeads`, `ntsd query --aead`), as the IANA registry spells them.
+AEAD_NAMES: dict[str, int] = {member.name.replace("_", "-"): int(member) for member in AeadId}

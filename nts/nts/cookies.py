@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..files import check_private_file
 from .aead import AEADS, AeadId, Cipher
-from .files import check_private_file
 
 SECRET_LEN = 32
 _COOKIE_AEAD = AEADS[AeadId.AES_SIV_CMAC_256]

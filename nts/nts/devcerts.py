@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..config import is_dns_name
 from ..files import write_private_file
+from ..net import is_dns_name
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 

@@ -10,8 +10,9 @@ epoll set of their own, which the loop watches as a single reader: registering e
 the loop and being called back through it cost more than the set's system calls (2% of a
 session's instructions, 3-6% of the sessions per second). Limits, each refused fast and counted:
 concurrent connections, a per-address rate, a deadline for the whole session (swept several times
-a second, oldest first), and the request size (enforced by the sans-IO session). After End of
-Message the server answers, sends close_notify and closes (RFC 8915 section 4).
+a second, oldest first), and the request size (enforced by the sans-IO session). What to answer is
+the sans-IO session's (`ke_session`): this module feeds it the decrypted bytes, sends what it
+returns, counts its outcome, sends close_notify and closes (RFC 8915 section 4).
 """
 
 from __future__ import annotations
@@ -23,32 +24,18 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from OpenSSL import SSL
 
-from ..aead import AEADS
-from ..cookies import CookieKeys, KeyRing
-from ..core.decisions import Stats
 from ..core.policy import RATE_OK, RateLimiter, RateSettings
+from ..core.stats import Counters
 from ..logutil import RateLimitedLog
 from ..wire.errors import ParseError
 from .certs import AlpnRefused, CertStore, alpn_chosen
-from .session import COOKIES_PER_RESPONSE, EXPORTER_LABEL, KeRefusal, KeServerSession, Negotiation, response
+from .cookies import KeyRing
+from .ke_session import DecidedRequests, KeServerSession, KeSettings
 
 log = logging.getLogger("ntsd.nts")
-
-
-@dataclass(frozen=True, slots=True)
-class KeSettings:
-    supported_aeads: tuple[int, ...]
-    max_connections: int = 256
-    session_timeout: float = 5.0
-    max_request: int = 1024
-    rate: float = 2.0  # sessions per second per client address
-    burst: int = 16
-    ntp_server: str | None = None
-    ntp_port: int | None = None
 
 
 _SWEEP_S = 0.1  # how often session deadlines are checked
@@ -59,7 +46,7 @@ _ACCEPT_RETRY_S = 1.0  # the pause after accept() failed for want of descriptors
 class KeServer:
     """Accepts NTS-KE sessions on any number of listening sockets."""
 
-    def __init__(self, certs: CertStore, keyring: KeyRing, settings: KeSettings, stats: Stats) -> None:
+    def __init__(self, certs: CertStore, keyring: KeyRing, settings: KeSettings, stats: Counters) -> None:
         self.certs = certs
         self.keyring = keyring
         self.settings = settings
@@ -73,10 +60,16 @@ class KeServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.poller: select.epoll | None = None  # the sessions' sockets (Linux, once started), as one reader
+        self.decided = DecidedRequests()  # whole requests seen before, shared by this server's sessions
 
     @property
     def active(self) -> int:
         return len(self._sessions)
+
+    @property
+    def sessions(self) -> tuple[KeSession, ...]:
+        """The sessions under way, oldest first."""
+        return tuple(self._sessions.values())
 
     def configure(self, settings: KeSettings) -> None:
         if (settings.rate, settings.burst) != (self.settings.rate, self.settings.burst):
@@ -87,7 +80,7 @@ class KeServer:
         self._loop = asyncio.get_running_loop()
         if hasattr(select, "epoll"):
             self.poller = select.epoll()
-            self._loop.add_reader(self.poller.fileno(), self._ready)
+            self._loop.add_reader(self.poller.fileno(), self.step_ready)
         for sock in sockets:
             self.listen(sock)
         self._sweeper = self._loop.call_later(_SWEEP_S, self._sweep)
@@ -124,7 +117,7 @@ class KeServer:
             self.poller.close()
             self.poller = None
 
-    def _ready(self) -> None:
+    def step_ready(self) -> None:
         """Step every session whose socket is ready (the loop saw the epoll set readable)."""
         assert self.poller is not None
         sessions = self._sessions
@@ -165,7 +158,11 @@ class KeServer:
                 log.exception("internal error setting up an NTS-KE session with %s (closed)", peer)
                 sock.close()
                 continue
-            self._sessions[session.fd] = session
+            self.adopt(session)
+
+    def adopt(self, session: KeSession) -> None:
+        """Serve `session` (accepted here, or built by a test around a socket pair)."""
+        self._sessions[session.fd] = session
 
     def _resume(self, listener: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         if listener in self._listeners:  # not stopped meanwhile
@@ -201,22 +198,6 @@ class KeServer:
             return "refused_rate"
         return None
 
-    def answer(self, conn: SSL.Connection, outcome: Negotiation | KeRefusal) -> bytes:
-        if isinstance(outcome, KeRefusal):
-            self.count(f"error_{outcome.reason}")
-            return response(outcome)
-        if outcome.aead is None:
-            self.count("no_common_aead" if outcome.protocol is not None else "no_common_protocol")
-            return response(outcome)
-        key_len = AEADS[outcome.aead].key_len
-        c2s = conn.export_keying_material(EXPORTER_LABEL, key_len, outcome.exporter_context(False))
-        s2c = conn.export_keying_material(EXPORTER_LABEL, key_len, outcome.exporter_context(True))
-        keys = CookieKeys(outcome.aead, bytes(c2s), bytes(s2c))
-        now = self.wall_clock()
-        cookies = self.keyring.seal_many(keys, now, COOKIES_PER_RESPONSE)
-        self.count(f"ok_aead_{outcome.aead}")
-        return response(outcome, cookies, self.settings.ntp_server, self.settings.ntp_port)
-
 
 class KeSession:
     """One NTS-KE session on a non-blocking socket: handshake, request, response, close.
@@ -239,7 +220,7 @@ class KeSession:
         self.started = time.monotonic()
         self.tls = SSL.Connection(server.certs.context, sock)
         self.tls.set_accept_state()
-        self.session = KeServerSession(server.settings.supported_aeads, server.settings.max_request)
+        self.session = KeServerSession(server.settings, server.keyring, server.decided)
         self.handshaken = False
         self.pending: bytes | None = None  # the response, until the socket took all of it
         self.writing = False  # waiting for the socket to be writable rather than readable
@@ -290,9 +271,13 @@ class KeSession:
                 self.close()
                 return
         while self.pending is None:
-            outcome = self.session.receive(tls.recv(4096))
-            if outcome is not None:
-                self.pending = self.server.answer(tls, outcome)
+            reply = self.session.receive(tls.recv(4096), self._export, self.server.wall_clock())
+            if reply is not None:
+                self.server.count(reply.outcome)
+                self.pending = reply.data
+
+    def _export(self, label: bytes, length: int, context: bytes) -> bytes:
+        return bytes(self.tls.export_keying_material(label, length, context))
 
     def _send(self) -> None:
         """Write the response (one TLS record: some clients need the answer in a single read),

@@ -1,1 +1,0 @@
-"""NTS key establishment: sans-IO session logic, the TLS listener and certificate handling."""
