@@ -3,14 +3,17 @@
 Strategy: sans-IO. The shell reads the kernel's clock state (adjtimex) and hands it in as a
 `KernelClock`; `server_state` turns that and the `clock` config into the `ServerState` every reply
 carries. An unsynchronised kernel clock yields leap 3 (alarm) and stratum 16, so clients will not
-follow us, unless the operator declares a local reference (labs, isolated networks).
+follow us, unless the operator declares a local reference (labs, isolated networks). `Replies`
+turns a state and the injected clock into reply headers: the ReplyContext every handler builds
+its answers with.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..wire.packet import Leap
+from ..wire.packet import Leap, ReplyHeader, kiss_of_death
 from ..wire.timestamps import seconds_to_short, unix_ns_to_ntp64
 
 STA_INS = 0x0010
@@ -85,3 +88,27 @@ def server_state(settings: ClockSettings, kernel: KernelClock | None, precision:
         settings.reference_id,
         unix_ns_to_ntp64(now_ns),
     )
+
+
+class Replies:
+    """The ReplyContext handlers build answers with: the server state's header and the clock."""
+
+    __slots__ = ("build", "clock")
+
+    def __init__(self, state: ServerState, clock: Callable[[], int]) -> None:
+        self.clock = clock
+        self.build = ReplyHeader(
+            state.leap,
+            state.stratum,
+            state.precision,
+            state.root_delay,
+            state.root_dispersion,
+            state.reference_id,
+            state.reference_ts,
+        ).build
+
+    def reply_header(self, request: bytes, rx_ns: int, tx_delay_ns: int = 0) -> bytes:
+        return self.build(request, rx_ns, self.clock() + tx_delay_ns)
+
+    def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:
+        return kiss_of_death(request, code, unix_ns_to_ntp64(rx_ns), unix_ns_to_ntp64(self.clock()))

@@ -5,8 +5,8 @@ guard and returns a Decision (reply bytes, a Drop, a Defer, or with `late` a Sea
 completes right before sending), counting the outcome in the stats sink it was given. Only mode-3
 requests of versions 1-4 are answered. The common case (a bare 48-byte request in plain mode) takes
 the same steps without building a Packet: the header's first byte gives mode and version, and the
-reply header comes from bytes prebuilt whenever the server state changes (`Replies`, which is also
-what handlers build their answers with). Handlers' fast paths (chosen by datagram length) come
+reply header comes from bytes prebuilt whenever the server state changes (`clockstate.Replies`,
+which is also what handlers build their answers with). Handlers' fast paths (chosen by datagram length) come
 next, and only then the general path: split fields, weigh claims, `respond`. Every handler's
 answer becomes a decision in one place, `_finish`. Time comes in: `rx_ns` per call, and the
 injected `clock()` for the transmit timestamp, read as the last step before the reply is returned
@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..wire.errors import ParseError
-from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, ReplyHeader, kiss_of_death, split_body
-from ..wire.timestamps import unix_ns_to_ntp64
-from .clockstate import ServerState
+from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, split_body
+from .clockstate import Replies, ServerState
 from .decisions import D_TOO_LONG, Answer, Decision, Defer, Drop, Nak, Seal, drop
 from .handler import Client, Request, RequestHandler
 from .policy import ALLOW, DENIED, RATE_KOD, RATE_OK, AccessPolicy, NetworkSet, RateLimiter
@@ -36,30 +35,6 @@ _D_NOAUTH = drop("no_authenticator")
 _D_REQUIRE_AUTH = drop("auth_required")
 _Fast = tuple[RequestHandler, Callable[[bytes, Client, int, "Replies"], "Answer | None"]]
 _FAST_TABLE = 4097  # datagram lengths whose list of fast paths is kept (the shell's largest + 1)
-
-
-class Replies:
-    """The ReplyContext handlers build answers with: the server state's header and the clock."""
-
-    __slots__ = ("build", "clock")
-
-    def __init__(self, state: ServerState, clock: Callable[[], int]) -> None:
-        self.clock = clock
-        self.build = ReplyHeader(
-            state.leap,
-            state.stratum,
-            state.precision,
-            state.root_delay,
-            state.root_dispersion,
-            state.reference_id,
-            state.reference_ts,
-        ).build
-
-    def reply_header(self, request: bytes, rx_ns: int, tx_delay_ns: int = 0) -> bytes:
-        return self.build(request, rx_ns, self.clock() + tx_delay_ns)
-
-    def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:
-        return kiss_of_death(request, code, unix_ns_to_ntp64(rx_ns), unix_ns_to_ntp64(self.clock()))
 
 
 class Pipeline:
