@@ -29,7 +29,7 @@ from .nts.certs import ALPN
 from .nts.ke_session import EXPORTER_LABEL
 from .nts.packets import auth_field, open_auth
 from .wire.errors import ParseError
-from .wire.extensions import ExtensionField, FieldType, make_field, parse_extension, serialize_extension
+from .wire.extensions import ExtensionField, FieldType, iter_extensions, make_field, serialize_extension
 from .wire.ke_records import NEXT_PROTOCOL_NTPV4, Record, RecordReader, RecordType, serialize_records, u16_list
 from .wire.packet import KISS_NTSN, parse_packet
 from .wire.timestamps import ntp64_to_unix_ns, short_to_seconds, unix_ns_to_ntp64
@@ -290,12 +290,8 @@ def check_nts_reply(ke: KeResult, reply: bytes, uid: bytes) -> tuple[bool, list[
                 plaintext = AEADS[ke.aead].decrypt(ke.s2c, opened[0], opened[1], reply[:pos])
             except AeadError:
                 raise QueryError("the reply's authenticator does not verify") from None
-            cookies, p = [], 0
             try:
-                while p < len(plaintext):
-                    inner, p = parse_extension(plaintext, p)
-                    if inner.type == FieldType.NTS_COOKIE:
-                        cookies.append(inner.value)
+                cookies = [inner.value for inner in iter_extensions(plaintext) if inner.type == FieldType.NTS_COOKIE]
             except ParseError as exc:
                 raise QueryError(f"malformed fields inside the reply's authenticator: {exc}") from None
             return False, cookies

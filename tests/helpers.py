@@ -12,9 +12,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -22,6 +23,42 @@ REQUIRE_PEERS = os.environ.get("NTSD_REQUIRE_PEERS") == "1"
 # the daemon's line once it serves ("ready", or "ready with N workers"); "ready" alone also matched
 # "Address already in use", so a server that could not bind its port looked ready
 READY = " INFO ntsd: ready"
+
+
+T = TypeVar("T")
+
+
+def wait_until(probe: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
+    """Call `probe` until it returns something true, and return that; fail after `timeout` seconds
+    with the last value seen. For what has no event to wait on (a counter a worker publishes once a
+    second, a file another process writes); never a sleep in place of an event that can be awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s{': ' + what if what else ''} (last: {value!r})")
+        time.sleep(interval)
+
+
+async def async_wait_until(
+    probe: Callable[[], T | Awaitable[T]], timeout: float = 5.0, interval: float = 0.01, what: str = ""
+) -> T:
+    """wait_until for a test on the event loop: the loop runs while it waits."""
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s{': ' + what if what else ''} (last: {value!r})")
+        await asyncio.sleep(interval)
 
 
 def need(tool: str) -> str:

@@ -10,11 +10,12 @@ its answers with.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..wire.packet import Leap, ReplyHeader, kiss_of_death
-from ..wire.timestamps import seconds_to_short, unix_ns_to_ntp64
+from ..wire.packet import Leap, Mode, kiss_of_death
+from ..wire.timestamps import MASK64, NTP_SCALED_OFFSET, seconds_to_short, unix_ns_to_ntp64
 
 STA_INS = 0x0010
 STA_DEL = 0x0020
@@ -90,25 +91,35 @@ def server_state(settings: ClockSettings, kernel: KernelClock | None, precision:
     )
 
 
-class Replies:
-    """The ReplyContext handlers build answers with: the server state's header and the clock."""
+_REPLY = struct.Struct(">2s1s21s8sQQ")  # LI/VN/mode + stratum, poll, the state's bytes, origin, receive, transmit
 
-    __slots__ = ("build", "clock")
+
+class Replies:
+    """The ReplyContext handlers build answers with, and the one builder of time-reply headers
+    (RFC 5905 section 7.3): what depends only on the server state is packed once, so a reply costs
+    one struct.pack. Version and poll are the request's, origin its transmit timestamp; the transmit
+    time is read from the injected clock as the last step."""
+
+    __slots__ = ("_first", "_middle", "clock")
 
     def __init__(self, state: ServerState, clock: Callable[[], int]) -> None:
         self.clock = clock
-        self.build = ReplyHeader(
-            state.leap,
-            state.stratum,
-            state.precision,
-            state.root_delay,
-            state.root_dispersion,
-            state.reference_id,
-            state.reference_ts,
-        ).build
+        self._first = [bytes(((state.leap << 6) | (v << 3) | Mode.SERVER, state.stratum)) for v in range(8)]
+        self._middle = struct.pack(
+            ">bII4sQ", state.precision, state.root_delay, state.root_dispersion, state.reference_id, state.reference_ts
+        )
 
     def reply_header(self, request: bytes, rx_ns: int, tx_delay_ns: int = 0) -> bytes:
-        return self.build(request, rx_ns, self.clock() + tx_delay_ns)
+        # The two timestamps are `unix_ns_to_ntp64` written out: calling it costs 4% of the
+        # instructions of a plain reply (a property test checks the two agree).
+        return _REPLY.pack(
+            self._first[(request[0] >> 3) & 7],
+            request[2:3],
+            self._middle,
+            request[40:48],
+            (((rx_ns << 32) + NTP_SCALED_OFFSET) // 1_000_000_000) & MASK64,
+            ((((self.clock() + tx_delay_ns) << 32) + NTP_SCALED_OFFSET) // 1_000_000_000) & MASK64,
+        )
 
     def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:
         return kiss_of_death(request, code, unix_ns_to_ntp64(rx_ns), unix_ns_to_ntp64(self.clock()))

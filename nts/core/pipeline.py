@@ -85,7 +85,7 @@ class Pipeline:
         """Serve `state` from the next datagram on (the reply bytes that depend on it are prebuilt)."""
         self.state = state
         self.replies = Replies(state, self.clock)
-        self._build = self.replies.build
+        self._reply_header = self.replies.reply_header
 
     def handle(self, data: bytes, client: Client, rx_ns: int, late: bool = False) -> Decision:
         """Decide what to answer. With `late`, a verified authenticated request comes back as a
@@ -122,7 +122,7 @@ class Pipeline:
             if self._require_auth is not None and ip in self._require_auth:
                 return self._drop(_D_REQUIRE_AUTH)
             self._bare_replies.n += 1
-            return self._build(data, rx_ns, self.clock())
+            return self._reply_header(data, rx_ns)
         fasts = self._fast_by_len.get(n)
         if fasts is None:
             fasts = tuple(f for f in self._fast if f[0].fast_takes(n))

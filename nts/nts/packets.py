@@ -1,4 +1,4 @@
-"""NTS-protected NTP (RFC 8915 section 5): the `nts` authenticator plugin's packet logic.
+"""NTS-protected NTP (RFC 8915 section 5): the `nts` plugin's packet logic.
 
 Strategy: a request carries a Unique Identifier, exactly one cookie, optional placeholders and, as
 its last field, the NTS Authenticator. The cookie yields the session keys; the authenticator is
@@ -23,7 +23,7 @@ from functools import partial
 from ..core.decisions import Drop, Nak, Seal, drop
 from ..core.handler import ReplyContext, Request
 from ..wire.errors import ParseError
-from ..wire.extensions import MIN_FIELD_LEN, FieldType, parse_extension
+from ..wire.extensions import MIN_FIELD_LEN, FieldType, iter_extensions
 from ..wire.packet import HEADER_LEN, KISS_NTSN, MAX_MAC_LEN
 from .aead import AEADS, TAG_LEN, Aead, Cipher
 from .cookies import CookieError, KeyRing
@@ -217,10 +217,8 @@ class NtsPackets:
             return self._nak(data, rx_ns, ctx, data[uid_at:uid_end], "authenticator_invalid")
         wanted = 1 + placeholders
         if plaintext:  # chrony and ntpd-rs send nothing inside; placeholders here count too
-            inner_pos = 0
             try:
-                while inner_pos < len(plaintext):
-                    inner, inner_pos = parse_extension(plaintext, inner_pos)
+                for inner in iter_extensions(plaintext):
                     if inner.type == FieldType.NTS_COOKIE_PLACEHOLDER:
                         if len(inner.value) != size - 4:
                             return _D_PLACEHOLDER

@@ -312,7 +312,8 @@ class UdpListener:
         self._answer(pipeline, data, addr, rx or time.time_ns(), anc)
 
     def _flush(self, batch: mmsg.Batch) -> None:
-        self.stats.inc(_K_SEND)
+        counts = self.stats.counts  # (not Counters.inc: a call per flush shows in a small batch's cost)
+        counts[_K_SEND] = counts.get(_K_SEND, 0) + 1
         for err in batch.flush():
             self.stats.inc(("socket_errors", _error_label(err)))
 

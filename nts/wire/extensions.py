@@ -9,6 +9,7 @@ against the datagram before any byte is read.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -45,6 +46,15 @@ def parse_extension(data: bytes, pos: int) -> tuple[ExtensionField, int]:
     if pos + length > len(data):
         raise ParseError("ef_overrun", f"extension field of {length} bytes runs past the end of the packet")
     return ExtensionField(ftype, bytes(data[pos + 4 : pos + length])), pos + length
+
+
+def iter_extensions(data: bytes) -> Iterator[ExtensionField]:
+    """The fields that fill `data` wholly (the plaintext inside an NTS authenticator), in order; a
+    ParseError when the next one is malformed, raised only when the iteration reaches it."""
+    pos = 0
+    while pos < len(data):
+        field, pos = parse_extension(data, pos)
+        yield field
 
 
 def serialize_extension(field: ExtensionField) -> bytes:

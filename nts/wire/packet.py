@@ -15,7 +15,6 @@ from enum import IntEnum
 
 from .errors import ParseError
 from .extensions import ExtensionField, parse_extension, serialize_extensions
-from .timestamps import unix_ns_to_ntp64
 
 HEADER_LEN = 48
 MAX_MAC_LEN = 24  # key id + 20-byte digest (RFC 5905 section 7.3; longer digests truncated)
@@ -173,38 +172,3 @@ def kiss_of_death(request: bytes, code: bytes, rx_ts: int = 0, tx_ts: int = 0) -
 def crypto_nak(request: bytes) -> bytes:
     """A crypto-NAK (RFC 5905 section 7.4): a header offering no time, then key id 0 alone."""
     return kiss_of_death(request, bytes(4)) + bytes(4)
-
-
-_REPLY = struct.Struct(">2s1s21s8sQQ")  # LI/VN/mode + stratum, poll, the state's bytes, origin, receive, transmit
-
-
-class ReplyHeader:
-    """Builds the 48-byte mode-4 header of a time reply (RFC 5905 section 7.3): what depends only on
-    the server's state is packed once, so a reply costs one struct.pack. Version and poll are the
-    request's, origin its transmit timestamp."""
-
-    __slots__ = ("_first", "_middle")
-
-    def __init__(
-        self,
-        leap: int,
-        stratum: int,
-        precision: int,
-        root_delay: int,
-        root_dispersion: int,
-        reference_id: bytes,
-        reference_ts: int,
-    ) -> None:
-        self._first = [bytes(((leap << 6) | (v << 3) | Mode.SERVER, stratum)) for v in range(8)]
-        self._middle = struct.pack(">bII4sQ", precision, root_delay, root_dispersion, reference_id, reference_ts)
-
-    def build(self, request: bytes, rx_ns: int, tx_ns: int) -> bytes:
-        """The header answering `request`, received at `rx_ns` and sent at `tx_ns` (Unix ns)."""
-        return _REPLY.pack(
-            self._first[(request[0] >> 3) & 7],
-            request[2:3],
-            self._middle,
-            request[40:48],
-            unix_ns_to_ntp64(rx_ns),
-            unix_ns_to_ntp64(tx_ns),
-        )

@@ -10,14 +10,14 @@ from __future__ import annotations
 NTP_UNIX_OFFSET = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
 ERA_SECONDS = 1 << 32
 _NS = 1_000_000_000
-_MASK64 = (1 << 64) - 1
-_OFFSET_SCALED = NTP_UNIX_OFFSET * _NS << 32  # (unix_ns << 32) + this, // _NS, is the NTP timestamp
+MASK64 = (1 << 64) - 1
+NTP_SCALED_OFFSET = NTP_UNIX_OFFSET * _NS << 32  # (unix_ns << 32) + this, // 1e9, is the NTP timestamp
 
 
 def unix_ns_to_ntp64(ns: int) -> int:
     """Unix nanoseconds -> 64-bit NTP timestamp (seconds mod 2**32 . fraction, truncated), in one
     multiply and one divide: this is on every reply's path."""
-    return (((ns << 32) + _OFFSET_SCALED) // _NS) & _MASK64
+    return (((ns << 32) + NTP_SCALED_OFFSET) // _NS) & MASK64
 
 
 def ntp64_to_unix_ns(ts: int, pivot_ns: int) -> int:

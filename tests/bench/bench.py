@@ -24,8 +24,14 @@ core of it could not saturate chrony with an EC certificate. `--ke-tls openssl,g
 libraries' clients (OpenSSL: an X25519 key share, tickets offered; GnuTLS with chrony's settings),
 for what real clients cost; with EC certificates they saturate ntsd but not chrony.
 
+`--baseline DIR` runs a second ntsd, the tree in DIR (with `--baseline-python`, an interpreter that
+has that tree's dependencies and entry points installed), in the same rounds, and prints this
+tree's rate over the baseline's round by round: a before/after comparison that the machine's drift
+between two runs cannot blur.
+
 Usage: python3 tests/bench/bench.py [--seconds 3] [--rounds 3] [--only plain,mac,nts,ke]
        [--ntp-options "max_hold_us: 10, batch: 32"] [--python /usr/bin/python3] [--ke-tls lite,gnutls]
+       [--baseline DIR --baseline-python PYTHON]
 The interpreter matters: CPython built without PGO/LTO (pyenv's default) runs ntsd's hot path
 20-25% slower than a distribution's optimized build; the script prints which one ran ntsd.
 Needs: chronyd (Debian chrony), gcc, libssl-dev, libgnutls28-dev, taskset; run as root (chronyd -u root).
@@ -118,7 +124,13 @@ class Servers:
     """chrony and ntsd side by side with the same certificate, NTP and NTS-KE on loopback."""
 
     def __init__(
-        self, work: Path, cert_kind: str, core: int, ntp_options: str = "", python: str = sys.executable
+        self,
+        work: Path,
+        cert_kind: str,
+        core: int,
+        ntp_options: str = "",
+        python: str = sys.executable,
+        baseline: tuple[Path, str] | None = None,
     ) -> None:
         self.work = work / cert_kind
         self.work.mkdir()
@@ -130,24 +142,26 @@ class Servers:
         ):
             (self.work / path).write_text(text)
             (self.work / path).chmod(0o600)
-        self.ntp = {"chrony": free_port(), "ntsd": free_port()}
-        self.ke = {"chrony": free_port(socket.SOCK_STREAM), "ntsd": free_port(socket.SOCK_STREAM)}
+        names = ["chrony", "ntsd", "base"] if baseline is not None else ["chrony", "ntsd"]
+        self.ntp = {name: free_port() for name in names}
+        self.ke = {name: free_port(socket.SOCK_STREAM) for name in names}
         (self.work / "chrony.conf").write_text(
             f"port {self.ntp['chrony']}\nntsport {self.ke['chrony']}\nbindaddress 127.0.0.1\n"
             f"ntsservercert {self.certs.certificate}\nntsserverkey {self.certs.private_key}\n"
             f"ntsdumpdir {self.work}\nlocal stratum 1\nallow 127.0.0.1\ncmdport 0\nkeyfile {self.work}/chrony.keys\n"
             f"pidfile {self.work}/chronyd.pid\n"
         )
-        (self.work / "ntsd.yaml").write_text(
-            f'ntp: {{listen: ["127.0.0.1:{self.ntp["ntsd"]}"]{", " + ntp_options if ntp_options else ""}}}\n'
-            "rate_limit: {enabled: false}\n"
-            "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\nmetrics: {listen: null}\n"
-            "log: {level: warning}\n"
-            f'nts: {{listen: ["127.0.0.1:{self.ke["ntsd"]}"], certificate: {self.certs.certificate}, '
-            f"private_key: {self.certs.private_key}, key_dir: {self.work / 'keys'}, "
-            f"ntp_port: {self.ntp['ntsd']}, ke_rate: 1000000, ke_burst: 1000000, max_connections: 1024}}\n"
-            f"mac: {{keys: {self.work / 'ntp.keys'}}}\n"
-        )
+        for name in names[1:]:
+            (self.work / f"{name}.yaml").write_text(
+                f'ntp: {{listen: ["127.0.0.1:{self.ntp[name]}"]{", " + ntp_options if ntp_options else ""}}}\n'
+                "rate_limit: {enabled: false}\n"
+                "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\nmetrics: {listen: null}\n"
+                "log: {level: warning}\n"
+                f'nts: {{listen: ["127.0.0.1:{self.ke[name]}"], certificate: {self.certs.certificate}, '
+                f"private_key: {self.certs.private_key}, key_dir: {self.work / (name + '-keys')}, "
+                f"ntp_port: {self.ntp[name]}, ke_rate: 1000000, ke_burst: 1000000, max_connections: 1024}}\n"
+                f"mac: {{keys: {self.work / 'ntp.keys'}}}\n"
+            )
         pin = ["taskset", "-c", str(core)]
         self.procs = {
             "chrony": subprocess.Popen(
@@ -160,6 +174,11 @@ class Servers:
                 cwd=HERE.parent.parent,  # this tree's ntsd, whatever the interpreter has installed
             ),
         }
+        if baseline is not None:
+            tree, base_python = baseline
+            self.procs["base"] = subprocess.Popen(
+                [*pin, base_python, "-m", "nts", "serve", "-c", str(self.work / "base.yaml")], cwd=tree
+            )
         for name in self.procs:
             wait_port(self.ntp[name], socket.SOCK_DGRAM)
             wait_port(self.ke[name], socket.SOCK_STREAM)
@@ -194,10 +213,11 @@ class Servers:
 def compare(
     title: str, servers: Servers, rounds: int, load: Callable[[str], float]
 ) -> tuple[dict[str, float], dict[str, float]]:
-    rates: dict[str, list[float]] = {"chrony": [], "ntsd": []}
-    cpu: dict[str, list[float]] = {"chrony": [], "ntsd": []}
+    names = list(servers.procs)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in ("chrony", "ntsd") if r % 2 == 0 else ("ntsd", "chrony"):  # neither always goes first
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # none always goes first
             pid = servers.procs[name].pid
             before, t0 = tree_cpu_seconds(pid), time.monotonic()
             rates[name].append(load(name))
@@ -206,7 +226,7 @@ def compare(
     used = {n: statistics.median(c) for n, c in cpu.items()}
     print(f"\n{title}")
     print(f"  {'server':8} {'median/s':>10} {'min/s':>10} {'max/s':>10} {'cpu':>6}")
-    for name in ("chrony", "ntsd"):
+    for name in names:
         r = rates[name]
         print(f"  {name:8} {med[name]:10.0f} {min(r):10.0f} {max(r):10.0f} {used[name] * 100:5.0f}%")
     note = ""
@@ -224,6 +244,13 @@ def compare(
     if len(paired) >= 5:
         low, high = median_interval(paired)
         print(f"  that median's 95% interval (bootstrap over the rounds): {low:.2f} to {high:.2f}")
+    if "base" in rates:
+        print(f"  ratio base/chrony: {med['base'] / med['chrony']:.2f}")
+        ab = sorted(n / b for b, n in zip(rates["base"], rates["ntsd"], strict=True))
+        print(f"  ratio ntsd/base round by round: median {statistics.median(ab):.3f}, from {ab[0]:.3f} to {ab[-1]:.3f}")
+        if len(ab) >= 5:
+            low, high = median_interval(ab)
+            print(f"  that median's 95% interval (bootstrap over the rounds): {low:.3f} to {high:.3f}")
     return med, used
 
 
@@ -289,7 +316,10 @@ def main() -> int:
         default=sys.executable,
         help="the interpreter that runs ntsd (it needs the dependencies), e.g. a distribution's optimized build",
     )
+    ap.add_argument("--baseline", metavar="DIR", help="another ntsd tree, measured in the same rounds")
+    ap.add_argument("--baseline-python", default=sys.executable, help="the interpreter that runs the baseline")
     args = ap.parse_args()
+    baseline = (Path(args.baseline).resolve(), args.baseline_python) if args.baseline else None
     only = set(args.only.split(","))
     for tool in ("chronyd", "gcc", "taskset"):
         if shutil.which(tool) is None:
@@ -313,7 +343,7 @@ def main() -> int:
             )
         for kind in ("ec", "rsa"):
             if kind == "ec" or "ke" in only:
-                servers = Servers(work, kind, args.server_core, args.ntp_options, args.python)
+                servers = Servers(work, kind, args.server_core, args.ntp_options, args.python, baseline)
                 try:
                     run_all(servers, kind, args, only, loadgen, keload)
                 finally:

@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from nts.nts import nettle
 from nts.nts.devcerts import make_dev_certs
 from nts.server.metrics import parse_text
 from nts.wire.ke_records import Record, RecordType
-from tests.helpers import Ntsd, free_port, running_ntsd
+from tests.helpers import Ntsd, free_port, running_ntsd, wait_until
 from tests.nts_helpers import AEAD15, NP, dev_certs, ke_raw, nts_config, ports, request
 
 
@@ -68,9 +67,8 @@ def test_ke_misuse_gets_documented_outcomes_and_service_continues(tmp_path: Path
         cookie_from_client = ke_raw(ke, request(NP, AEAD15, Record(False, RecordType.NEW_COOKIE, b"x" * 8)))
         assert isinstance(cookie_from_client, list) and cookie_from_client[0].body == b"\x00\x01"
         assert ke_raw(ke, request(NP, AEAD15, Record(False, 0x2222, bytes(600)))) == "closed"  # oversized
-        started = time.monotonic()
         assert ke_raw(ke, None) == "closed"  # says nothing: closed at the session deadline
-        assert 0.5 < time.monotonic() - started < 5
+        wait_until(lambda: ke_events(mport).get("timeout") == 1, what="the silent session timed out")
         ok = ke_raw(ke, request(NP, AEAD15))
         assert isinstance(ok, list) and [r.type for r in ok].count(RecordType.NEW_COOKIE) == 8
         events = ke_events(mport)
@@ -115,9 +113,8 @@ def test_peers_that_are_not_tls_or_vanish_are_closed_at_once_and_counted(tmp_pat
         s.close()
         ok = ke_raw(ke, request(NP, AEAD15))
         assert isinstance(ok, list) and [r.type for r in ok].count(RecordType.NEW_COOKIE) == 8
-        deadline = time.monotonic() + 5
-        while ke_events(mport).get("client_closed_early", 0) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)  # the reset may be seen after the good session
+        # the reset may be seen after the good session
+        wait_until(lambda: ke_events(mport).get("client_closed_early", 0) >= 2, 5, what="the reset counted")
         events = ke_events(mport)
         assert events["handshake_failed"] == 1
         assert events["client_closed_early"] == 2
@@ -130,12 +127,9 @@ def test_connection_limit_refuses_fast_and_others_are_served(tmp_path: Path) -> 
     with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport, extra)):
         idle = [socket.create_connection(("127.0.0.1", ke)) for _ in range(4)]
         try:
-            deadline = time.monotonic() + 10
-            while ke_events(mport).get("connections", 0) < 4 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            refused_at = time.monotonic()
+            wait_until(lambda: ke_events(mport).get("connections", 0) >= 4, what="4 idle sessions")
+            # refused at once: ke_raw gives up long before a slot would free (session_timeout 30 s)
             assert ke_raw(ke, request(NP, AEAD15)).startswith("handshake failed")
-            assert time.monotonic() - refused_at < 2
             assert ke_events(mport)["refused_busy"] >= 1
             # UDP service is untouched by a KE flood
             ca = dev_certs(tmp_path).ca
@@ -144,13 +138,14 @@ def test_connection_limit_refuses_fast_and_others_are_served(tmp_path: Path) -> 
         finally:
             for s in idle:
                 s.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def query() -> dict[str, object] | None:
             try:
-                out = run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca)
-                break
+                return run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca)
             except QueryError:
-                time.sleep(0.1)
+                return None
+
+        out = wait_until(query, what="a slot free again")
         assert out["authenticated"] is True
 
 
@@ -431,10 +426,8 @@ def test_silent_and_trickling_clients_do_not_stall_others(tmp_path: Path) -> Non
         trickle = socket.create_connection(("127.0.0.1", ke))
         trickle.sendall(b"\x16\x03")  # the first bytes of a ClientHello, then nothing more
         try:
-            started = time.monotonic()
-            out = run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca)
-            assert out["authenticated"] is True
-            assert time.monotonic() - started < 2.0  # served at once, not after anyone's deadline
+            out = run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca)  # its NTS-KE gives up after 5 s
+            assert out["authenticated"] is True  # so served before anyone's deadline (20 s)
         finally:
             for s in [*silent, trickle]:
                 s.close()
@@ -566,17 +559,13 @@ def test_query_gives_up_on_a_trickling_or_silent_server_at_its_deadline(tmp_path
     with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke)):
         port, stop = _trickle_proxy(ke, 0.02)  # the server's first flight alone would take ~20 s
         try:
-            started = time.monotonic()
             with pytest.raises(QueryError, match=f"^NTS-KE with 127.0.0.1 port {port} did not finish in time$"):
                 key_exchange("127.0.0.1", port, dev_certs(tmp_path).ca, timeout=0.5)
-            assert time.monotonic() - started < 2
         finally:
             stop.set()
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel does), never answers
-        started = time.monotonic()
         with pytest.raises(QueryError, match="did not finish in time"):
             key_exchange("127.0.0.1", silent.getsockname()[1], dev_certs(tmp_path).ca, timeout=0.3)
-        assert time.monotonic() - started < 2
 
 
 def test_a_certificate_close_to_expiry_is_logged_and_exported(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from nts.cli import fetch_metrics
 from nts.server.metrics import parse_text
 from nts.wire.packet import parse_packet
 from nts.wire.timestamps import ntp64_to_unix_ns
-from tests.helpers import READY, Ntsd, client_request, free_port, lab_config, query, running_ntsd
+from tests.helpers import READY, Ntsd, client_request, free_port, lab_config, query, running_ntsd, wait_until
 from tests.mac_helpers import write_keys
 
 NO_RATE = "rate_limit: {enabled: false}\n"
@@ -266,13 +266,12 @@ def test_workers_share_the_port_and_sum_their_counters(tmp_path: Path) -> None:
         sources = [f"127.0.3.{i}" for i in range(1, 41)]  # many source ports/addresses spread over workers
         for src in sources:
             assert query(port, client_request(), source=src) is not None
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # workers publish counters once a second
+
+        def summed() -> dict[str, float] | None:  # workers publish counters once a second
             m = metrics(mport)
-            if m.get('ntsd_replies_total{auth="none"}') == len(sources):
-                break
-            time.sleep(0.2)
-        assert m['ntsd_replies_total{auth="none"}'] == len(sources)
+            return m if m.get('ntsd_replies_total{auth="none"}') == len(sources) else None
+
+        m = wait_until(summed, interval=0.2, what="every reply summed")
         assert m["ntsd_workers"] == 2
 
 
@@ -356,10 +355,8 @@ def test_requests_the_kernel_dropped_are_counted(tmp_path: Path, workers: int) -
     config = lab_config(port, metrics_port=mport, extra=NO_RATE, ntp_extra=f"workers: {workers}")
     with running_ntsd(tmp_path, config) as server:
         assert query(port, client_request()) is not None
-        deadline = time.monotonic() + 10
-        while (before := metrics(mport)).get("ntsd_requests_total", 0) < 1:  # workers publish once a second
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        # workers publish once a second
+        before = wait_until(lambda: (m := metrics(mport)).get("ntsd_requests_total", 0) >= 1 and m, interval=0.1)
         sent = 20_000  # several times what a 2 MiB receive buffer holds
         processes = [server.proc.pid]
         processes += [
@@ -374,14 +371,14 @@ def test_requests_the_kernel_dropped_are_counted(tmp_path: Path, workers: int) -
         finally:
             for pid in processes:
                 os.kill(pid, signal.SIGCONT)
-        deadline = time.monotonic() + 15
-        while True:  # workers publish their counters once a second: read until the sums add up
+
+        def counted() -> tuple[float, float]:
             m = metrics(mport)
             got = m.get("ntsd_requests_total", 0) - before["ntsd_requests_total"]
-            dropped = m.get("ntsd_kernel_drops_total", 0) - before.get("ntsd_kernel_drops_total", 0)
-            if got + dropped >= sent or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+            return got, m.get("ntsd_kernel_drops_total", 0) - before.get("ntsd_kernel_drops_total", 0)
+
+        # workers publish their counters once a second: read until the sums add up
+        got, dropped = wait_until(lambda: (c := counted())[0] + c[1] >= sent and c, 15, 0.1, "the sums")
         assert dropped > 0 and got > 0
         assert got + dropped == sent
         server.wait_for("the kernel dropped")
@@ -494,12 +491,10 @@ def test_reload_outcomes_and_warnings_are_in_the_metrics(tmp_path: Path, workers
             mark = len(server.lines)
             server.signal(signal.SIGHUP)
             server.wait_for(expect, start=mark)
-            deadline = time.monotonic() + 10
-            while True:  # workers publish their counters once a second
-                m = metrics(mport)
-                if m.get('ntsd_log_lines_total{level="error"}', 0) >= errors or time.monotonic() > deadline:
-                    return m
-                time.sleep(0.1)
+            # workers publish their counters once a second
+            return wait_until(
+                lambda: (m := metrics(mport)).get('ntsd_log_lines_total{level="error"}', 0) >= errors and m, 10, 0.1
+            )
 
         (tmp_path / "ntsd.yaml").write_text(config + "ntp: {}\n")  # a duplicate key: refused by the parent
         errors = 1
@@ -530,13 +525,15 @@ def test_reload_outcomes_and_warnings_are_in_the_metrics(tmp_path: Path, workers
 def _pids_logging(path: Path, text: str, count: int, timeout: float = 10.0) -> set[str]:
     """The processes (ntsd[PID]) that wrote a line with `text` to `path`, once `count` of them have
     (the file has no event to wait on; it is read again until then)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def pids() -> set[str]:
         lines = path.read_text().splitlines() if path.exists() else []
-        pids = {line.split()[2] for line in lines if text in line}
-        if len(pids) >= count or time.monotonic() > deadline:
-            return pids
-        time.sleep(0.05)
+        return {line.split()[2] for line in lines if text in line}
+
+    try:
+        return wait_until(lambda: len(found := pids()) >= count and found, timeout)
+    except AssertionError:
+        return pids()  # fewer than `count`: the caller's assertion says which
 
 
 def test_reload_reopens_the_log_file_in_every_process(tmp_path: Path) -> None:

@@ -7,12 +7,11 @@ import secrets
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.helpers import free_port, need
+from tests.helpers import free_port, need, wait_until
 
 _WRONG_BY = re.compile(r"System clock wrong by (-?[0-9.]+) seconds")
 
@@ -42,14 +41,14 @@ def _wait_for_sentinel(pcap: Path, sentinel: int, proc: subprocess.Popen[str], t
     are and in capture order: once this datagram's payload is in the file, so is all before it.
     """
     token = b"ntsd-sentinel-" + secrets.token_hex(8).encode()
-    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        while time.monotonic() < deadline and proc.poll() is None:
+
+        def captured() -> bool:
+            assert proc.poll() is None, "tshark exited before it captured the sentinel datagram"
             s.sendto(token, ("127.0.0.1", sentinel))
-            time.sleep(0.05)
-            if pcap.exists() and token in pcap.read_bytes():
-                return
-    raise AssertionError("tshark never wrote the sentinel datagram to its capture file")
+            return pcap.exists() and token in pcap.read_bytes()
+
+        wait_until(captured, timeout, what="tshark writing the sentinel datagram to its capture file")
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import pytest
 from nts.cli import fetch_metrics
 from nts.client import run_query
 from nts.server.metrics import parse_text
-from tests.helpers import client_request, free_port, lab_config, need, query, running_ntsd
+from tests.helpers import client_request, free_port, lab_config, need, query, running_ntsd, wait_until
 from tests.nts_helpers import dev_certs, nts_config, ports
 
 pytestmark = pytest.mark.interop
@@ -42,11 +42,13 @@ class Samba:
             [need("samba"), "-i", "-s", str(self.root / "dc/etc/smb.conf"), "--option=server services=ntp_signd"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not _connectable(self.socket):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError("Samba's ntp_signd socket never appeared")
-            time.sleep(0.05)
+        proc = self.proc
+
+        def signd_up() -> bool:
+            assert proc.poll() is None, "Samba exited before its ntp_signd socket appeared"
+            return _connectable(self.socket)
+
+        wait_until(signd_up, 30, what="Samba's ntp_signd socket")
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from nts.client import run_query
 from nts.nts.devcerts import make_dev_certs
 from nts.server.metrics import parse_text
 from nts.wire.ke_records import Record, RecordType, parse_records
-from tests.helpers import free_port, need, running_ntsd
+from tests.helpers import free_port, need, running_ntsd, wait_until
 from tests.interop.peers import capture, chrony_measure, decrypted_tls, dissect, dissection_problems
 from tests.nts_helpers import dev_certs, nts_config, ports
 
@@ -89,15 +88,16 @@ def chrony_nts_server(tmp: Path) -> Iterator[tuple[int, int, Path]]:
         [chronyd, "-x", "-u", "root", "-d", "-f", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 15
-        while True:
+
+        def listening() -> bool:
+            assert proc.poll() is None, "chronyd exited before its NTS-KE port opened"
             try:
                 socket.create_connection(("127.0.0.1", ke), timeout=1).close()
-                break
             except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError("chronyd's NTS-KE port never opened") from None
-                time.sleep(0.05)
+                return False
+            return True
+
+        wait_until(listening, 15, what="chronyd's NTS-KE port open")
         yield ntp, ke, certs.ca
     finally:
         proc.terminate()

@@ -20,7 +20,7 @@ from typing import Any
 
 from nts.cli import fetch_metrics
 from nts.client import check_nts_reply, exchange, key_exchange, nts_request
-from tests.helpers import client_request, free_port, need, query, running_ntsd
+from tests.helpers import client_request, free_port, need, query, running_ntsd, wait_until
 from tests.mac_helpers import write_keys
 from tests.mssntp_helpers import FakeSigner
 from tests.nts_helpers import dev_certs, nts_config
@@ -61,12 +61,10 @@ def test_promtool_finds_nothing_to_lint_in_the_metrics(tmp_path: Path) -> None:
             assert not check_nts_reply(session, exchange("127.0.0.1", ntp, packet)[0], uid)[0]
             assert query(ntp, client_request()) is not None
             assert query(ntp, client_request() + struct.pack("<I", 1105) + bytes(16)) is not None  # signed
-            deadline = time.monotonic() + 10
-            while (
-                "ntsd_mssntp_sign_total" not in (text := fetch_metrics("127.0.0.1", mport))
-                and time.monotonic() < deadline
-            ):
-                time.sleep(0.2)  # workers publish their counters once a second
+            # workers publish their counters once a second
+            text = wait_until(
+                lambda: "ntsd_mssntp_sign_total" in (t := fetch_metrics("127.0.0.1", mport)) and t, 10, 0.2
+            )
     finally:
         signer.close()
     for family in ("ntsd_nts_ke_total", "ntsd_replies_total", "ntsd_mssntp_sign_total", "ntsd_log_lines_total"):
@@ -113,15 +111,14 @@ def api(base: str, path: str, **params: str) -> Any:
 def until(what: str, probe: Any, timeout: float = 40.0) -> Any:
     """Ask `probe()` (Prometheus's API) until it returns something true: Prometheus has no event to
     wait on, it scrapes and evaluates on its own clock (here every second)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def asked() -> Any:
         try:
-            if result := probe():
-                return result
+            return probe()
         except OSError:
-            pass  # not listening yet
-        time.sleep(0.25)
-    raise AssertionError(f"Prometheus never showed {what}")
+            return None  # not listening yet
+
+    return wait_until(asked, timeout, 0.25, f"Prometheus showing {what}")
 
 
 def test_prometheus_scrapes_ntsd_and_the_readme_alert_fires_on_a_refused_reload(tmp_path: Path) -> None:

@@ -122,3 +122,13 @@ def test_mac_bodies_are_a_bare_trailer_in_every_version(version: int, body: int,
     """The pipeline skips the field parser for 20/24-byte bodies; the parser must agree for any bytes."""
     packet = data.draw(st.binary(min_size=48 + body, max_size=48 + body))
     assert split_body(packet, version) == ((), packet[48:])
+
+
+@given(st.integers(0, 2**64), st.integers(0, 2**64))
+def test_the_reply_header_converts_timestamps_as_the_wire_layer_does(rx_ns: int, tx_ns: int) -> None:
+    from nts.core.clockstate import Replies, ServerState
+    from nts.wire.timestamps import unix_ns_to_ntp64
+
+    replies = Replies(ServerState(0, 2, -20, 0, 0, b"KERN", 0), lambda: tx_ns)
+    header = replies.reply_header(bytes([0x23]) + bytes(47), rx_ns)
+    assert struct.unpack_from(">QQ", header, 32) == (unix_ns_to_ntp64(rx_ns), unix_ns_to_ntp64(tx_ns))

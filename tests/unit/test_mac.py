@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import struct
@@ -19,7 +20,7 @@ from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainHandler
 from nts.core.policy import NetworkSet
 from nts.wire.packet import parse_packet
-from tests.helpers import client_request
+from tests.helpers import async_wait_until, client_request
 from tests.mac_helpers import independent_mac
 
 KEYS = {
@@ -138,10 +139,8 @@ def test_a_key_file_changed_before_the_watcher_starts_is_still_reloaded(
     async def run() -> set[int]:
         await mac.start()
         try:
-            for _ in range(100):
-                await asyncio.sleep(0.05)
-                if set(mac.table.keys) != set(KEYS):
-                    break
+            with contextlib.suppress(AssertionError):  # unchanged after 5 s: the assertion below says so
+                await async_wait_until(lambda: set(mac.table.keys) != set(KEYS), 5, 0.05)
             return set(mac.table.keys)
         finally:
             await mac.stop()

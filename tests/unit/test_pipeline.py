@@ -230,3 +230,18 @@ def test_plain_answers_unknown_extension_fields() -> None:
     field = struct.pack(">HH", 0x7777, 28) + bytes(24)
     reply = make().handle(client_request() + field, CLIENT, T0)
     assert isinstance(reply, bytes) and len(reply) == 48
+
+
+def test_reply_header_timestamps_and_echoes() -> None:
+    from nts.core.clockstate import Replies, ServerState
+
+    state = ServerState(0, 2, -20, 0x10, 0x20, b"KERN", 0x0102030405060708)
+    rx_ns = 1_700_000_000 * 10**9 + 500_000_000
+    replies = Replies(state, FakeClock(rx_ns + 1000))
+    request = bytes([0x1B, 0, 10, 0]) + bytes(36) + bytes(range(8))
+    reply = replies.reply_header(request, rx_ns, tx_delay_ns=500)
+    assert reply[:4] == bytes([0x1C, 2, 10, 0xEC])  # leap 0, version 3 (the request's), mode 4; poll echoed
+    assert reply[4:16] == bytes.fromhex("00000010 00000020") + b"KERN"
+    assert reply[16:24] == bytes.fromhex("0102030405060708") and reply[24:32] == bytes(range(8))
+    assert reply[32:48] == struct.pack(">QQ", unix_ns_to_ntp64(rx_ns), unix_ns_to_ntp64(rx_ns + 1500))
+    assert unix_ns_to_ntp64(rx_ns) == (1_700_000_000 + 2_208_988_800) << 32 | 1 << 31

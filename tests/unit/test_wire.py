@@ -10,7 +10,6 @@ from nts.wire.packet import (
     KISS_RATE,
     Header,
     Packet,
-    ReplyHeader,
     crypto_nak,
     kiss_of_death,
     parse_header,
@@ -161,17 +160,6 @@ def test_crypto_nak_is_a_timeless_header_and_key_id_zero() -> None:
     request = bytes([0x23, 0, 6, 0]) + bytes(36) + bytes(range(8)) + bytes(4) + bytes(16)
     nak = crypto_nak(request)
     assert nak == bytes([0xE4, 0, 6, 0]) + bytes(8) + bytes(4) + bytes(8) + bytes(range(8)) + bytes(16) + bytes(4)
-
-
-def test_reply_header_timestamps_and_echoes() -> None:
-    template = ReplyHeader(0, 2, -20, 0x10, 0x20, b"KERN", 0x0102030405060708)
-    request = bytes([0x1B, 0, 10, 0]) + bytes(36) + bytes(range(8))
-    rx_ns = 1_700_000_000 * 10**9 + 500_000_000
-    reply = template.build(request, rx_ns, rx_ns + 1000)
-    assert reply[:4] == bytes([0x1C, 2, 10, 0xEC])  # leap 0, version 3 (the request's), mode 4; poll echoed
-    assert reply[12:16] == b"KERN" and reply[24:32] == bytes(range(8))
-    assert reply[32:40] == unix_ns_to_ntp64(rx_ns).to_bytes(8, "big")
-    assert unix_ns_to_ntp64(rx_ns) == (1_700_000_000 + 2_208_988_800) << 32 | 1 << 31
 
 
 def test_timestamp_conversion_folds_the_era() -> None:
