@@ -26,7 +26,7 @@ from OpenSSL import SSL
 from .net import is_dns_name, is_ip_address
 from .nts.aead import AEAD_NAMES, AEADS, DEFAULT_AEADS, AeadError, AeadId
 from .nts.certs import ALPN
-from .nts.ke_session import EXPORTER_LABEL
+from .nts.ke_session import EXPORTER_LABEL, Negotiation
 from .nts.packets import auth_field, open_auth
 from .wire.errors import ParseError
 from .wire.extensions import ExtensionField, FieldType, iter_extensions, make_field, serialize_extension
@@ -139,7 +139,7 @@ def key_exchange(
             raise QueryError(f"the server's certificate is not valid for {host}")
         request = [Record(True, RecordType.NEXT_PROTOCOL, struct.pack(">H", NEXT_PROTOCOL_NTPV4))]
         request.append(Record(True, RecordType.AEAD_ALGORITHM, struct.pack(f">{len(aeads)}H", *aeads)))
-        if compliant_gcm and 30 in aeads:
+        if compliant_gcm and AeadId.AES_128_GCM_SIV in aeads:
             request.append(Record(False, RecordType.COMPLIANT_128GCM_EXPORT))
         request += extra_records
         request.append(Record(True, RecordType.END_OF_MESSAGE))
@@ -148,9 +148,9 @@ def key_exchange(
         records = _read_response(lambda: step(lambda: conn.recv(65536)))
         result = _interpret(records, cert)
         key_len = AEADS[result.aead].key_len
-        ctx_aead = 15 if result.aead == 30 and not result.compliant_gcm else result.aead
-        c2s = conn.export_keying_material(EXPORTER_LABEL, key_len, struct.pack(">HHB", 0, ctx_aead, 0))
-        s2c = conn.export_keying_material(EXPORTER_LABEL, key_len, struct.pack(">HHB", 0, ctx_aead, 1))
+        negotiated = Negotiation(NEXT_PROTOCOL_NTPV4, result.aead, result.compliant_gcm)  # the server's contexts
+        c2s = conn.export_keying_material(EXPORTER_LABEL, key_len, negotiated.exporter_context(False))
+        s2c = conn.export_keying_material(EXPORTER_LABEL, key_len, negotiated.exporter_context(True))
         result.c2s, result.s2c = bytes(c2s), bytes(s2c)
         return result
     except (SSL.Error, OSError) as exc:

@@ -105,11 +105,11 @@ class Aead:
 
 
 AEADS: dict[int, Aead] = {
-    AeadId.AES_SIV_CMAC_256: Aead(15, 32, None),
-    AeadId.AES_SIV_CMAC_384: Aead(16, 48, None),
-    AeadId.AES_SIV_CMAC_512: Aead(17, 64, None),
-    AeadId.AES_128_GCM_SIV: Aead(30, 16, 12),
-    AeadId.AES_256_GCM_SIV: Aead(31, 32, 12),
+    AeadId.AES_SIV_CMAC_256: Aead(AeadId.AES_SIV_CMAC_256, 32, None),
+    AeadId.AES_SIV_CMAC_384: Aead(AeadId.AES_SIV_CMAC_384, 48, None),
+    AeadId.AES_SIV_CMAC_512: Aead(AeadId.AES_SIV_CMAC_512, 64, None),
+    AeadId.AES_128_GCM_SIV: Aead(AeadId.AES_128_GCM_SIV, 16, 12),
+    AeadId.AES_256_GCM_SIV: Aead(AeadId.AES_256_GCM_SIV, 32, 12),
 }
 DEFAULT_AEADS: tuple[int, ...] = tuple(
     int(a) for a in (AeadId.AES_SIV_CMAC_256, AeadId.AES_SIV_CMAC_512, AeadId.AES_128_GCM_SIV, AeadId.AES_256_GCM_SIV,
