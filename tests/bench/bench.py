@@ -239,19 +239,22 @@ def compare(
     print(f"  ratio ntsd/chrony: {med['ntsd'] / med['chrony']:.2f}{note}")
     # Back-to-back runs share the machine's mood: the ratio within each round drifts less than
     # either server's rate does over the whole test.
-    paired = sorted(n / c for c, n in zip(rates["chrony"], rates["ntsd"], strict=True))
-    print(f"  ratio round by round: median {statistics.median(paired):.2f}, from {paired[0]:.2f} to {paired[-1]:.2f}")
-    if len(paired) >= 5:
-        low, high = median_interval(paired)
-        print(f"  that median's 95% interval (bootstrap over the rounds): {low:.2f} to {high:.2f}")
+    print_paired("ratio", rates["ntsd"], rates["chrony"], 2)
     if "base" in rates:
         print(f"  ratio base/chrony: {med['base'] / med['chrony']:.2f}")
-        ab = sorted(n / b for b, n in zip(rates["base"], rates["ntsd"], strict=True))
-        print(f"  ratio ntsd/base round by round: median {statistics.median(ab):.3f}, from {ab[0]:.3f} to {ab[-1]:.3f}")
-        if len(ab) >= 5:
-            low, high = median_interval(ab)
-            print(f"  that median's 95% interval (bootstrap over the rounds): {low:.3f} to {high:.3f}")
+        print_paired("ratio ntsd/base", rates["ntsd"], rates["base"], 3)
     return med, used
+
+
+def print_paired(label: str, numerators: list[float], denominators: list[float], digits: int) -> None:
+    """The ratios of two servers' rates round by round: median, range and (5 rounds or more) the
+    median's 95% interval."""
+    paired = sorted(n / d for n, d in zip(numerators, denominators, strict=True))
+    f = f".{digits}f"
+    print(f"  {label} round by round: median {statistics.median(paired):{f}}, from {paired[0]:{f}} to {paired[-1]:{f}}")
+    if len(paired) >= 5:
+        low, high = median_interval(paired)
+        print(f"  that median's 95% interval (bootstrap over the rounds): {low:{f}} to {high:{f}}")
 
 
 def median_interval(values: list[float], resamples: int = 4000) -> tuple[float, float]:
