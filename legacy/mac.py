@@ -46,7 +46,7 @@ from nts.config import (
 )
 from nts.core.decisions import Nak
 from nts.core.handler import Client, ReplyContext, Request, RequestHandler
-from nts.core.policy import Network, NetworkSet
+from nts.core.policy import AccessPolicy, Network, NetworkSet
 from nts.files import FileIdentity, every, file_identity
 from nts.wire.packet import HEADER_LEN, crypto_nak
 
@@ -202,6 +202,9 @@ class MacPlugin(RequestHandler):
 
     def close(self) -> None:
         """Nothing to release: the key table is memory."""
+
+    def set_access(self, access: AccessPolicy) -> None:
+        """Nothing outside the pipeline, which applies the access lists itself."""
 
     def __init__(self, settings: MacSettings) -> None:
         self.settings = settings

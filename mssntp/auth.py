@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from nts.config import Node, Reader, boolean, integer, listof, network, number, path, read_settings
 from nts.core.decisions import Answer, Defer, drop
 from nts.core.handler import ReplyContext, Request, RequestHandler
-from nts.core.policy import RATE_OK, Network, NetworkSet, RateLimiter, RateSettings
+from nts.core.policy import RATE_OK, AccessPolicy, Network, NetworkSet, RateLimiter, RateSettings
 from nts.core.stats import Counters
 
 from .signer import SigndClient
@@ -177,6 +177,9 @@ class MsSntpPlugin(RequestHandler):
 
     def close(self) -> None:
         """Nothing to release: stop() closed the connections to Samba."""
+
+    def set_access(self, access: AccessPolicy) -> None:
+        """Nothing outside the pipeline, which applies the access lists itself."""
 
     def gauges(self) -> Mapping[str, float]:
         return {"mssntp_rate_limit_clients": len(self.limiter)}

@@ -9,7 +9,7 @@ handshake itself, OpenSSL's, is the largest part). On Linux the sessions' socket
 epoll set of their own, which the loop watches as a single reader: registering each socket with
 the loop and being called back through it cost more than the set's system calls (2% of a
 session's instructions, 3-6% of the sessions per second). Limits, each refused fast and counted:
-concurrent connections, a per-address rate, a deadline for the whole session (swept several times
+the server's access lists (before any TLS work), concurrent connections, a per-address rate, a deadline for the whole session (swept several times
 a second, oldest first), and the request size (enforced by the sans-IO session). What to answer is
 the sans-IO session's (`ke_session`): this module feeds it the decrypted bytes, sends what it
 returns, counts its outcome, sends close_notify and closes (RFC 8915 section 4).
@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from OpenSSL import SSL
 
-from ..core.policy import RATE_OK, RateLimiter, RateSettings
+from ..core.policy import ALLOW, RATE_OK, AccessPolicy, RateLimiter, RateSettings
 from ..core.stats import Counters
 from ..logutil import RateLimitedLog
 from ..wire.errors import ParseError
@@ -61,6 +61,7 @@ class KeServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self.poller: select.epoll | None = None  # the sessions' sockets (Linux, once started), as one reader
         self.decided = DecidedRequests()  # whole requests seen before, shared by this server's sessions
+        self.access = AccessPolicy()  # the server's access lists (access.allow/deny), set by the plugin
 
     @property
     def active(self) -> int:
@@ -191,7 +192,10 @@ class KeServer:
             self._events(what, "NTS-KE session from %s: %s", peer, what)
 
     def admit(self, ip: str) -> str | None:
-        """None to accept a new connection, else the reason to refuse it."""
+        """None to accept a new connection, else the reason to refuse it. The access lists come
+        first, before any TLS work: a server kept to its networks signs handshakes for no one else."""
+        if self.access.check(ip) != ALLOW:
+            return "refused_access"
         if self.active >= self.settings.max_connections:
             return "refused_busy"
         if self._limiter.check(ip, time.monotonic_ns()) != RATE_OK:

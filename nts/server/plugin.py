@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol
 
 from ..config import Node
+from ..core.policy import AccessPolicy
 
 ENTRY_POINT_GROUP = "ntsd.plugins"
 
@@ -59,6 +60,11 @@ class Plugin(Protocol):
     def restart_only(cls, running: Any, new: Any) -> list[str]:
         """The settings (as "section.name") changed from `running` to `new` that a reload cannot
         apply: the plugin keeps the running ones, and the main process names them once."""
+        ...
+
+    def set_access(self, access: AccessPolicy) -> None:
+        """The server's access lists (`access.allow`/`deny`), given before start and after every
+        reload, for what the plugin serves outside the pipeline (NTS-KE connections)."""
         ...
 
     async def start(self) -> None:

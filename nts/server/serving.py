@@ -119,6 +119,8 @@ class Server:
 
     def _parts(self, config: Config, keep_rate: RateLimiter | None) -> None:
         self.access = AccessPolicy(config.access.allow, config.access.deny)
+        for plugin in self.authenticators:
+            plugin.set_access(self.access)
         self.require_auth = NetworkSet(config.access.require_auth)
         if keep_rate is not None:
             self.rate: RateLimiter | None = keep_rate
@@ -156,13 +158,14 @@ class Server:
         except PluginError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return False
-        for auth in auths:
-            if auth not in self.authenticators:
-                await auth.start()
+        running = self.authenticators
         same_rate = self.config.rate_limit == config.rate_limit
         self.config = config
         self.authenticators = auths
-        self._parts(config, keep_rate=self.rate if same_rate else None)
+        self._parts(config, keep_rate=self.rate if same_rate else None)  # (plugins get the access lists)
+        for auth in auths:
+            if auth not in running:
+                await auth.start()
         for listener in self.listeners.values():
             listener.renew(self.new_pipeline)
             listener.hold_ns = config.ntp.max_hold_us * 1000  # (a new ntp.batch waits for a restart)

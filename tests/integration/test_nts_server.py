@@ -584,3 +584,22 @@ def test_a_certificate_close_to_expiry_is_logged_and_exported(tmp_path: Path) ->
         ).stdout  # fmt: skip
         shown = dict(line.rsplit(None, 1) for line in status.splitlines())
         assert shown["nts_certificate_expiry_timestamp_seconds"] == f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%S}Z"
+
+
+def test_nts_ke_obeys_the_access_lists_before_tls(tmp_path: Path) -> None:
+    """An address on the deny list got 8 cookies while its NTP got DENY: NTS-KE now refuses it at
+    accept, before a handshake (counted as refused_access), and still serves everyone else."""
+    ntp, ke, mport = ports()
+    config = nts_config(tmp_path, ntp, ke, mport) + "access:\n  deny: [127.0.0.2/32]\n"
+    with running_ntsd(tmp_path, config):
+        with socket.create_connection(("127.0.0.1", ke), source_address=("127.0.0.2", 0), timeout=5) as s:
+            s.sendall(b"\x16\x03\x01\x00\x05hello")  # the start of a ClientHello
+            try:
+                answer = s.recv(4096)
+            except ConnectionResetError:
+                answer = b""
+        assert answer == b""  # closed without a ServerHello
+        ok = ke_raw(ke, request(NP, AEAD15))
+        assert isinstance(ok, list) and [r.type for r in ok].count(RecordType.NEW_COOKIE) == 8
+        events = ke_events(mport)
+        assert events["refused_access"] == 1 and events["connections"] == 1 and "handshake_failed" not in events

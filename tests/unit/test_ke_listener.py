@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import os
 import select
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 
+from nts.core.policy import AccessPolicy
 from nts.core.stats import Counters
 from nts.nts import ke_listener as listener
 from nts.nts.certs import ALPN, CertStore
@@ -200,3 +202,16 @@ def test_accept_out_of_descriptors_pauses_the_listener_then_resumes(
         assert server.stats.counts[("nts_ke", "accept_EMFILE")] == exhausted.calls == 2
 
     asyncio.run(run())
+
+
+def test_the_access_lists_refuse_before_any_tls_work(server: KeServer) -> None:
+    """A server kept to its networks does no handshake for anyone else (chrony checks its access
+    restrictions when it accepts an NTS-KE connection)."""
+    assert server.admit("192.0.2.1") is None  # open by default
+    server.access = AccessPolicy(
+        allow=[ipaddress.ip_network("192.0.2.0/24")], deny=[ipaddress.ip_network("192.0.2.9/32")]
+    )
+    assert server.admit("192.0.2.1") is None
+    assert server.admit("192.0.2.9") == "refused_access"  # denied
+    assert server.admit("198.51.100.1") == "refused_access"  # outside the allow list
+    assert server.admit("2001:db8::1") == "refused_access"
