@@ -22,7 +22,7 @@ from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, split_bod
 from .clockstate import Replies, ServerState
 from .decisions import D_TOO_LONG, Answer, Decision, Defer, Drop, Nak, Seal, drop
 from .handler import Client, Request, RequestHandler
-from .policy import ALLOW, DENIED, RATE_KOD, RATE_OK, AccessPolicy, NetworkSet, RateLimiter
+from .policy import ALLOW, DENIED, RATE_KOD, RATE_OK, AccessPolicy, KissLimiter, NetworkSet, RateLimiter
 from .stats import Counters, Key, add
 
 # Stable drops and counter keys, prebuilt so the hot path does not build tuples.
@@ -54,6 +54,7 @@ class Pipeline:
         deferred_stats: Counters | None = None,
         access: AccessPolicy | None = None,
         deny_kod: bool = True,
+        deny_kods: KissLimiter | None = None,
         rate: RateLimiter | None = None,
         require_auth: NetworkSet | None = None,
         fast_paths: bool = True,
@@ -66,6 +67,8 @@ class Pipeline:
         self._bare_replies = self.stats.tally(("replies", self._bare.name if self._bare is not None else "none"))
         self._access = None if access is None or access.open else access
         self._deny_kod = deny_kod
+        # DENY/RSTR KoDs at most one per address per interval (shared by the server's pipelines)
+        self._deny_kods = deny_kods if deny_kods is not None else KissLimiter(1.0, 100_000)
         self._rate = rate
         self._require_auth = require_auth if require_auth is not None and require_auth.networks else None
         self._k_replies = {a.name: ("replies", a.name) for a in self._auths}
@@ -105,7 +108,7 @@ class Pipeline:
         if self._access is not None:
             verdict = self._access.check(ip)
             if verdict != ALLOW:
-                if not self._deny_kod:
+                if not self._deny_kod or not self._deny_kods.allow(ip, rx_ns):
                     return self._drop(_D_ACCESS)
                 self._count(("kod", "DENY" if verdict == DENIED else "RSTR"))
                 self._drop(_D_ACCESS)

@@ -109,10 +109,34 @@ RATE_KOD = 1
 RATE_DROP = 2
 
 
+class KissLimiter:
+    """At most one Kiss-o'-Death per client address per interval, in a bounded table: a KoD goes to
+    the request's source address, which a spoofer chooses, so unlimited KoDs make a reflector."""
+
+    __slots__ = ("_at", "_interval", "_max")
+
+    def __init__(self, interval_s: float, max_clients: int) -> None:
+        self._interval = int(interval_s * 1e9)
+        self._max = max_clients
+        self._at: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def allow(self, ip: str, now_ns: int) -> bool:
+        last = self._at.get(ip)
+        if last is not None and 0 <= now_ns - last < self._interval:  # (< 0: the clock went back)
+            return False
+        if last is None and len(self._at) >= self._max:
+            self._at = _keep_newer_half(self._at)
+        self._at[ip] = now_ns
+        return True
+
+
 class RateLimiter:
     """GCRA per client address with a bounded table."""
 
-    __slots__ = ("_interval", "_kod", "_kod_at", "_kod_interval", "_max", "_stepped", "_tat", "_tolerance")
+    __slots__ = ("_interval", "_kod", "_kods", "_max", "_stepped", "_tat", "_tolerance")
 
     def __init__(self, settings: RateSettings) -> None:
         self._interval = int(1e9 / settings.rate)
@@ -120,9 +144,8 @@ class RateLimiter:
         self._stepped = self._tolerance + self._interval  # a TAT further ahead than this: the clock went back
         self._max = settings.max_clients
         self._kod = settings.kod
-        self._kod_interval = int(settings.kod_interval * 1e9)
+        self._kods = KissLimiter(settings.kod_interval, settings.max_clients)
         self._tat: dict[str, int] = {}
-        self._kod_at: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._tat)
@@ -142,15 +165,7 @@ class RateLimiter:
         return RATE_OK
 
     def _excess(self, ip: str, now_ns: int) -> int:
-        if not self._kod:
-            return RATE_DROP
-        last = self._kod_at.get(ip)
-        if last is not None and 0 <= now_ns - last < self._kod_interval:  # (< 0: the clock went back)
-            return RATE_DROP
-        if last is None and len(self._kod_at) >= self._max:
-            self._kod_at = _keep_newer_half(self._kod_at)
-        self._kod_at[ip] = now_ns
-        return RATE_KOD
+        return RATE_KOD if self._kod and self._kods.allow(ip, now_ns) else RATE_DROP
 
 
 def _keep_newer_half(table: dict[str, int]) -> dict[str, int]:

@@ -1,18 +1,19 @@
 """The NTS-KE listener: TLS 1.3 over TCP on the event loop, pyOpenSSL on non-blocking sockets.
 
 Strategy: each session's socket is non-blocking and wrapped in an `SSL.Connection` that reads and
-writes it directly; the event loop calls the session back when its socket is readable (or, when
-the send buffer was full, writable), and a step that would block raises WantRead/WantWrite and
-waits for the next call, so a slow or silent peer never stalls the others or the loop. Measured
-here, asyncio's transports with memory BIOs in between cost a fifth of a session's CPU more (the
-handshake itself, OpenSSL's, is the largest part). On Linux the sessions' sockets are in one
-epoll set of their own, which the loop watches as a single reader: registering each socket with
-the loop and being called back through it cost more than the set's system calls (2% of a
-session's instructions, 3-6% of the sessions per second). Limits, each refused fast and counted:
-the server's access lists (before any TLS work), concurrent connections, a per-address rate, a deadline for the whole session (swept several times
-a second, oldest first), and the request size (enforced by the sans-IO session). What to answer is
-the sans-IO session's (`ke_session`): this module feeds it the decrypted bytes, sends what it
-returns, counts its outcome, sends close_notify and closes (RFC 8915 section 4).
+writes it directly; the event loop calls the session back when its socket is readable (or, when the
+send buffer was full, writable), and a step that would block raises WantRead/WantWrite and waits for
+the next call, so a slow or silent peer never stalls the others or the loop. Measured here,
+asyncio's transports with memory BIOs in between cost a fifth of a session's CPU more (the handshake
+itself, OpenSSL's, is the largest part). On Linux the sessions' sockets are in one epoll set of
+their own, which the loop watches as a single reader: registering each socket with the loop and
+being called back through it cost more than the set's system calls (2% of a session's instructions,
+3-6% of the sessions per second). Limits, each refused fast and counted: the server's access lists
+(before any TLS work), concurrent connections, a per-address rate, a deadline for the whole session
+(swept several times a second, oldest first), and the request size (enforced by the sans-IO
+session). What to answer is the sans-IO session's (`ke_session`): this module feeds it the decrypted
+bytes, sends what it returns, counts its outcome, sends close_notify and closes (RFC 8915 section
+4).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from ..core.clockstate import server_state
 from ..core.handler import RequestHandler
 from ..core.pipeline import Pipeline
 from ..core.plain import PlainHandler
-from ..core.policy import AccessPolicy, NetworkSet, RateLimiter
+from ..core.policy import AccessPolicy, KissLimiter, NetworkSet, RateLimiter, RateSettings
 from ..core.stats import Counters, Key, add
 from ..logutil import RateLimitedLog
 from ..net import format_addr
@@ -119,6 +119,8 @@ class Server:
 
     def _parts(self, config: Config, keep_rate: RateLimiter | None) -> None:
         self.access = AccessPolicy(config.access.allow, config.access.deny)
+        kisses = config.rate_limit or RateSettings()  # DENY/RSTR KoDs limited like RATE KoDs, always
+        self.deny_kods = KissLimiter(kisses.kod_interval, kisses.max_clients)
         for plugin in self.authenticators:
             plugin.set_access(self.access)
         self.require_auth = NetworkSet(config.access.require_auth)
@@ -140,6 +142,7 @@ class Server:
             deferred_stats=deferred_stats,
             access=self.access,
             deny_kod=self.config.access.deny_kod,
+            deny_kods=self.deny_kods,
             rate=self.rate,
             require_auth=self.require_auth,
         )

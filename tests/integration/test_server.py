@@ -732,3 +732,25 @@ def test_privileges_are_dropped_after_binding(tmp_path: Path) -> None:
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
         assert uid_line.split()[1:] == ["65534"] * 4
         assert query(port, client_request()) is not None
+
+
+def test_deny_kods_to_one_address_are_bounded(tmp_path: Path) -> None:
+    """Requests with a denied (spoofable) source address: 1,000 in a burst get one DENY KoD, not 1,000;
+    the rest are counted as access_denied drops."""
+    port, mport = free_port(), free_port(socket.SOCK_STREAM)
+    config = lab_config(
+        port, metrics_port=mport, extra="access: {deny: [127.0.0.2/32]}\nrate_limit: {enabled: false}\n"
+    )
+    with running_ntsd(tmp_path, config), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.2", 0))
+        for _ in range(1000):
+            s.sendto(client_request(), ("127.0.0.1", port))
+        assert query(port, client_request()) is not None  # the allowed are served; and all of the burst was read
+        s.settimeout(0.5)
+        kods = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                kods.append(s.recv(100))
+        assert len(kods) == 1 and kods[0][12:16] == b"DENY"
+        m = wait_until(lambda: (m := metrics(mport)).get('ntsd_drops_total{reason="access_denied"}') == 1000 and m)
+        assert m['ntsd_kod_total{code="DENY"}'] == 1

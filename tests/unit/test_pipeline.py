@@ -13,7 +13,7 @@ from nts.core.decisions import Defer, Drop, Nak, Seal
 from nts.core.handler import ReplyContext, Request, RequestHandler
 from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainHandler
-from nts.core.policy import AccessPolicy, NetworkSet, RateLimiter, RateSettings
+from nts.core.policy import AccessPolicy, KissLimiter, NetworkSet, RateLimiter, RateSettings
 from nts.wire.packet import parse_packet
 from nts.wire.timestamps import unix_ns_to_ntp64
 from tests.helpers import client_request
@@ -113,6 +113,23 @@ def test_client_outside_allow_list_gets_rstr_or_nothing() -> None:
     quiet = make(access=AccessPolicy(allow=nets("10.0.0.0/8")), deny_kod=False)
     assert quiet.handle(client_request(), CLIENT, T0) == Drop("access_denied")
     assert isinstance(quiet.handle(client_request(), ("10.1.2.3", 1), T0), bytes)
+
+
+def test_deny_and_rstr_kods_are_rate_limited_per_address() -> None:
+    """A spoofed denied source got 10,000 DENY replies in 2 s (an unlimited 1:1 reflector): now at
+    most one KoD per address per kod_interval, the rest dropped and counted."""
+    kods = KissLimiter(1.0, 1000)
+    p = make(access=AccessPolicy(deny=nets("192.0.2.0/24"), allow=nets("192.0.2.0/24", "10.0.0.0/8")), deny_kods=kods)
+    step = 200_000  # 10,000 requests in 2 s from each of two spoofed victims
+    replies = {"192.0.2.7": 0, "198.51.100.1": 0}
+    for i in range(10_000):
+        for victim in replies:
+            replies[victim] += isinstance(p.handle(client_request(), (victim, 123), T0 + i * step), bytes)
+    assert replies == {"192.0.2.7": 2, "198.51.100.1": 2}  # at 0 s and 1 s
+    counts = p.counters()
+    assert (counts[("kod", "DENY")], counts[("kod", "RSTR")]) == (2, 2)
+    assert counts[("drops", "access_denied")] == 20_000
+    assert isinstance(p.handle(client_request(), ("10.1.2.3", 1), T0), bytes)  # the allowed are served
 
 
 def test_rate_limit_answers_rate_kod_then_drops() -> None:
