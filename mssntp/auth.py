@@ -3,8 +3,10 @@
 Strategy: a request from a configured domain network whose trailer is the MS-SNTP shape (20
 bytes: key id little-endian + 16 ignored bytes) is claimed firmly, unless the legacy MAC plugin
 knows its key id (the pipeline weighs both claims). The extended 120-byte form is counted and
-dropped, since Samba cannot sign it. Requests are rate-limited per client (signed replies let
-anyone brute-force machine passwords offline, "Timeroast"), then the reply header is built,
+dropped, since Samba cannot sign it. Signed replies let anyone brute-force machine passwords
+offline ("Timeroast"), so requests are rate-limited per client and each address may have only a
+few machine accounts signed (`accounts.py`, with a global budget for accounts no one asked for
+recently); refusals are counted and logged. Then the reply header is built,
 transmit time included, and handed to Samba through `SigndClient` as a Defer: the UDP listener
 never waits. A failed or late signature means no reply at all, never an unsigned one.
 With no `networks` configured the plugin claims nothing: MS-SNTP is off until you say where
@@ -27,7 +29,9 @@ from nts.core.decisions import Answer, Defer, drop
 from nts.core.handler import ReplyContext, Request, RequestHandler
 from nts.core.policy import RATE_OK, AccessPolicy, Network, NetworkSet, RateLimiter, RateSettings
 from nts.core.stats import Counters
+from nts.logutil import RateLimitedLog
 
+from .accounts import NEW_BUDGET, PER_CLIENT, RID_MASK, AccountGuard, AccountLimits
 from .signer import SigndClient
 
 log = logging.getLogger("ntsd.mssntp")
@@ -35,6 +39,7 @@ DEFAULT_SOCKET = "/var/lib/samba/ntp_signd/socket"
 _KEY_LE = struct.Struct("<I")
 _D_EXTENDED = drop("mssntp_extended_unsupported")
 _D_RATE = drop("mssntp_rate_limited")
+_D_ACCOUNTS = {reason: drop(f"mssntp_{reason}") for reason in (PER_CLIENT, NEW_BUDGET)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +53,19 @@ class MsSntpSettings:
     burst: int = 8
     max_clients: int = 100_000
     compensate: bool = True
+    accounts_per_client: int = 4
+    accounts_window: float = 3600.0
+    new_accounts_rate: float = 2.0
+    new_accounts_burst: int = 500
 
     @property
     def rate_settings(self) -> RateSettings:
         return RateSettings(rate=self.rate, burst=self.burst, max_clients=self.max_clients, kod=False)
+
+    @property
+    def account_limits(self) -> AccountLimits:
+        return AccountLimits(self.accounts_per_client, self.accounts_window, self.new_accounts_rate,
+                             self.new_accounts_burst, self.max_clients)  # fmt: skip
 
 
 _READERS: dict[str, Reader] = {
@@ -64,6 +78,10 @@ _READERS: dict[str, Reader] = {
     "burst": integer(1, 1_000_000),
     "max_clients": integer(16, 10_000_000),
     "compensate": boolean,
+    "accounts_per_client": integer(1, 1_000_000),
+    "accounts_window": number(1, 30 * 86400),
+    "new_accounts_rate": number(0.001, 1e6),
+    "new_accounts_burst": integer(1, 10_000_000),
 }
 
 
@@ -85,6 +103,7 @@ class MsSntpPlugin(RequestHandler):
     }
     GAUGES: ClassVar[Mapping[str, str]] = {
         "mssntp_rate_limit_clients": "Addresses in the MS-SNTP rate limiter (bounded by mssntp.max_clients).",
+        "mssntp_account_clients": "Addresses whose signed machine accounts are remembered (mssntp.max_clients bounds).",
     }
     may_bind = True
 
@@ -111,6 +130,8 @@ class MsSntpPlugin(RequestHandler):
         self.settings = settings
         self.networks = NetworkSet(settings.networks)
         self.limiter = RateLimiter(settings.rate_settings)
+        self.accounts = AccountGuard(settings.account_limits)
+        self._sweeps = RateLimitedLog(log, 60.0, logging.WARNING)
         self.client = SigndClient(settings.socket, self.stats, settings.connections, settings.queue_size,
                                   settings.deadline)  # fmt: skip
         self._last_extended_log = 0.0
@@ -133,7 +154,22 @@ class MsSntpPlugin(RequestHandler):
         if self.limiter.check(request.client[0], request.rx_ns) != RATE_OK:
             return _D_RATE
         (key_id,) = _KEY_LE.unpack_from(request.trailer)
+        refused = self.accounts.check(request.client[0], key_id, request.rx_ns)
+        if refused is not None:
+            self._refused(refused, request.client[0], key_id & RID_MASK)
+            return _D_ACCOUNTS[refused]
         return Defer(partial(self._signed, key_id, request, ctx), self.name, request.client)
+
+    def _refused(self, reason: str, ip: str, rid: int) -> None:
+        limits = self.settings.account_limits
+        if reason == PER_CLIENT:
+            self._sweeps(reason, "MS-SNTP: %s asked for a machine account (RID %d) beyond %d per %g s, refused: "
+                         "a password-harvesting sweep (Timeroast)?", ip, rid, limits.per_client,
+                         limits.window)  # fmt: skip
+        else:
+            self._sweeps(reason, "MS-SNTP: more machine accounts asked for than new_accounts_rate allows (%g/s), "
+                         "refused (RID %d from %s): a password-harvesting sweep (Timeroast)?", limits.new_rate, rid,
+                         ip)  # fmt: skip
 
     async def _signed(self, key_id: int, request: Request, ctx: ReplyContext) -> bytes | None:
         # The header, and so the transmit timestamp, is made here, as the request goes to Samba,
@@ -162,6 +198,8 @@ class MsSntpPlugin(RequestHandler):
             return False
         if new.rate_settings != old.rate_settings:
             self.limiter = RateLimiter(new.rate_settings)
+        if new.account_limits != old.account_limits:
+            self.accounts = AccountGuard(new.account_limits)
         self.networks = NetworkSet(new.networks)
         self.client.deadline = new.deadline
         self.settings = new
@@ -182,4 +220,4 @@ class MsSntpPlugin(RequestHandler):
         """Nothing outside the pipeline, which applies the access lists itself."""
 
     def gauges(self) -> Mapping[str, float]:
-        return {"mssntp_rate_limit_clients": len(self.limiter)}
+        return {"mssntp_rate_limit_clients": len(self.limiter), "mssntp_account_clients": len(self.accounts)}

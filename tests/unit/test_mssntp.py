@@ -353,3 +353,23 @@ def test_stop_never_hangs_whatever_the_signer_is_doing() -> None:
             await trial()
 
     run(main)
+
+
+def test_a_sweep_of_machine_accounts_from_one_address_is_refused_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Timeroast: one address had 29 distinct RIDs signed in 22 s (the packet rate limit let them
+    through). Now the plugin hands Samba 4 accounts per address per hour and drops the rest."""
+    import ipaddress
+
+    from nts.core.decisions import Defer, Drop
+    from nts.core.handler import Request
+
+    ms = MsSntpPlugin(MsSntpSettings(networks=(ipaddress.ip_network("10.0.0.0/8"),), rate=100, burst=100))
+    answers = []
+    for rid in range(29):
+        trailer = struct.pack("<I", 1100 + rid) + bytes(16)
+        request = Request(bytes([0x1B]) + bytes(47), (), trailer, ("10.0.0.9", 123), rid * 760_000_000)
+        answers.append(ms.respond(request, None))  # type: ignore[arg-type]
+    assert [type(a) for a in answers] == [Defer] * 4 + [Drop] * 25
+    assert answers[-1] == Drop("mssntp_accounts_per_client")
+    assert "a password-harvesting sweep (Timeroast)?" in caplog.text
+    assert ms.gauges()["mssntp_account_clients"] == 1
