@@ -176,8 +176,10 @@ class MsSntpPlugin(RequestHandler):
         # not when the datagram arrived: the hop to the event loop and the queue are not counted
         # in T3. With `compensate`, T3 is moved on by the recent signing delay, the time the
         # signed reply takes to come back from Samba before it leaves (measured: README).
-        delay = self.client.delay_estimate_ns if self.settings.compensate else 0
-        return await self.client.sign(key_id, ctx.reply_header(request.data, request.rx_ns, delay))
+        data, rx_ns = request.data, request.rx_ns
+        if not self.settings.compensate:
+            return await self.client.sign(key_id, lambda _: ctx.reply_header(data, rx_ns))
+        return await self.client.sign(key_id, lambda delay: ctx.reply_header(data, rx_ns, delay))
 
     async def start(self) -> None:
         await self.client.start()

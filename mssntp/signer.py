@@ -10,6 +10,12 @@ idle connection is watched too, so one that Samba closed (a restart) is replaced
 would be lost on it.
 Every outcome is counted by reason; the signing delay is summed for an average in the metrics.
 Nothing here blocks the event loop, so NTS, MAC and plain clients are unaffected by Samba.
+The transmit time a client is served must not depend on other clients: a request may carry a
+builder instead of a packet, called by the worker right before the request goes to Samba, so the
+time spent queued is never in it; the builder is given `compensation_ns()`, an estimate of Samba's
+round trip alone (write to signed reply, a running average), capped at `max_compensation_ns` and
+halved for every `COMPENSATION_HALF_LIFE_S` without a fresh measurement, so neither a burst nor a
+slow spell can move the time served by more than the cap.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +36,15 @@ from .signd import ReplyReader, SignedReply, check_signed, encode_request
 log = logging.getLogger("ntsd.mssntp")
 BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
+MAX_COMPENSATION_NS = 1_000_000  # the most the transmit time is moved on for Samba's round trip
+COMPENSATION_HALF_LIFE_S = 10.0
+Builder = Callable[[int], bytes]  # compensation (ns) -> the 48-byte reply to sign
 
 
 @dataclass
 class _Job:
     key_id: int
-    packet: bytes
+    packet: bytes | Builder
     future: asyncio.Future[bytes | None]
     queued: float = field(default_factory=time.monotonic)
 
@@ -43,7 +53,14 @@ class SigndClient:
     """Signs 48-byte replies through ntp_signd; `sign` returns the 68-byte packet or None."""
 
     def __init__(
-        self, path: Path, stats: Counters, connections: int = 4, queue_size: int = 256, deadline: float = 1.0
+        self,
+        path: Path,
+        stats: Counters,
+        connections: int = 4,
+        queue_size: int = 256,
+        deadline: float = 1.0,
+        max_compensation_ns: int = MAX_COMPENSATION_NS,
+        clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.path = path
         self.stats = stats
@@ -54,7 +71,10 @@ class SigndClient:
         self._next_id = 0
         self.connected = 0
         self.last_failure = ""
-        self.delay_estimate_ns = 0  # running average of successful signing delays (EWMA, 1/8)
+        self.max_compensation_ns = max_compensation_ns
+        self.clock = clock
+        self.round_trip_ns = 0  # running average of Samba's round trips (EWMA, 1/8), measured...
+        self._measured_at = 0  # ...last at this clock() reading
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -72,7 +92,16 @@ class SigndClient:
             if not job.future.done():
                 job.future.set_result(None)
 
-    async def sign(self, key_id: int, packet: bytes) -> bytes | None:
+    def compensation_ns(self) -> int:
+        """Samba's recent round trip, capped, halved per half-life since it was last measured."""
+        if not self.round_trip_ns:
+            return 0
+        age_s = max(0, self.clock() - self._measured_at) / 1e9
+        return int(min(self.round_trip_ns, self.max_compensation_ns) * 0.5 ** (age_s / COMPENSATION_HALF_LIFE_S))
+
+    async def sign(self, key_id: int, packet: bytes | Builder) -> bytes | None:
+        """The signed 68-byte packet, or None. `packet`: the reply to sign, or a builder called with
+        `compensation_ns()` right before the request is written to Samba."""
         future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Job(key_id, packet, future))
@@ -130,7 +159,9 @@ class SigndClient:
             if job.future.done():  # timed out while queued
                 continue
             packet_id = self._next_id = (self._next_id + 1) & 0xFFFF
-            writer.write(encode_request(packet_id, job.key_id, job.packet))
+            packet = job.packet if isinstance(job.packet, bytes) else job.packet(self.compensation_ns())
+            sent = self.clock()
+            writer.write(encode_request(packet_id, job.key_id, packet))
             try:
                 await writer.drain()
                 replies: list[SignedReply] = []
@@ -147,7 +178,9 @@ class SigndClient:
             if len(replies) != 1 or replies[0].packet_id != packet_id:  # out of step: start afresh
                 self._finish(job, None, "protocol_error")
                 raise ConnectionResetError("ntp_signd replied out of step")
-            signed = check_signed(replies[0], packet_id, job.key_id, job.packet)
+            signed = check_signed(replies[0], packet_id, job.key_id, packet)
+            if signed is not None:
+                self._measured(self.clock() - sent)
             self._finish(job, signed, "signed" if signed is not None else "refused")
 
     async def _next_job(self, reader: asyncio.StreamReader) -> _Job:
@@ -180,10 +213,9 @@ class SigndClient:
             return
         job.future.set_result(result)
         self._count(outcome)
-        if result is not None:
-            delay_ns = int((time.monotonic() - job.queued) * 1e9)
-            self.stats.inc(("mssntp_sign_delay_us",), delay_ns // 1000)
-            if self.delay_estimate_ns:
-                self.delay_estimate_ns += (delay_ns - self.delay_estimate_ns) // 8
-            else:
-                self.delay_estimate_ns = delay_ns
+        if result is not None:  # the whole delay (queue + Samba), for the metrics
+            self.stats.inc(("mssntp_sign_delay_us",), int((time.monotonic() - job.queued) * 1e6))
+
+    def _measured(self, round_trip_ns: int) -> None:
+        self.round_trip_ns += (round_trip_ns - self.round_trip_ns) // 8 if self.round_trip_ns else round_trip_ns
+        self._measured_at = self.clock()

@@ -94,6 +94,7 @@ class FakeSigner:
 
     def __init__(self, path: Path, delay: float = 0.0) -> None:
         self.path, self.delay, self.requests = path, delay, 0
+        self.on_request: Callable[[], None] = lambda: None  # e.g. to move a test's clock on
         self.server: asyncio.base_events.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
 
@@ -111,6 +112,7 @@ class FakeSigner:
                 (length,) = struct.unpack(">I", await reader.readexactly(4))
                 body = await reader.readexactly(length)
                 self.requests += 1
+                self.on_request()
                 packet_id = struct.unpack_from(">H", body, 8)[0]
                 key_id = struct.unpack_from("<I", body, 12)[0]
                 await asyncio.sleep(self.delay)
@@ -373,3 +375,63 @@ def test_a_sweep_of_machine_accounts_from_one_address_is_refused_and_logged(capl
     assert answers[-1] == Drop("mssntp_accounts_per_client")
     assert "a password-harvesting sweep (Timeroast)?" in caplog.text
     assert ms.gauges()["mssntp_account_clients"] == 1
+
+
+class StepClock:
+    """A monotonic clock that moves only when told (the fake signer moves it by its "work")."""
+
+    def __init__(self) -> None:
+        self.now = 10**12
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def test_a_burst_cannot_move_the_time_served() -> None:
+    """A burst from the domain's networks left +58-65 ms in later replies (the compensation averaged
+    queue waits). Now the reply is built as its request goes to Samba, and moved on only by Samba's
+    own round trip, capped (1 ms): here Samba takes 10 ms of the test's clock per request, a burst of
+    30 queues for 300 ms, and no reply is moved by more than the cap."""
+
+    async def main(cap: int) -> list[int]:
+        clock, given = StepClock(), []
+
+        def build(delay: int) -> bytes:
+            given.append(delay)
+            return struct.pack(">Q", delay) + bytes(40)
+
+        async with fake() as signer:
+
+            def work() -> None:
+                clock.now += 10_000_000
+
+            signer.on_request = work
+            client = SigndClient(signer.path, Counters(), 1, 64, 5.0, max_compensation_ns=cap, clock=clock)
+            await client.start()
+            try:
+                results = await asyncio.gather(*(client.sign(i + 1, build) for i in range(30)))
+            finally:
+                await client.stop()
+        assert all(r is not None for r in results)
+        return given
+
+    assert run_value(main(1_000_000)) == [0] + [1_000_000] * 29  # the first: nothing measured yet
+    assert run_value(main(10**9)) == [0] + [10_000_000] * 29  # uncapped: Samba's 10 ms, never the queue
+
+
+def test_the_compensation_decays_without_fresh_measurements() -> None:
+    clock = StepClock()
+    client = SigndClient(Path("/nonexistent"), Counters(), clock=clock)
+    assert client.compensation_ns() == 0
+    client._measured(800_000)
+    assert client.compensation_ns() == 800_000
+    clock.now += 10 * 10**9
+    assert client.compensation_ns() == 400_000
+    clock.now += 20 * 10**9
+    assert client.compensation_ns() == 100_000
+    client._measured(5_000_000)  # a slow spell: the average rises, the correction stays capped
+    assert client.compensation_ns() == 1_000_000
+
+
+def run_value(coro: Awaitable[list[int]]) -> list[int]:
+    return asyncio.run(coro)  # type: ignore[arg-type]
