@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from nts.files import UnsafeFile, check_private_file
+from nts.files import UnsafeFile, read_private_file
 
 
 class Algorithm(Enum):
@@ -251,8 +251,7 @@ def parse_keyfile(text: str, source: str, fmt: str) -> KeyFile:
 def load_keyfile(path: Path, fmt: str, allow_bad_lines: bool = False) -> KeyFile:
     """Read and check a key file. Raises KeyFileError (all problems listed) unless allowed."""
     try:
-        check_private_file(path)
-        data = path.read_bytes()
+        data = read_private_file(path, (1 << 20) + 1)
     except UnsafeFile as exc:
         raise KeyFileError(str(exc)) from None
     except FileNotFoundError:

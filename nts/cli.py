@@ -22,7 +22,7 @@ from . import __version__
 from .config import ConfigError, iter_lines, load_config, parse_hostport
 from .net import format_addr
 from .nts import tlsconf
-from .server.daemon import Daemon, StartupError
+from .server.daemon import Daemon, StartupError, trust_service_user
 from .server.metrics import parse_text
 from .server.plugin import discover, sections
 
@@ -56,6 +56,7 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ntsd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    trust_service_user(config)
     findings = [f for cls in plugins.values() if cls.section in config.plugins
                 for f in cls.check(config.plugins[cls.section])]  # fmt: skip
     errors = [message for is_error, message in findings if is_error]

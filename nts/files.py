@@ -3,22 +3,29 @@
 Strategy: a secret file must be a regular file that others cannot read or write; its group may read
 it only when root owns it (mode 0640 root:GROUP, as Debian ships chrony's key file and as sites
 share TLS keys with an ssl-cert group: root chose that group), never write it. Refused otherwise,
-with the chmod that mends it (PostgreSQL's rule for its TLS key). Secrets are written atomically
-with mode 0600; a watched file is recognised as changed by its identity (inode, size, mtime),
-which also catches replace-by-rename. Each owner compares against the identity it took just before
-it last read the file (not against what a watcher saw when it started, which missed a change made
-between loading the file and the watcher's first look).
+with the chmod that mends it (PostgreSQL's rule for its TLS key). Its owner must be root, the user
+the server runs as, or the one it will drop to (`allow_owner`): a key that another user owns is one
+that user can change (a master secret owned by `nobody` let nobody forge NTS time). It is opened
+once, without following a symbolic link, and the checks are made on the open file (`fstat`), so
+nothing can be swapped in between; a directory others may write to (without the sticky bit) is
+refused, as they could replace the file. Secrets are written atomically with mode 0600; a watched
+file is recognised as changed by its identity (inode, size, mtime), which also catches replace-by-
+rename. Each owner compares against the identity it took just before it last read the file (not
+against what a watcher saw when it started, which missed a change made between loading the file and
+the watcher's first look).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
 FileIdentity = tuple[int, int, int] | None
+_OWNERS = {0}  # uids a secret file may belong to, besides the effective user's (allow_owner)
 
 
 class UnsafeFile(PermissionError):
@@ -26,13 +33,49 @@ class UnsafeFile(PermissionError):
     read, or that its group can write."""
 
 
+def allow_owner(uid: int) -> None:
+    """Secret files may also belong to `uid` (the user the server drops its privileges to)."""
+    _OWNERS.add(uid)
+
+
+def read_private_file(path: Path, limit: int) -> bytes:
+    """Up to `limit` bytes of the secret file at `path`, checked on the open file (see the module
+    comment). Raises UnsafeFile for a file or directory that fails the checks, OSError (e.g.
+    FileNotFoundError) for one that cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # the last part of the path is a symbolic link
+            raise UnsafeFile(f"{path} is a symbolic link; name the file itself") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        _check(path, os.fstat(fd))
+        _check_directory(path)
+        return f.read(limit)
+
+
 def check_private_file(path: Path) -> None:
-    st = os.stat(path)
+    """The checks of read_private_file, without keeping what it reads."""
+    read_private_file(path, 0)
+
+
+def _check(path: Path, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise UnsafeFile(f"{path} is not a regular file")
     problem = private_mode_problem(path, stat.S_IMODE(st.st_mode), st.st_uid)
     if problem:
         raise UnsafeFile(problem)
+    if st.st_uid not in _OWNERS and st.st_uid != os.geteuid():
+        raise UnsafeFile(f"{path} belongs to uid {st.st_uid}, not root or the user ntsd runs as, who could change "
+                         f"it; run: chown root {path}")  # fmt: skip
+
+
+def _check_directory(path: Path) -> None:
+    directory = path.parent
+    st = os.stat(directory)
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeFile(f"{path}: its directory {directory} is writable by others, who could replace it; "
+                         f"run: chmod o-w {directory}")  # fmt: skip
 
 
 def private_mode_problem(path: Path, mode: int, owner: int) -> str | None:

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 
-from ..files import check_private_file, file_identity
+from ..files import UnsafeFile, file_identity, read_private_file
 
 log = logging.getLogger("ntsd.nts")
 ALPN = b"ntske/1"
@@ -104,13 +104,15 @@ def _private_key(key_path: Path, pem: bytes) -> TlsKey:
 def _load(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str, datetime.datetime | None]:
     """The Context, and the subject and expiry of the chain's first certificate (CertError if unusable)."""
     try:
-        check_private_file(key_path)
+        pem = read_private_file(key_path, _KEY_MAX)
     except FileNotFoundError:
         raise CertError(f"private key {key_path} does not exist") from None
-    except PermissionError as exc:
+    except UnsafeFile as exc:
         raise CertError(f"private key refused: {exc}") from None
+    except OSError as exc:
+        raise CertError(f"cannot read {key_path}: {exc.strerror}") from None
     _read(cert_path, 0)  # OpenSSL reads it below; here only its readability, said plainly
-    key = _private_key(key_path, _read(key_path, _KEY_MAX))
+    key = _private_key(key_path, pem)
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_CIPHER_SERVER_PREFERENCE)

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..files import check_private_file
+from ..files import read_private_file
 from .aead import AEADS, AeadId, Cipher
 
 SECRET_LEN = 32
@@ -230,9 +230,9 @@ def check_secret(key_dir: Path) -> str | None:
 
 
 def _read_secret(path: Path) -> bytes:
-    check_private_file(path)
+    data = read_private_file(path, 4096)
     try:
-        secret = bytes.fromhex(path.read_bytes().decode("ascii").strip())
+        secret = bytes.fromhex(data.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         raise ValueError(f"{path}: not a hex-encoded secret") from None
     if len(secret) < SECRET_LEN:
@@ -248,12 +248,18 @@ def load_or_create_secret(key_dir: Path) -> tuple[bytes, bool]:
     except FileNotFoundError:
         key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         secret = secrets.token_bytes(SECRET_LEN)
+        # Written whole to a file of its own, then linked into place: a crash leaves no partial
+        # secret behind, and a reader sees no file or all of it (link, unlike rename, never replaces).
+        tmp = key_dir / f".{MASTER_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another worker created it first
+            with os.fdopen(fd, "wb") as f:
+                f.write(secret.hex().encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:  # another process created it first: use that one
             return load_or_create_secret(key_dir)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secret.hex().encode() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+        finally:
+            tmp.unlink(missing_ok=True)
         return secret, True

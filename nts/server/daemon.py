@@ -28,7 +28,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
 from typing import Any
 
-from .. import __version__
+from .. import __version__, files
 from ..config import Config, ConfigError, PluginError, load_config
 from ..logutil import LINES
 from ..net import format_addr, open_tcp_listener
@@ -39,7 +39,7 @@ from .serving import Server, build_plugins
 from .shared import SharedCounters
 from .udp import open_udp_socket
 
-__all__ = ["Daemon", "StartupError"]
+__all__ = ["Daemon", "StartupError", "trust_service_user"]
 
 log = logging.getLogger("ntsd")
 
@@ -73,6 +73,13 @@ def bind_all(config: Config, copies: int) -> list[dict[tuple[str, int], socket.s
             hint = " (no such local address on this host)"
         raise StartupError(f"cannot listen on {format_addr(addr)}: {exc.strerror}{hint}") from None
     return sets
+
+
+def trust_service_user(config: Config) -> None:
+    """Secret files may belong to the user the server drops its privileges to (ntp.user)."""
+    if config.ntp.user:
+        with contextlib.suppress(KeyError):  # (an unknown user is refused by drop_privileges)
+            files.allow_owner(pwd.getpwnam(config.ntp.user).pw_uid)
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:
@@ -141,6 +148,7 @@ class Daemon:
         metrics_sock = None
         if config.metrics_listen is not None:
             metrics_sock = _bind_tcp(config.metrics_listen)
+        trust_service_user(config)
         try:
             auths, _ = build_plugins(config, self.plugins)
         except PluginError as exc:

@@ -95,8 +95,10 @@ ke_requests = st.lists(
 ).map(lambda rs: serialize_records([*rs, Record(True, RecordType.END_OF_MESSAGE)]))
 
 
-def _outcome(pieces: list[bytes], memo: DecidedRequests, max_request: int = 64) -> object:
-    """What the listener does: feed pieces until there is an answer (or an error)."""
+def _outcome(pieces: list[bytes], memo: DecidedRequests, max_request: int = 256) -> object:
+    """What the listener does: feed pieces until there is an answer (or an error). The bound is
+    above any request drawn here: one over it is refused whole, but in pieces may end (End of
+    Message) before the excess arrives, and the last assertion below checks the bound itself."""
     session = KeRequest((15, 30), max_request, memo)
     try:
         for piece in pieces:

@@ -265,3 +265,38 @@ def test_rejected_lines_never_quote_their_fields(fmt: str, line: str) -> None:
     keyfile = parse_keyfile(f"{line}\n", "keys", fmt)  # some of these are valid lines in chrony's format
     messages = [keyfile.describe(p) for p in (*keyfile.problems, *keyfile.warnings)]
     assert not [m for m in messages if SECRET[:6] in m or "1234567890123" in m]
+
+
+def test_secret_files_are_checked_on_the_open_file_owner_and_directory_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 0600 key owned by another user was accepted (that user could change it); a symbolic link was
+    followed between the check and the read; a directory others may write to let them replace it."""
+    from nts import files
+    from nts.files import UnsafeFile, allow_owner, read_private_file
+
+    monkeypatch.setattr(files, "_OWNERS", set(files._OWNERS))  # allow_owner below stays in this test
+
+    key = tmp_path / "k"
+    key.write_text("1 MD5 secret\n")
+    key.chmod(0o600)
+    assert read_private_file(key, 100) == b"1 MD5 secret\n"
+    link = tmp_path / "link"
+    link.symlink_to(key)
+    with pytest.raises(UnsafeFile, match="is a symbolic link"):
+        read_private_file(link, 100)
+    os.chown(key, 65534, 65534)  # nobody (the tests run as root)
+    with pytest.raises(UnsafeFile, match=r"belongs to uid 65534, not root or the user ntsd runs as"):
+        read_private_file(key, 100)
+    allow_owner(65534)  # the user the server drops to (ntp.user) may own it
+    assert read_private_file(key, 100) == b"1 MD5 secret\n"
+    os.chown(key, 0, 0)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "k").write_text("1 MD5 secret\n")
+    (shared / "k").chmod(0o600)
+    shared.chmod(0o777)
+    with pytest.raises(UnsafeFile, match="writable by others, who could replace it"):
+        read_private_file(shared / "k", 100)
+    shared.chmod(0o1777)  # sticky, as /tmp: others cannot replace another's file
+    assert read_private_file(shared / "k", 100) == b"1 MD5 secret\n"

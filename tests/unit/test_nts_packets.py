@@ -297,3 +297,21 @@ def test_a_new_master_secret_refuses_the_old_cookies() -> None:
     assert ring.open(ring.seal(keys, now), now) == keys
     with pytest.raises(ValueError):
         ring.set_secret(b"short")
+
+
+def test_the_master_secret_appears_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was written in place: a crash left a partial file and the next start failed. Now it is
+    written to a file of its own and linked into place."""
+    from nts.nts import cookies
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(cookies.os, "link", crash)
+        with pytest.raises(OSError):
+            cookies.load_or_create_secret(tmp_path / "keys")
+    assert list((tmp_path / "keys").iterdir()) == []  # no partial secret, no leftover
+    secret, created = cookies.load_or_create_secret(tmp_path / "keys")
+    assert created and [p.name for p in (tmp_path / "keys").iterdir()] == [cookies.MASTER_FILE]
+    assert cookies.load_or_create_secret(tmp_path / "keys") == (secret, False)
