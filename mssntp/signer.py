@@ -163,15 +163,17 @@ class SigndClient:
             sent = self.clock()
             writer.write(encode_request(packet_id, job.key_id, packet))
             try:
-                await writer.drain()
                 replies: list[SignedReply] = []
-                while not replies:
-                    async with asyncio.timeout(self.deadline * 2):  # not wait_for: see sign()
+                # one deadline for the whole exchange (not wait_for: see sign()), not one per read: a
+                # signer trickling a frame byte by byte must not hold the connection past it
+                async with asyncio.timeout(self.deadline * 2):
+                    await writer.drain()
+                    while not replies:
                         chunk = await reader.read(4096)
-                    if not chunk:
-                        self._finish(job, None, "connection_closed")  # Samba: disabled account and such
-                        raise ConnectionResetError("closed by ntp_signd")
-                    replies = frames.feed(chunk)
+                        if not chunk:
+                            self._finish(job, None, "connection_closed")  # Samba: disabled account and such
+                            raise ConnectionResetError("closed by ntp_signd")
+                        replies = frames.feed(chunk)
             except BaseException:
                 self._finish(job, None, "connection_lost")
                 raise

@@ -10,6 +10,7 @@ origin timestamp, UID echo, the authenticator over the reply, and the new cookie
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
 import select
 import socket
@@ -171,7 +172,9 @@ def _syscall_reason(exc: SSL.SysCallError) -> str:
 
 
 def _append(path: Path, line: bytes) -> None:
-    with open(path, "ab") as f:
+    """Append a TLS secret line: the file is made 0600 (it decrypts the session)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "ab") as f:
         f.write(line + b"\n")
 
 

@@ -20,6 +20,11 @@ import sys
 from pathlib import Path
 
 FILE = Path(__file__).with_name("openssl.cnf")
+SYSTEM_POLICIES = (  # where distributions keep the system-wide OpenSSL policy
+    Path("/etc/crypto-policies/back-ends/opensslcnf.config"),
+    Path("/etc/ssl/openssl.cnf"),
+    Path("/etc/pki/tls/openssl.cnf"),
+)
 ENV = "OPENSSL_CONF"
 
 state = "not applied"  # "ours", "operator's", "too late" or "missing" once apply() ran
@@ -63,6 +68,10 @@ def note() -> str:
     system = _library_config()
     if system is not None:  # a cryptography linked to the system's OpenSSL: say whose file was read
         line += f"; OpenSSL read {FILE} instead of {system} (set OPENSSL_CONF to read that file instead)"
+    policy = next((p for p in SYSTEM_POLICIES if p.exists() and p != system), None)
+    if policy is not None:  # a site's crypto policy that this OpenSSL does not read: say so
+        line += (f"; the system's crypto policy ({policy}) does not apply to NTS-KE, which is TLS 1.3 only "
+                 "with ntsd's own cipher suites (set OPENSSL_CONF to a file that includes it)")  # fmt: skip
     return line
 
 

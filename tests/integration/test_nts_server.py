@@ -603,3 +603,12 @@ def test_nts_ke_obeys_the_access_lists_before_tls(tmp_path: Path) -> None:
         assert isinstance(ok, list) and [r.type for r in ok].count(RecordType.NEW_COOKIE) == 8
         events = ke_events(mport)
         assert events["refused_access"] == 1 and events["connections"] == 1 and "handshake_failed" not in events
+
+
+def test_the_tls_key_log_is_private(tmp_path: Path) -> None:
+    """`ntsd query --keylog` wrote the session's TLS secrets with the default umask (0644 here)."""
+    ntp, ke, _ = ports()
+    keylog = tmp_path / "keys.log"
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke)):
+        run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca, keylog=keylog)
+    assert keylog.stat().st_mode & 0o777 == 0o600 and b"CLIENT_HANDSHAKE_TRAFFIC_SECRET" in keylog.read_bytes()

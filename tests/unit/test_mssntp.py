@@ -119,6 +119,12 @@ class FakeSigner:
                 if key_id == 666:  # like a disabled account: hang up without a word
                     writer.close()
                     return
+                if key_id == 777:  # a signer trickling its answer a byte at a time
+                    for byte in encode_reply(SIGNING_SUCCESS, packet_id, body[16:] + body[12:16] + bytes(16)):
+                        writer.write(bytes([byte]))
+                        await writer.drain()
+                        await asyncio.sleep(0.05)
+                    continue
                 if key_id == 404:
                     writer.write(encode_reply(SIGNING_FAILURE, packet_id))
                 elif key_id in BROKEN:  # a broken or hostile signer
@@ -435,3 +441,20 @@ def test_the_compensation_decays_without_fresh_measurements() -> None:
 
 def run_value(coro: Awaitable[list[int]]) -> list[int]:
     return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_a_trickling_signer_does_not_hold_a_connection_past_the_deadline() -> None:
+    """The signer's time-out was per read: a frame sent a byte every 50 ms (about 4 s in all) held
+    the connection, and every request behind it, far past the job's deadline. Now the exchange as a
+    whole has one."""
+
+    async def main() -> None:
+        async with fake() as signer:
+            stats = Counters()
+            async with signing(signer, stats, deadline=0.2) as client:
+                assert await client.sign(777, PACKET) is None  # the job's own deadline
+                # given up at twice the deadline and replaced (the whole answer would take ~4 s)
+                await async_wait_until(lambda: stats.counts.get(("mssntp_sign", "connects")) == 2, 2.0)
+                assert await client.sign(1, PACKET) is not None  # a fresh connection serves the next
+
+    run(main)

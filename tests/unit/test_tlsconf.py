@@ -112,3 +112,16 @@ def test_a_missing_file_is_said_and_changes_nothing() -> None:
     state, note, env = run(code)
     assert state == "missing" and env == "None"
     assert note.startswith("/nonexistent/openssl.cnf is missing from this installation: NTS-KE sends TLS session")
+
+
+def test_a_system_crypto_policy_that_is_not_read_is_said(tmp_path: Path) -> None:
+    policy = tmp_path / "opensslcnf.config"
+    policy.write_text("[crypto_policy]\n")
+    code = (
+        f"import pathlib, nts.nts.tlsconf as t; t.SYSTEM_POLICIES = (pathlib.Path({str(policy)!r}),)"
+        "; t.apply(); print(t.note())"
+    )
+    (note,) = run(code)
+    assert f"the system's crypto policy ({policy}) does not apply to NTS-KE" in note
+    code = "import pathlib, nts.nts.tlsconf as t; t.SYSTEM_POLICIES = (pathlib.Path('/nonexistent'),); t.apply()"
+    assert "crypto policy" not in run(code + "; print(t.note())")[0]
