@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -87,6 +88,14 @@ def _certs(args: argparse.Namespace) -> int:
     print(f"development CA:     {paths.ca}  (give this to clients, e.g. chrony's ntstrustedcerts)")
     print(f"server certificate: {paths.certificate}  for {', '.join(names)}")
     print(f"server key:         {paths.private_key}  (mode 0600)")
+    return EXIT_OK
+
+
+def _systemd_unit(args: argparse.Namespace) -> int:
+    """The shipped unit (hardened, runs as the ntsd user), with the path of this ntsd."""
+    unit = (Path(__file__).parent / "server" / "ntsd.service").read_text()
+    ntsd = args.ntsd or shutil.which("ntsd") or os.path.abspath(sys.argv[0])
+    print(unit.replace("/usr/local/bin/ntsd", ntsd), end="")
     return EXIT_OK
 
 
@@ -270,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--days", type=_int_in(1, 3650), default=90, help="validity in days (default 90)")
     p.add_argument("--type", choices=("ec", "rsa"), default="ec", help="key type (default ec, P-256)")
     p.set_defaults(func=_certs)
+    p = sub.add_parser("systemd-unit", help="print a hardened systemd unit for this ntsd")
+    p.add_argument("--ntsd", metavar="PATH", help="the ntsd program the unit starts (default: this one)")
+    p.set_defaults(func=_systemd_unit)
     p = sub.add_parser("query", help="query an NTS (or plain NTP) server and show what it answered")
     p.add_argument("host", help="server name or address (NTS-KE host with NTS)")
     p.add_argument("--port", type=_int_in(1, 65535), help="NTP port (default: what NTS-KE says, else 123)")

@@ -310,6 +310,8 @@ _NTP: dict[str, Reader] = {
 
 def _ntp(node: Node) -> NtpSettings:
     settings = read_settings(node, NtpSettings, _NTP)
+    if settings.group is not None and settings.user is None:
+        raise node.mapping()["group"].error("a group without ntp.user would keep uid 0 (root); set ntp.user too")
     where = node.mapping().get("listen", node)
     if not settings.listen:
         raise where.error("at least one listen address is required")

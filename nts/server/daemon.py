@@ -83,21 +83,27 @@ def trust_service_user(config: Config) -> None:
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:
-    if user is None and group is None:
+    """Become `user` (with its supplementary groups, as a login would: a key shared through a group
+    such as ssl-cert stays readable), primary group `group` or the user's. A group alone is refused
+    by the configuration (it would keep uid 0); no user at all, as root, is warned about."""
+    if user is None:
+        if os.geteuid() == 0:
+            log.warning("running as root: set ntp.user (and open ports below 1024 before the drop, as ntsd "
+                        "does) so that a flaw in ntsd cannot be one in the whole host")  # fmt: skip
         return
     try:
-        pw = pwd.getpwnam(user) if user else None
-        gid = grp.getgrnam(group).gr_gid if group else (pw.pw_gid if pw else os.getgid())
+        pw = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else pw.pw_gid
     except KeyError as exc:
         raise StartupError(f"cannot drop privileges: no such user or group {exc.args[0]}") from None
     try:
-        os.setgroups([gid])
+        os.initgroups(user, gid)
         os.setgid(gid)
-        if pw is not None:
-            os.setuid(pw.pw_uid)
+        os.setuid(pw.pw_uid)
     except PermissionError:
         raise StartupError("cannot drop privileges: not running as root") from None
-    log.info("running as user %s, group %s", user or os.getuid(), group or gid)
+    log.info("running as user %s, group %s (and its groups: %s)", user, group or gid,
+             ", ".join(str(g) for g in os.getgroups()) or "none")  # fmt: skip
 
 
 def setup_logging(config: Config) -> None:

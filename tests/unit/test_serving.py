@@ -81,3 +81,30 @@ def test_what_plugins_and_the_batch_size_keep_until_a_restart_is_named_in_any_pr
         assert restart_only_changes(config(ON, workers), config(stored, workers), PLUGINS) == ["listening.store"]
         assert restart_only_changes(config(ON, workers), config(ON, workers, batch=8), PLUGINS) == ["ntp.batch"]
     assert restart_only_changes(config(None, 1), config(stored, 1), PLUGINS) == []  # enabled: built anew
+
+
+def test_the_privilege_drop_keeps_the_users_groups_and_refuses_a_group_alone(monkeypatch: Any, caplog: Any) -> None:
+    """setgroups([gid]) dropped the supplementary groups (a key shared through ssl-cert became
+    unreadable after its renewal); a group without a user kept uid 0; serving as root said nothing."""
+    import os
+    import pwd
+
+    from nts.config import ConfigError, parse_config
+    from nts.server import daemon
+
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    for name in ("initgroups", "setgroups", "setgid", "setuid"):
+        monkeypatch.setattr(daemon.os, name, lambda *a, _n=name: calls.append((_n, a)))
+    nobody = pwd.getpwnam("nobody")
+    daemon.drop_privileges("nobody", None)
+    assert calls == [("initgroups", ("nobody", nobody.pw_gid)), ("setgid", (nobody.pw_gid,)),
+                     ("setuid", (nobody.pw_uid,))]  # fmt: skip
+    try:
+        parse_config("ntp: {group: nogroup}\n", "c.yaml")
+    except ConfigError as exc:
+        assert str(exc) == "c.yaml:1: ntp.group: a group without ntp.user would keep uid 0 (root); set ntp.user too"
+    else:
+        raise AssertionError("a group alone was accepted")
+    if os.geteuid() == 0:
+        daemon.drop_privileges(None, None)
+        assert "running as root: set ntp.user" in caplog.text
