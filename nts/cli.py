@@ -199,7 +199,15 @@ def _clients(args: argparse.Namespace) -> int:
         return where
     try:
         rows = _client_rows(fetch_metrics(*where, path="/report/clients"))
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        if "404" in str(exc):
+            print(f"ntsd: {format_addr(where)} serves no clients report: it needs a mac section, and "
+                  "metrics.reports: true (off by default: it names clients, key ids and algorithms to anyone "
+                  "who can reach the metrics address)", file=sys.stderr)  # fmt: skip
+            return EXIT_RUNTIME
+        print(f"ntsd: cannot read the clients report from {format_addr(where)}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except ValueError as exc:
         print(f"ntsd: cannot read the clients report from {format_addr(where)}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     if args.json:

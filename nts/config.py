@@ -295,6 +295,7 @@ class Config:
     clock: ClockSettings = field(default_factory=ClockSettings)
     log: LogSettings = field(default_factory=LogSettings)
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9975)
+    metrics_reports: bool = False  # /report/NAME (client addresses, key ids) on the metrics endpoint
     plugins: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -384,11 +385,11 @@ def _log(node: Node) -> LogSettings:
     return read_settings(node, LogSettings, _LOG)
 
 
-def _metrics(node: Node) -> tuple[str, int] | None:
-    m = node.mapping(("listen",))
-    if "listen" not in m or m["listen"].is_null:
-        return None
-    return m["listen"].address()
+def _metrics(node: Node) -> tuple[tuple[str, int] | None, bool]:
+    """(where the endpoint listens, None: nowhere; whether it serves /report/NAME)."""
+    m = node.mapping(("listen", "reports"))
+    listen = None if "listen" not in m or m["listen"].is_null else m["listen"].address()
+    return listen, m["reports"].boolean() if "reports" in m else False
 
 
 _SECTIONS: dict[str, Callable[[Node], Any]] = {
@@ -437,7 +438,8 @@ def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = Non
         rate_limit=values.get("rate_limit", RateSettings()),
         clock=values.get("clock", ClockSettings()),
         log=values.get("log", LogSettings()),
-        metrics_listen=values["metrics"] if "metrics" in values else ("127.0.0.1", 9975),
+        metrics_listen=values["metrics"][0] if "metrics" in values else ("127.0.0.1", 9975),
+        metrics_reports=values["metrics"][1] if "metrics" in values else False,
         plugins=plugin_values,
     )
 
@@ -478,6 +480,7 @@ def iter_lines(config: Config) -> Iterator[str]:
         f"batch {config.ntp.batch}, max hold {config.ntp.max_hold_us} us)"
     )
     if config.metrics_listen:
-        yield f"metrics: http://{format_addr(config.metrics_listen)}/metrics"
+        reports = "; reports at /report/NAME" if config.metrics_reports else ""
+        yield f"metrics: http://{format_addr(config.metrics_listen)}/metrics{reports}"
     for name in config.plugins:
         yield f"authenticator section: {name}"

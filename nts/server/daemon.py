@@ -219,9 +219,8 @@ class Daemon:
         stopping = self._signals(loop, lambda: self._reload(server, loop))
         metrics = None
         if metrics_sock is not None:
-            metrics = MetricsServer(
-                lambda: self._own((server.counters(), server.gauges())), server.reports, self.described
-            )
+            source = lambda: self._own((server.counters(), server.gauges()))  # noqa: E731
+            metrics = MetricsServer(source, server.reports, self.described, config.metrics_reports)
             await metrics.start_on(metrics_sock)
             log.info("metrics on http://%s/metrics", format_addr(metrics_sock.getsockname()))
         log.info("ready")
@@ -340,7 +339,9 @@ class Daemon:
         stopping = self._signals(loop, on_hup)
         metrics = None
         if metrics_sock is not None:
-            metrics = MetricsServer(lambda: self._own(shared.total()), shared.reports, self.described)
+            metrics = MetricsServer(
+                lambda: self._own(shared.total()), shared.reports, self.described, config.metrics_reports
+            )
             await metrics.start_on(metrics_sock)
         log.info("ready with %d workers", len(self.children))
         notify("READY=1")
@@ -449,6 +450,8 @@ def restart_only_changes(running: Config, new: Config, plugins: Mapping[str, typ
         changed += cls.restart_only(before, after)
     if (new.ntp.user, new.ntp.group) != (running.ntp.user, running.ntp.group):
         changed.append("ntp.user/group")
+    if new.metrics_reports != running.metrics_reports:
+        changed.append("metrics.reports")
     if new.metrics_listen != running.metrics_listen:
         changed.append("metrics.listen")
     return changed

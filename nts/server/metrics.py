@@ -130,10 +130,12 @@ class MetricsServer:
         source: Callable[[], tuple[Mapping[tuple[str, ...], int], Mapping[str, float]]],
         reports: Callable[[], Mapping[str, Any]] = dict,
         described: Descriptions | None = None,
+        reports_on: bool = False,
     ) -> None:
         self._source = source
         self._reports = reports
         self._described = described if described is not None else Descriptions.of(())
+        self.reports_on = reports_on  # /report/NAME names clients and keys: off unless configured
         self._server: asyncio.Server | None = None
         self.active = 0
         self.refused = 0
@@ -160,6 +162,8 @@ class MetricsServer:
                 status, body = "400 Bad Request", "bad request\n"
             elif parts[1] in ("/metrics", "/"):
                 status, body = "200 OK", render(*self._source(), self._described)
+            elif parts[1].startswith("/report/") and not self.reports_on:
+                status, body = "404 Not Found", "reports are off (metrics.reports: false)\n"
             elif parts[1].startswith("/report/") and parts[1][8:] in (reports := self._reports()):
                 status, body = "200 OK", json.dumps(reports[parts[1][8:]], indent=1) + "\n"
             else:

@@ -74,7 +74,13 @@ def test_key_file_changes_apply_and_broken_files_do_not(tmp_path: Path) -> None:
 def test_clients_report_and_startup_refusals(tmp_path: Path) -> None:
     ntp_keys, _ = write_keys(tmp_path)
     port, mport = free_port(), free_port(socket.SOCK_STREAM)
-    with running_ntsd(tmp_path, lab_config(port, metrics_port=mport) + mac_section(ntp_keys)) as server:
+    config = lab_config(port, metrics_port=mport) + mac_section(ntp_keys)
+    with running_ntsd(tmp_path, config):  # reports off (the default): `ntsd clients` says how to turn them on
+        out = subprocess.run([sys.executable, "-m", "nts", "clients", "--metrics", f"127.0.0.1:{mport}"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert out.returncode == 1 and "metrics.reports: true (off by default" in out.stderr
+    config = config.replace("metrics: {listen:", "metrics: {reports: true, listen:")
+    with running_ntsd(tmp_path, config) as server:
         server.wait_for(
             "MD5/SHA1 keys in use, key ids 1, 2 (deprecated by RFC 8573; move these clients to NTS or AES-CMAC)"
         )
