@@ -37,6 +37,7 @@ from .metrics import Descriptions, MetricsServer
 from .plugin import Plugin, discover, sections
 from .serving import Server, build_plugins
 from .shared import SharedCounters
+from .steering import steer_by_source
 from .udp import open_udp_socket
 
 __all__ = ["Daemon", "StartupError", "trust_service_user"]
@@ -60,6 +61,12 @@ def bind_all(config: Config, copies: int) -> list[dict[tuple[str, int], socket.s
         for addr in config.ntp.listen:
             for i in range(copies):
                 sets[i][addr] = open_udp_socket(*addr, reuse_port=copies > 1)
+            if copies > 1:
+                try:  # each client address to one worker, so per-client limits are the whole server's
+                    steer_by_source(sets[0][addr], copies)
+                except OSError as exc:
+                    log.warning("cannot steer clients to workers by address on %s (%s): per-client limits "
+                                "apply per worker", format_addr(addr), exc.strerror)  # fmt: skip
     except OSError as exc:
         for s in sets:
             for sock in s.values():

@@ -755,3 +755,28 @@ def test_deny_kods_to_one_address_are_bounded(tmp_path: Path) -> None:
         assert len(kods) == 1 and kods[0][12:16] == b"DENY"
         m = wait_until(lambda: (m := metrics(mport)).get('ntsd_drops_total{reason="access_denied"}') == 1000 and m)
         assert m['ntsd_kod_total{code="DENY"}'] == 1
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_per_client_limits_do_not_multiply_with_workers(tmp_path: Path, workers: int) -> None:
+    """The kernel spread one client's datagrams over the workers by source port, and each worker
+    kept its own rate table: with 4 workers one address got about 4 times its burst. Each address
+    now reaches one worker (steered by source address), so the burst is the server's."""
+    port = free_port()
+    extra = "rate_limit: {rate: 0.01, burst: 4, action: ignore}\n"
+    with running_ntsd(tmp_path, lab_config(port, extra=extra, ntp_extra=f"workers: {workers}")) as server:
+        server.wait_for(f"ready with {workers} workers")
+        assert "cannot steer clients" not in "\n".join(server.lines)
+        for source in ("127.0.0.9", "127.0.0.10"):
+            with contextlib.ExitStack() as stack:
+                clients = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(24)]
+                for c in clients:  # each from a new source port
+                    c.bind((source, 0))
+                    c.sendto(client_request(), ("127.0.0.1", port))
+                answered, deadline = 0, time.monotonic() + 0.5  # the unanswered have no event to wait on
+                while (left := deadline - time.monotonic()) > 0:
+                    readable, _, _ = select.select(clients, [], [], left)
+                    for c in readable:
+                        c.recv(100)
+                        answered += 1
+            assert answered == 4, source
