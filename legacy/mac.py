@@ -46,7 +46,7 @@ from nts.config import (
 )
 from nts.core.decisions import Nak
 from nts.core.handler import Client, ReplyContext, Request, RequestHandler
-from nts.core.policy import AccessPolicy, Network, NetworkSet
+from nts.core.policy import Network, NetworkSet, Shared
 from nts.files import FileIdentity, every, file_identity
 from nts.wire.packet import HEADER_LEN, crypto_nak
 
@@ -203,7 +203,7 @@ class MacPlugin(RequestHandler):
     def close(self) -> None:
         """Nothing to release: the key table is memory."""
 
-    def set_access(self, access: AccessPolicy) -> None:
+    def share(self, shared: Shared) -> None:
         """Nothing outside the pipeline, which applies the access lists itself."""
 
     def __init__(self, settings: MacSettings) -> None:

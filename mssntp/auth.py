@@ -19,7 +19,7 @@ import logging
 import struct
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from nts.config import Node, Reader, boolean, integer, listof, network, number, path, read_settings
 from nts.core.decisions import Answer, Defer, drop
 from nts.core.handler import ReplyContext, Request, RequestHandler
-from nts.core.policy import RATE_OK, AccessPolicy, Network, NetworkSet, RateLimiter, RateSettings
+from nts.core.policy import RATE_OK, Network, NetworkSet, RateLimiter, RateSettings, Shared
 from nts.core.stats import Counters
 from nts.logutil import RateLimitedLog
 
@@ -130,7 +130,8 @@ class MsSntpPlugin(RequestHandler):
         self.settings = settings
         self.networks = NetworkSet(settings.networks)
         self.limiter = RateLimiter(settings.rate_settings)
-        self.accounts = AccountGuard(settings.account_limits)
+        self._workers = 1  # that share the budget for new accounts (share())
+        self.accounts = AccountGuard(self._account_limits(settings))
         self._sweeps = RateLimitedLog(log, 60.0, logging.WARNING)
         self.client = SigndClient(settings.socket, self.stats, settings.connections, settings.queue_size,
                                   settings.deadline)  # fmt: skip
@@ -159,6 +160,11 @@ class MsSntpPlugin(RequestHandler):
             self._refused(refused, request.client[0], key_id & RID_MASK)
             return _D_ACCOUNTS[refused]
         return Defer(partial(self._signed, key_id, request, ctx), self.name, request.client)
+
+    def _account_limits(self, settings: MsSntpSettings) -> AccountLimits:
+        """The account limits this process enforces: with workers, its share of the new-account budget."""
+        limits, workers = settings.account_limits, self._workers
+        return replace(limits, new_rate=limits.new_rate / workers, new_burst=max(1, limits.new_burst // workers))
 
     def _refused(self, reason: str, ip: str, rid: int) -> None:
         limits = self.settings.account_limits
@@ -201,7 +207,7 @@ class MsSntpPlugin(RequestHandler):
         if new.rate_settings != old.rate_settings:
             self.limiter = RateLimiter(new.rate_settings)
         if new.account_limits != old.account_limits:
-            self.accounts = AccountGuard(new.account_limits)
+            self.accounts = AccountGuard(self._account_limits(new))
         self.networks = NetworkSet(new.networks)
         self.client.deadline = new.deadline
         self.settings = new
@@ -218,8 +224,12 @@ class MsSntpPlugin(RequestHandler):
     def close(self) -> None:
         """Nothing to release: stop() closed the connections to Samba."""
 
-    def set_access(self, access: AccessPolicy) -> None:
-        """Nothing outside the pipeline, which applies the access lists itself."""
+    def share(self, shared: Shared) -> None:
+        """Each worker takes its share of the budget for new accounts (the other limits are per
+        client, and each client reaches one worker)."""
+        if shared.workers != self._workers:
+            self._workers = shared.workers
+            self.accounts = AccountGuard(self._account_limits(self.settings))
 
     def gauges(self) -> Mapping[str, float]:
         return {"mssntp_rate_limit_clients": len(self.limiter), "mssntp_account_clients": len(self.accounts)}

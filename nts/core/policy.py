@@ -96,6 +96,23 @@ class AccessPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Shared:
+    """What the server shares with a plugin's own services (NTS-KE, say): its access lists, and
+    the worker processes that divide the plugin's budgets (each worker enforces its share)."""
+
+    access: AccessPolicy
+    workers: int = 1
+
+    def share(self, budget: float) -> float:
+        """One worker's part of a budget (a rate) for the whole server."""
+        return budget / self.workers
+
+    def count(self, budget: int) -> int:
+        """One worker's part of a whole-server count (a burst, a connection limit), at least 1."""
+        return max(1, budget // self.workers)
+
+
+@dataclass(frozen=True, slots=True)
 class RateSettings:
     rate: float = 2.0  # sustained requests per second per client address
     burst: int = 16  # requests a client may send back to back

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from OpenSSL import SSL
 
-from ..core.policy import ALLOW, RATE_OK, AccessPolicy, RateLimiter, RateSettings
+from ..core.policy import ALLOW, RATE_OK, AccessPolicy, RateLimiter, RateSettings, Shared
 from ..core.stats import Counters
 from ..logutil import RateLimitedLog
 from ..wire.errors import ParseError
@@ -52,7 +52,8 @@ class KeServer:
         self.keyring = keyring
         self.settings = settings
         self.stats = stats
-        self._limiter = RateLimiter(RateSettings(rate=settings.rate, burst=settings.burst, kod=False))
+        self.shared = Shared(AccessPolicy())  # the server's access lists and workers (set by the plugin)
+        self._limiter = self._new_limiter(settings)
         self._events = RateLimitedLog(log)
         self._alarms = RateLimitedLog(log, level=logging.WARNING)
         self.wall_clock: Callable[[], float] = time.time
@@ -62,7 +63,6 @@ class KeServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self.poller: select.epoll | None = None  # the sessions' sockets (Linux, once started), as one reader
         self.decided = DecidedRequests()  # whole requests seen before, shared by this server's sessions
-        self.access = AccessPolicy()  # the server's access lists (access.allow/deny), set by the plugin
 
     @property
     def active(self) -> int:
@@ -75,8 +75,22 @@ class KeServer:
 
     def configure(self, settings: KeSettings) -> None:
         if (settings.rate, settings.burst) != (self.settings.rate, self.settings.burst):
-            self._limiter = RateLimiter(RateSettings(rate=settings.rate, burst=settings.burst, kod=False))
+            self._limiter = self._new_limiter(settings)
         self.settings = settings
+
+    def share(self, shared: Shared) -> None:
+        """Obey the server's access lists; with workers, enforce this worker's share of the limits
+        (connections go to whichever worker accepts first, so each takes its part)."""
+        workers_changed = shared.workers != self.shared.workers
+        self.shared = shared
+        if workers_changed:
+            self._limiter = self._new_limiter(self.settings)
+
+    def _new_limiter(self, settings: KeSettings) -> RateLimiter:
+        shared = self.shared
+        return RateLimiter(
+            RateSettings(rate=shared.share(settings.rate), burst=shared.count(settings.burst), kod=False)
+        )
 
     async def start(self, sockets: list[socket.socket]) -> None:
         self._loop = asyncio.get_running_loop()
@@ -195,9 +209,9 @@ class KeServer:
     def admit(self, ip: str) -> str | None:
         """None to accept a new connection, else the reason to refuse it. The access lists come
         first, before any TLS work: a server kept to its networks signs handshakes for no one else."""
-        if self.access.check(ip) != ALLOW:
+        if self.shared.access.check(ip) != ALLOW:
             return "refused_access"
-        if self.active >= self.settings.max_connections:
+        if self.active >= self.shared.count(self.settings.max_connections):
             return "refused_busy"
         if self._limiter.check(ip, time.monotonic_ns()) != RATE_OK:
             return "refused_rate"

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from ..config import Node, PluginError
 from ..core.decisions import Answer
 from ..core.handler import Client, ReplyContext, Request, RequestHandler
-from ..core.policy import AccessPolicy
+from ..core.policy import Shared
 from ..core.stats import Counters
 from ..files import every
 from ..net import format_addr, open_tcp_listener
@@ -141,8 +141,8 @@ class NtsPlugin(RequestHandler):
     def fast_takes(self, length: int) -> bool:
         return length > _SHORTEST and length % 4 == 0  # fields come in multiples of 4 bytes
 
-    def set_access(self, access: AccessPolicy) -> None:
-        self.ke.access = access
+    def share(self, shared: Shared) -> None:
+        self.ke.share(shared)
 
     async def start(self) -> None:
         await self.ke.start(list(self.sockets.values()))

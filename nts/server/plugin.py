@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol
 
 from ..config import Node
-from ..core.policy import AccessPolicy
+from ..core.policy import Shared
 
 ENTRY_POINT_GROUP = "ntsd.plugins"
 
@@ -62,9 +62,10 @@ class Plugin(Protocol):
         apply: the plugin keeps the running ones, and the main process names them once."""
         ...
 
-    def set_access(self, access: AccessPolicy) -> None:
-        """The server's access lists (`access.allow`/`deny`), given before start and after every
-        reload, for what the plugin serves outside the pipeline (NTS-KE connections)."""
+    def share(self, shared: Shared) -> None:
+        """The server's access lists and worker count, given before start and after every reload,
+        for what the plugin serves outside the pipeline (NTS-KE connections) and for budgets meant
+        for the whole server, which each worker enforces its share of."""
         ...
 
     async def start(self) -> None:

@@ -21,7 +21,7 @@ from ..core.clockstate import server_state
 from ..core.handler import RequestHandler
 from ..core.pipeline import Pipeline
 from ..core.plain import PlainHandler
-from ..core.policy import AccessPolicy, KissLimiter, NetworkSet, RateLimiter, RateSettings
+from ..core.policy import AccessPolicy, KissLimiter, NetworkSet, RateLimiter, RateSettings, Shared
 from ..core.stats import Counters, Key, add
 from ..logutil import RateLimitedLog
 from ..net import format_addr
@@ -121,8 +121,9 @@ class Server:
         self.access = AccessPolicy(config.access.allow, config.access.deny)
         kisses = config.rate_limit or RateSettings()  # DENY/RSTR KoDs limited like RATE KoDs, always
         self.deny_kods = KissLimiter(kisses.kod_interval, kisses.max_clients)
+        shared = Shared(self.access, config.ntp.workers)
         for plugin in self.authenticators:
-            plugin.set_access(self.access)
+            plugin.share(shared)
         self.require_auth = NetworkSet(config.access.require_auth)
         if keep_rate is not None:
             self.rate: RateLimiter | None = keep_rate

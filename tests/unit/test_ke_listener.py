@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 
-from nts.core.policy import AccessPolicy
+from nts.core.policy import AccessPolicy, Shared
 from nts.core.stats import Counters
 from nts.nts import ke_listener as listener
 from nts.nts.certs import ALPN, CertStore
@@ -208,10 +208,19 @@ def test_the_access_lists_refuse_before_any_tls_work(server: KeServer) -> None:
     """A server kept to its networks does no handshake for anyone else (chrony checks its access
     restrictions when it accepts an NTS-KE connection)."""
     assert server.admit("192.0.2.1") is None  # open by default
-    server.access = AccessPolicy(
+    server.share(Shared(AccessPolicy(
         allow=[ipaddress.ip_network("192.0.2.0/24")], deny=[ipaddress.ip_network("192.0.2.9/32")]
-    )
+    )))  # fmt: skip
     assert server.admit("192.0.2.1") is None
     assert server.admit("192.0.2.9") == "refused_access"  # denied
     assert server.admit("198.51.100.1") == "refused_access"  # outside the allow list
     assert server.admit("2001:db8::1") == "refused_access"
+
+
+def test_with_workers_each_takes_its_share_of_the_limits(server: KeServer) -> None:
+    """Connections go to whichever worker accepts first, so each worker's own per-address rate and
+    connection limit let a client have workers times the configured ones; now each takes its share."""
+    server.configure(KeSettings(supported_aeads=(15,), rate=0.001, burst=16))
+    assert [server.admit("192.0.2.1") for _ in range(17)] == [None] * 16 + ["refused_rate"]
+    server.share(Shared(AccessPolicy(), workers=4))
+    assert [server.admit("192.0.2.2") for _ in range(5)] == [None] * 4 + ["refused_rate"]

@@ -458,3 +458,14 @@ def test_a_trickling_signer_does_not_hold_a_connection_past_the_deadline() -> No
                 assert await client.sign(1, PACKET) is not None  # a fresh connection serves the next
 
     run(main)
+
+
+def test_with_workers_each_takes_its_share_of_the_new_account_budget() -> None:
+    import ipaddress
+
+    from nts.core.policy import AccessPolicy, Shared
+
+    ms = MsSntpPlugin(MsSntpSettings(networks=(ipaddress.ip_network("10.0.0.0/8"),), new_accounts_burst=500))
+    assert (ms.accounts.limits.new_rate, ms.accounts.limits.new_burst) == (2.0, 500)
+    ms.share(Shared(AccessPolicy(), workers=4))
+    assert (ms.accounts.limits.new_rate, ms.accounts.limits.new_burst) == (0.5, 125)

@@ -45,7 +45,9 @@ PLUGINS: dict[str, Any] = {"listening": Listening}
 
 def config(section: dict[str, Any] | None, workers: int = 2, batch: int = 32) -> Any:
     ntp = SimpleNamespace(workers=workers, listen=(("127.0.0.1", 123),), user=None, group=None, batch=batch)
-    return SimpleNamespace(ntp=ntp, metrics_listen=None, plugins={} if section is None else {"listening": section})
+    return SimpleNamespace(
+        ntp=ntp, metrics_listen=None, metrics_reports=False, plugins={} if section is None else {"listening": section}
+    )
 
 
 ON = {"listen": [("127.0.0.1", 4460)]}
