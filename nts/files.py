@@ -26,6 +26,7 @@ from pathlib import Path
 
 FileIdentity = tuple[int, int, int] | None
 _OWNERS = {0}  # uids a secret file may belong to, besides the effective user's (allow_owner)
+_SERVICE: tuple[str, int, int, frozenset[int]] | None = None  # the user to drop to: name, uid, gid, groups
 
 
 class UnsafeFile(PermissionError):
@@ -36,6 +37,44 @@ class UnsafeFile(PermissionError):
 def allow_owner(uid: int) -> None:
     """Secret files may also belong to `uid` (the user the server drops its privileges to)."""
     _OWNERS.add(uid)
+
+
+def set_service_user(name: str, uid: int, gid: int) -> None:
+    """The user the server will drop its privileges to: files it creates before are handed to it,
+    and a secret it could not read after the drop is refused now, not at the first reload."""
+    global _SERVICE
+    _OWNERS.add(uid)
+    _SERVICE = (name, uid, gid, frozenset(os.getgrouplist(name, gid)))
+
+
+def hand_over(path: Path) -> None:
+    """Give `path` (a file or directory the server just made) to the user it will run as."""
+    if _SERVICE is not None and os.geteuid() == 0:
+        os.chown(path, _SERVICE[1], _SERVICE[2], follow_symlinks=False)
+
+
+def unreadable_after_drop(path: Path, st: os.stat_result) -> str | None:
+    """Why the user the server drops to could not read `path` (with status `st`), or None."""
+    if _SERVICE is None or os.geteuid() != 0:
+        return None
+    name, uid, _, groups = _SERVICE
+    if uid == 0:
+        return None
+
+    def allowed(st: os.stat_result, bits: tuple[int, int, int]) -> bool:
+        if st.st_uid == uid:
+            return bool(st.st_mode & bits[0])
+        return bool(st.st_mode & (bits[1] if st.st_gid in groups else bits[2]))
+
+    for directory in Path(os.path.abspath(path)).parents:
+        if not allowed(os.stat(directory), (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
+            return (f"{path} could not be reached by {name} (ntp.user) once privileges are dropped "
+                    f"({directory} is closed to it), so reloads would fail; run: chmod o+x {directory}, or move "
+                    "the file")  # fmt: skip
+    if allowed(st, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
+        return None
+    return (f"{path} could not be read by {name} (ntp.user) once privileges are dropped, so reloads would fail; "
+            f"run: chown {name} {path}, or chgrp a group of {name} and chmod 640 it if root keeps it")  # fmt: skip
 
 
 def read_private_file(path: Path, limit: int) -> bytes:
@@ -49,8 +88,12 @@ def read_private_file(path: Path, limit: int) -> bytes:
             raise UnsafeFile(f"{path} is a symbolic link; name the file itself") from None
         raise
     with os.fdopen(fd, "rb") as f:
-        _check(path, os.fstat(fd))
+        st = os.fstat(fd)
+        _check(path, st)
         _check_directory(path)
+        problem = unreadable_after_drop(path, st)
+        if problem is not None:
+            raise UnsafeFile(problem)
         return f.read(limit)
 
 

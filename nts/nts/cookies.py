@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..files import read_private_file
+from ..files import hand_over, read_private_file
 from .aead import AEADS, AeadId, Cipher
 
 SECRET_LEN = 32
@@ -246,7 +246,9 @@ def load_or_create_secret(key_dir: Path) -> tuple[bytes, bool]:
     try:
         return _read_secret(path), False
     except FileNotFoundError:
-        key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not key_dir.exists():
+            key_dir.mkdir(mode=0o700, parents=True)
+            hand_over(key_dir)  # the user the server drops to must read it at reload
         secret = secrets.token_bytes(SECRET_LEN)
         # Written whole to a file of its own, then linked into place: a crash leaves no partial
         # secret behind, and a reader sees no file or all of it (link, unlike rename, never replaces).
@@ -257,6 +259,7 @@ def load_or_create_secret(key_dir: Path) -> tuple[bytes, bool]:
                 f.write(secret.hex().encode() + b"\n")
                 f.flush()
                 os.fsync(f.fileno())
+            hand_over(tmp)
             os.link(tmp, path)
         except FileExistsError:  # another process created it first: use that one
             return load_or_create_secret(key_dir)

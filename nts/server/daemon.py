@@ -83,10 +83,14 @@ def bind_all(config: Config, copies: int) -> list[dict[tuple[str, int], socket.s
 
 
 def trust_service_user(config: Config) -> None:
-    """Secret files may belong to the user the server drops its privileges to (ntp.user)."""
+    """Secret files may belong to the user the server drops its privileges to (ntp.user), files the
+    server creates before the drop are handed to that user, and secrets it could not read after
+    the drop are refused at start (and by check-config)."""
     if config.ntp.user:
         with contextlib.suppress(KeyError):  # (an unknown user is refused by drop_privileges)
-            files.allow_owner(pwd.getpwnam(config.ntp.user).pw_uid)
+            pw = pwd.getpwnam(config.ntp.user)
+            gid = grp.getgrnam(config.ntp.group).gr_gid if config.ntp.group else pw.pw_gid
+            files.set_service_user(config.ntp.user, pw.pw_uid, gid)
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:

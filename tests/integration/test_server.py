@@ -780,3 +780,40 @@ def test_per_client_limits_do_not_multiply_with_workers(tmp_path: Path, workers:
                         c.recv(100)
                         answered += 1
             assert answered == 4, source
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_files_made_before_the_privilege_drop_belong_to_the_service_user() -> None:
+    """With ntp.user and a fresh key_dir, ntsd made the key directory and master secret as root,
+    dropped to nobody, and the first SIGHUP could not read them (every logrotate tripped the reload
+    alert). Now they are handed to nobody; and a key nobody could not read is refused at start and
+    by check-config, not at the first reload."""
+    import pwd
+    import tempfile
+
+    from nts.nts.devcerts import make_dev_certs
+    from tests.nts_helpers import nts_config, ports
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="ntsd-drop-"))
+    try:
+        base.chmod(0o711)  # nobody may pass through, as /etc and /var/lib let it
+        certs = make_dev_certs(base / "certs", ["localhost", "127.0.0.1"])
+        (base / "certs").chmod(0o711)
+        ntp, ke, mport = ports()
+        config = nts_config(base, ntp, ke, mport, ntp_extra="user: nobody")
+        (base / "ntsd.yaml").write_text(config)  # where nobody can read it again at the reload
+        check = subprocess.run([sys.executable, "-m", "nts", "check-config", str(base / "ntsd.yaml")],
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert check.returncode == 2 and "could not be read by nobody (ntp.user)" in check.stderr
+        os.chown(certs.private_key, nobody.pw_uid, nobody.pw_gid)
+        with running_ntsd(base, config) as server:
+            keys = base / "keys"
+            assert (keys.stat().st_uid, (keys / "nts-master.key").stat().st_uid) == (nobody.pw_uid, nobody.pw_uid)
+            mark = len(server.lines)
+            server.signal(signal.SIGHUP)
+            server.wait_for("configuration reloaded", start=mark)
+            assert not [line for line in server.lines[mark:] if "cannot be used" in line or " ERROR " in line]
+            assert metrics(mport)["ntsd_config_last_reload_successful"] == 1
+    finally:
+        shutil.rmtree(base)
