@@ -77,6 +77,11 @@ def _certs(args: argparse.Namespace) -> int:
     from .nts.devcerts import make_dev_certs
 
     names = args.name or ["localhost", "127.0.0.1", "::1"]
+    existing = [Path(args.dir) / name for name in ("ca.pem", "ca.key", "server.pem", "server.key")]
+    if any(path.exists() for path in existing) and not args.force:  # clients trusting that CA would break
+        print(f"ntsd: {args.dir} already holds a development CA and certificate: kept (--force makes new ones; "
+              "clients that trust the old CA then need the new ca.pem)", file=sys.stderr)  # fmt: skip
+        return EXIT_OK
     try:
         paths = make_dev_certs(Path(args.dir), names, args.days, args.type)
     except ValueError as exc:  # a name that is neither an IP address nor a DNS name
@@ -102,6 +107,14 @@ def _systemd_unit(args: argparse.Namespace) -> int:
 def _query(args: argparse.Namespace) -> int:
     from .client import QueryError, run_query
 
+    if args.keylog:  # checked here: a failure inside OpenSSL's callback could only print tracebacks
+        try:
+            with open(args.keylog, "ab", opener=lambda path, flags: os.open(path, flags, 0o600)):
+                pass
+        except OSError as exc:
+            print(f"ntsd: cannot write the TLS key log {args.keylog}: {exc.strerror}", file=sys.stderr)
+            return EXIT_CONFIG
+
     try:
         result = run_query(
             args.host,
@@ -119,13 +132,26 @@ def _query(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ntsd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    kiss = str(result.get("kiss") or "")
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
+    elif not kiss:  # a KoD carries no time: no offset or delay to show
         width = max(len(k) for k in result)
         for key, value in result.items():
             print(f"{key:<{width}}  {value}")
-    return EXIT_OK if not result.get("kiss") else EXIT_RUNTIME
+    if kiss:
+        meaning = _KISSES.get(kiss, "no time offered")
+        print(f"ntsd: the server answered with a Kiss-o'-Death, {kiss}: {meaning}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+_KISSES = {  # RFC 5905 section 7.4, RFC 8915 section 5.7
+    "RATE": "asking too often; slow down",
+    "DENY": "access denied",
+    "RSTR": "access restricted",
+    "NTSN": "the NTS cookie was refused; do NTS-KE again",
+}
 
 
 _MAX_ANSWER = 64 << 20  # far more than any report ntsd serves; something else is on that port
@@ -286,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--days", type=_int_in(1, 3650), default=90, help="validity in days (default 90)")
     p.add_argument("--type", choices=("ec", "rsa"), default="ec", help="key type (default ec, P-256)")
+    p.add_argument("--force", action="store_true", help="replace an existing CA and certificate")
     p.set_defaults(func=_certs)
     p = sub.add_parser("systemd-unit", help="print a hardened systemd unit for this ntsd")
     p.add_argument("--ntsd", metavar="PATH", help="the ntsd program the unit starts (default: this one)")

@@ -260,3 +260,34 @@ def test_the_shipped_systemd_unit_verifies_and_is_hardened(tmp_path: Path, capsy
     security = subprocess.run([analyze, "security", "--offline=true", str(unit)], capture_output=True, text=True)
     exposure = float(re.search(r"Overall exposure level for ntsd.service: ([\d.]+)", security.stdout).group(1))  # type: ignore[union-attr]
     assert exposure <= 2.0, security.stdout
+
+
+def test_certs_keeps_an_existing_ca_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ntsd certs` overwrote an existing CA silently (every client trusting it broke)."""
+    assert main(["certs", "--dir", str(tmp_path)]) == 0
+    ca = (tmp_path / "ca.pem").read_bytes()
+    capsys.readouterr()
+    assert main(["certs", "--dir", str(tmp_path)]) == 0  # the quick start may be run again
+    assert (tmp_path / "ca.pem").read_bytes() == ca
+    assert "already holds a development CA and certificate: kept (--force makes new ones" in capsys.readouterr().err
+    assert main(["certs", "--dir", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "ca.pem").read_bytes() != ca
+
+
+def test_query_refuses_a_key_log_it_cannot_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It printed five `Exception ignored from cffi callback` tracebacks and exited 0."""
+    missing = tmp_path / "nonexistent" / "k"
+    assert main(["query", "127.0.0.1", "--keylog", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"ntsd: cannot write the TLS key log {missing}: No such file or directory\n"
+
+
+def test_query_says_what_a_kiss_o_death_means(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A KoD printed offset and delay, exited 1 and said nothing on stderr."""
+    from tests.helpers import free_port, lab_config, running_ntsd
+
+    port = free_port()
+    with running_ntsd(tmp_path, lab_config(port, extra="access: {allow: [10.0.0.0/8]}\n")):
+        assert main(["query", "127.0.0.1", "--plain", "--port", str(port)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == "ntsd: the server answered with a Kiss-o'-Death, RSTR: access restricted\n"
