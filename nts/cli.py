@@ -53,7 +53,7 @@ def _check_config(args: argparse.Namespace) -> int:
     what `serve` would refuse, found without binding a port or creating anything."""
     plugins = discover()
     try:
-        config = load_config(args.file, sections(plugins))
+        config = load_config(args.file or args.config, sections(plugins))
     except ConfigError as exc:
         print(f"ntsd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -68,7 +68,7 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"{config.source}: OK")
     for line in iter_lines(config):
         print(f"  {line}")
-    for _, message in findings:
+    for message in (*config.warnings, *(message for _, message in findings)):
         print(f"  warning: {message}")
     return EXIT_OK
 
@@ -304,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=_serve)
     p = sub.add_parser("check-config", help="validate a configuration file and exit")
     p.add_argument("file", nargs="?", help="file to check (the embedded default if omitted)")
+    p.add_argument("--config", "-c", metavar="FILE", help="the same, as serve takes it")
     p.set_defaults(func=_check_config)
     p = sub.add_parser("certs", help="make a development CA and server certificate (never for production)")
     p.add_argument("--dir", default="certs", help="output folder (default: certs)")

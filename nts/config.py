@@ -11,8 +11,11 @@ The embedded default serves plain NTP on loopback so the daemon runs with no fil
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import logging
+import os
+import pwd
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -163,9 +166,13 @@ class Node:
     def network(self) -> Network:
         text = self.string() if not isinstance(self.scalar(), int) else str(self.scalar())
         try:
-            return ipaddress.ip_network(text, strict=False)
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise self.error(f"{text!r} is not an IP address or CIDR network") from None
+        if "/" in text and network.network_address != ipaddress.ip_interface(text).ip:
+            one = f"{ipaddress.ip_interface(text).ip}/{network.max_prefixlen}"
+            raise self.error(f"{text!r} has host bits set: write {network} for the network, or {one} for one address")
+        return network
 
     def address(self, default_port: int | None = None) -> tuple[str, int]:
         return parse_hostport(self, self.string(), default_port)
@@ -296,7 +303,26 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9975)
     metrics_reports: bool = False  # /report/NAME (client addresses, key ids) on the metrics endpoint
+    warnings: tuple[str, ...] = ()  # what the file does that its author may not expect (logged, shown)
     plugins: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _user(node: Node) -> str:
+    name = node.string()
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise node.error(f"no such user {name!r} on this host") from None
+    return name
+
+
+def _group(node: Node) -> str:
+    name = node.string()
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        raise node.error(f"no such group {name!r} on this host") from None
+    return name
 
 
 _NTP: dict[str, Reader] = {
@@ -304,8 +330,8 @@ _NTP: dict[str, Reader] = {
     "workers": integer(1, 64),
     "batch": integer(1, 1024),
     "max_hold_us": integer(0, 100_000),
-    "user": optional(string),
-    "group": optional(string),
+    "user": optional(_user),
+    "group": optional(_group),
 }
 
 
@@ -378,7 +404,22 @@ def _clock(node: Node) -> ClockSettings:
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-_LOG: dict[str, Reader] = {"level": lambda n: _LEVELS[n.choice(*_LEVELS)], "file": optional(string)}
+def _level(node: Node) -> int:
+    value = node.scalar()
+    if isinstance(value, str) and value.lower() in _LEVELS:  # INFO as well as info
+        return _LEVELS[value.lower()]
+    raise node.error(f"expected one of: {', '.join(_LEVELS)}")
+
+
+def _log_file(node: Node) -> str:
+    name = node.string()
+    directory = os.path.dirname(os.path.abspath(name))
+    if not os.path.isdir(directory):
+        raise node.error(f"{directory} does not exist (the log file's directory)")
+    return name
+
+
+_LOG: dict[str, Reader] = {"level": _level, "file": optional(_log_file)}
 
 
 def _log(node: Node) -> LogSettings:
@@ -431,7 +472,12 @@ def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = Non
     for name, plugin in plugins.items():
         if name in top:
             plugin_values[name] = plugin.parse_config(top[name])
+    warnings = []
+    if not top:
+        warnings.append("the file sets nothing: ntsd serves plain NTP only, on 127.0.0.1:123 and [::1]:123, "
+                        "without NTS (the embedded default is used only when no file is named)")  # fmt: skip
     return Config(
+        warnings=tuple(warnings),
         source=source,
         ntp=values["ntp"],
         access=values.get("access", AccessSettings()),

@@ -173,6 +173,8 @@ class Daemon:
         drop_privileges(config.ntp.user, config.ntp.group)
         precision = measure_precision()
         log.info("ntsd %s starting (%s)", __version__, config.source)
+        for warning in config.warnings:
+            log.warning("%s: %s", config.source, warning)
         # Held from here until each process has its handlers (_signals): a reload or stop sent while
         # a worker starts would otherwise kill it (the default action) instead of being carried out.
         signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)

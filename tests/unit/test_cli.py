@@ -291,3 +291,12 @@ def test_query_says_what_a_kiss_o_death_means(tmp_path: Path, capsys: pytest.Cap
         assert main(["query", "127.0.0.1", "--plain", "--port", str(port)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err == "ntsd: the server answered with a Kiss-o'-Death, RSTR: access restricted\n"
+
+
+def test_an_empty_file_is_not_silently_plain_ntp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty file (or /dev/null) was "OK" and served plain NTP without NTS without a word."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert main(["check-config", "--config", str(empty)]) == 0  # (--config, as serve takes it)
+    out = capsys.readouterr().out
+    assert "warning: the file sets nothing: ntsd serves plain NTP only" in out and "without NTS" in out

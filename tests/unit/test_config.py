@@ -128,7 +128,7 @@ def test_embedded_default_is_valid_and_serves_loopback() -> None:
 
 def test_full_config_values() -> None:
     text = """
-ntp: {listen: ["0.0.0.0:123", "[::]:123"], workers: 2, user: ntp, batch: 8, max_hold_us: 0}
+ntp: {listen: ["0.0.0.0:123", "[::]:123"], workers: 2, user: nobody, batch: 8, max_hold_us: 0}
 access: {allow: [10.0.0.0/8, "2001:db8::/32"], deny: [10.9.0.0/16], deny_action: ignore, require_auth: [10.1.0.0/16]}
 rate_limit: {rate: 0.5, burst: 4, max_clients: 5000, action: ignore, kod_interval: 2}
 clock: {stratum: 3, reference_id: 192.0.2.1, root_delay: 0.001, root_dispersion: 0.002}
@@ -136,7 +136,7 @@ log: {level: warning, file: /var/log/ntsd.log}
 metrics: {listen: "[::1]:9975"}
 """
     c = parse_config(text, "t")
-    assert c.ntp.listen == (("0.0.0.0", 123), ("::", 123)) and c.ntp.workers == 2 and c.ntp.user == "ntp"
+    assert c.ntp.listen == (("0.0.0.0", 123), ("::", 123)) and c.ntp.workers == 2 and c.ntp.user == "nobody"
     assert c.ntp.batch == 8 and c.ntp.max_hold_us == 0
     assert c.access.deny_kod is False
     assert c.access.require_auth == (ipaddress.ip_network("10.1.0.0/16"),)
@@ -156,3 +156,30 @@ def test_an_oversized_config_is_refused_not_cut(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(str(path), SECTIONS)
     assert str(exc.value) == f"{path}: larger than 1048576 characters; not a configuration file"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ntp: {user: nosuchuser}\n", "t:1: ntp.user: no such user 'nosuchuser' on this host"),
+        ("ntp: {user: nobody, group: nosuchgroup}\n", "t:1: ntp.group: no such group 'nosuchgroup' on this host"),
+        (
+            "log: {file: /nonexistent/dir/ntsd.log}\n",
+            "t:1: log.file: /nonexistent/dir does not exist (the log file's directory)",
+        ),
+        (
+            "access: {allow: [10.0.0.1/8]}\n",
+            "t:1: access.allow[0]: '10.0.0.1/8' has host bits set: write 10.0.0.0/8 for the network, or "
+            + "10.0.0.1/32 for one address",
+        ),
+    ],
+)
+def test_what_serve_would_refuse_is_a_config_error_with_its_line(text: str, message: str) -> None:
+    """check-config said OK to these and `serve` then failed (exit 1) or took a typo silently."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, "t")
+    assert str(exc.value) == message
+
+
+def test_log_levels_in_any_case() -> None:
+    assert parse_config("log: {level: INFO}\n", "t").log.level == parse_config("log: {level: info}\n", "t").log.level
