@@ -119,17 +119,31 @@ def _load(cert_path: Path, key_path: Path) -> tuple[SSL.Context, str, datetime.d
     ctx.set_tls13_ciphersuites(TLS13_SUITES)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     try:
+        cert: x509.Certificate | None = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (ValueError, OSError):
+        cert = None  # OpenSSL says what is wrong with it below
+    if cert is not None and not _same_key(cert, key):  # (OpenSSL's words for it: "no certificate assigned")
+        raise CertError(f"the private key {key_path} does not belong to the certificate {cert_path} "
+                        "(their public keys differ): renewed one without the other?")  # fmt: skip
+    try:
         ctx.use_certificate_chain_file(str(cert_path))
         ctx.use_privatekey(key)
         ctx.check_privatekey()
     except SSL.Error as exc:
         raise CertError(f"cannot use {cert_path} with {key_path}: {_ssl_reason(exc)}") from None
     ctx.set_alpn_select_callback(_select_alpn)
-    try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    except (ValueError, OSError):
+    if cert is None:
         return ctx, str(cert_path), None
     return ctx, cert.subject.rfc4514_string(), cert.not_valid_after_utc
+
+
+def _same_key(cert: x509.Certificate, key: TlsKey) -> bool:
+    """Whether `key` is the private half of the certificate's public key (True when it cannot tell)."""
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    try:
+        return bool(cert.public_key().public_bytes(der, spki) == key.public_key().public_bytes(der, spki))
+    except (ValueError, UnsupportedAlgorithm):
+        return True  # OpenSSL judges it below
 
 
 def expiry_problem(not_after: datetime.datetime | None, now: datetime.datetime) -> tuple[int, str] | None:

@@ -213,3 +213,18 @@ def test_a_renewal_halfway_is_a_warning_and_a_pair_that_stays_broken_an_error(
     assert levels == [logging.WARNING, logging.WARNING, logging.ERROR]  # the error said once
     assert "not a usable pair (yet)" in caplog.records[0].getMessage()
     assert f"have not made a usable pair for {BROKEN_GRACE_S:.0f} s" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.parametrize("kinds", [("ec", "ec"), ("ec", "rsa"), ("rsa", "ec")])
+def test_a_key_that_does_not_match_its_certificate_is_said_so(tmp_path: Path, kinds: tuple[str, str]) -> None:
+    """OpenSSL's words were `no certificate assigned` (an EC certificate with an RSA key, say)."""
+    from nts.nts.certs import CertError, CertStore
+
+    cert = make_dev_certs(tmp_path / "a", ["localhost"], kind=kinds[0]).certificate
+    key = make_dev_certs(tmp_path / "b", ["localhost"], kind=kinds[1]).private_key
+    with pytest.raises(CertError) as exc:
+        CertStore(cert, key)
+    assert str(exc.value) == (
+        f"the private key {key} does not belong to the certificate {cert} (their public keys differ): "
+        "renewed one without the other?"
+    )
