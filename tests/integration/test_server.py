@@ -238,7 +238,8 @@ def test_a_log_file_that_cannot_be_opened(tmp_path: Path) -> None:
     """At start: a clear error and exit 1 (was a FileNotFoundError traceback). On reload: the
     error is logged where logging already goes, and the server keeps serving."""
     port = free_port()
-    unusable = tmp_path / "no-such-dir" / "ntsd.log"
+    unusable = tmp_path / "a-directory"  # (a directory that does not exist is a configuration error)
+    unusable.mkdir()
     cfg = tmp_path / "c.yaml"
     broken_log = f"log: {{level: debug, file: {unusable}}}"
     cfg.write_text(lab_config(port).replace("log: {level: debug}", broken_log))
@@ -247,13 +248,13 @@ def test_a_log_file_that_cannot_be_opened(tmp_path: Path) -> None:
     )
     assert (proc.returncode, proc.stderr) == (
         1,
-        f"ntsd: cannot open the log file {unusable}: No such file or directory\n",
+        f"ntsd: cannot open the log file {unusable}: Is a directory\n",
     )
     with running_ntsd(tmp_path, lab_config(port, extra=NO_RATE)) as server:
         (tmp_path / "ntsd.yaml").write_text(lab_config(port, extra=NO_RATE).replace("log: {level: debug}", broken_log))
         mark = len(server.lines)
         server.signal(signal.SIGHUP)
-        server.wait_for(f"reload: cannot open the log file {unusable}: No such file or directory", start=mark)
+        server.wait_for(f"reload: cannot open the log file {unusable}: Is a directory", start=mark)
         server.wait_for("configuration reloaded", start=mark)
         assert query(port, client_request()) is not None
 
@@ -516,7 +517,8 @@ def test_reload_outcomes_and_warnings_are_in_the_metrics(tmp_path: Path, workers
         assert m['ntsd_reloads_total{outcome="applied"}'] == 1 and m["ntsd_config_last_reload_successful"] == 1
         assert m["ntsd_config_last_reload_success_timestamp_seconds"] > started
 
-        unusable = tmp_path / "no-such-dir" / "ntsd.log"  # every process goes on logging where it did
+        unusable = tmp_path / "a-directory"  # every process goes on logging where it did
+        unusable.mkdir()
         (tmp_path / "ntsd.yaml").write_text(config.replace("log: {level: debug}", f"log: {{file: {unusable}}}"))
         errors += 1 if workers == 1 else workers + 2  # each process's line, then the parent's summary
         m = reload("reload not applied in full by worker(s)" if workers > 1 else "configuration reloaded")
