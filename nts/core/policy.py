@@ -97,11 +97,13 @@ class AccessPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Shared:
-    """What the server shares with a plugin's own services (NTS-KE, say): its access lists, and
-    the worker processes that divide the plugin's budgets (each worker enforces its share)."""
+    """What the server shares with a plugin's own services (NTS-KE, say): its access lists, the
+    worker processes that divide the plugin's budgets (each worker enforces its share), and the
+    ports NTP is served on."""
 
     access: AccessPolicy
     workers: int = 1
+    ntp_ports: tuple[int, ...] = (123,)  # where the server answers NTP (ntp.listen)
 
     def share(self, budget: float) -> float:
         """One worker's part of a budget (a rate) for the whole server."""

@@ -36,6 +36,7 @@ from . import nettle, tlsconf
 from .certs import CertError, CertStore, expiry_problem
 from .cookies import KeyRing, check_secret, load_or_create_secret
 from .ke_listener import KeServer
+from .ke_session import KeSettings
 from .packets import NtsPackets
 from .settings import NtsSettings, parse_nts
 
@@ -113,6 +114,7 @@ class NtsPlugin(RequestHandler):
             log.info("created a new NTS master secret in %s", settings.key_dir)
         self.keyring = KeyRing(secret, settings.rotate_interval, settings.keep_keys)
         self.packets = NtsPackets(self.keyring, settings.aeads, time.time)
+        self._ntp_ports: tuple[int, ...] = (123,)  # where NTP is served (share())
         self.ke = KeServer(self.certs, self.keyring, settings.ke(), self.stats)
         self.sockets: dict[tuple[str, int], socket.socket] = {}  # by configured address
         try:
@@ -143,6 +145,16 @@ class NtsPlugin(RequestHandler):
 
     def share(self, shared: Shared) -> None:
         self.ke.share(shared)
+        self._ntp_ports = shared.ntp_ports
+        self.ke.configure(self._ke_settings(self.settings))
+
+    def _ke_settings(self, settings: NtsSettings) -> KeSettings:
+        """The NTS-KE settings, with a Port record when NTP is not on 123 and nts.ntp_port is unset:
+        clients that follow RFC 8915 would otherwise go to port 123, where nothing answers."""
+        ke = settings.ke()
+        if ke.ntp_port is None and self._ntp_ports and 123 not in self._ntp_ports:
+            ke = replace(ke, ntp_port=self._ntp_ports[0])
+        return ke
 
     async def start(self) -> None:
         await self.ke.start(list(self.sockets.values()))
@@ -190,7 +202,7 @@ class NtsPlugin(RequestHandler):
         self.keyring.set_rotation(new.rotate_interval, new.keep_keys)
         self._reload_secret(new.key_dir)
         self.packets.supported = new.aeads
-        self.ke.configure(new.ke())
+        self.ke.configure(self._ke_settings(new))
         self.settings = new
         return True
 

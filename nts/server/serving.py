@@ -121,7 +121,7 @@ class Server:
         self.access = AccessPolicy(config.access.allow, config.access.deny)
         kisses = config.rate_limit or RateSettings()  # DENY/RSTR KoDs limited like RATE KoDs, always
         self.deny_kods = KissLimiter(kisses.kod_interval, kisses.max_clients)
-        shared = Shared(self.access, config.ntp.workers)
+        shared = Shared(self.access, config.ntp.workers, tuple(port for _, port in config.ntp.listen))
         for plugin in self.authenticators:
             plugin.share(shared)
         self.require_auth = NetworkSet(config.access.require_auth)

@@ -612,3 +612,14 @@ def test_the_tls_key_log_is_private(tmp_path: Path) -> None:
     with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke)):
         run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca, keylog=keylog)
     assert keylog.stat().st_mode & 0o777 == 0o600 and b"CLIENT_HANDSHAKE_TRAFFIC_SECRET" in keylog.read_bytes()
+
+
+def test_nts_ke_names_the_ntp_port_when_it_is_not_123(tmp_path: Path) -> None:
+    """With NTP on another port and no nts.ntp_port, clients that follow RFC 8915 went to port 123
+    (ntsd query: connection refused). The Port record now says where NTP is."""
+    ntp, ke, _ = ports()
+    config = nts_config(tmp_path, ntp, ke).replace(f"  ntp_port: {ntp}\n", "")
+    assert "  ntp_port:" not in config
+    with running_ntsd(tmp_path, config):
+        out = run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca)  # no --port: the record's
+        assert out["authenticated"] is True and out["server"] == f"127.0.0.1 port {ntp}"
