@@ -261,7 +261,7 @@ class Daemon:
         read = self._read_new(report, main)
         if read is None:
             return
-        new, logging_ok = read
+        new, logging_ok, restart_only = read
 
         async def apply() -> None:
             async with self._reload_lock:  # an error of the reload before this one is not this one's
@@ -272,7 +272,7 @@ class Daemon:
                     reloaded = await server.reload(new, loop, may_bind=main)
                     if reloaded and main and self.started_with is not None:
                         self.started_with = _rebased(self.started_with, new)
-                    applied = reloaded and LINES.errors() == errors and logging_ok
+                    applied = reloaded and LINES.errors() == errors and logging_ok and not restart_only
                 finally:
                     report(applied)
                     if main:
@@ -323,15 +323,15 @@ class Daemon:
             read = self._read_new(self._reloaded, main=True)
             if read is None:
                 return
-            new = read[0]  # (a worker that cannot reopen the log reports its reload failed itself)
+            new, _, restart_only = read  # (a worker that cannot reopen the log reports its failure itself)
             notify(_reloading())
             number = shared.order_reload()
             for pid in self.children:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGHUP)
-            self._spawn(loop, finished(number, new.source))
+            self._spawn(loop, finished(number, new.source, restart_only))
 
-        async def finished(number: int, source: str) -> None:
+        async def finished(number: int, source: str, restart_only: bool) -> None:
             """Say the reload is over (log, systemd) only once every worker has applied it."""
             deadline = time.monotonic() + RELOAD_WAIT_S
             while (behind := shared.behind(number)) and time.monotonic() < deadline and not stopping.is_set():
@@ -342,6 +342,9 @@ class Daemon:
                 self._reloaded(None)
             elif failed:
                 log.error("reload not applied in full by worker(s) %s (their errors say why)", self._pids(failed))
+                self._reloaded(False)
+            elif restart_only:
+                log.info("configuration reloaded from %s, but for what needs a restart", source)
                 self._reloaded(False)
             else:
                 log.info("configuration reloaded from %s", source)
@@ -387,10 +390,11 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _read_new(self, report: Callable[[bool], None], main: bool) -> tuple[Config, bool] | None:
+    def _read_new(self, report: Callable[[bool], None], main: bool) -> tuple[Config, bool, bool] | None:
         """A reload's first step in every process: the file, validated (None when it is refused,
-        which is logged and reported), and logging reopened as it says (False: that failed). The
-        main process also names the changes only a restart applies."""
+        which is logged and reported), logging reopened as it says (False: that failed), and, in
+        the main process, whether it changes what only a restart applies (named in the log; such a
+        reload is applied in part, and counted so)."""
         try:
             new = self.load()
         except ConfigError as exc:
@@ -403,7 +407,7 @@ class Daemon:
         names = restart_only_changes(self.started_with, new, self.plugins) if main and self.started_with else []
         if names:
             log.warning("%s changed: a restart applies that, a reload cannot (the rest is applied)", ", ".join(names))
-        return new, logging_ok
+        return new, logging_ok, bool(names)
 
     def _reloaded(self, applied: bool | None) -> None:
         """Count a reload's outcome (False: refused or applied in part; None: not confirmed by every
