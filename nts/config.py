@@ -307,22 +307,18 @@ class Config:
     plugins: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _user(node: Node) -> str:
-    name = node.string()
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        raise node.error(f"no such user {name!r} on this host") from None
-    return name
+def _known(lookup: Callable[[str], object], what: str) -> Reader:
+    """A name that `lookup` (pwd.getpwnam, grp.getgrnam) knows on this host."""
 
+    def read(node: Node) -> str:
+        name = node.string()
+        try:
+            lookup(name)
+        except KeyError:
+            raise node.error(f"no such {what} {name!r} on this host") from None
+        return name
 
-def _group(node: Node) -> str:
-    name = node.string()
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        raise node.error(f"no such group {name!r} on this host") from None
-    return name
+    return read
 
 
 _NTP: dict[str, Reader] = {
@@ -330,8 +326,8 @@ _NTP: dict[str, Reader] = {
     "workers": integer(1, 64),
     "batch": integer(1, 1024),
     "max_hold_us": integer(0, 100_000),
-    "user": optional(_user),
-    "group": optional(_group),
+    "user": optional(_known(pwd.getpwnam, "user")),
+    "group": optional(_known(grp.getgrnam, "group")),
 }
 
 
