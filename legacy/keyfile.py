@@ -265,6 +265,9 @@ def load_keyfile(path: Path, fmt: str, allow_bad_lines: bool = False) -> KeyFile
     keyfile = parse_keyfile(data.decode("utf-8", errors="replace"), str(path), fmt)
     if keyfile.problems and not allow_bad_lines:
         lines = "\n  ".join(keyfile.describe(p) for p in keyfile.problems)
+        other = "ntp" if fmt == "chrony" else "chrony"
+        if not parse_keyfile(data.decode("utf-8", errors="replace"), str(path), other).problems:
+            lines += f"\n  (the whole file reads as {other} format: set mac.format: {other})"
         raise KeyFileError(f"{path}: {len(keyfile.problems)} bad line(s); refusing the file:\n  {lines}")
     return keyfile
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError, iter_lines, load_config, parse_hostport
-from .net import format_addr
+from .net import format_addr, is_dns_name
 from .nts import tlsconf
 from .server.daemon import Daemon, StartupError, trust_service_user
 from .server.metrics import parse_text
@@ -208,7 +208,7 @@ def _metrics_address(args: argparse.Namespace) -> tuple[str, int] | int:
     """The metrics endpoint from --metrics or the config, or an exit status after saying why not."""
     try:
         if args.metrics:
-            return parse_hostport(_CliWhere(), args.metrics, 9975)
+            return _host_and_port(args.metrics)
         config = load_config(args.config, sections(discover()))
     except ConfigError as exc:
         print(f"ntsd: {exc}", file=sys.stderr)
@@ -217,6 +217,22 @@ def _metrics_address(args: argparse.Namespace) -> tuple[str, int] | int:
         print("ntsd: metrics are disabled in the configuration (metrics.listen)", file=sys.stderr)
         return EXIT_CONFIG
     return config.metrics_listen
+
+
+def _host_and_port(text: str) -> tuple[str, int]:
+    """ADDRESS:PORT as the config takes it, or HOST:PORT with a name this host resolves (the CLI
+    reaches a server: `--metrics localhost:9975`)."""
+    try:
+        return parse_hostport(_CliWhere(), text, 9975)
+    except ConfigError:
+        host, _, port = text.rpartition(":")
+        if not (is_dns_name(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise
+    try:
+        found = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except OSError:
+        raise _CliWhere().error(f"{text!r}: cannot resolve {host!r}") from None
+    return str(found[0][4][0]), int(port)
 
 
 def _clients(args: argparse.Namespace) -> int:

@@ -300,3 +300,14 @@ def test_an_empty_file_is_not_silently_plain_ntp(tmp_path: Path, capsys: pytest.
     assert main(["check-config", "--config", str(empty)]) == 0  # (--config, as serve takes it)
     out = capsys.readouterr().out
     assert "warning: the file sets nothing: ntsd serves plain NTP only" in out and "without NTS" in out
+
+
+def test_status_takes_a_host_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--metrics localhost:9975` was refused ("not an IP address")."""
+    if socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)[0][4][0] != "127.0.0.1":
+        pytest.skip("localhost resolves to ::1 first here (the stand-in server listens on 127.0.0.1)")
+    port = _serve_once(OK + b"ntsd_requests_total 7\n")
+    assert main(["status", "--metrics", f"localhost:{port}"]) == 0
+    assert "7" in capsys.readouterr().out
+    assert main(["status", "--metrics", "no-such-host.invalid:9975"]) == 2
+    assert "cannot resolve 'no-such-host.invalid'" in capsys.readouterr().err

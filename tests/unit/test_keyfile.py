@@ -300,3 +300,14 @@ def test_secret_files_are_checked_on_the_open_file_owner_and_directory_included(
         read_private_file(shared / "k", 100)
     shared.chmod(0o1777)  # sticky, as /tmp: others cannot replace another's file
     assert read_private_file(shared / "k", 100) == b"1 MD5 secret\n"
+
+
+def test_a_key_file_in_the_other_format_says_which_format_it_is(tmp_path: Path) -> None:
+    """`format: chrony` on an ntp.keys file listed its bad lines without saying why."""
+    path = tmp_path / "ntp.keys"
+    path.write_text("1 MD5 abcdefghij\n2 AES128CMAC 0123456789abcdef0123456789abcdef\n")
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError) as exc:
+        load_keyfile(path, "chrony")
+    assert str(exc.value).endswith("\n  (the whole file reads as ntp format: set mac.format: ntp)")
+    assert len(load_keyfile(path, "ntp").keys) == 2
