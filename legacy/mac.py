@@ -47,6 +47,7 @@ from nts.config import (
 from nts.core.decisions import Nak
 from nts.core.handler import Client, ReplyContext, Request, RequestHandler
 from nts.core.policy import Network, NetworkSet, Shared
+from nts.core.stats import CounterHelp, GaugeHelp
 from nts.files import FileIdentity, every, file_identity
 from nts.wire.packet import HEADER_LEN, crypto_nak
 
@@ -180,10 +181,10 @@ class MacPlugin(RequestHandler):
     section: ClassVar[str] = "mac"
     order: ClassVar[int] = 20
     listens: ClassVar[bool] = False
-    COUNTERS: ClassVar[Mapping[str, tuple[tuple[str, ...], str]]] = {
+    COUNTERS: ClassVar[CounterHelp] = {
         "mac_requests": (("algorithm", "key"), "Requests authenticated with legacy MAC keys, by algorithm and key id."),
     }
-    GAUGES: ClassVar[Mapping[str, str]] = {
+    GAUGES: ClassVar[GaugeHelp] = {
         "mac_ledger_entries": "(client, key id) pairs in the legacy-use ledger (bounded by mac.max_clients).",
     }
     may_bind = True

@@ -28,7 +28,7 @@ from nts.config import Node, Reader, boolean, integer, listof, network, number, 
 from nts.core.decisions import Answer, Defer, drop
 from nts.core.handler import ReplyContext, Request, RequestHandler
 from nts.core.policy import RATE_OK, Network, NetworkSet, RateLimiter, RateSettings, Shared
-from nts.core.stats import Counters
+from nts.core.stats import CounterHelp, Counters, GaugeHelp
 from nts.logutil import RateLimitedLog
 
 from .accounts import NEW_BUDGET, PER_CLIENT, RID_MASK, AccountGuard, AccountLimits
@@ -97,11 +97,11 @@ class MsSntpPlugin(RequestHandler):
     section: ClassVar[str] = "mssntp"
     order: ClassVar[int] = 30
     listens: ClassVar[bool] = False
-    COUNTERS: ClassVar[Mapping[str, tuple[tuple[str, ...], str]]] = {
+    COUNTERS: ClassVar[CounterHelp] = {
         "mssntp_sign": (("outcome",), "MS-SNTP signing through Samba, by outcome."),
         "mssntp_sign_delay_us": ((), "Sum of MS-SNTP signing delays (queue + Samba), seconds."),
     }
-    GAUGES: ClassVar[Mapping[str, str]] = {
+    GAUGES: ClassVar[GaugeHelp] = {
         "mssntp_rate_limit_clients": "Addresses in the MS-SNTP rate limiter (bounded by mssntp.max_clients).",
         "mssntp_account_clients": "Addresses whose signed machine accounts are remembered (mssntp.max_clients bounds).",
     }

@@ -86,7 +86,6 @@ class Pipeline:
 
     def set_state(self, state: ServerState) -> None:
         """Serve `state` from the next datagram on (the reply bytes that depend on it are prebuilt)."""
-        self.state = state
         self.replies = Replies(state, self.clock)
         self._reply_header = self.replies.reply_header
 

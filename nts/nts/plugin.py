@@ -27,7 +27,7 @@ from ..config import Node, PluginError
 from ..core.decisions import Answer
 from ..core.handler import Client, ReplyContext, Request, RequestHandler
 from ..core.policy import Shared
-from ..core.stats import Counters
+from ..core.stats import CounterHelp, Counters, GaugeHelp
 from ..files import every
 from ..net import format_addr, open_tcp_listener
 from ..wire.extensions import FieldType
@@ -63,10 +63,10 @@ class NtsPlugin(RequestHandler):
     section: ClassVar[str] = "nts"
     order: ClassVar[int] = 10
     listens: ClassVar[bool] = True
-    COUNTERS: ClassVar[Mapping[str, tuple[tuple[str, ...], str]]] = {
+    COUNTERS: ClassVar[CounterHelp] = {
         "nts_ke": (("event",), "NTS-KE sessions: connections, outcomes (ok_aead_N, error_*), refusals, timeouts."),
     }
-    GAUGES: ClassVar[Mapping[str, str]] = {
+    GAUGES: ClassVar[GaugeHelp] = {
         "nts_certificate_expiry_timestamp_seconds": "When the NTS-KE certificate in use expires (notAfter).",
     }
     may_bind = True
@@ -114,7 +114,6 @@ class NtsPlugin(RequestHandler):
             log.info("created a new NTS master secret in %s", settings.key_dir)
         self.keyring = KeyRing(secret, settings.rotate_interval, settings.keep_keys)
         self.packets = NtsPackets(self.keyring, settings.aeads, time.time)
-        self._ntp_ports: tuple[int, ...] = (123,)  # where NTP is served (share())
         self.ke = KeServer(self.certs, self.keyring, settings.ke(), self.stats)
         self.sockets: dict[tuple[str, int], socket.socket] = {}  # by configured address
         try:
@@ -145,15 +144,14 @@ class NtsPlugin(RequestHandler):
 
     def share(self, shared: Shared) -> None:
         self.ke.share(shared)
-        self._ntp_ports = shared.ntp_ports
         self.ke.configure(self._ke_settings(self.settings))
 
     def _ke_settings(self, settings: NtsSettings) -> KeSettings:
         """The NTS-KE settings, with a Port record when NTP is not on 123 and nts.ntp_port is unset:
         clients that follow RFC 8915 would otherwise go to port 123, where nothing answers."""
-        ke = settings.ke()
-        if ke.ntp_port is None and self._ntp_ports and 123 not in self._ntp_ports:
-            ke = replace(ke, ntp_port=self._ntp_ports[0])
+        ke, ports = settings.ke(), self.ke.shared.ntp_ports
+        if ke.ntp_port is None and ports and 123 not in ports:
+            ke = replace(ke, ntp_port=ports[0])
         return ke
 
     async def start(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Protocol
 
 from ..config import Node
 from ..core.policy import Shared
+from ..core.stats import CounterHelp, GaugeHelp
 
 ENTRY_POINT_GROUP = "ntsd.plugins"
 
@@ -33,8 +34,8 @@ class Plugin(Protocol):
     # disabling such a plugin, or changing where it listens, takes a restart.
     listens: ClassVar[bool]
     # counter -> (label names, help text) and gauge -> help text, for the metrics endpoint
-    COUNTERS: ClassVar[Mapping[str, tuple[tuple[str, ...], str]]]
-    GAUGES: ClassVar[Mapping[str, str]]
+    COUNTERS: ClassVar[CounterHelp]
+    GAUGES: ClassVar[GaugeHelp]
     may_bind: bool  # set False by a worker's reload: keep the sockets as they are
 
     def __init__(self, settings: Any) -> None: ...

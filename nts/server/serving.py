@@ -104,6 +104,7 @@ class Server:
         self._kernel_drops_logged = -60.0
         self._folded: dict[tuple[str, ...], int] = {}
         self._alarm: bool | None = None
+        self._deny_kods_settings: tuple[float, int] | None = None
         self._parts(config, keep_rate=None)
 
     async def start_plugins(self) -> None:
@@ -120,7 +121,9 @@ class Server:
     def _parts(self, config: Config, keep_rate: RateLimiter | None) -> None:
         self.access = AccessPolicy(config.access.allow, config.access.deny)
         kisses = config.rate_limit or RateSettings()  # DENY/RSTR KoDs limited like RATE KoDs, always
-        self.deny_kods = KissLimiter(kisses.kod_interval, kisses.max_clients)
+        if (kisses.kod_interval, kisses.max_clients) != self._deny_kods_settings:  # else kept, as the rate table
+            self._deny_kods_settings = (kisses.kod_interval, kisses.max_clients)
+            self.deny_kods = KissLimiter(kisses.kod_interval, kisses.max_clients)
         shared = Shared(self.access, config.ntp.workers, tuple(port for _, port in config.ntp.listen))
         for plugin in self.authenticators:
             plugin.share(shared)

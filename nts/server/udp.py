@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core.decisions import Defer, Seal
-from ..core.stats import Counters, Key
+from ..core.stats import Counters, Key, add
 from . import mmsg
 
 if TYPE_CHECKING:
@@ -128,8 +128,7 @@ class UdpListener:
     def counters(self) -> dict[Key, int]:
         """Everything this listener counted, its pipelines' decisions included."""
         merged = self.stats.snapshot()
-        for key, value in self.loop_stats.snapshot().items():
-            merged[key] = merged.get(key, 0) + value
+        add(merged, self.loop_stats.snapshot())
         return merged
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
