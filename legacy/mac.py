@@ -39,6 +39,7 @@ from nts.config import (
     choice,
     integer,
     listof,
+    located,
     network,
     number,
     path,
@@ -214,7 +215,7 @@ class MacPlugin(RequestHandler):
         try:
             self._use(self._load(settings), settings)
         except KeyFileError as exc:
-            raise PluginError(f"mac: {exc}") from None
+            raise PluginError(located("mac", str(exc), settings.keys)) from None
         self._watch: asyncio.Task[None] | None = None
 
     @classmethod
@@ -222,7 +223,7 @@ class MacPlugin(RequestHandler):
         try:
             keyfile = load_keyfile(settings.keys, settings.format, settings.allow_bad_lines)
         except KeyFileError as exc:
-            return [(True, f"mac: {exc}")]
+            return [(True, located("mac", str(exc), settings.keys))]
         return [(False, f"mac: {message}") for _, message in _key_notes(settings, keyfile)]
 
     def _load(self, settings: MacSettings) -> _Table:

@@ -61,8 +61,9 @@ def _check_config(args: argparse.Namespace) -> int:
     findings = [f for cls in plugins.values() if cls.section in config.plugins
                 for f in cls.check(config.plugins[cls.section])]  # fmt: skip
     errors = [message for is_error, message in findings if is_error]
-    for message in errors:
-        print(f"ntsd: {config.source}: {message}", file=sys.stderr)
+    for message in errors:  # most already name FILE:LINE: KEY; the others get the file
+        where = "" if message.startswith(f"{config.source}:") else f"{config.source}: "
+        print(f"ntsd: {where}{message}", file=sys.stderr)
     if errors:
         return EXIT_CONFIG
     print(f"{config.source}: OK")
@@ -74,9 +75,11 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
+    from .files import default_dir
     from .nts.devcerts import make_dev_certs
 
     names = args.name or ["localhost", "127.0.0.1", "::1"]
+    args.dir = args.dir or str(default_dir())
     existing = [Path(args.dir) / name for name in ("ca.pem", "ca.key", "server.pem", "server.key")]
     if any(path.exists() for path in existing) and not args.force:  # clients trusting that CA would break
         print(f"ntsd: {args.dir} already holds a development CA and certificate: kept (--force makes new ones; "
@@ -323,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", "-c", metavar="FILE", help="the same, as serve takes it")
     p.set_defaults(func=_check_config)
     p = sub.add_parser("certs", help="make a development CA and server certificate (never for production)")
-    p.add_argument("--dir", default="certs", help="output folder (default: certs)")
+    p.add_argument("--dir", help="output folder (default: the embedded configuration's, /var/lib/ntsd for root, "
+                   "else ~/.local/state/ntsd; NTSD_DIR overrides)")  # fmt: skip
     p.add_argument(
         "--name", action="append", help="DNS name or IP address (repeatable; default: localhost, 127.0.0.1, ::1)"
     )

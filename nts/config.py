@@ -19,17 +19,20 @@ import pwd
 import socket
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any, Protocol, TypeVar
 
 import yaml
 
 from .core.clockstate import ClockSettings
 from .core.policy import Network, RateSettings
+from .files import default_dir
 from .net import format_addr
 
 DEFAULT_CONFIG = """\
-# ntsd embedded default: NTP and NTS on loopback, metrics on loopback.
+# ntsd embedded default: NTP and NTS on loopback, metrics on loopback. Its relative paths are
+# resolved against ntsd's default directory (/var/lib/ntsd for root, else ~/.local/state/ntsd;
+# NTSD_DIR overrides), never against the working directory.
 ntp:
   listen: ["127.0.0.1:123", "[::1]:123"]
   workers: 1
@@ -49,9 +52,9 @@ metrics:
   listen: "127.0.0.1:9975"
 nts:
   listen: ["127.0.0.1:4460", "[::1]:4460"]
-  certificate: certs/server.pem   # made by `ntsd certs`
-  private_key: certs/server.key
-  key_dir: certs                  # the NTS master secret is kept here (mode 0600)
+  certificate: server.pem   # made by `ntsd certs`
+  private_key: server.key
+  key_dir: .                # the NTS master secret is kept here (mode 0600)
 """
 
 MAX_CONFIG = 1 << 20  # characters
@@ -70,13 +73,30 @@ class PluginError(Exception):
     """A plugin cannot start with its (valid) settings: a missing certificate, an unusable key..."""
 
 
+class ConfigPath(PosixPath):
+    """A path from the configuration that remembers where it was set, for errors about the file."""
+
+    where = ""  # 'FILE:LINE: KEY'
+
+
+def located(key: str, message: str, *paths: Path) -> str:
+    """`message` about a file, prefixed with the config location (FILE:LINE: KEY) of the first of
+    `paths` it names (the first of them when it names none), or with `key` when it has none."""
+    named = [p for p in paths if str(p) in message] or list(paths)
+    where = getattr(named[0], "where", "") if named else ""
+    return f"{where or key}: {message}"
+
+
 class Node:
-    """A YAML node with its location, for validators."""
+    """A YAML node with its location, for validators; `base` is where relative paths start."""
 
-    __slots__ = ("key", "key_line", "node", "source")
+    __slots__ = ("base", "key", "key_line", "node", "source")
 
-    def __init__(self, node: yaml.Node | None, source: str, key: str, key_line: int | None = None) -> None:
+    def __init__(
+        self, node: yaml.Node | None, source: str, key: str, key_line: int | None = None, base: Path | None = None
+    ) -> None:
         self.node, self.source, self.key, self.key_line = node, source, key, key_line
+        self.base = base if base is not None else Path.cwd()
 
     @property
     def line(self) -> int | None:
@@ -109,7 +129,7 @@ class Node:
                     child_key,
                     f"unknown key (expected one of: {', '.join(allowed)})",
                 )
-            out[name] = Node(vnode, self.source, child_key, knode.start_mark.line + 1)
+            out[name] = Node(vnode, self.source, child_key, knode.start_mark.line + 1, self.base)
         return out
 
     def items(self) -> list[Node]:
@@ -117,7 +137,7 @@ class Node:
             return []
         if not isinstance(self.node, yaml.SequenceNode):
             raise self.error("expected a list")
-        return [Node(v, self.source, f"{self.key}[{i}]") for i, v in enumerate(self.node.value)]
+        return [Node(v, self.source, f"{self.key}[{i}]", None, self.base) for i, v in enumerate(self.node.value)]
 
     def scalar(self) -> Any:
         if not isinstance(self.node, yaml.ScalarNode):
@@ -138,6 +158,12 @@ class Node:
         if not isinstance(value, str) or not value:
             raise self.error("expected a non-empty string")
         return value
+
+    def path(self) -> ConfigPath:
+        """A file or directory name; a relative one is taken from the configuration file's directory."""
+        out = ConfigPath(os.path.normpath(self.base / self.string()))
+        out.where = f"{self.source}:{self.line}: {self.key}"
+        return out
 
     def boolean(self) -> bool:
         value = self.scalar()
@@ -258,7 +284,7 @@ def boolean(n: Node) -> bool:
 
 
 def path(n: Node) -> Path:
-    return Path(n.string())
+    return n.path()
 
 
 def network(n: Node) -> Network:
@@ -408,8 +434,8 @@ def _level(node: Node) -> int:
 
 
 def _log_file(node: Node) -> str:
-    name = node.string()
-    directory = os.path.dirname(os.path.abspath(name))
+    name = str(node.path())
+    directory = os.path.dirname(name)
     if not os.path.isdir(directory):
         raise node.error(f"{directory} does not exist (the log file's directory)")
     return name
@@ -439,8 +465,11 @@ _SECTIONS: dict[str, Callable[[Node], Any]] = {
 }
 
 
-def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = None) -> Config:
-    """Validate YAML `text`. `plugins` maps section name -> class with parse_config(Node)."""
+def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = None, base: Path | None = None) -> Config:
+    """Validate YAML `text`. `plugins` maps section name -> class with parse_config(Node). Relative
+    paths start from `base` (default: the directory of `source`)."""
+    if base is None:
+        base = Path(os.path.abspath(source)).parent
     plugins = plugins or {}
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -452,7 +481,7 @@ def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = Non
         raise ConfigError(source, None, "", f"not valid YAML: {exc}") from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise ConfigError(source, None, "", "not a usable config: collections nested too deeply") from None
-    top = Node(root, source, "").mapping()
+    top = Node(root, source, "", None, base).mapping()
     for name, node in top.items():
         if name not in _SECTIONS and name not in plugins:
             known = ", ".join((*_SECTIONS, *plugins))
@@ -463,7 +492,7 @@ def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = Non
         if name in top:
             values[name] = fn(top[name])
     if "ntp" not in values:
-        values["ntp"] = _ntp(Node(None, source, "ntp"))
+        values["ntp"] = _ntp(Node(None, source, "ntp", None, base))
     plugin_values: dict[str, Any] = {}
     for name, plugin in plugins.items():
         if name in top:
@@ -499,10 +528,10 @@ def load_config(path: str | None, plugins: Mapping[str, Any] | None = None) -> C
     """Read and validate `path` (or the embedded default when None)."""
     if path is None:
         if _has_ipv6_loopback():
-            return parse_config(DEFAULT_CONFIG, "<default>", plugins)
+            return parse_config(DEFAULT_CONFIG, "<default>", plugins, default_dir())
         # a host (or container) without IPv6: the embedded default serves IPv4 only rather than fail
         ipv4_only = DEFAULT_CONFIG.replace(', "[::1]:123"', "").replace(', "[::1]:4460"', "")
-        return parse_config(ipv4_only, "<default, IPv4 only: this host has no ::1>", plugins)
+        return parse_config(ipv4_only, "<default, IPv4 only: this host has no ::1>", plugins, default_dir())
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read(MAX_CONFIG + 1)

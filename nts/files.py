@@ -34,6 +34,18 @@ class UnsafeFile(PermissionError):
     read, or that its group can write."""
 
 
+def default_dir() -> Path:
+    """Where the embedded default keeps its certificate and master secret, and where `ntsd certs`
+    writes: $NTSD_DIR, else /var/lib/ntsd for root, else $XDG_STATE_HOME/ntsd (~/.local/state/ntsd).
+    Fixed, so that a server started from another directory (under systemd: /) loads nothing from it."""
+    if os.environ.get("NTSD_DIR"):
+        return Path(os.environ["NTSD_DIR"]).absolute()
+    if os.geteuid() == 0:
+        return Path("/var/lib/ntsd")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state).absolute() / "ntsd"
+
+
 def allow_owner(uid: int) -> None:
     """Secret files may also belong to `uid` (the user the server drops its privileges to)."""
     _OWNERS.add(uid)

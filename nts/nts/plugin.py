@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..config import Node, PluginError
+from ..config import Node, PluginError, located
 from ..core.decisions import Answer
 from ..core.handler import Client, ReplyContext, Request, RequestHandler
 from ..core.policy import Shared
@@ -89,14 +89,14 @@ class NtsPlugin(RequestHandler):
         try:
             store = CertStore(settings.certificate, settings.private_key)
         except CertError as exc:
-            out.append((True, f"nts: {exc}"))
+            out.append((True, located("nts", str(exc), settings.certificate, settings.private_key)))
         else:
             problem = expiry_problem(store.not_after, datetime.datetime.now(datetime.UTC))
             if problem is not None:
                 out.append((False, f"nts: certificate {store.subject} {problem[1]}"))
         why = check_secret(settings.key_dir)
         if why is not None:
-            out.append((True, f"nts.key_dir: {why}"))
+            out.append((True, located("nts.key_dir", why, settings.key_dir)))
         return out
 
     def __init__(self, settings: NtsSettings) -> None:
@@ -105,11 +105,12 @@ class NtsPlugin(RequestHandler):
         try:
             self.certs = CertStore(settings.certificate, settings.private_key)
         except CertError as exc:
-            raise PluginError(f"nts: {exc} (for a development certificate run: ntsd certs)") from None
+            message = f"{exc} (for a development certificate run: ntsd certs)"
+            raise PluginError(located("nts", message, settings.certificate, settings.private_key)) from None
         try:
             secret, created = load_or_create_secret(settings.key_dir)
         except (OSError, ValueError) as exc:
-            raise PluginError(f"nts.key_dir: {exc}") from None
+            raise PluginError(located("nts.key_dir", str(exc), settings.key_dir)) from None
         if created:
             log.info("created a new NTS master secret in %s", settings.key_dir)
         self.keyring = KeyRing(secret, settings.rotate_interval, settings.keep_keys)

@@ -611,7 +611,7 @@ def run_in_netns(tmp_path: Path, script_text: str) -> subprocess.CompletedProces
     script.write_text(NETNS_PRELUDE + script_text)
     proc = subprocess.run(
         ["unshare", "-n", sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "NTSD_DIR": str(tmp_path)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc

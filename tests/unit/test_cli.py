@@ -222,9 +222,10 @@ def test_check_config_looks_at_what_the_sections_point_to(tmp_path: Path, capsys
         assert f"warning: mac: {keys} holds no keys: every MAC request gets a crypto-NAK" in out
         code, out, err = check(tmp_path / "gone.pem", "1 MD5 abcdefghij\nfoo\n", keys / "sub")  # under a file
         assert code == 2 and out == ""
-        assert f"nts: cannot read {tmp_path / 'gone.pem'}: No such file or directory" in err
-        assert "mac: " in err and "ntp.keys:2: the first field is not a key number" in err
+        assert f"nts.certificate: cannot read {tmp_path / 'gone.pem'}: No such file or directory" in err
+        assert "mac.keys: " in err and "ntp.keys:2: the first field is not a key number" in err
         assert f"nts.key_dir: {keys / 'sub'}: the master secret cannot be created there" in err
+        assert all(line.startswith(f"ntsd: {tmp_path / 'c.yaml'}:") for line in err.splitlines() if "ntsd" in line)
 
 
 def test_check_secret_reads_without_creating(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,42 @@ def test_embedded_default_is_valid_and_serves_loopback() -> None:
     assert config.rate_limit is not None
     assert config.source == "<default>"
     assert parse_config(DEFAULT_CONFIG, "x", SECTIONS) == parse_config(DEFAULT_CONFIG, "x", SECTIONS)
+
+
+def test_relative_paths_start_at_the_config_file_and_errors_name_file_line_key(tmp_path: Path) -> None:
+    """Relative paths resolved against the working directory (under systemd: /) and errors about
+    files named neither the line nor the key: `nts: cannot read /tmp/op/nope.pem`."""
+    etc, elsewhere = tmp_path / "etc", tmp_path / "elsewhere"
+    etc.mkdir()
+    elsewhere.mkdir()
+    (etc / "ntsd.yaml").write_text(
+        'ntp: {listen: ["127.0.0.1:12300"]}\nnts:\n  listen: ["127.0.0.1:14460"]\n  certificate: tls/server.pem\n'
+        "  private_key: tls/server.key\n  key_dir: tls\nmac:\n  keys: ntp.keys\n"
+    )
+    config = load_config(str(etc / "ntsd.yaml"), SECTIONS)
+    assert config.plugins["nts"].certificate == etc / "tls" / "server.pem"
+    assert config.plugins["mac"].keys == etc / "ntp.keys"
+    proc = subprocess.run([sys.executable, "-m", "nts", "check-config", str(etc / "ntsd.yaml")],
+                          capture_output=True, text=True, timeout=30, cwd=elsewhere)  # fmt: skip
+    assert proc.returncode == 2
+    assert f"ntsd: {etc / 'ntsd.yaml'}:8: mac.keys: {etc / 'ntp.keys'}: no such key file\n" in proc.stderr
+    assert f"ntsd: {etc / 'ntsd.yaml'}:5: nts.private_key: private key {etc / 'tls/server.key'} " in proc.stderr
+
+
+def test_the_embedded_default_reads_its_files_from_a_fixed_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its relative `certs/...` paths loaded secrets from whatever directory the server started in."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NTSD_DIR", str(tmp_path / "state"))
+    nts = load_config(None, SECTIONS).plugins["nts"]
+    assert (nts.certificate, nts.private_key, nts.key_dir) == (
+        tmp_path / "state" / "server.pem", tmp_path / "state" / "server.key", tmp_path / "state")  # fmt: skip
+    monkeypatch.delenv("NTSD_DIR")
+    from nts.files import default_dir
+
+    assert default_dir() == (Path("/var/lib/ntsd") if os.geteuid() == 0 else Path.home() / ".local/state/ntsd")
+    assert load_config(None, SECTIONS).plugins["nts"].key_dir == default_dir()
 
 
 def test_full_config_values() -> None:
