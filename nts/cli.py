@@ -1,4 +1,4 @@
-"""The `ntsd` command: serve, check-config, status.
+"""The `ntsd` command: serve, check-config, reload, status, clients, query, certs, systemd-unit.
 
 Strategy: argparse subcommands; every expected failure (bad config, a port in use, a server not
 running) ends as one line on stderr and a documented exit status, never a traceback:
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ from . import __version__
 from .config import ConfigError, iter_lines, load_config, parse_hostport
 from .net import format_addr, is_dns_name
 from .nts import tlsconf
+from .server import runtime
 from .server.daemon import Daemon, StartupError, trust_service_user
 from .server.metrics import parse_text
 from .server.plugin import discover, sections
@@ -208,10 +210,21 @@ def _client_rows(text: str) -> list[dict[str, Any]]:
 
 
 def _metrics_address(args: argparse.Namespace) -> tuple[str, int] | int:
-    """The metrics endpoint from --metrics or the config, or an exit status after saying why not."""
+    """The metrics endpoint from --metrics, else the running server's record (what it bound, even
+    when the file was edited or broken since), else the config; or an exit status after saying why."""
     try:
         if args.metrics:
             return _host_and_port(args.metrics)
+        try:
+            record = runtime.find(args.config)
+        except runtime.NotRunning:
+            pass  # no record (ntsd runs elsewhere, or not at all): the file says where to look
+        else:
+            if record.metrics is None:
+                print(f"ntsd: the running server (pid {record.pid}) has no metrics endpoint (metrics.listen)",
+                      file=sys.stderr)  # fmt: skip
+                return EXIT_CONFIG
+            return record.metrics
         config = load_config(args.config, sections(discover()))
     except ConfigError as exc:
         print(f"ntsd: {exc}", file=sys.stderr)
@@ -293,6 +306,52 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _reload(args: argparse.Namespace) -> int:
+    """SIGHUP to the server started with --config (found through its runtime record), then, when it
+    has metrics, wait for the reload's outcome: exit 0 applied, 1 refused or applied in part."""
+    try:
+        record = runtime.find(args.config)
+    except runtime.NotRunning as exc:
+        print(f"ntsd: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    before = _reload_counts(record.metrics) if record.metrics else None
+    try:
+        os.kill(record.pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"ntsd: cannot signal process {record.pid}: {exc.strerror}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if before is None or record.metrics is None:
+        print(f"asked ntsd (pid {record.pid}) to reload {record.config}; its log says how it went")
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)  # polling a server in another process: there is no event to wait on
+        after = _reload_counts(record.metrics)
+        if after is not None and sum(after.values()) > sum(before.values()):
+            outcome = max(after, key=lambda k: after[k] - before.get(k, 0))
+            if outcome == "applied":
+                print(f"ntsd (pid {record.pid}) reloaded {record.config}")
+                return EXIT_OK
+            print(f"ntsd: the reload of {record.config} was {_OUTCOMES.get(outcome, outcome)}; the server's log "
+                  "says why", file=sys.stderr)  # fmt: skip
+            return EXIT_RUNTIME
+    print(f"ntsd: no reload outcome from pid {record.pid} within {args.timeout:g} s", file=sys.stderr)
+    return EXIT_RUNTIME
+
+
+_OUTCOMES = {"failed": "refused or applied in part", "unconfirmed": "not confirmed by every worker in time"}
+
+
+def _reload_counts(where: tuple[str, int]) -> dict[str, float] | None:
+    """ntsd_reloads_total by outcome, or None when the endpoint does not answer."""
+    try:
+        values = parse_text(fetch_metrics(*where))
+    except OSError:
+        return None
+    prefix = 'ntsd_reloads_total{outcome="'
+    return {k[len(prefix) : -2]: v for k, v in values.items() if k.startswith(prefix)}
+
+
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     """An argparse type: a whole number from lo to hi (argparse turns the ValueError into a usage error)."""
 
@@ -349,13 +408,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keylog", metavar="FILE", help="append TLS secrets (SSLKEYLOGFILE format) for tshark")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_query)
+    p = sub.add_parser("reload", help="make the server started with --config reload it, and say how that went")
+    p.add_argument("--config", "-c", metavar="FILE", help="the file the server was started with (default: none)")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the outcome (default 15)")
+    p.set_defaults(func=_reload)
     p = sub.add_parser("status", help="show a running server's counters")
-    p.add_argument("--config", "-c", metavar="FILE", help="find the metrics address in this file")
+    p.add_argument("--config", "-c", metavar="FILE", help="the server started with this file (its metrics "
+                   "address as it runs; the file's when no such server runs here)")  # fmt: skip
     p.add_argument("--metrics", metavar="ADDR:PORT", help="metrics address (overrides --config)")
     p.add_argument("--raw", action="store_true", help="print the Prometheus text as served")
     p.set_defaults(func=_status)
     p = sub.add_parser("clients", help="show which clients use legacy MAC keys (for the move to NTS)")
-    p.add_argument("--config", "-c", metavar="FILE", help="find the metrics address in this file")
+    p.add_argument("--config", "-c", metavar="FILE", help="the server started with this file (as for status)")
     p.add_argument("--metrics", metavar="ADDR:PORT", help="metrics address (overrides --config)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_clients)

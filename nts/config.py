@@ -317,6 +317,7 @@ class AccessSettings:
 class LogSettings:
     level: int = logging.INFO
     file: str | None = None
+    format: str = "text"  # text (under systemd: journald's priorities, no time), or json
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,7 +442,7 @@ def _log_file(node: Node) -> str:
     return name
 
 
-_LOG: dict[str, Reader] = {"level": _level, "file": optional(_log_file)}
+_LOG: dict[str, Reader] = {"level": _level, "file": optional(_log_file), "format": choice("text", "json")}
 
 
 def _log(node: Node) -> LogSettings:

@@ -193,6 +193,12 @@ def running_ntsd(tmp_path: Path, config_text: str, env: dict[str, str] | None = 
         server.stop()
 
 
+def worker_reloaded(pid: int, workers: int = 2) -> tuple[str, ...]:
+    """The debug line worker `pid` writes when it has applied a reload (the supervisor's INFO line
+    says it for the whole server)."""
+    return tuple(f"ntsd[{pid}] worker {i}/{workers} DEBUG ntsd: configuration reloaded" for i in range(1, workers + 1))
+
+
 def lab_config(
     port: int,
     *,

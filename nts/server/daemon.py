@@ -30,8 +30,9 @@ from typing import Any
 
 from .. import __version__, files
 from ..config import Config, ConfigError, PluginError, load_config
-from ..logutil import LINES
+from ..logutil import CONTEXT, LINES, formatter
 from ..net import format_addr, open_tcp_listener
+from . import runtime
 from .kernelclock import measure_precision
 from .metrics import Descriptions, MetricsServer
 from .plugin import Plugin, discover, sections
@@ -47,6 +48,7 @@ log = logging.getLogger("ntsd")
 STATE_INTERVAL = 1.0  # seconds between kernel clock reads
 _HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 WORKER_STOP_S = 5.0  # how long a stop waits for each worker before killing it
+_PUBLISHES_PER_STATE = 5  # a worker's counters reach the supervisor's metrics every 0.2 s
 RELOAD_WAIT_S = 10.0  # how long the parent waits for the workers to finish a reload before saying it is done
 
 
@@ -129,7 +131,8 @@ def setup_logging(config: Config) -> None:
         root.removeHandler(h)
         if h is not LINES:
             h.close()
-    handler.setFormatter(logging.Formatter("%(asctime)s ntsd[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter(config.log.format, to_stderr=not config.log.file))
+    handler.addFilter(CONTEXT)
     root.addHandler(handler)
     root.addHandler(LINES)  # counts for the metrics; removed above with the others, so never twice
     root.setLevel(config.log.level)
@@ -170,6 +173,25 @@ class Daemon:
             auths, _ = build_plugins(config, self.plugins)
         except PluginError as exc:
             raise StartupError(str(exc)) from None
+        bound = metrics_sock.getsockname()[:2] if metrics_sock else None
+        record = runtime.write(self.config_path, runtime.Record(os.getpid(), config.source, bound, __version__))
+        if record is None:
+            log.warning("cannot write the runtime record in %s: ntsd reload and status -c cannot find this server "
+                        "(signal process %d)", runtime.runtime_dir(), os.getpid())  # fmt: skip
+        try:
+            return self._run(config, socket_sets, metrics_sock, auths)
+        finally:
+            if record is not None:
+                runtime.remove(record)
+
+    def _run(
+        self,
+        config: Config,
+        socket_sets: list[dict[tuple[str, int], socket.socket]],
+        metrics_sock: socket.socket | None,
+        auths: list[Plugin],
+    ) -> int:
+        workers = config.ntp.workers
         drop_privileges(config.ntp.user, config.ntp.group)
         precision = measure_precision()
         log.info("ntsd %s starting (%s)", __version__, config.source)
@@ -187,6 +209,7 @@ class Daemon:
             if pid == 0:
                 code = 1
                 LINES.reset()  # the parent's lines so far are the parent's to report
+                CONTEXT.worker(index, workers)
                 try:
                     if metrics_sock is not None:
                         metrics_sock.close()
@@ -295,22 +318,38 @@ class Daemon:
         server.adopt(sockets, loop)
         await server.start_plugins()
 
+        seen = 0  # the reloads ordered before the fork: none (one ordered since is still to be done here)
+
         def on_hup() -> None:
+            nonlocal seen
             number = shared.ordered_reload()  # the parent numbered it before signalling
+            if number == seen:  # not ordered: someone signalled this worker (pidof picked it); all reload
+                log.warning("SIGHUP sent to worker %d: reloading the whole server (signal process %d, or run "
+                            "ntsd reload)", os.getpid(), supervisor)  # fmt: skip
+                os.kill(supervisor, signal.SIGHUP)
+                return
+            seen = number
             self._reload(server, loop, done=lambda applied: shared.reload_done(index, number, applied))
 
         stopping = self._signals(loop, on_hup)
 
+        ticks, reports = 0, server.reports()
+
         def tick() -> None:
+            nonlocal ticks
             if os.getppid() != supervisor:  # killed outright (kill -9, the OOM killer): orphans would keep
                 if not stopping.is_set():  # the ports from a restarted ntsd
                     log.warning("the supervising process %d is gone; stopping", supervisor)
                     stopping.set()
                 return
-            server.refresh_state()
-            shared.publish(index, {**server.counters(), **LINES.counts}, server.gauges(), server.reports())
+            nonlocal reports
+            ticks += 1
+            if ticks % _PUBLISHES_PER_STATE == 0:
+                server.refresh_state()
+                reports = server.reports()  # (large: taken, and encoded, once a second)
+            shared.publish(index, {**server.counters(), **LINES.counts}, server.gauges(), reports)
 
-        await self._tick_until(stopping, tick)
+        await self._tick_until(stopping, tick, STATE_INTERVAL / _PUBLISHES_PER_STATE)
         tick()
         server.close()
         await server.stop_plugins()
@@ -359,7 +398,12 @@ class Daemon:
                 lambda: self._own(shared.total()), shared.reports, self.described, config.metrics_reports
             )
             await metrics.start_on(metrics_sock)
-        log.info("ready with %d workers", len(self.children))
+        for addr in config.ntp.listen:
+            log.info("serving NTP on %s", format_addr(addr))
+        if metrics_sock is not None:
+            log.info("metrics on http://%s/metrics", format_addr(metrics_sock.getsockname()))
+        log.info("ready with %d workers (pids %s; the first speaks for all)", len(self.children),
+                 ", ".join(map(str, self.children)))  # fmt: skip
         notify("READY=1")
         code = 0
         while not stopping.is_set():
@@ -435,10 +479,10 @@ class Daemon:
         }
 
     @staticmethod
-    async def _tick_until(stopping: asyncio.Event, tick: Any) -> None:
+    async def _tick_until(stopping: asyncio.Event, tick: Any, interval: float = STATE_INTERVAL) -> None:
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STATE_INTERVAL):
+                async with asyncio.timeout(interval):
                     await stopping.wait()
             if not stopping.is_set():
                 tick()

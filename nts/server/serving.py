@@ -23,7 +23,7 @@ from ..core.pipeline import Pipeline
 from ..core.plain import PlainHandler
 from ..core.policy import AccessPolicy, KissLimiter, NetworkSet, RateLimiter, RateSettings, Shared
 from ..core.stats import Counters, Key, add
-from ..logutil import RateLimitedLog
+from ..logutil import ALIKE, RateLimitedLog
 from ..net import format_addr
 from .kernelclock import read_kernel_clock
 from .plugin import Plugin
@@ -177,9 +177,10 @@ class Server:
             listener.renew(self.new_pipeline)
             listener.hold_ns = config.ntp.max_hold_us * 1000  # (a new ntp.batch waits for a restart)
         await self.stop_plugins(retired)
-        log.info("configuration reloaded from %s", config.source)
-        if not may_bind:
+        if not may_bind:  # a worker: the supervisor says it once every worker is done
+            log.debug("configuration reloaded from %s in this worker", config.source)
             return True
+        log.info("configuration reloaded from %s", config.source)
         wanted = set(config.ntp.listen)
         for addr in list(self.listeners):
             if addr not in wanted:
@@ -232,7 +233,8 @@ class Server:
         if alarm:
             log.warning(
                 "the kernel clock is not synchronised: replies say leap 3 (alarm), stratum 16, and clients "
-                "will not use them; run a synchronising daemon, or set clock.local_reference for a lab"
+                "will not use them; run a synchronising daemon, or set clock.local_reference for a lab",
+                extra=ALIKE,
             )
         else:
             log.info("serving time as stratum %d (reference %s)", self.state.stratum, _refid(self.state.reference_id))

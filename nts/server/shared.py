@@ -1,7 +1,8 @@
 """Counters and reports of worker processes, summed by the parent for the metrics endpoint.
 
 Strategy: anonymous shared memory with one fixed slot per worker; each worker writes a JSON
-snapshot of its counters, gauges and reports into its slot once a second (length last), and the
+snapshot of its counters and gauges into its slot five times a second, its reports once a second
+(length last), and the
 parent reads every slot when asked. A torn read fails to parse and the previous snapshot is used.
 Reloads are numbered in a second, small block: the parent writes the number of the reload it
 orders before it signals the workers, each worker records the number it saw once its reload is
@@ -31,6 +32,7 @@ class SharedCounters:
         self.reloads = mmap.mmap(-1, _RELOAD.size * (workers + 1))
         self._last: list[dict[tuple[str, ...], int]] = [{} for _ in range(workers)]
         self._last_reports: list[dict[str, Any]] = [{} for _ in range(workers)]
+        self._reports_json: tuple[Mapping[str, Any] | None, str] = (None, "{}")  # in a worker: its last
 
     def publish(
         self,
@@ -40,7 +42,11 @@ class SharedCounters:
         reports: Mapping[str, Any] | None = None,
     ) -> None:
         doc: dict[str, Any] = {"c": [[list(k), v] for k, v in counts.items()], "g": gauges, "r": reports or {}}
-        blob = json.dumps(doc).encode()
+        cached, text = self._reports_json
+        if cached is not reports:  # the reports, large, are encoded again only when they are new
+            text = json.dumps(reports or {})
+            self._reports_json = (reports, text)
+        blob = (json.dumps({"c": doc["c"], "g": gauges})[:-1] + ', "r": ' + text + "}").encode()
         while len(blob) > SLOT_SIZE - _SLOT_HEAD.size and doc["r"]:
             # reports are the large part: keep the most recent half of each until the slot holds it
             doc["r"] = {k: v[: len(v) // 2] for k, v in doc["r"].items() if isinstance(v, list) and len(v) > 1}

@@ -112,5 +112,5 @@ def test_clients_report_and_startup_refusals(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith(
-        f"ntsd: mac: {ntp_keys} is accessible to others (mode 0644); run: chmod o-rwx {ntp_keys}"
+        f"ntsd: {cfg}:6: mac.keys: {ntp_keys} is accessible to others (mode 0644); run: chmod o-rwx {ntp_keys}"
     )

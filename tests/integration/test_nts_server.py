@@ -373,7 +373,7 @@ def test_private_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith(
-        f"ntsd: nts: private key refused: {key} is accessible to others (mode 0644); run: chmod o-rwx {key} "
+        f"nts.private_key: private key refused: {key} is accessible to others (mode 0644); run: chmod o-rwx {key} "
         "(for a development certificate run: ntsd certs)"
     )
 

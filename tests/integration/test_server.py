@@ -21,7 +21,17 @@ from nts.cli import fetch_metrics
 from nts.server.metrics import parse_text
 from nts.wire.packet import parse_packet
 from nts.wire.timestamps import ntp64_to_unix_ns
-from tests.helpers import READY, Ntsd, client_request, free_port, lab_config, query, running_ntsd, wait_until
+from tests.helpers import (
+    READY,
+    Ntsd,
+    client_request,
+    free_port,
+    lab_config,
+    query,
+    running_ntsd,
+    wait_until,
+    worker_reloaded,
+)
 from tests.mac_helpers import write_keys
 
 NO_RATE = "rate_limit: {enabled: false}\n"
@@ -425,14 +435,14 @@ def test_a_reload_is_reported_done_once_every_worker_has_applied_it(tmp_path: Pa
             mark = len(server.lines)
             server.signal(signal.SIGHUP)
             assert systemd.recv(256).startswith(b"RELOADING=1")
-            server.wait_for(f"ntsd[{quick}] INFO ntsd: configuration reloaded", start=mark)
+            server.wait_for(worker_reloaded(quick), start=mark)
             parent = f"ntsd[{server.proc.pid}] INFO ntsd: configuration reloaded"
             assert not any(parent in line for line in server.lines[mark:])  # one worker has not
         finally:
             os.kill(slow, signal.SIGCONT)
         done = server.wait_for(parent, start=mark)
         assert systemd.recv(256) == b"READY=1"
-        assert server.wait_for(f"ntsd[{slow}] INFO ntsd: configuration reloaded", start=mark) < done
+        assert server.wait_for(worker_reloaded(slow), start=mark) < done
 
 
 def test_a_worker_that_does_not_finish_a_reload_is_named_and_counted(tmp_path: Path) -> None:
@@ -450,7 +460,7 @@ def test_a_worker_that_does_not_finish_a_reload_is_named_and_counted(tmp_path: P
             assert m["ntsd_config_last_reload_successful"] == 0
         finally:
             os.kill(slow, signal.SIGCONT)
-        server.wait_for(f"ntsd[{slow}] INFO ntsd: configuration reloaded", start=mark)
+        server.wait_for(worker_reloaded(slow), start=mark)
         assert query(port, client_request()) is not None
 
 
@@ -534,7 +544,7 @@ def _pids_logging(path: Path, text: str, count: int, timeout: float = 10.0) -> s
 
     def pids() -> set[str]:
         lines = path.read_text().splitlines() if path.exists() else []
-        return {line.split()[2] for line in lines if text in line}
+        return {line.split()[1] for line in lines if text in line}
 
     try:
         return wait_until(lambda: len(found := pids()) >= count and found, timeout)
@@ -551,11 +561,11 @@ def test_reload_reopens_the_log_file_in_every_process(tmp_path: Path) -> None:
         server.wait_for("ready with 2 workers")
         (tmp_path / "ntsd.yaml").write_text(
             lab_config(port, extra=NO_RATE, ntp_extra="workers: 2").replace(
-                "log: {level: debug}", f"log: {{level: info, file: {log_file}}}"
+                "log: {level: debug}", f"log: {{level: debug, file: {log_file}}}"
             )
         )
         server.signal(signal.SIGHUP)
-        assert len(_pids_logging(log_file, "configuration reloaded", 3)) == 3  # parent and both workers
+        assert len(_pids_logging(log_file, "configuration reloaded", 3)) == 3  # parent and both workers (debug)
         log_file.rename(tmp_path / "ntsd.log.1")  # what logrotate does, then it signals
         server.signal(signal.SIGHUP)
         assert len(_pids_logging(log_file, "configuration reloaded", 3)) == 3
