@@ -130,6 +130,7 @@ def _query(args: argparse.Namespace) -> int:
             count=args.count,
             aeads=tuple(args.aead) if args.aead else None,
             keylog=Path(args.keylog) if args.keylog else None,
+            timeout=args.timeout,
         )
     except QueryError as exc:
         print(f"ntsd: {exc}", file=sys.stderr)
@@ -141,9 +142,14 @@ def _query(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     elif not kiss:  # a KoD carries no time: no offset or delay to show
+        each = result.pop("each", [])
+        assert isinstance(each, list)
+        for i, one in enumerate(each, 1):
+            print(f"sample {i}: offset {one['offset']:+.9f} s, delay {one['delay']:.9f} s")
         width = max(len(k) for k in result)
         for key, value in result.items():
-            print(f"{key:<{width}}  {value}")
+            shown = f"{value:+.9f} s" if key.startswith(("offset", "delay")) and isinstance(value, float) else value
+            print(f"{key:<{width}}  {shown}")
     if kiss:
         meaning = _KISSES.get(kiss, "no time offered")
         print(f"ntsd: the server answered with a Kiss-o'-Death, {kiss}: {meaning}", file=sys.stderr)
@@ -365,6 +371,19 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     return convert
 
 
+def _number_in(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse type: a number from lo to hi."""
+
+    def convert(text: str) -> float:
+        value = float(text)
+        if not lo <= value <= hi:
+            raise ValueError(text)
+        return value
+
+    convert.__name__ = f"number from {lo:g} to {hi:g}"
+    return convert
+
+
 class _CliWhere:
     """Lets parse_hostport report command-line mistakes as ConfigError."""
 
@@ -403,14 +422,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ke-port", type=_int_in(1, 65535), default=4460, help="NTS-KE port (default 4460)")
     p.add_argument("--ca", metavar="FILE", help="trust this CA bundle instead of the system's")
     p.add_argument("--plain", action="store_true", help="plain NTP, no NTS")
-    p.add_argument("--count", type=_int_in(1, 1000), default=1, help="NTP exchanges to make (default 1)")
+    p.add_argument(
+        "--count",
+        type=_int_in(1, 1000),
+        default=1,
+        help="NTP exchanges to make (default 1); with more than one, each and their median, min, max",
+    )
+    p.add_argument("--timeout", type=_number_in(0.1, 60), default=3.0,
+                   help="seconds to wait for NTS-KE and for each reply (default 3)")  # fmt: skip
     p.add_argument("--aead", action="append", help="offer only these AEADs, in order (name or IANA number)")
     p.add_argument("--keylog", metavar="FILE", help="append TLS secrets (SSLKEYLOGFILE format) for tshark")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_query)
     p = sub.add_parser("reload", help="make the server started with --config reload it, and say how that went")
     p.add_argument("--config", "-c", metavar="FILE", help="the file the server was started with (default: none)")
-    p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the outcome (default 15)")
+    p.add_argument("--timeout", type=_number_in(0.1, 600), default=15.0,
+                   help="seconds to wait for the outcome (default 15)")  # fmt: skip
     p.set_defaults(func=_reload)
     p = sub.add_parser("status", help="show a running server's counters")
     p.add_argument("--config", "-c", metavar="FILE", help="the server started with this file (its metrics "

@@ -14,6 +14,7 @@ import os
 import secrets
 import select
 import socket
+import statistics
 import struct
 import time
 from collections.abc import Callable
@@ -369,22 +370,29 @@ def run_query(
     count: int = 1,
     aeads: tuple[str, ...] | None = None,
     keylog: Path | None = None,
+    timeout: float = 3.0,
 ) -> dict[str, object]:
-    """Query `host`; return what a person wants to see, as a flat dict (also the JSON output)."""
+    """Query `host` `count` times (`timeout` seconds for NTS-KE and for each reply); return what a
+    person wants to see, as a flat dict (also the JSON output). With several samples, offset and
+    delay are their medians, beside each one's minimum and maximum and the samples themselves;
+    a Kiss-o'-Death ends the series."""
     if count < 1:
         raise ValueError("--count must be at least 1")
     out: dict[str, object] = {}
+    samples: list[Sample] = []
     if plain:
         ntp_host, ntp_port = host, port or 123
         out["server"] = f"{ntp_host} port {ntp_port}"
         out["mode"] = "plain"
         for _ in range(count):
             packet, transmit = plain_request()
-            reply, t1, t4 = exchange(ntp_host, ntp_port, packet)
-            result = sample(reply, transmit, t1, t4)
+            reply, t1, t4 = exchange(ntp_host, ntp_port, packet, timeout)
+            samples.append(sample(reply, transmit, t1, t4))
+            if samples[-1].kiss:
+                break
     else:
         offered = tuple(_parse_aead(a) for a in aeads) if aeads else DEFAULT_AEADS
-        ke = key_exchange(host, ke_port, ca, offered, keylog=keylog)
+        ke = key_exchange(host, ke_port, ca, offered, timeout=timeout, keylog=keylog)
         ntp_host, ntp_port = ke.server or host, port or ke.port or 123
         cookies = list(ke.cookies)
         out["server"] = f"{ntp_host} port {ntp_port}"
@@ -399,7 +407,7 @@ def run_query(
             if not cookies:
                 raise QueryError("out of cookies")
             packet, uid, transmit = nts_request(ke, cookies.pop(0))
-            reply, t1, t4 = exchange(ntp_host, ntp_port, packet)
+            reply, t1, t4 = exchange(ntp_host, ntp_port, packet, timeout)
             if len(reply) > len(packet):
                 raise QueryError("the reply is longer than the request")
             nak, new = check_nts_reply(ke, reply, uid)
@@ -407,11 +415,20 @@ def run_query(
                 raise QueryError("the server answered NTS NAK (cookie or authenticator refused)")
             cookies += new
             fresh += len(new)
-            result = sample(reply, transmit, t1, t4)
-        out["cookies_per_reply"] = fresh / count
+            samples.append(sample(reply, transmit, t1, t4))
+            if samples[-1].kiss:
+                break
+        out["cookies_per_reply"] = fresh / len(samples)
         out["authenticated"] = True
-    out["offset"] = round(result.offset, 9)
-    out["delay"] = round(result.delay, 9)
+    result = samples[-1]
+    offsets, delays = [s.offset for s in samples], [s.delay for s in samples]
+    out["offset"] = round(statistics.median(offsets), 9)
+    out["delay"] = round(statistics.median(delays), 9)
+    if len(samples) > 1:
+        out["samples"] = len(samples)
+        out["offset_min"], out["offset_max"] = round(min(offsets), 9), round(max(offsets), 9)
+        out["delay_min"], out["delay_max"] = round(min(delays), 9), round(max(delays), 9)
+        out["each"] = [{"offset": round(s.offset, 9), "delay": round(s.delay, 9)} for s in samples]
     out["stratum"] = result.stratum
     out["leap"] = result.leap
     out["reference_id"] = result.reference_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import re
 import socket
 import subprocess
@@ -312,3 +313,39 @@ def test_status_takes_a_host_name(capsys: pytest.CaptureFixture[str]) -> None:
     assert "7" in capsys.readouterr().out
     assert main(["status", "--metrics", "no-such-host.invalid:9975"]) == 2
     assert "cannot resolve 'no-such-host.invalid'" in capsys.readouterr().err
+
+
+def test_query_count_shows_every_sample_and_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--count 3` printed only the last sample."""
+    from tests.helpers import free_port, lab_config, running_ntsd
+
+    port = free_port()
+    with running_ntsd(tmp_path, lab_config(port)):
+        assert main(["query", "127.0.0.1", "--plain", "--port", str(port), "--count", "3"]) == 0
+        out = capsys.readouterr().out
+        assert [line.split(":")[0] for line in out.splitlines()[:3]] == ["sample 1", "sample 2", "sample 3"]
+        fields = dict(line.split(None, 1) for line in out.splitlines()[3:])
+        assert fields["samples"] == "3"
+        low, mid, high = (float(fields[k].split()[0]) for k in ("offset_min", "offset", "offset_max"))
+        assert low <= mid <= high
+        assert main(["query", "127.0.0.1", "--plain", "--port", str(port), "--count", "2", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["samples"] == 2 and len(doc["each"]) == 2
+        assert doc["delay"] == sorted(e["delay"] for e in doc["each"])[0] + (
+            doc["delay"] - min(e["delay"] for e in doc["each"])
+        )
+
+
+def test_query_timeout_is_the_operators(capsys: pytest.CaptureFixture[str]) -> None:
+    """There was no --timeout: a silent server always cost 3 s per sample."""
+    import socket
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        started = time.monotonic()
+        code = main(["query", "127.0.0.1", "--plain", "--port", str(silent.getsockname()[1]), "--timeout", "0.2"])
+        assert code == 1 and time.monotonic() - started < 2.5
+        assert "within 0.2 s" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["query", "127.0.0.1", "--timeout", "0"])
