@@ -165,6 +165,10 @@ _KISSES = {  # RFC 5905 section 7.4, RFC 8915 section 5.7
 }
 
 
+class NotServed(OSError):
+    """The endpoint answered 404; the message is its reason (reports off, no such report)."""
+
+
 _MAX_ANSWER = 64 << 20  # far more than any report ntsd serves; something else is on that port
 
 
@@ -190,6 +194,8 @@ def fetch_metrics(host: str, port: int, timeout: float = 3.0, path: str = "/metr
             if size > _MAX_ANSWER:
                 raise OSError("unexpected answer: larger than 64 MiB")
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.0 404") and len(body) < 512:
+        raise NotServed(body.decode(errors="replace").strip())
     if not head.startswith(b"HTTP/1.0 200"):
         raise OSError(f"unexpected answer: {head.splitlines()[0].decode(errors='replace') if head else 'nothing'}")
     try:
@@ -263,12 +269,16 @@ def _clients(args: argparse.Namespace) -> int:
         return where
     try:
         rows = _client_rows(fetch_metrics(*where, path="/report/clients"))
+    except NotServed as exc:
+        if "reports are off" in str(exc):
+            print(f"ntsd: {format_addr(where)} serves no reports: set metrics.reports: true (off by default: the "
+                  "report names clients, key ids and algorithms to anyone who can reach the metrics address)",
+                  file=sys.stderr)  # fmt: skip
+        else:  # reports on, but no plugin keeps this one
+            print(f"ntsd: no mac section configured: the server at {format_addr(where)} keeps no clients report "
+                  f"({exc})", file=sys.stderr)  # fmt: skip
+        return EXIT_RUNTIME
     except OSError as exc:
-        if "404" in str(exc):
-            print(f"ntsd: {format_addr(where)} serves no clients report: it needs a mac section, and "
-                  "metrics.reports: true (off by default: it names clients, key ids and algorithms to anyone "
-                  "who can reach the metrics address)", file=sys.stderr)  # fmt: skip
-            return EXIT_RUNTIME
         print(f"ntsd: cannot read the clients report from {format_addr(where)}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except ValueError as exc:

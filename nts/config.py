@@ -12,6 +12,7 @@ The embedded default serves plain NTP on loopback so the daemon runs with no fil
 from __future__ import annotations
 
 import grp
+import hashlib
 import ipaddress
 import logging
 import os
@@ -44,7 +45,7 @@ rate_limit:
   enabled: true
 clock:
   stratum: 2
-  reference_id: KERN
+  reference_id: 127.0.0.1   # the kernel clock, disciplined by a daemon on this host
   local_reference: false
 log:
   level: info
@@ -401,14 +402,34 @@ _RATE: dict[str, Reader] = {
 
 
 def _reference_id(node: Node) -> bytes:
+    """RFC 5905 section 7.3: at stratum 2 and above the upstream server's IPv4 address, or the first
+    four octets of the MD5 of its IPv6 address; at stratum 1 a four-character source name."""
     text = str(node.scalar())
     try:
-        return ipaddress.IPv4Address(text).packed
+        address = ipaddress.ip_address(text)
     except ValueError:
         pass
+    else:
+        return (
+            address.packed if address.version == 4 else hashlib.md5(address.packed, usedforsecurity=False).digest()[:4]
+        )
     if not 1 <= len(text) <= 4 or not text.isascii() or not text.isprintable():
-        raise node.error("expected an IPv4 address or 1 to 4 printable ASCII characters")
+        raise node.error("expected an IPv4 or IPv6 address, or 1 to 4 printable ASCII characters")
     return text.encode().ljust(4, b"\0")
+
+
+def _refid_warning(top: Mapping[str, Node], clock: ClockSettings) -> str | None:
+    """A source name (GPS, LOCL) at stratum 2 or above, where clients expect an address."""
+    node = top["clock"].mapping().get("reference_id") if "clock" in top else None
+    if node is None or clock.stratum < 2:
+        return None
+    try:
+        ipaddress.ip_address(str(node.scalar()))
+    except ValueError:
+        return (f"{node.source}:{node.line}: clock.reference_id: {node.scalar()!r} is a source name, which RFC 5905 "
+                f"keeps for stratum 1; at stratum {clock.stratum} give the upstream server's address (clients "
+                "compare it with their own to detect timing loops)")  # fmt: skip
+    return None
 
 
 _CLOCK: dict[str, Reader] = {
@@ -499,6 +520,9 @@ def parse_config(text: str, source: str, plugins: Mapping[str, Any] | None = Non
         if name in top:
             plugin_values[name] = plugin.parse_config(top[name])
     warnings = []
+    refid = _refid_warning(top, values.get("clock", ClockSettings()))
+    if refid is not None:
+        warnings.append(refid)
     if not top:
         warnings.append("the file sets nothing: ntsd serves plain NTP only, on 127.0.0.1:123 and [::1]:123, "
                         "without NTS (the embedded default is used only when no file is named)")  # fmt: skip

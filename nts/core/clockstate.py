@@ -42,7 +42,7 @@ class KernelClock:
 @dataclass(frozen=True, slots=True)
 class ClockSettings:
     stratum: int = 2
-    reference_id: bytes = b"KERN"
+    reference_id: bytes = b"\x7f\x00\x00\x01"  # 127.0.0.1: an address, as stratum 2 wants (RFC 5905 7.3)
     local_reference: bool = False
     root_delay: float = 0.0  # seconds, added to what the kernel reports
     root_dispersion: float = 0.0  # seconds, floor for the dispersion reported

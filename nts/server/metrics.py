@@ -166,6 +166,9 @@ class MetricsServer:
                 status, body = "404 Not Found", "reports are off (metrics.reports: false)\n"
             elif parts[1].startswith("/report/") and parts[1][8:] in (reports := self._reports()):
                 status, body = "200 OK", json.dumps(reports[parts[1][8:]], indent=1) + "\n"
+            elif parts[1].startswith("/report/"):
+                known = ", ".join(sorted(reports)) or "none: no section that keeps one is configured"
+                status, body = "404 Not Found", f"no report {parts[1][8:]!r} (reports: {known})\n"
             else:
                 status, body = "404 Not Found", "not found\n"
             payload = body.encode()

@@ -349,3 +349,16 @@ def test_query_timeout_is_the_operators(capsys: pytest.CaptureFixture[str]) -> N
         assert "within 0.2 s" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["query", "127.0.0.1", "--timeout", "0"])
+
+
+def test_clients_without_a_mac_section_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It printed `unexpected answer: HTTP/1.0 404 Not Found` and exited 1."""
+    from tests.helpers import free_port, lab_config, running_ntsd
+
+    port, mport = free_port(), free_port(socket.SOCK_STREAM)
+    config = lab_config(port, metrics_port=mport).replace("metrics: {listen:", "metrics: {reports: true, listen:")
+    with running_ntsd(tmp_path, config):
+        assert main(["clients", "--metrics", f"127.0.0.1:{mport}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ntsd: no mac section configured: the server at 127.0.0.1:{mport} keeps no clients report")
+    assert "404" not in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import subprocess
@@ -161,6 +162,18 @@ def test_the_embedded_default_reads_its_files_from_a_fixed_directory(
 
     assert default_dir() == (Path("/var/lib/ntsd") if os.geteuid() == 0 else Path.home() / ".local/state/ntsd")
     assert load_config(None, SECTIONS).plugins["nts"].key_dir == default_dir()
+
+
+def test_the_default_reference_id_is_an_address_and_names_at_stratum_2_are_warned_about() -> None:
+    """`reference_id: KERN` at stratum 2: RFC 5905 wants an address there (loop detection)."""
+    assert parse_config("", "t").clock.reference_id == bytes([127, 0, 0, 1])
+    assert load_config(None, SECTIONS).clock.reference_id == bytes([127, 0, 0, 1])
+    named = parse_config("clock:\n  stratum: 2\n  reference_id: GPS\n", "t.yaml")
+    assert any(w.startswith("t.yaml:3: clock.reference_id: 'GPS' is a source name") for w in named.warnings)
+    assert not parse_config("clock: {stratum: 1, reference_id: GPS}\n", "t").warnings
+    v6 = parse_config("clock: {reference_id: '2001:db8::1'}\n", "t").clock.reference_id
+    assert v6 == hashlib.md5(ipaddress.ip_address("2001:db8::1").packed).digest()[:4]
+    assert not parse_config("clock: {reference_id: 192.0.2.1}\n", "t").warnings
 
 
 def test_full_config_values() -> None:
