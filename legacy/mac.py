@@ -48,7 +48,7 @@ from nts.config import (
 from nts.core.decisions import Nak
 from nts.core.handler import Client, ReplyContext, Request, RequestHandler
 from nts.core.policy import Network, NetworkSet, Shared
-from nts.core.stats import CounterHelp, GaugeHelp
+from nts.core.stats import CounterHelp, GaugeHelp, SeriesHelp
 from nts.files import FileIdentity, every, file_identity
 from nts.wire.packet import HEADER_LEN, crypto_nak
 
@@ -184,6 +184,13 @@ class MacPlugin(RequestHandler):
     listens: ClassVar[bool] = False
     COUNTERS: ClassVar[CounterHelp] = {
         "mac_requests": (("algorithm", "key"), "Requests authenticated with legacy MAC keys, by algorithm and key id."),
+    }
+    SERIES: ClassVar[SeriesHelp] = {
+        "replies": (("mac",),),
+        "naks": tuple(
+            ("mac", reason)
+            for reason in ("unknown_key", "bad_mac", "untrusted_key", "wrong_mac_length", "key_not_allowed_for_client")
+        ),
     }
     GAUGES: ClassVar[GaugeHelp] = {
         "mac_ledger_entries": "(client, key id) pairs in the legacy-use ledger (bounded by mac.max_clients).",

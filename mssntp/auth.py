@@ -28,7 +28,7 @@ from nts.config import Node, Reader, boolean, integer, listof, network, number, 
 from nts.core.decisions import Answer, Defer, drop
 from nts.core.handler import ReplyContext, Request, RequestHandler
 from nts.core.policy import RATE_OK, Network, NetworkSet, RateLimiter, RateSettings, Shared
-from nts.core.stats import CounterHelp, Counters, GaugeHelp
+from nts.core.stats import CounterHelp, Counters, GaugeHelp, SeriesHelp
 from nts.logutil import RateLimitedLog
 
 from .accounts import NEW_BUDGET, PER_CLIENT, RID_MASK, AccountGuard, AccountLimits
@@ -100,6 +100,14 @@ class MsSntpPlugin(RequestHandler):
     COUNTERS: ClassVar[CounterHelp] = {
         "mssntp_sign": (("outcome",), "MS-SNTP signing through Samba, by outcome."),
         "mssntp_sign_delay_us": ((), "Sum of MS-SNTP signing delays (queue + Samba), seconds."),
+    }
+    SERIES: ClassVar[SeriesHelp] = {
+        "mssntp_sign": tuple(
+            (o,) for o in ("signed", "refused", "connection_closed", "connection_lost", "protocol_error")
+        ),
+        "mssntp_sign_delay_us": ((),),
+        "deferred": (("mssntp",),),
+        "replies": (("mssntp",),),
     }
     GAUGES: ClassVar[GaugeHelp] = {
         "mssntp_rate_limit_clients": "Addresses in the MS-SNTP rate limiter (bounded by mssntp.max_clients).",

@@ -85,5 +85,10 @@ def drop(reason: str) -> Drop:
     return d
 
 
+def drop_reasons() -> list[str]:
+    """Every drop reason made so far (those of the modules loaded, made when they were imported)."""
+    return sorted(_drops)
+
+
 D_TOO_LONG = drop("reply_too_long")
 K_TOO_LONG = ("drops", D_TOO_LONG.reason)

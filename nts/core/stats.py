@@ -16,6 +16,9 @@ Key = tuple[str, ...]
 # metric -> (label names, help text); gauge -> help text
 CounterHelp = Mapping[str, tuple[tuple[str, ...], str]]
 GaugeHelp = Mapping[str, str]
+# counter -> the label values of series present (at zero) from the start: an alert on the rate of a
+# series that appears only at its first event never fires for that event
+SeriesHelp = Mapping[str, tuple[tuple[str, ...], ...]]
 
 
 class Tally:
@@ -68,6 +71,12 @@ CORE_COUNTERS: CounterHelp = {
     "kod": (("code",), "Kiss-o'-Death replies sent, by kiss code."),
     "naks": (("auth", "reason"), "Negative authentication replies sent (crypto-NAK, NTS NAK)."),
     "deferred": (("auth",), "Replies handed to an asynchronous signer."),
+}
+
+CORE_SERIES: SeriesHelp = {
+    "requests": ((),),
+    "replies": (("none",),),
+    "kod": (("DENY",), ("RSTR",), ("RATE",)),
 }
 
 CORE_GAUGES: GaugeHelp = {

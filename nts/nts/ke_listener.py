@@ -32,6 +32,7 @@ from ..core.policy import ALLOW, RATE_OK, AccessPolicy, RateLimiter, RateSetting
 from ..core.stats import Counters
 from ..logutil import RateLimitedLog
 from ..wire.errors import ParseError
+from .aead import AEADS, AeadId
 from .certs import AlpnRefused, CertStore, alpn_chosen
 from .cookies import KeyRing
 from .ke_session import DecidedRequests, KeServerSession, KeSettings
@@ -195,14 +196,15 @@ class KeServer:
                 break
             expired.append(session)
         for session in expired:
-            self.count("timeout", session.peer)
+            session.end("timeout", session.peer)
             session.close()
 
     def forget(self, fd: int) -> None:
         self._sessions.pop(fd, None)
 
     def count(self, what: str, peer: str | None = None) -> None:
-        self.stats.inc(("nts_ke", what))
+        """Count an event in the family it belongs to (`metric_key`); log refusals and failures."""
+        self.stats.inc(metric_key(what))
         if peer is not None:  # a refusal or failure worth a (rate-limited) log line
             self._events(what, "NTS-KE session from %s: %s", peer, what)
 
@@ -218,6 +220,26 @@ class KeServer:
         return None
 
 
+ADMISSION_REFUSALS = ("refused_access", "refused_busy", "refused_rate")
+
+
+def metric_key(what: str) -> tuple[str, ...]:
+    """An NTS-KE event as a counter key, in families whose sums mean something: accepted
+    connections; each session's one outcome, with the AEAD it agreed as a label of its own (so
+    connections = the sessions' outcomes + those still open); connections refused before TLS; and
+    failed accept() calls."""
+    if what == "connections":
+        return ("nts_ke_connections",)
+    if what in ADMISSION_REFUSALS:
+        return ("nts_ke_refused", what.removeprefix("refused_"))
+    if what.startswith("accept_"):
+        return ("nts_ke_accept_errors", what.removeprefix("accept_"))
+    if what.startswith("ok_aead_"):
+        number = int(what.removeprefix("ok_aead_"))
+        return ("nts_ke_sessions", "ok", AeadId(number).name.replace("_", "-") if number in AEADS else str(number))
+    return ("nts_ke_sessions", what, "")
+
+
 class KeSession:
     """One NTS-KE session on a non-blocking socket: handshake, request, response, close.
 
@@ -227,8 +249,8 @@ class KeSession:
     instead of when it is readable.
     """
 
-    __slots__ = ("closed", "fd", "handshaken", "loop", "peer", "pending", "server", "session", "sock", "started",
-                 "tls", "writing")  # fmt: skip
+    __slots__ = ("closed", "fd", "handshaken", "loop", "outcome", "peer", "pending", "server", "session", "sock",
+                 "started", "tls", "writing")  # fmt: skip
 
     def __init__(self, server: KeServer, sock: socket.socket, peer: str, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
@@ -244,6 +266,7 @@ class KeSession:
         self.pending: bytes | None = None  # the response, until the socket took all of it
         self.writing = False  # waiting for the socket to be writable rather than readable
         self.closed = False
+        self.outcome: str | None = None  # how it ended, counted once (the first word stands)
         if server.poller is not None:
             server.poller.register(self.fd, select.EPOLLIN)
         else:
@@ -252,7 +275,6 @@ class KeSession:
     def step(self) -> None:
         if self.closed:  # closed (by the deadline, say) after this call was already queued
             return
-        server = self.server
         try:
             if self.pending is None:
                 self._advance()
@@ -263,19 +285,19 @@ class KeSession:
         except SSL.WantWriteError:
             self._wait(writing=True)
         except AlpnRefused:
-            server.count("refused_alpn", self.peer)  # OpenSSL has sent the no_application_protocol alert
+            self.end("refused_alpn", self.peer)  # OpenSSL has sent the no_application_protocol alert
             self.close()
         except (SSL.ZeroReturnError, SSL.SysCallError):  # the peer closed (close_notify, FIN) or reset
-            server.count("client_closed_early")
+            self.end("client_closed_early")
             self.close()
         except SSL.Error:
-            server.count("tls_error" if self.handshaken else "handshake_failed", self.peer)
+            self.end("tls_error" if self.handshaken else "handshake_failed", self.peer)
             self.close()
         except ParseError as exc:
-            server.count(f"refused_{exc.code}", self.peer)
+            self.end(f"refused_{exc.code}", self.peer)
             self.close()
         except Exception:  # a bug must cost this session only, and say so once
-            server.count("internal_error")
+            self.end("internal_error")
             log.exception("internal error in an NTS-KE session with %s (closed)", self.peer)
             self.close()
 
@@ -286,17 +308,24 @@ class KeSession:
             tls.do_handshake()
             self.handshaken = True
             if not alpn_chosen(tls):  # a client that offered no ALPN at all
-                self.server.count("refused_no_alpn", self.peer)
+                self.end("refused_no_alpn", self.peer)
                 self.close()
                 return
         while self.pending is None:
             reply = self.session.receive(tls.recv(4096), self._export, self.server.wall_clock())
             if reply is not None:
-                self.server.count(reply.outcome)
+                self.end(reply.outcome)
                 self.pending = reply.data
 
     def _export(self, label: bytes, length: int, context: bytes) -> bytes:
         return bytes(self.tls.export_keying_material(label, length, context))
+
+    def end(self, outcome: str, peer: str | None = None) -> None:
+        """Count how the session ended, once: a reply already decided stays the outcome when the
+        peer then goes away before taking it."""
+        if self.outcome is None:
+            self.outcome = outcome
+            self.server.count(outcome, peer)
 
     def _send(self) -> None:
         """Write the response (one TLS record: some clients need the answer in a single read),

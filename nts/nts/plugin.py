@@ -27,7 +27,7 @@ from ..config import Node, PluginError, located
 from ..core.decisions import Answer
 from ..core.handler import Client, ReplyContext, Request, RequestHandler
 from ..core.policy import Shared
-from ..core.stats import CounterHelp, Counters, GaugeHelp
+from ..core.stats import CounterHelp, Counters, GaugeHelp, SeriesHelp
 from ..files import every
 from ..net import format_addr, open_tcp_listener
 from ..wire.extensions import FieldType
@@ -64,7 +64,22 @@ class NtsPlugin(RequestHandler):
     order: ClassVar[int] = 10
     listens: ClassVar[bool] = True
     COUNTERS: ClassVar[CounterHelp] = {
-        "nts_ke": (("event",), "NTS-KE sessions: connections, outcomes (ok_aead_N, error_*), refusals, timeouts."),
+        "nts_ke_connections": ((), "NTS-KE connections accepted; each ends in one nts_ke_sessions outcome."),
+        "nts_ke_sessions": (
+            ("outcome", "aead"),
+            "NTS-KE sessions by how they ended: ok (aead: the one agreed), error_* (an Error record sent), "
+            "no_common_*, refused_* (ALPN, a malformed request), timeout, handshake_failed, tls_error, "
+            "client_closed_early, internal_error.",
+        ),
+        "nts_ke_refused": (("reason",), "NTS-KE connections closed before TLS: access lists, busy, rate."),
+        "nts_ke_accept_errors": (("error",), "Failed accept() calls on NTS-KE sockets (accepting pauses)."),
+    }
+    SERIES: ClassVar[SeriesHelp] = {
+        "nts_ke_connections": ((),),
+        "nts_ke_refused": (("access",), ("busy",), ("rate",)),
+        "nts_ke_sessions": (("timeout", ""), ("handshake_failed", ""), ("tls_error", ""), ("internal_error", "")),
+        "replies": (("nts",),),
+        "naks": (("nts", "cookie_malformed"), ("nts", "cookie_forged"), ("nts", "cookie_key_unknown")),
     }
     GAUGES: ClassVar[GaugeHelp] = {
         "nts_certificate_expiry_timestamp_seconds": "When the NTS-KE certificate in use expires (notAfter).",

@@ -34,8 +34,9 @@ from ..logutil import CONTEXT, LINES, formatter
 from ..net import format_addr, open_tcp_listener
 from . import runtime
 from .kernelclock import measure_precision
-from .metrics import Descriptions, MetricsServer
+from .metrics import Descriptions, MetricsServer, build_info, render_process, zero_series
 from .plugin import Plugin, discover, sections
+from .procstats import process_metrics
 from .serving import Server, build_plugins
 from .shared import SharedCounters
 from .steering import steer_by_source
@@ -153,6 +154,7 @@ class Daemon:
         # what the process was started with (bound sockets, user); in a single process, its plugin
         # sections as they were last built (_rebased): what restart_only_changes compares a reload with
         self.started_with: Config | None = None
+        self.zeros: list[tuple[str, ...]] = []  # counters served at zero until counted
         # ("reloads", outcome): count, in the main process; every outcome present from the start
         self.reloads = {("reloads", outcome): 0 for outcome in ("applied", "failed", "unconfirmed")}
         self.last_reload = (True, self.started)  # (applied, when the last applied one was)
@@ -162,6 +164,9 @@ class Daemon:
 
     def run(self) -> int:
         config = self.started_with = self.load()
+        used = [cls for cls in self.plugins.values() if cls.section in config.plugins]
+        self.zeros = zero_series((getattr(cls, "SERIES", {}) for cls in used),
+                                 [cls.name for cls in self.plugins.values() if cls not in used])  # fmt: skip
         setup_logging(config)
         workers = config.ntp.workers
         socket_sets = bind_all(config, workers)
@@ -256,7 +261,7 @@ class Daemon:
         metrics = None
         if metrics_sock is not None:
             source = lambda: self._own((server.counters(), server.gauges()))  # noqa: E731
-            metrics = MetricsServer(source, server.reports, self.described, config.metrics_reports)
+            metrics = MetricsServer(source, server.reports, self.described, config.metrics_reports, self._extra)
             await metrics.start_on(metrics_sock)
             log.info("metrics on http://%s/metrics", format_addr(metrics_sock.getsockname()))
         log.info("ready")
@@ -395,7 +400,7 @@ class Daemon:
         metrics = None
         if metrics_sock is not None:
             metrics = MetricsServer(
-                lambda: self._own(shared.total()), shared.reports, self.described, config.metrics_reports
+                lambda: self._own(shared.total()), shared.reports, self.described, config.metrics_reports, self._extra
             )
             await metrics.start_on(metrics_sock)
         for addr in config.ntp.listen:
@@ -467,7 +472,8 @@ class Daemon:
         self, totals: tuple[Mapping[tuple[str, ...], int], Mapping[str, float]]
     ) -> tuple[dict[tuple[str, ...], int], dict[str, float]]:
         """The metrics: the serving process's (or the workers' summed) with this process's own."""
-        counts = dict(totals[0])
+        counts = dict.fromkeys(self.zeros, 0)
+        counts.update(totals[0])
         for key, value in (*LINES.counts.items(), *self.reloads.items()):
             counts[key] = counts.get(key, 0) + value
         applied, when = self.last_reload
@@ -477,6 +483,10 @@ class Daemon:
             "config_last_reload_successful": int(applied),
             "config_last_reload_success_timestamp_seconds": round(when, 3),
         }
+
+    def _extra(self) -> str:
+        """Process metrics (this process and its workers, summed) and the build info."""
+        return render_process(process_metrics([os.getpid(), *self.children])) + build_info(__version__)
 
     @staticmethod
     async def _tick_until(stopping: asyncio.Event, tick: Any, interval: float = STATE_INTERVAL) -> None:

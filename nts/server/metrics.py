@@ -14,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import platform
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..core.stats import CORE_COUNTERS, CORE_GAUGES, CounterHelp, GaugeHelp
+from ..core.decisions import drop_reasons
+from ..core.stats import CORE_COUNTERS, CORE_GAUGES, CORE_SERIES, CounterHelp, GaugeHelp, Key, SeriesHelp
+from .procstats import HELP as PROCESS_HELP
 
 log = logging.getLogger("ntsd.metrics")
 MAX_CLIENTS = 32
@@ -46,6 +49,23 @@ SHELL_GAUGES: GaugeHelp = {
     "config_last_reload_successful": "1 when the last reload applied all of the files (or none was made), else 0.",
     "config_last_reload_success_timestamp_seconds": "When the files were last applied in full (start or reload).",
 }
+
+
+SHELL_SERIES: SeriesHelp = {
+    "socket_errors": (("OSError",), ("ConnectionRefusedError",), ("PermissionError",)),
+    "io_calls": (("recvmmsg",), ("sendmmsg",)),
+}
+
+
+def zero_series(owners: Iterable[SeriesHelp], prefixes_off: Iterable[str] = ()) -> list[Key]:
+    """The counter keys to serve at zero until counted: the core's and the shell's, each owner's
+    (the configured plugins' SERIES) and a drop series for every drop reason the code knows, but
+    those of plugins not configured (`prefixes_off`: their names)."""
+    off = tuple(f"{name}_" for name in prefixes_off)
+    keys: list[Key] = [("drops", reason) for reason in drop_reasons() if not reason.startswith(off)]
+    for table in (CORE_SERIES, SHELL_SERIES, *owners):
+        keys += [(metric, *labels) for metric, all_labels in table.items() for labels in all_labels]
+    return keys
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,26 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+def render_process(values: Mapping[str, float]) -> str:
+    """Process metrics under the names client libraries give them (no ntsd_ prefix)."""
+    lines = []
+    for name, value in values.items():
+        kind, text = PROCESS_HELP[name]
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {_number(value)}"]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def build_info(version: str) -> str:
+    """ntsd_build_info: 1, with what the server is built of as labels (for dashboards and fleets)."""
+    from OpenSSL import SSL  # here: importing this module must not initialise OpenSSL (see tlsconf)
+
+    openssl = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode(errors="replace")
+    labels = {"version": version, "python": platform.python_version(), "openssl": openssl}
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+    return (f"# HELP ntsd_build_info The ntsd version, and the Python and OpenSSL it runs on.\n"
+            f"# TYPE ntsd_build_info gauge\nntsd_build_info{{{inner}}} 1\n")  # fmt: skip
+
+
 def _number(value: float) -> str:
     """Every digit kept (%g's six lost an uptime's seconds after 11 days, and a timestamp's minutes)."""
     return str(int(value)) if float(value).is_integer() else repr(float(value))
@@ -131,8 +171,10 @@ class MetricsServer:
         reports: Callable[[], Mapping[str, Any]] = dict,
         described: Descriptions | None = None,
         reports_on: bool = False,
+        extra: Callable[[], str] = str,
     ) -> None:
         self._source = source
+        self._extra = extra  # more exposition text, as is (process metrics, build info)
         self._reports = reports
         self._described = described if described is not None else Descriptions.of(())
         self.reports_on = reports_on  # /report/NAME names clients and keys: off unless configured
@@ -161,7 +203,7 @@ class MetricsServer:
             if len(parts) < 2 or parts[0] != "GET":
                 status, body = "400 Bad Request", "bad request\n"
             elif parts[1] in ("/metrics", "/"):
-                status, body = "200 OK", render(*self._source(), self._described)
+                status, body = "200 OK", render(*self._source(), self._described) + self._extra()
             elif parts[1].startswith("/report/") and not self.reports_on:
                 status, body = "404 Not Found", "reports are off (metrics.reports: false)\n"
             elif parts[1].startswith("/report/") and parts[1][8:] in (reports := self._reports()):

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol
 
 from ..config import Node
 from ..core.policy import Shared
-from ..core.stats import CounterHelp, GaugeHelp
+from ..core.stats import CounterHelp, GaugeHelp, SeriesHelp
 
 ENTRY_POINT_GROUP = "ntsd.plugins"
 
@@ -36,6 +36,7 @@ class Plugin(Protocol):
     # counter -> (label names, help text) and gauge -> help text, for the metrics endpoint
     COUNTERS: ClassVar[CounterHelp]
     GAUGES: ClassVar[GaugeHelp]
+    SERIES: ClassVar[SeriesHelp]  # counter -> label values shown at zero from the start
     may_bind: bool  # set False by a worker's reload: keep the sockets as they are
 
     def __init__(self, settings: Any) -> None: ...

@@ -221,7 +221,7 @@ class Soak:
             m = metrics(self.mport)
             rss, fds, threads = resources(self.proc.pid)
             self.samples.append((time.monotonic() - start, rss, fds, threads))
-            ke_ok = sum(v for k, v in m.items() if k.startswith('ntsd_nts_ke_total{event="ok_aead'))
+            ke_ok = sum(v for k, v in m.items() if k.startswith('ntsd_nts_ke_sessions_total{outcome="ok"'))
             signed = m.get('ntsd_replies_total{auth="mssntp"}', 0)
             print(f"{n:5} {(time.monotonic() - start) / 60:5.1f} {rss / 1024:8.1f} {fds:4} {threads:4} "
                   f"{m['ntsd_requests_total']:10.0f} {m['ntsd_requests_total'] - accounted(m):11.0f} {ke_ok:7.0f} "

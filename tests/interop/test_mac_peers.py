@@ -48,7 +48,7 @@ def test_chrony_mac_client_for_each_algorithm_and_a_wrong_key(tmp_path: Path) ->
         assert offset is None, output
         m = parse_text(fetch_metrics("127.0.0.1", mport))
         assert m['ntsd_naks_total{auth="mac",reason="bad_mac"}'] >= 1
-        assert 'ntsd_replies_total{auth="none"}' not in m  # never unauthenticated time to a MAC client
+        assert m.get('ntsd_replies_total{auth="none"}') == 0  # never unauthenticated time to a MAC client
 
 
 def test_chrony_and_ntsd_read_one_chrony_keyfile_as_debian_installs_it(tmp_path: Path) -> None:

@@ -61,13 +61,17 @@ def test_promtool_finds_nothing_to_lint_in_the_metrics(tmp_path: Path) -> None:
             assert not check_nts_reply(session, exchange("127.0.0.1", ntp, packet)[0], uid)[0]
             assert query(ntp, client_request()) is not None
             assert query(ntp, client_request() + struct.pack("<I", 1105) + bytes(16)) is not None  # signed
-            # workers publish their counters once a second
-            text = wait_until(
-                lambda: "ntsd_mssntp_sign_total" in (t := fetch_metrics("127.0.0.1", mport)) and t, 10, 0.2
-            )
+            # workers publish their counters five times a second
+            signed = 'ntsd_mssntp_sign_total{outcome="signed"} 1'
+            text = wait_until(lambda: signed in (t := fetch_metrics("127.0.0.1", mport)) and t, 10, 0.2)
     finally:
         signer.close()
-    for family in ("ntsd_nts_ke_total", "ntsd_replies_total", "ntsd_mssntp_sign_total", "ntsd_log_lines_total"):
+    for family in (
+        "ntsd_nts_ke_sessions_total",
+        "ntsd_replies_total",
+        "ntsd_mssntp_sign_total",
+        "ntsd_log_lines_total",
+    ):
         assert f"# TYPE {family} counter" in text
     lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert lint.returncode == 0 and not lint.stdout + lint.stderr, lint.stdout + lint.stderr

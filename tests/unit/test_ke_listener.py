@@ -118,7 +118,7 @@ def test_a_full_send_buffer_waits_for_writable_then_sends_the_same_response(
     assert session.closed and tls.shut and tls.sent == [pending]
     records = RecordReader(65536).feed(tls.sent[0])
     assert [r.type for r in records].count(RecordType.NEW_COOKIE) == 8
-    assert server.stats.counts[("nts_ke", "ok_aead_15")] == 1
+    assert server.stats.counts[("nts_ke_sessions", "ok", "AES-SIV-CMAC-256")] == 1
     assert pair[0].fileno() == -1  # closed, and the loop no longer watches it
     assert loop.remove_writer(session.fd) is False and loop.remove_reader(session.fd) is False
 
@@ -199,7 +199,7 @@ def test_accept_out_of_descriptors_pauses_the_listener_then_resumes(
         exhausted.tried.clear()
         await asyncio.wait_for(exhausted.tried.wait(), 5)  # the pause is over: accepting again
         await server.stop()
-        assert server.stats.counts[("nts_ke", "accept_EMFILE")] == exhausted.calls == 2
+        assert server.stats.counts[("nts_ke_accept_errors", "EMFILE")] == exhausted.calls == 2
 
     asyncio.run(run())
 

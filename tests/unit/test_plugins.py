@@ -29,13 +29,14 @@ def test_every_plugin_has_the_lifecycle_members_and_answers_requests() -> None:
 
 def test_metric_help_comes_from_its_owners() -> None:
     described = Descriptions.of((cls.COUNTERS, cls.GAUGES) for cls in discover().values())
-    for counter in ("requests", "replies", "socket_errors", "nts_ke", "mac_requests", "mssntp_sign"):
+    for counter in ("requests", "replies", "socket_errors", "nts_ke_sessions", "mac_requests", "mssntp_sign"):
         assert counter in described.counters
     for gauge in ("leap", "uptime_seconds", "nts_certificate_expiry_timestamp_seconds", "mac_ledger_entries"):
         assert gauge in described.gauges
-    text = render({("nts_ke", "connections"): 2}, {}, described)
-    assert "# HELP ntsd_nts_ke_total NTS-KE sessions" in text and 'ntsd_nts_ke_total{event="connections"} 2' in text
-    assert "# HELP ntsd_nts_ke_total" not in render({("nts_ke", "connections"): 2}, {})  # nothing global
+    text = render({("nts_ke_sessions", "ok", "AES-128-GCM-SIV"): 2}, {}, described)
+    assert "# HELP ntsd_nts_ke_sessions_total NTS-KE sessions" in text
+    assert 'ntsd_nts_ke_sessions_total{outcome="ok",aead="AES-128-GCM-SIV"} 2' in text
+    assert "# HELP ntsd_nts_ke_sessions_total" not in render({("nts_ke_sessions", "ok", "x"): 2}, {})  # not global
 
 
 def _imports(path: Path) -> set[str]:
