@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,23 @@ def test_with_workers_the_log_says_once_what_serves_where(tmp_path: Path) -> Non
         assert len(reloaded) == 1, "\n".join(server.lines)
         assert not [line for line in server.lines if f"ntsd[{second}] worker 2/2 INFO" in line]
         assert all(f"ntsd[{first}] worker 1/2" in line for line in server.lines if f"ntsd[{first}]" in line)
+
+
+def test_metrics_have_zero_series_build_info_and_process_figures(tmp_path: Path) -> None:
+    """A labelled series that appears only at its first event has no increase for it (an alert on
+    KoDs or drops never fired for the first burst); there was no build info or process metrics."""
+    port, mport = free_port(), free_port(socket.SOCK_STREAM)
+    with running_ntsd(tmp_path, lab_config(port, metrics_port=mport, ntp_extra="workers: 2")) as server:
+        workers_of(server, 2)
+        m = parse_text(fetch_metrics("127.0.0.1", mport))
+        zeros = ('ntsd_kod_total{code="RATE"}', 'ntsd_kod_total{code="DENY"}', 'ntsd_drops_total{reason="too_short"}',
+                 'ntsd_socket_errors_total{error="OSError"}', "ntsd_requests_total")  # fmt: skip
+        for series in zeros:
+            assert m[series] == 0, series
+        assert not [k for k in m if k.startswith(("ntsd_nts_ke", "ntsd_mac", "ntsd_mssntp"))]  # not configured
+        assert any(k.startswith('ntsd_build_info{version="') for k in m)
+        single = m["process_resident_memory_bytes"]
+        assert m["process_open_fds"] > 0 and m["process_cpu_seconds_total"] > 0
+        assert abs(m["process_start_time_seconds"] - (time.time() - m["ntsd_uptime_seconds"])) < 5
+        one = int(Path(f"/proc/{server.proc.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        assert single > one  # the main process and its two workers
