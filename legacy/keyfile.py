@@ -272,15 +272,15 @@ def load_keyfile(path: Path, fmt: str, allow_bad_lines: bool = False) -> KeyFile
     return keyfile
 
 
-def format_ntp_keys(keys: list[Key]) -> str:
+def format_ntp_keys(keys: list[Key], by: str = "ntsd keygen") -> str:
     names = {Algorithm.AES128CMAC: "AES128CMAC", Algorithm.AES256CMAC: "AES-256"}
-    lines = ["# ntp.keys written by ntsd keygen: keyno type key (hex). Keep it mode 0600."]
+    lines = [f"# ntp.keys written by {by}: keyno type key (hex). Keep it mode 0600."]
     lines += [f"{k.id} {names.get(k.algorithm, k.algorithm.label)} {k.secret.hex()}" for k in keys]
     return "\n".join(lines) + "\n"
 
 
-def format_chrony_keys(keys: list[Key]) -> str:
+def format_chrony_keys(keys: list[Key], by: str = "ntsd keygen") -> str:
     names = {Algorithm.AES128CMAC: "AES128", Algorithm.AES256CMAC: "AES256"}
-    lines = ["# chrony keyfile written by ntsd keygen: ID TYPE HEX:key. Keep it mode 0600."]
+    lines = [f"# chrony keyfile written by {by}: ID TYPE HEX:key. Keep it mode 0600."]
     lines += [f"{k.id} {names.get(k.algorithm, k.algorithm.label)} HEX:{k.secret.hex().upper()}" for k in keys]
     return "\n".join(lines) + "\n"

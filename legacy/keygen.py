@@ -1,7 +1,10 @@
-"""`ntsd keygen`: write a new symmetric key file, as ntpkeygen does (registered as a plugin command).
+"""`ntsd keygen`: write a new symmetric key file, as ntpkeygen does; `ntsd keys convert`: the same
+keys in the other format (ntp.keys <-> chrony's), to hand MAC keys to chrony clients. Both are
+registered as plugin commands.
 
 Strategy: keys from the OS random source; AES-128-CMAC by default (RFC 8573's recommendation);
-written atomically with mode 0600; an existing file is never overwritten without --force.
+written atomically with mode 0600; an existing file is never overwritten without --force. A file
+to convert is read as a secret (the same checks as the server's) and refused whole if a line is bad.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 from nts.files import write_private_file
 
-from .keyfile import Algorithm, Key, format_chrony_keys, format_ntp_keys
+from .keyfile import Algorithm, Key, KeyFileError, format_chrony_keys, format_ntp_keys, load_keyfile
 
 TYPES = {
     "AES128CMAC": Algorithm.AES128CMAC,
@@ -55,6 +58,51 @@ def run(args: argparse.Namespace) -> int:
     if algorithm.deprecated:
         print(f"note: {algorithm.label} is deprecated by RFC 8573; prefer AES128CMAC, or better, NTS")
     return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    source, out = Path(args.input), Path(args.output)
+    target = args.to or ("chrony" if args.source_format == "ntp" else "ntp")
+    if target == args.source_format:
+        print(f"ntsd: {source} is in {target} format already", file=sys.stderr)
+        return 2
+    try:
+        keys = sorted(load_keyfile(source, args.source_format).keys.values(), key=lambda k: k.id)
+    except KeyFileError as exc:
+        print(f"ntsd: {exc}", file=sys.stderr)
+        return 1
+    if not keys:
+        print(f"ntsd: {source} holds no keys", file=sys.stderr)
+        return 1
+    too_high = [k.id for k in keys if k.id > 65535]
+    if target == "ntp" and too_high:
+        print(f"ntsd: key ids above 65535 do not fit ntp.keys: {', '.join(map(str, too_high[:10]))}", file=sys.stderr)
+        return 1
+    if out.exists() and not args.force:
+        print(f"ntsd: {out} exists; use --force to replace it", file=sys.stderr)
+        return 1
+    by = f"ntsd keys convert from {source}"
+    text = format_ntp_keys(keys, by) if target == "ntp" else format_chrony_keys(keys, by)
+    try:
+        write_private_file(out, text.encode("ascii"))
+    except OSError as exc:
+        print(f"ntsd: cannot write {out}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(keys)} keys from {source} ({args.source_format} format) to {out} ({target} format, mode 0600)")
+    return 0
+
+
+def register_keys(sub: Any) -> None:
+    p = sub.add_parser("keys", help="work with symmetric key files")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    c = keys.add_parser("convert", help="write the keys of a key file in the other format (ntp.keys <-> chrony)")
+    c.add_argument("input", help="the key file to read (checked as a secret, as the server does)")
+    c.add_argument("output", help="the key file to write (mode 0600)")
+    c.add_argument("--from", dest="source_format", choices=("ntp", "chrony"), default="ntp",
+                   help="the input's format (default ntp)")  # fmt: skip
+    c.add_argument("--to", choices=("ntp", "chrony"), help="the output's format (default: the other one)")
+    c.add_argument("--force", action="store_true", help="replace an existing output file")
+    c.set_defaults(func=convert)
 
 
 def register(sub: Any) -> None:

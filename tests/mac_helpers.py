@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 
-from legacy.keyfile import Algorithm, Key, format_chrony_keys, format_ntp_keys
+from legacy.keyfile import Algorithm, Key, format_ntp_keys
+from nts.cli import main
 
 ALGORITHMS = {
     1: Algorithm.MD5,
@@ -22,11 +25,14 @@ ALGORITHMS = {
 
 
 def write_keys(tmp: Path) -> tuple[Path, Path]:
+    """ntp.keys with a key of each algorithm, and the same keys for chrony as `ntsd keys convert`
+    writes them (so the interop tests check the converter against a real chrony)."""
     keys = [Key(i, a, os.urandom(a.cmac_key_len if a.is_cmac else 20)) for i, a in ALGORITHMS.items()]
     ntp, chrony = tmp / "ntp.keys", tmp / "chrony.keys"
-    for path, text in ((ntp, format_ntp_keys(keys)), (chrony, format_chrony_keys(keys))):
-        path.write_text(text)
-        path.chmod(0o600)
+    ntp.write_text(format_ntp_keys(keys))
+    ntp.chmod(0o600)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["keys", "convert", str(ntp), str(chrony), "--force"]) == 0
     return ntp, chrony
 
 

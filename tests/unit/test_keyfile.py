@@ -311,3 +311,25 @@ def test_a_key_file_in_the_other_format_says_which_format_it_is(tmp_path: Path) 
         load_keyfile(path, "chrony")
     assert str(exc.value).endswith("\n  (the whole file reads as ntp format: set mac.format: ntp)")
     assert len(load_keyfile(path, "ntp").keys) == 2
+
+
+def test_keys_convert_round_trips_and_refuses_what_it_cannot_write(tmp_path: Path) -> None:
+    """`ntsd keys convert`: ntp.keys to chrony's format (for chrony clients) and back, same keys."""
+    from nts.cli import main
+    from tests.mac_helpers import write_keys
+
+    ntp, chrony = write_keys(tmp_path)  # (ntp.keys written, chrony's converted by the command)
+    original = load_keyfile(ntp, "ntp").keys
+    assert load_keyfile(chrony, "chrony").keys == original
+    assert oct(chrony.stat().st_mode & 0o777) == "0o600"
+    back = tmp_path / "back.keys"
+    assert main(["keys", "convert", str(chrony), str(back), "--from", "chrony"]) == 0
+    assert load_keyfile(back, "ntp").keys == original
+    assert main(["keys", "convert", str(chrony), str(back), "--from", "chrony"]) == 1  # exists: --force
+    big = tmp_path / "big.chrony"
+    big.write_text("70000 AES128 HEX:" + "00" * 16 + "\n")
+    big.chmod(0o600)
+    assert main(["keys", "convert", str(big), str(tmp_path / "x.keys"), "--from", "chrony"]) == 1
+    ntp.chmod(0o644)
+    assert main(["keys", "convert", str(ntp), str(tmp_path / "y.chrony")]) == 1  # a secret others can read
+    assert not (tmp_path / "y.chrony").exists()
