@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import struct
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from hmac import compare_digest
@@ -232,6 +233,17 @@ class MacPlugin(RequestHandler):
         except KeyFileError as exc:
             return [(True, located("mac", str(exc), settings.keys))]
         return [(False, f"mac: {message}") for _, message in _key_notes(settings, keyfile)]
+
+    @classmethod
+    def describe(cls, settings: MacSettings) -> list[str]:
+        try:
+            keys = load_keyfile(settings.keys, settings.format, settings.allow_bad_lines).keys.values()
+        except KeyFileError:
+            return []
+        by_algorithm = Counter(key.algorithm.label for key in keys)
+        counts = ", ".join(f"{name} {n}" for name, n in sorted(by_algorithm.items())) or "none"
+        trusted = "all" if settings.trusted is None else f"ids {', '.join(map(str, settings.trusted)) or 'none'}"
+        return [f"mac keys: {len(keys)} from {settings.keys} ({counts}; trusted: {trusted})"]
 
     def _load(self, settings: MacSettings) -> _Table:
         self._seen = (settings.keys, file_identity(settings.keys))  # before reading: a change after is seen

@@ -133,6 +133,13 @@ class MsSntpPlugin(RequestHandler):
             return []
         return [(False, f"mssntp: {settings.socket} does not exist (yet): is Samba running with ntp_signd?")]
 
+    @classmethod
+    def describe(cls, settings: MsSntpSettings) -> list[str]:
+        networks = ", ".join(str(n) for n in settings.networks) or "no one"
+        return [f"mssntp: signing through {settings.socket} for {networks} (rate {settings.rate:g}/s, burst "
+                f"{settings.burst}; {settings.accounts_per_client} machine accounts per address per "
+                f"{settings.accounts_window:g} s)"]  # fmt: skip
+
     def __init__(self, settings: MsSntpSettings) -> None:
         self.stats = Counters()
         self.settings = settings

@@ -71,6 +71,10 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"{config.source}: OK")
     for line in iter_lines(config):
         print(f"  {line}")
+    for cls in plugins.values():
+        if cls.section in config.plugins and hasattr(cls, "describe"):
+            for line in cls.describe(config.plugins[cls.section]):
+                print(f"  {line}")
     for message in (*config.warnings, *(message for _, message in findings)):
         print(f"  warning: {message}")
     return EXIT_OK

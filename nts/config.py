@@ -578,5 +578,14 @@ def iter_lines(config: Config) -> Iterator[str]:
     if config.metrics_listen:
         reports = "; reports at /report/NAME" if config.metrics_reports else ""
         yield f"metrics: http://{format_addr(config.metrics_listen)}/metrics{reports}"
-    for name in config.plugins:
-        yield f"authenticator section: {name}"
+    access = config.access
+    if access.allow or access.deny or access.require_auth:
+        yield (f"access: allow {', '.join(map(str, access.allow)) or 'all'}; deny "
+               f"{', '.join(map(str, access.deny)) or 'none'}; authentication required from "
+               f"{', '.join(map(str, access.require_auth)) or 'none'}")  # fmt: skip
+    clock = config.clock
+    yield (f"clock: stratum {clock.stratum} while the kernel clock is synchronised"
+           f"{' (or not: local_reference)' if clock.local_reference else ''}")  # fmt: skip
+    if config.log.file:
+        yield f"log: {config.log.file} ({config.log.format})"
+    yield f"sections: {', '.join(config.plugins) or 'none (plain NTP only)'}"

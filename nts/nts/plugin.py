@@ -33,6 +33,7 @@ from ..net import format_addr, open_tcp_listener
 from ..wire.extensions import FieldType
 from ..wire.packet import HEADER_LEN, MAX_MAC_LEN
 from . import nettle, tlsconf
+from .aead import AeadId
 from .certs import CertError, CertStore, expiry_problem
 from .cookies import KeyRing, check_secret, load_or_create_secret
 from .ke_listener import KeServer
@@ -112,6 +113,19 @@ class NtsPlugin(RequestHandler):
         why = check_secret(settings.key_dir)
         if why is not None:
             out.append((True, located("nts.key_dir", why, settings.key_dir)))
+        return out
+
+    @classmethod
+    def describe(cls, settings: NtsSettings) -> list[str]:
+        aeads = ", ".join(AeadId(a).name.replace("_", "-") for a in settings.aeads)
+        out = [f"nts-ke listen: {', '.join(format_addr(a) for a in settings.listen)} (AEADs {aeads}; master secret "
+               f"in {settings.key_dir})"]  # fmt: skip
+        with contextlib.suppress(CertError):
+            store = CertStore(settings.certificate, settings.private_key)
+            if store.not_after is not None:
+                days = (store.not_after - datetime.datetime.now(datetime.UTC)).days
+                out.append(f"nts certificate: {store.subject}, expires {store.not_after:%Y-%m-%d %H:%MZ} (in {days} "
+                           f"days), from {settings.certificate}")  # fmt: skip
         return out
 
     def __init__(self, settings: NtsSettings) -> None:

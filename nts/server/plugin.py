@@ -54,6 +54,12 @@ class Plugin(Protocol):
         ...
 
     @classmethod
+    def describe(cls, settings: Any) -> list[str]:
+        """For `ntsd check-config`'s summary: what the section sets up, a line each (where it
+        listens, the certificate's subject and expiry, how many keys of which kind...)."""
+        ...
+
+    @classmethod
     def listen_addresses(cls, settings: Any) -> tuple[tuple[str, int], ...]:
         """Where a plugin that `listens` listens with these settings."""
         ...

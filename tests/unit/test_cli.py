@@ -362,3 +362,24 @@ def test_clients_without_a_mac_section_says_so(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err
     assert err.startswith(f"ntsd: no mac section configured: the server at 127.0.0.1:{mport} keeps no clients report")
     assert "404" not in err
+
+
+def test_check_config_summary_names_what_serves_where(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The summary said `authenticator section: nts` and nothing of the addresses, certificate or keys."""
+    from nts.nts.devcerts import make_dev_certs
+    from tests.mac_helpers import write_keys
+
+    certs = make_dev_certs(tmp_path / "certs", ["localhost"])
+    ntp_keys, _ = write_keys(tmp_path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        'ntp: {listen: ["127.0.0.1:12300"]}\n'
+        f'nts: {{listen: ["127.0.0.1:14460"], certificate: {certs.certificate}, private_key: {certs.private_key}, '
+        f"key_dir: {tmp_path}}}\nmac: {{keys: {ntp_keys}, trusted: [4, 6]}}\n"
+    )
+    assert main(["check-config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "  nts-ke listen: 127.0.0.1:14460 (AEADs AES-SIV-CMAC-256" in out
+    assert re.search(r"  nts certificate: CN=localhost, expires \d{4}-\d\d-\d\d \d\d:\d\dZ \(in \d+ days\)", out), out
+    assert f"  mac keys: 6 from {ntp_keys} (AES-128-CMAC 1, AES-256-CMAC 1, MD5 1, SHA1 1, SHA256 1, SHA512 1; " in out
+    assert "trusted: ids 4, 6)" in out
