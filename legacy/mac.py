@@ -272,6 +272,7 @@ class MacPlugin(RequestHandler):
         table = self.table
         key = table.keys.get(key_id)
         if key is None:
+            self.ledger.refuse(request.client[0], key_id, "unknown_key", request.rx_ns)
             return Nak(crypto_nak(data), "unknown_key")
         return self._verify(table, key, key_id, data, len(request.trailer), request.client[0], request.rx_ns, ctx)
 
@@ -315,12 +316,14 @@ class MacPlugin(RequestHandler):
     ) -> bytes | Nak:
         """Check the MAC of the `tlen`-byte trailer (key id + MAC) and sign the reply with the same key."""
         if table.trusted is not None and key_id not in table.trusted:
+            self.ledger.refuse(ip, key_id, "untrusted_key", rx_ns)
             return Nak(crypto_nak(data), "untrusted_key")
         mac_len = tlen - 4
         if mac_len not in key.lengths:
             return Nak(crypto_nak(data), "wrong_mac_length")
         allowed = table.networks.get(key_id)
         if allowed is not None and ip not in allowed:
+            self.ledger.refuse(ip, key_id, "key_not_allowed_for_client", rx_ns)
             return Nak(crypto_nak(data), "key_not_allowed_for_client")
         split = len(data) - tlen
         if not compare_digest(key.mac(data[:split], mac_len), data[split + 4 :]):

@@ -23,6 +23,7 @@ class ClientLedger:
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, int], list[Any]] = {}  # [algorithm, first_ns, last_ns, count, total key]
         self._forgotten: dict[tuple[str, str], int] = {}  # (algorithm label, key id) -> requests
+        self._refused: dict[tuple[str, int], list[Any]] = {}  # [reason, first_ns, last_ns, count]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -49,6 +50,20 @@ class ClientLedger:
                 self._forget(entry)
                 self._entries[k] = [algorithm, entry[1], now_ns, 1, total_key]
 
+    def refuse(self, client: str, key_id: int, reason: str, now_ns: int) -> None:
+        """Note a request refused for its key (unknown, untrusted, not for this client): a client
+        still set up with a key the server no longer serves it, to find before it loses its time."""
+        k = (client, key_id)
+        with self._lock:
+            entry = self._refused.get(k)
+            if entry is not None:
+                entry[0], entry[2], entry[3] = reason, now_ns, entry[3] + 1
+                return
+            if len(self._refused) >= self.max_clients:  # spoofable: bounded, the idle half goes
+                by_last = sorted(self._refused.items(), key=lambda item: item[1][2])
+                self._refused = dict(by_last[len(by_last) // 2 :])
+            self._refused[k] = [reason, now_ns, now_ns, 1]
+
     def _forget(self, entry: list[Any]) -> None:
         self._forgotten[entry[4]] = self._forgotten.get(entry[4], 0) + entry[3]
 
@@ -68,11 +83,14 @@ class ClientLedger:
         return out
 
     def report(self) -> list[dict[str, Any]]:
-        """Entries, most recently seen first, as JSON-ready dicts."""
+        """Entries, most recently seen first, as JSON-ready dicts: the clients served (`refused`
+        empty), then those refused for their key (`refused`: why; algorithm unknown)."""
         with self._lock:
             items = [(k, v[:4]) for k, v in self._entries.items()]
+            refused = [(k, list(v)) for k, v in self._refused.items()]
         items.sort(key=lambda item: item[1][2], reverse=True)
-        return [
+        refused.sort(key=lambda item: item[1][2], reverse=True)
+        served = [
             {
                 "client": client,
                 "key_id": key_id,
@@ -81,8 +99,22 @@ class ClientLedger:
                 "first_seen": _iso(first),
                 "last_seen": _iso(last),
                 "requests": count,
+                "refused": "",
             }
             for (client, key_id), (alg, first, last, count) in items
+        ]
+        return served + [
+            {
+                "client": client,
+                "key_id": key_id,
+                "algorithm": "",
+                "deprecated": False,
+                "first_seen": _iso(first),
+                "last_seen": _iso(last),
+                "requests": count,
+                "refused": reason,
+            }
+            for (client, key_id), (reason, first, last, count) in refused
         ]
 
 

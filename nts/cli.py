@@ -209,7 +209,12 @@ def fetch_metrics(host: str, port: int, timeout: float = 3.0, path: str = "/metr
 
 
 _CLIENT_FIELDS = {"client": str, "key_id": int, "algorithm": str, "requests": int, "first_seen": str,
-                  "last_seen": str, "deprecated": bool}  # fmt: skip
+                  "last_seen": str, "deprecated": bool, "refused": str}  # fmt: skip
+_REFUSALS = {  # why a client's requests were refused for its key: what to do about it
+    "unknown_key": "REFUSED: key not in the key file (removed? give the client a current key or NTS)",
+    "untrusted_key": "REFUSED: key not trusted (mac.trusted)",
+    "key_not_allowed_for_client": "REFUSED: key not for this address (mac.networks)",
+}
 
 
 def _client_rows(text: str) -> list[dict[str, Any]]:
@@ -293,8 +298,9 @@ def _clients(args: argparse.Namespace) -> int:
         return EXIT_OK
     head = ("client", "key", "algorithm", "requests", "first seen", "last seen", "")
     table = [head] + [
-        (r["client"], str(r["key_id"]), r["algorithm"], str(r["requests"]), r["first_seen"], r["last_seen"],
-         "deprecated: move to NTS" if r["deprecated"] else "")
+        (r["client"], str(r["key_id"]), r["algorithm"] or "-", str(r["requests"]), r["first_seen"], r["last_seen"],
+         _REFUSALS.get(r["refused"], f"refused: {r['refused']}") if r["refused"]
+         else "deprecated: move to NTS" if r["deprecated"] else "")
         for r in rows
     ]  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]

@@ -86,6 +86,8 @@ def test_clients_report_and_startup_refusals(tmp_path: Path) -> None:
         )
         for key_id in (1, 4, 4):
             assert authenticated(port, ntp_keys, key_id)
+        straggler = query(port, client_request() + struct.pack(">I", 99) + bytes(16))  # a key removed since
+        assert straggler is not None and straggler[48:] == bytes(4)  # crypto-NAK
         out = subprocess.run(
             [sys.executable, "-m", "nts", "clients", "--metrics", f"127.0.0.1:{mport}", "--json"],
             capture_output=True,
@@ -93,9 +95,10 @@ def test_clients_report_and_startup_refusals(tmp_path: Path) -> None:
             timeout=30,
         )
         rows = json.loads(out.stdout)
-        assert {(r["key_id"], r["algorithm"], r["requests"], r["deprecated"]) for r in rows} == {
-            (1, "MD5", 1, True),
-            (4, "AES-128-CMAC", 2, False),
+        assert {(r["key_id"], r["algorithm"], r["requests"], r["deprecated"], r["refused"]) for r in rows} == {
+            (1, "MD5", 1, True, ""),
+            (4, "AES-128-CMAC", 2, False, ""),
+            (99, "", 1, False, "unknown_key"),  # refused stragglers are listed too
         }
         table = subprocess.run(
             [sys.executable, "-m", "nts", "clients", "--metrics", f"127.0.0.1:{mport}"],
@@ -104,6 +107,7 @@ def test_clients_report_and_startup_refusals(tmp_path: Path) -> None:
             timeout=30,
         ).stdout
         assert "deprecated: move to NTS" in table
+        assert "REFUSED: key not in the key file" in table
     ntp_keys.chmod(0o644)
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(lab_config(port) + mac_section(ntp_keys))

@@ -117,6 +117,20 @@ def test_ledger_accounts_and_stays_bounded() -> None:
     assert ledger.totals == {("MD5", "1"): 1001}
 
 
+def test_refused_stragglers_are_remembered_within_the_same_bound() -> None:
+    """Clients refused for their key (spoofable: any source, any key id) are listed, and bounded."""
+    ledger = ClientLedger(max_clients=100)
+    for i in range(1000):
+        ledger.refuse(f"10.1.{i // 256}.{i % 256}", 50 + i, "unknown_key", 10**18 + i)
+    ledger.refuse("10.1.3.231", 1049, "untrusted_key", 10**18 + 2000)
+    rows = ledger.report()
+    assert len(rows) <= 100
+    assert rows[0] == {"client": "10.1.3.231", "key_id": 1049, "algorithm": "", "deprecated": False,
+                       "first_seen": rows[0]["first_seen"], "last_seen": rows[0]["last_seen"], "requests": 2,
+                       "refused": "untrusted_key"}  # fmt: skip
+    assert ledger.totals == {} and len(ledger) == 0  # served clients' figures are apart
+
+
 def test_ledger_counts_a_key_id_apart_when_its_algorithm_changes() -> None:
     """A key file may reuse an id for a new algorithm: the totals keep both, the client row shows the new."""
     ledger = ClientLedger()
