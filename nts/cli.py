@@ -1,4 +1,5 @@
-"""The `ntsd` command: serve, check-config, reload, status, clients, query, certs, systemd-unit.
+"""The `ntsd` command: serve, check-config, reload, status, clients, query, certs, systemd-unit,
+example-config, manpage (and the commands plugins add: keygen, keys).
 
 Strategy: argparse subcommands; every expected failure (bad config, a port in use, a server not
 running) ends as one line on stderr and a documented exit status, never a traceback:
@@ -110,6 +111,18 @@ def _systemd_unit(args: argparse.Namespace) -> int:
     unit = (Path(__file__).parent / "server" / "ntsd.service").read_text()
     ntsd = args.ntsd or shutil.which("ntsd") or os.path.abspath(sys.argv[0])
     print(unit.replace("/usr/local/bin/ntsd", ntsd), end="")
+    return EXIT_OK
+
+
+def _example_config(args: argparse.Namespace) -> int:
+    """A commented configuration for a site (every key, the defaults commented)."""
+    print((Path(__file__).parent / "example.yaml").read_text(), end="")
+    return EXIT_OK
+
+
+def _manpage(args: argparse.Namespace) -> int:
+    """ntsd(8), in roff: `ntsd manpage > /usr/local/share/man/man8/ntsd.8`."""
+    print((Path(__file__).parent / "ntsd.8").read_text(), end="")
     return EXIT_OK
 
 
@@ -436,6 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("systemd-unit", help="print a hardened systemd unit for this ntsd")
     p.add_argument("--ntsd", metavar="PATH", help="the ntsd program the unit starts (default: this one)")
     p.set_defaults(func=_systemd_unit)
+    p = sub.add_parser("example-config", help="print a commented configuration for a site")
+    p.set_defaults(func=_example_config)
+    p = sub.add_parser("manpage", help="print the ntsd(8) manual page (roff)")
+    p.set_defaults(func=_manpage)
     p = sub.add_parser("query", help="query an NTS (or plain NTP) server and show what it answered")
     p.add_argument("host", help="server name or address (NTS-KE host with NTS)")
     p.add_argument("--port", type=_int_in(1, 65535), help="NTP port (default: what NTS-KE says, else 123)")
