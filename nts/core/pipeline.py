@@ -22,6 +22,7 @@ from ..wire.packet import HEADER_LEN, KISS_DENY, KISS_RATE, KISS_RSTR, split_bod
 from .clockstate import Replies, ServerState
 from .decisions import D_TOO_LONG, Answer, Decision, Defer, Drop, Nak, Seal, drop
 from .handler import Client, Request, RequestHandler
+from .interleave import TxTimestamps
 from .policy import ALLOW, DENIED, RATE_KOD, RATE_OK, AccessPolicy, KissLimiter, NetworkSet, RateLimiter
 from .stats import Counters, Key, add
 
@@ -58,8 +59,10 @@ class Pipeline:
         rate: RateLimiter | None = None,
         require_auth: NetworkSet | None = None,
         fast_paths: bool = True,
+        timestamps: TxTimestamps | None = None,
     ) -> None:
         self.stats = stats if stats is not None else Counters()
+        self.timestamps = timestamps  # interleaved mode and the transmit-time correction (one socket's)
         self.deferred_stats = deferred_stats if deferred_stats is not None else Counters()
         self.clock = clock
         self._auths = sorted(authenticators, key=lambda a: a.order)
@@ -86,7 +89,7 @@ class Pipeline:
 
     def set_state(self, state: ServerState) -> None:
         """Serve `state` from the next datagram on (the reply bytes that depend on it are prebuilt)."""
-        self.replies = Replies(state, self.clock)
+        self.replies = Replies(state, self.clock, self.timestamps)
         self._reply_header = self.replies.reply_header
 
     def handle(self, data: bytes, client: Client, rx_ns: int, late: bool = False) -> Decision:
@@ -96,7 +99,7 @@ class Pipeline:
         if not n:
             return self._drop(_D_SHORT)
         b0 = data[0]
-        if b0 & 7 != 3:  # before the length check: a 12-byte ntpq probe is counted as mode 6
+        if b0 & 7 != 3 and b0 & 7 != 1:  # before the length check: a 12-byte ntpq probe is counted as mode 6
             return self._drop(_MODE_DROPS[b0 & 7])
         if n < HEADER_LEN:
             return self._drop(_D_SHORT)
@@ -120,6 +123,7 @@ class Pipeline:
                     self._count(("kod", "RATE"))
                     return self.replies.kiss(data, KISS_RATE, rx_ns)
                 return _D_RATE
+        self.replies.client = ip  # (interleaved mode: a reply may only quote its own client's timestamps)
         if n == HEADER_LEN and self._bare is not None:
             if self._require_auth is not None and ip in self._require_auth:
                 return self._drop(_D_REQUIRE_AUTH)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..config import Node, PluginError, located
-from ..core.decisions import Answer
+from ..core.decisions import Answer, drop
 from ..core.handler import Client, ReplyContext, Request, RequestHandler
 from ..core.policy import Shared
 from ..core.stats import CounterHelp, Counters, GaugeHelp, SeriesHelp
@@ -43,6 +43,7 @@ from .settings import NtsSettings, parse_nts
 
 log = logging.getLogger("ntsd.nts")
 _NTS_TYPES = (FieldType.NTS_COOKIE, FieldType.NTS_AUTHENTICATOR)
+_D_NOT_CLIENT = drop("nts_not_client_mode")
 _EXPIRY_CHECK_S = 3600.0  # how often the certificate's expiry is looked at (the log says so once a day)
 
 
@@ -162,10 +163,12 @@ class NtsPlugin(RequestHandler):
         return 0
 
     def respond(self, request: Request, ctx: ReplyContext) -> Answer:
+        if request.data[0] & 7 != 3:  # RFC 8915 protects client/server mode only (chrony drops the rest)
+            return _D_NOT_CLIENT
         return self.packets.respond(request, ctx)
 
     def fast(self, data: bytes, client: Client, rx_ns: int, ctx: ReplyContext) -> Answer | None:
-        if data[0] & 0x38 != 0x20:  # fields exist only in NTPv4 (the length: fast_takes)
+        if data[0] & 0x3F != 0x23:  # fields exist only in NTPv4 (the length: fast_takes); client mode only
             return None
         return self.packets.answer(data, rx_ns, ctx)
 

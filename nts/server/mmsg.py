@@ -11,7 +11,9 @@ more than the syscall. Where the layout cannot be verified (other platforms, 32-
 is False and the listener uses plain recvmsg/sendto. On a socket bound to a wildcard address the
 kernel also reports the address each datagram was sent to (IP_PKTINFO / IPV6_PKTINFO, after the
 timestamp), and each reply carries that control message back, so it leaves from the address the
-client asked (a client rejects a reply from another one).
+client asked (a client rejects a reply from another one). With SO_TIMESTAMPING (`timestamping`),
+the receive time comes in its control message instead, and a reply can carry a request for its
+transmit timestamp.
 """
 
 from __future__ import annotations
@@ -33,8 +35,16 @@ _CONTROLLEN_AT = 40  # msg_controllen's offset in an mmsghdr (see _LENGTHS)
 _IOVEC = struct.Struct("@PN")
 _NAME_LEN = 128  # sizeof(struct sockaddr_storage)
 _IOVEC_SIZE, _MMSG_SIZE = _IOVEC.size, _MMSG.size  # plain ints for the per-reply path
-_CMSG = struct.Struct("@NiiqQ")  # cmsghdr (len, level, type) + struct timespec
+_CMSG = struct.Struct("@NiiqQ")  # cmsghdr (len, level, type) + struct timespec (SO_TIMESTAMPNS)
 _CONTROL_LEN = socket.CMSG_SPACE(16)
+_CMSG_TS = struct.Struct("@NiiqQ32x")  # cmsghdr + struct scm_timestamping: software time first (SO_TIMESTAMPING)
+_CONTROL_TS_LEN = socket.CMSG_SPACE(48)
+SO_TIMESTAMPING = 37  # == SCM_TIMESTAMPING (Linux); absent from the socket module
+SOF_TIMESTAMPING_TX_SOFTWARE = 1 << 1
+TS_REQUEST = struct.pack(
+    "@NiiI4x", socket.CMSG_LEN(4), socket.SOL_SOCKET, SO_TIMESTAMPING, SOF_TIMESTAMPING_TX_SOFTWARE
+)
+TS_REQUEST_SPACE = len(TS_REQUEST)  # a control message asking the kernel to timestamp one datagram's send
 PKTINFO_SPACE = socket.CMSG_SPACE(20)  # room for struct in6_pktinfo (struct in_pktinfo is 12 bytes)
 _CMSG_HEAD = struct.Struct("@Nii")
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python 3.11's socket module lacks the name
@@ -71,6 +81,8 @@ def available() -> bool:
         and _MMSG.size == 64
         and _IOVEC.size == 16
         and _CONTROL_LEN == _CMSG.size
+        and _CONTROL_TS_LEN == _CMSG_TS.size
+        and TS_REQUEST_SPACE == socket.CMSG_SPACE(4)
         and _LENGTHS.size == _MMSG.size
     )
 
@@ -83,7 +95,14 @@ def _buffer(size: int) -> tuple[memoryview, int]:
 class Batch:
     """Buffers and calls for one socket: `recv()` then `messages()`; `queue()` replies then `flush()`."""
 
-    def __init__(self, sock: socket.socket, size: int, max_datagram: int, pktinfo: bool = False) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        size: int,
+        max_datagram: int,
+        pktinfo: bool = False,
+        timestamping: bool | None = None,
+    ) -> None:
         if not available():
             raise OSError(errno.ENOSYS, "recvmmsg/sendmmsg are not usable here")
         self.fd = sock.fileno()
@@ -93,8 +112,13 @@ class Batch:
         data_addr = ctypes.addressof(self._data)
         self.names, self._names_addr = _buffer(size * _NAME_LEN)
         self.pktinfo = pktinfo
-        self._ctl = ctl = _CONTROL_LEN + (PKTINFO_SPACE if pktinfo else 0)  # control bytes per slot
-        self._cmsg = struct.Struct(f"{_CMSG.format}{ctl - _CMSG.size}x") if pktinfo else _CMSG
+        if timestamping is None:  # as the socket was set up
+            timestamping = sock.getsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING) != 0
+        self.timestamping = timestamping  # SO_TIMESTAMPING (receive times, transmit times asked per reply)
+        rx_ts = _CMSG_TS if timestamping else _CMSG
+        self._rx_kind = SO_TIMESTAMPING if timestamping else _SCM_TIMESTAMPNS
+        self._ctl = ctl = rx_ts.size + (PKTINFO_SPACE if pktinfo else 0)  # control bytes per slot
+        self._cmsg = struct.Struct(f"{rx_ts.format}{ctl - rx_ts.size}x") if pktinfo else rx_ts
         self.control, control_addr = _buffer(size * ctl)
         self._rx_iov, rx_iov_addr = _buffer(size * _IOVEC.size)
         self.rx, self._rx_addr = _buffer(size * _MMSG.size)
@@ -108,10 +132,11 @@ class Batch:
         self._out, self._out_addr = _buffer(size * self.slot)
         self._tx_iov, self._tx_iov_addr = _buffer(size * _IOVEC.size)
         self.tx, self._tx_addr = _buffer(size * _MMSG.size)
-        self._tx_control, tx_control_addr = _buffer(size * PKTINFO_SPACE if pktinfo else 1)
-        for i in range(size):  # reply j: iovec j over output slot j; only lengths, peers (and pktinfo) change
+        self._txctl = txctl = (PKTINFO_SPACE if pktinfo else 0) + (TS_REQUEST_SPACE if timestamping else 0)
+        self._tx_control, tx_control_addr = _buffer(size * txctl if txctl else 1)
+        for i in range(size):  # reply j: iovec j over output slot j; only lengths, peers (and control) change
             _IOVEC.pack_into(self._tx_iov, i * _IOVEC.size, self._out_addr + i * self.slot, 0)
-            tx_control = tx_control_addr + i * PKTINFO_SPACE if pktinfo else 0
+            tx_control = tx_control_addr + i * txctl if txctl else 0
             _MMSG.pack_into(self.tx, i * _MMSG.size, 0, 0, self._tx_iov_addr + i * _IOVEC.size, 1, tx_control, 0, 0, 0)
         self.pending = 0
         self._ips: dict[bytes, str] = {}
@@ -132,10 +157,11 @@ class Batch:
         cmsgs = self._cmsg.iter_unpack(self.control[: n * self._ctl])
         peers = _NAME4_SLOT.iter_unpack(names[: n * _NAME_LEN])
         start = 0
+        rx_kind = self._rx_kind
         for i, (namelen, controllen, length), (_, _, kind, sec, nsec), (family, port, raw) in zip(
             range(n), heads, cmsgs, peers, strict=True
         ):
-            rx = sec * 1_000_000_000 + nsec if controllen >= _CMSG.size and kind == _SCM_TIMESTAMPNS else 0
+            rx = sec * 1_000_000_000 + nsec if controllen >= _CMSG.size and kind == rx_kind else 0
             peer: Any = None
             if family == _FAMILY4:
                 ip = ips.get(raw)
@@ -153,18 +179,20 @@ class Batch:
             start += slot
         return out
 
-    def queue(self, i: int, namelen: int, reply: bytes) -> None:
-        """Queue `reply` to the peer of receive slot i (sent by flush())."""
+    def queue(self, i: int, namelen: int, reply: bytes, stamp: bool = False) -> None:
+        """Queue `reply` to the peer of receive slot i (sent by flush()); with `stamp`, the kernel is
+        asked for the time it leaves (read from the socket's error queue)."""
         j = self.pending
         start = j * self.slot
         n = len(reply)
         self._out[start : start + n] = reply
         _LENGTH.pack_into(self._tx_iov, j * _IOVEC_SIZE + 8, n)
         _PEER.pack_into(self.tx, j * _MMSG_SIZE, self._names_addr + i * _NAME_LEN, namelen)
-        if self.pktinfo:  # the request's destination address becomes the reply's source
-            found = self.pktinfo_bytes(i)
-            self._tx_control[j * PKTINFO_SPACE : j * PKTINFO_SPACE + len(found)] = found
-            _LENGTH.pack_into(self.tx, j * _MMSG_SIZE + _CONTROLLEN_AT, len(found))
+        if self._txctl:  # the request's destination address becomes the reply's source; the stamp request
+            control = (self.pktinfo_bytes(i) if self.pktinfo else b"") + (TS_REQUEST if stamp else b"")
+            at = j * self._txctl
+            self._tx_control[at : at + len(control)] = control
+            _LENGTH.pack_into(self.tx, j * _MMSG_SIZE + _CONTROLLEN_AT, len(control))
         self.pending = j + 1
 
     def pktinfo_bytes(self, i: int) -> bytes:
@@ -190,9 +218,9 @@ class Batch:
         _, level, kind = _CMSG_HEAD.unpack_from(found)
         return [(level, kind, found[_CMSG_HEAD.size :])]
 
-    def flush(self) -> list[int]:
-        """Send what is queued; returns the errno of each datagram that could not be sent."""
-        errors: list[int] = []
+    def flush(self) -> list[tuple[int, int]]:
+        """Send what is queued; returns (index in the queue, errno) of each datagram not sent."""
+        errors: list[tuple[int, int]] = []
         count, start = self.pending, 0
         self.pending = 0
         while start < count:
@@ -203,6 +231,6 @@ class Batch:
             err = ctypes.get_errno() if n < 0 else errno.EIO
             if err == errno.EINTR:
                 continue
-            errors.append(err)
+            errors.append((start, err))
             start += 1  # that datagram is lost; the rest still go
         return errors

@@ -19,6 +19,7 @@ from typing import Any
 from ..config import Config, PluginError
 from ..core.clockstate import server_state
 from ..core.handler import RequestHandler
+from ..core.interleave import TxTimestamps
 from ..core.pipeline import Pipeline
 from ..core.plain import PlainHandler
 from ..core.policy import AccessPolicy, KissLimiter, NetworkSet, RateLimiter, RateSettings, Shared
@@ -135,8 +136,14 @@ class Server:
         self.state = server_state(config.clock, read_kernel_clock(), self.precision, time.time_ns())
         self._log_state()
 
-    def new_pipeline(self, stats: Counters | None = None, deferred_stats: Counters | None = None) -> Pipeline:
-        """A pipeline over the running parts, counting into the sinks given (a listener's)."""
+    def new_pipeline(
+        self,
+        stats: Counters | None = None,
+        deferred_stats: Counters | None = None,
+        timestamps: TxTimestamps | None = None,
+    ) -> Pipeline:
+        """A pipeline over the running parts, counting into the sinks given (a listener's), with the
+        listener's interleaved-mode table."""
         handlers = [a for a in self.authenticators if isinstance(a, RequestHandler)]
         return Pipeline(
             state=self.state,
@@ -149,6 +156,7 @@ class Server:
             deny_kods=self.deny_kods,
             rate=self.rate,
             require_auth=self.require_auth,
+            timestamps=timestamps,
         )
 
     def adopt(self, sockets: Mapping[tuple[str, int], socket.socket], loop: asyncio.AbstractEventLoop) -> None:

@@ -34,20 +34,30 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core.decisions import Defer, Seal
+from ..core.interleave import TxLag, TxTimestamps
 from ..core.stats import Counters, Key, add
+from ..wire.timestamps import ntp64_to_unix_ns
 from . import mmsg
 
 if TYPE_CHECKING:
     from ..core.pipeline import Pipeline
+
+    MakePipeline = Callable[[Counters, Counters, "TxTimestamps | None"], Pipeline]
 
 log = logging.getLogger("ntsd.udp")
 _SO_MEMINFO = 55  # Linux: the socket's memory counters (u32 each); the ninth counts dropped datagrams
 _MEMINFO_LEN = 9 * 4
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; absent from the socket module
+_TS_FLAGS = (1 << 4) | (1 << 3)  # SOF_TIMESTAMPING_SOFTWARE | SOF_TIMESTAMPING_RX_SOFTWARE
+_MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+_TS_SPEC = struct.Struct("@qq")
+_SAMPLE_EVERY_NS = 5_000_000  # a basic reply's send is timed at most this often (the correction's samples)
+_STAMPS_KEPT = 4096  # replies whose transmit timestamp is awaited (more: the oldest are given up)
+_STAMP_REQUEST = (socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING, struct.pack("I", mmsg.SOF_TIMESTAMPING_TX_SOFTWARE))
 MAX_DATAGRAM = 4096  # larger requests are dropped as oversize
 _TIMESPEC = struct.Struct("@qq")
-_ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+_ANC_SPACE = socket.CMSG_SPACE(3 * _TIMESPEC.size)  # SO_TIMESTAMPING: three timespecs (SO_TIMESTAMPNS: one)
 WILDCARDS = ("0.0.0.0", "::")
 _K_RECV, _K_SEND = ("io_calls", "recvmmsg"), ("io_calls", "sendmmsg")
 _K_REQUESTS, _K_OVERSIZE, _K_INTERNAL = ("requests",), ("drops", "oversize"), ("drops", "internal_error")
@@ -68,7 +78,10 @@ def open_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        try:  # receive times, and transmit times for the replies that ask (interleaved mode, the correction)
+            sock.setsockopt(socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING, _TS_FLAGS)
+        except OSError:  # (logged by the listener, which then takes transmit times before the send only)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
         if host in WILDCARDS:  # the kernel then says where each datagram was sent (replies go from there)
             if family == socket.AF_INET6:
@@ -80,6 +93,15 @@ def open_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket
         sock.close()
         raise
     return sock
+
+
+def kernel_timestamping(sock: socket.socket) -> bool:
+    """Whether open_udp_socket could enable SO_TIMESTAMPING (else receive times come through
+    SO_TIMESTAMPNS and there are no kernel transmit times)."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING) & _TS_FLAGS == _TS_FLAGS
+    except OSError:
+        return False
 
 
 def _reports_destination(sock: socket.socket) -> bool:
@@ -100,17 +122,27 @@ class UdpListener:
     def __init__(
         self,
         sock: socket.socket,
-        make_pipeline: Callable[[Counters, Counters], Pipeline],
+        make_pipeline: MakePipeline,
         on_drop: Callable[[str, tuple[str, int]], None] | None = None,
         batch: int = 1,
         hold_ns: int = 0,
+        correct: bool = True,
     ) -> None:
         self.sock = sock
         self.local = sock.getsockname()
         self.stats = Counters()  # written by the listener's thread (and its pipeline)
         self.loop_stats = Counters()  # written on the event loop (deferred replies)
         self._requests = self.stats.tally(_K_REQUESTS)
-        self.pipeline = make_pipeline(self.stats, self.loop_stats)  # replaced by reload; read once per datagram
+        self.stamping = kernel_timestamping(sock)
+        self.timestamps = TxTimestamps(lag=TxLag(enabled=correct)) if self.stamping else None
+        # replies whose kernel transmit time is awaited: receive field as sent -> (length, time stamped
+        # before any correction, whether the interleaved table holds it)
+        self._awaited: dict[int, tuple[int, int, bool]] = {}
+        self._awaited_lengths: set[int] = set()
+        self._last_sample = 0
+        self._stamped = False  # a reply of the batch under way asked for its transmit timestamp
+        self.stamp_mismatches = 0
+        self.pipeline = make_pipeline(self.stats, self.loop_stats, self.timestamps)  # replaced by reload
         self._on_drop = on_drop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -121,9 +153,10 @@ class UdpListener:
         self.hold_ns = hold_ns  # read per batch: a reload may change it
         self.pktinfo = _reports_destination(sock)  # then replies must leave from the address asked
 
-    def renew(self, make_pipeline: Callable[[Counters, Counters], Pipeline]) -> None:
-        """Serve through a new pipeline (a reload) from the next datagram on, with the same counters."""
-        self.pipeline = make_pipeline(self.stats, self.loop_stats)
+    def renew(self, make_pipeline: MakePipeline) -> None:
+        """Serve through a new pipeline (a reload) from the next datagram on, with the same counters
+        and the same interleaved-mode table (it is the socket's)."""
+        self.pipeline = make_pipeline(self.stats, self.loop_stats, self.timestamps)
 
     def counters(self) -> dict[Key, int]:
         """Everything this listener counted, its pipelines' decisions included."""
@@ -162,6 +195,8 @@ class UdpListener:
         self.sock.close()
 
     def _run(self) -> None:
+        if self.timestamps is not None:
+            self.timestamps.thread = threading.get_ident()  # its table is this thread's alone
         try:
             self._serve()
         except Exception:  # a bug must be loud, and must not leave a silent dead listener
@@ -193,7 +228,7 @@ class UdpListener:
             self._requests.n += 1
             rx, reply_anc = 0, []
             for level, kind, payload in anc:
-                if kind == SO_TIMESTAMPNS and level == socket.SOL_SOCKET:
+                if (kind == SO_TIMESTAMPNS or kind == mmsg.SO_TIMESTAMPING) and level == socket.SOL_SOCKET:
                     sec, nsec = unpack(payload)
                     rx = sec * 1_000_000_000 + nsec
                 elif (level, kind) in mmsg.PKTINFO:
@@ -212,17 +247,26 @@ class UdpListener:
             self._internal_error(addr)
             return
         if type(decision) is bytes:
-            self._send(self.stats, decision, addr, anc)
-        elif type(decision) is Defer:
+            stamp = self.timestamps is not None and self._stamp(decision)
+            self._send(self.stats, decision, addr, anc, stamp)
+            if stamp:
+                self._drain()
+            return
+        if self.timestamps is not None:
+            self.timestamps.pending = None
+        if type(decision) is Defer:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision, anc)
         elif self._on_drop is not None:
             self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
 
-    def _send(self, stats: Counters, reply: bytes, addr: Any, anc: list[Any]) -> None:
-        """Send one reply; `stats`: the sink of the thread sending it (errors are counted there)."""
+    def _send(self, stats: Counters, reply: bytes, addr: Any, anc: list[Any], stamp: bool = False) -> None:
+        """Send one reply; `stats`: the sink of the thread sending it (errors are counted there);
+        `stamp`: ask the kernel for the time it leaves."""
         try:
-            if anc:
+            if stamp:
+                self.sock.sendmsg([reply], [*anc, _STAMP_REQUEST], 0, addr)
+            elif anc:
                 self.sock.sendmsg([reply], anc, 0, addr)
             else:
                 self.sock.sendto(reply, addr)
@@ -230,7 +274,9 @@ class UdpListener:
             stats.inc(("socket_errors", exc.__class__.__name__))
 
     def _serve_batched(self) -> None:
-        batch = mmsg.Batch(self.sock, self.batch, MAX_DATAGRAM, self.pktinfo)
+        batch = mmsg.Batch(self.sock, self.batch, MAX_DATAGRAM, self.pktinfo, self.stamping)
+        timestamps = self.timestamps
+        stamp = self._stamp
         recv, messages, queue = batch.recv, batch.messages, batch.queue
         time_ns = time.time_ns
         limit = MAX_DATAGRAM
@@ -269,15 +315,18 @@ class UdpListener:
                 if kind is Seal:  # verified; finished below, after the rest of the batch
                     sealing.append((i, namelen, decision, addr))  # type: ignore[arg-type]
                 elif kind is bytes:
-                    queue(i, namelen, decision)  # type: ignore[arg-type]
+                    queue(i, namelen, decision, timestamps is not None and stamp(decision))  # type: ignore[arg-type]
                     if not first:
                         first = time_ns()
-                elif kind is Defer:
-                    assert self._loop is not None
-                    anc = batch.pktinfo_ancillary(i)
-                    self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision, anc)  # type: ignore[arg-type]
-                elif self._on_drop is not None:
-                    self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
+                else:
+                    if timestamps is not None:
+                        timestamps.pending = None  # (a header built, then not sent)
+                    if kind is Defer:
+                        assert self._loop is not None
+                        anc = batch.pktinfo_ancillary(i)
+                        self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision, anc)  # type: ignore[arg-type]
+                    elif self._on_drop is not None:
+                        self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
                 if first and time_ns() - first >= hold:  # a queued timestamp must not go stale
                     self._flush(batch)
                     first = 0
@@ -288,17 +337,23 @@ class UdpListener:
                     self._internal_error(addr)
                     continue
                 if type(reply) is bytes:
-                    queue(i, namelen, reply)
+                    queue(i, namelen, reply, timestamps is not None and stamp(reply))
                     now = time_ns()
                     if not first:
                         first = now
                     if now - first >= hold:
                         self._flush(batch)
                         first = 0
-                elif self._on_drop is not None:
-                    self._on_drop(reply.reason, addr)  # type: ignore[union-attr]
+                else:
+                    if timestamps is not None:
+                        timestamps.pending = None
+                    if self._on_drop is not None:
+                        self._on_drop(reply.reason, addr)  # type: ignore[union-attr]
             if batch.pending:
                 self._flush(batch)
+            if self._stamped:
+                self._stamped = False
+                self._drain()
 
     def _one(self, pipeline: Pipeline, message: tuple[int, bytes, int, int, int, Any], anc: list[Any]) -> None:
         _, data, length, _, rx, addr = message
@@ -313,8 +368,70 @@ class UdpListener:
     def _flush(self, batch: mmsg.Batch) -> None:
         counts = self.stats.counts  # (not Counters.inc: a call per flush shows in a small batch's cost)
         counts[_K_SEND] = counts.get(_K_SEND, 0) + 1
-        for err in batch.flush():
+        for _, err in batch.flush():
             self.stats.inc(("socket_errors", _error_label(err)))
+
+    def _stamp(self, reply: bytes) -> bool:
+        """Whether to ask the kernel when `reply` leaves: always for a reply noted in the interleaved
+        table (`pending`), and for a basic time reply every few milliseconds (the correction's
+        samples). Noted in `_awaited` under the reply's receive field, which `_drain` finds again."""
+        timestamps = self.timestamps
+        assert timestamps is not None
+        pending = timestamps.pending
+        if pending is not None:
+            timestamps.pending = None
+            key, stamped = pending
+            held = True
+        else:
+            now = time.time_ns()
+            if now - self._last_sample < _SAMPLE_EVERY_NS or reply[1] == 0 or not reply[39] & 1:
+                return False  # (stratum 0 is a Kiss-o'-Death: its times are not a time reply's)
+            self._last_sample = now
+            key = int.from_bytes(reply[32:40], "big")
+            stamped = ntp64_to_unix_ns(int.from_bytes(reply[40:48], "big"), now) - timestamps.lag.ns
+            held = False
+        awaited = self._awaited
+        if len(awaited) >= _STAMPS_KEPT:
+            del awaited[next(iter(awaited))]
+        awaited[key] = (len(reply), stamped, held)
+        self._stamped = True
+        if len(reply) not in self._awaited_lengths:
+            if len(self._awaited_lengths) > 16:
+                self._awaited_lengths.clear()
+            self._awaited_lengths.add(len(reply))
+        return True
+
+    def _drain(self) -> None:
+        """Read the kernel's transmit timestamps from the socket's error queue (never blocks). Each
+        comes with the datagram as it left, whose receive field names the reply it belongs to."""
+        timestamps = self.timestamps
+        assert timestamps is not None
+        recvmsg, awaited = self.sock.recvmsg, self._awaited
+        while True:
+            try:
+                data, anc, _, _ = recvmsg(MAX_DATAGRAM + 256, 256, _MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            tx = 0
+            for level, kind, payload in anc:
+                if kind == mmsg.SO_TIMESTAMPING and level == socket.SOL_SOCKET and len(payload) >= _TS_SPEC.size:
+                    sec, nsec = _TS_SPEC.unpack_from(payload)
+                    tx = sec * 1_000_000_000 + nsec
+            end = len(data)
+            for length in self._awaited_lengths:
+                if tx and end >= length:
+                    key = int.from_bytes(data[end - length + 32 : end - length + 40], "big")
+                    found = awaited.get(key)
+                    if found is not None and found[0] == length:
+                        del awaited[key]
+                        timestamps.lag.sample(tx - found[1])
+                        if found[2]:
+                            timestamps.kernel(key, tx)
+                        break
+            else:
+                self.stamp_mismatches += 1
 
     def _internal_error(self, addr: tuple[str, int]) -> None:
         self.stats.inc(_K_INTERNAL)

@@ -151,11 +151,12 @@ def kiss_of_death(request: bytes, code: bytes, rx_ts: int = 0, tx_ts: int = 0) -
     """A 48-byte KoD reply to `request` (RFC 5905 section 7.4): stratum 0, ASCII code as reference id.
 
     The version and poll are echoed and the origin is the request's transmit timestamp, so the client
-    can match the reply; leap is 3 (alarm) because no time is being offered.
+    can match the reply; leap is 3 (alarm) because no time is being offered. A symmetric active
+    request (mode 1) gets a symmetric passive reply (mode 2), any other a server reply (mode 4).
     """
     version = (request[0] >> 3) & 7
     return _HEADER.pack(
-        0xC0 | (version << 3) | Mode.SERVER,
+        0xC0 | (version << 3) | (Mode.SYMMETRIC_PASSIVE if request[0] & 7 == Mode.SYMMETRIC_ACTIVE else Mode.SERVER),
         0,
         struct.unpack_from(">b", request, 2)[0],
         0,

@@ -15,6 +15,7 @@ import pytest
 from nts.core.clockstate import ClockSettings, server_state
 from nts.core.decisions import Defer, Drop, Nak, Seal
 from nts.core.handler import ReplyContext, Request, RequestHandler
+from nts.core.interleave import TxTimestamps
 from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainHandler
 from nts.core.stats import Counters
@@ -73,9 +74,9 @@ def _listener(
     sock = open_udp_socket(host, 0)
     state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
 
-    def make(stats: Counters, deferred_stats: Counters) -> Pipeline:
+    def make(stats: Counters, deferred_stats: Counters, timestamps: TxTimestamps | None = None) -> Pipeline:
         return Pipeline(state=state, authenticators=[plugin], clock=clock, stats=stats,
-                        deferred_stats=deferred_stats)  # fmt: skip
+                        deferred_stats=deferred_stats, timestamps=timestamps)  # fmt: skip
 
     listener = UdpListener(sock, make, batch=batch, hold_ns=hold_ns)
     return listener, listener.pipeline, sock.getsockname()[1]
@@ -284,7 +285,7 @@ def test_a_datagram_that_cannot_be_sent_does_not_stop_the_rest_of_its_batch(
     batch.queue(i, namelen, b"first")
     batch.queue(i, 0, b"nowhere")  # no destination on an unconnected socket: EDESTADDRREQ
     batch.queue(i, namelen, b"last")
-    assert batch.flush() == [errno.EDESTADDRREQ]
+    assert batch.flush() == [(1, errno.EDESTADDRREQ)]  # (index in the queue, errno)
     assert [client.recv(100), client.recv(100)] == [b"first", b"last"]
 
 

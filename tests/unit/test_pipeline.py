@@ -45,8 +45,8 @@ def test_plain_reply_fields() -> None:
     assert (h.leap, h.version, h.mode, h.stratum, h.poll, h.precision) == (0, 4, 4, 1, 10, -23)
     assert h.reference_id == b"LOCL"
     assert h.origin_ts == 0x0102030405060708
-    assert h.receive_ts == unix_ns_to_ntp64(T0)
-    assert h.transmit_ts == unix_ns_to_ntp64(T0 + 1000)
+    assert h.receive_ts == unix_ns_to_ntp64(T0) | 1  # flagged as ours (interleaved mode, RFC 9769)
+    assert h.transmit_ts == unix_ns_to_ntp64(T0 + 1000) & ~1
     assert p.counters()[("replies", "none")] == 1
 
 
@@ -59,9 +59,9 @@ def test_reply_echoes_version(version: int) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "reason"),
-    [(0, "mode_0"), (1, "mode_1"), (2, "mode_2"), (4, "mode_4"), (5, "mode_5"), (6, "mode_6"), (7, "mode_7")],
+    [(0, "mode_0"), (2, "mode_2"), (4, "mode_4"), (5, "mode_5"), (6, "mode_6"), (7, "mode_7")],
 )
-def test_only_mode_3_is_answered(mode: int, reason: str) -> None:
+def test_only_modes_3_and_1_are_answered(mode: int, reason: str) -> None:
     p = make()
     req = bytes([(4 << 3) | mode]) + client_request()[1:]
     assert p.handle(req, CLIENT, T0) == Drop(reason)
@@ -90,7 +90,7 @@ def test_era_rollover_timestamps() -> None:
         client_request(), CLIENT, after_2036
     )
     assert isinstance(reply, bytes)
-    assert parse_packet(reply).header.receive_ts == 5 << 32
+    assert parse_packet(reply).header.receive_ts == 5 << 32 | 1
 
 
 def nets(*cidrs: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -223,7 +223,7 @@ def test_a_seal_reads_the_transmit_time_when_finished_and_counts_then(path: str)
     clock.now = T0 + 5_000_000  # the rest of the batch was verified meanwhile
     reply = pending.complete()
     assert isinstance(reply, bytes) and len(reply) == 68
-    assert struct.unpack_from(">Q", reply, 40)[0] == unix_ns_to_ntp64(T0 + 5_000_000)  # transmit: when sealed
+    assert struct.unpack_from(">Q", reply, 40)[0] == unix_ns_to_ntp64(T0 + 5_000_000) & ~1  # transmit: when sealed
     assert (reply[48:52] == b"fast") == (path == "fast")
     assert p.counters()[("replies", "test")] == 1
     now = p.handle(req, CLIENT, T0)  # without `late`: finished at once
@@ -260,5 +260,6 @@ def test_reply_header_timestamps_and_echoes() -> None:
     assert reply[:4] == bytes([0x1C, 2, 10, 0xEC])  # leap 0, version 3 (the request's), mode 4; poll echoed
     assert reply[4:16] == bytes.fromhex("00000010 00000020") + b"KERN"
     assert reply[16:24] == bytes.fromhex("0102030405060708") and reply[24:32] == bytes(range(8))
-    assert reply[32:48] == struct.pack(">QQ", unix_ns_to_ntp64(rx_ns), unix_ns_to_ntp64(rx_ns + 1500))
+    # the receive timestamp with its lowest bit set, the transmit one with it clear (RFC 9769's flag)
+    assert reply[32:48] == struct.pack(">QQ", unix_ns_to_ntp64(rx_ns) | 1, unix_ns_to_ntp64(rx_ns + 1500) & ~1)
     assert unix_ns_to_ntp64(rx_ns) == (1_700_000_000 + 2_208_988_800) << 32 | 1 << 31

@@ -1,0 +1,104 @@
+"""Interleaved mode (RFC 9769 section 2) and the transmit-time correction, the server's side, sans-IO.
+
+Strategy, as chrony's server does it: every reply's receive timestamp goes out with its lowest bit
+set and its transmit timestamp with it clear, so a request whose origin timestamp has that bit set
+copied one of our receive timestamps (a client in interleaved mode) and only those cost a lookup;
+a basic client (origin zero, or our transmit timestamp) costs one bit test. `TxTimestamps` maps
+such a receive timestamp, as sent, to the client it went to and when that reply left: the time read
+just before the send, then the kernel's transmit timestamp once the shell has read it from the
+socket's error queue. A request naming an entry made for its own address gets the interleaved
+reply (origin: its receive field; transmit: when our previous reply really left), and the entry is
+used up; anything else gets a basic reply. The table is bounded (the oldest entries go), so a
+flood cannot grow it, and an address can only use entries made for it.
+
+Basic replies carry a transmit timestamp read before the reply is finished and sent, so they are
+early by the time to the kernel's timestamp. `TxLag` keeps a robust running estimate of that lag
+(the median of recent samples, each the kernel's time minus the time written) that the reply
+builder adds to the clock: the same kernel timestamps correct every basic reply too.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from statistics import median
+
+MAX_ENTRIES = 65536  # interleaved-mode entries kept (memory: ~150 bytes each)
+_LAG_WINDOW = 63  # samples the lag estimate is the median of
+_LAG_MAX_NS = 5_000_000  # a sample above this is not a send's lag (a stall, a wrong match): ignored
+
+
+class TxLag:
+    """The running estimate of how much later than its transmit timestamp a reply leaves (ns)."""
+
+    __slots__ = ("_count", "enabled", "ns", "samples")
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled  # False: measured (metrics) but not added to replies
+        self.ns = 0  # what the reply builder adds to the clock
+        self.samples: deque[int] = deque(maxlen=_LAG_WINDOW)
+        self._count = 0
+
+    def sample(self, lag_ns: int) -> bool:
+        """Take one measurement (kernel transmit time minus the time the reply was stamped with,
+        before any correction); False when it is not plausible and was ignored."""
+        if not 0 <= lag_ns <= _LAG_MAX_NS:
+            return False
+        self.samples.append(lag_ns)
+        self._count += 1
+        if self._count % 8 == 0 or len(self.samples) < 8:  # (a median of 63 costs ~5 us: not each time)
+            self.ns = int(median(self.samples)) if self.enabled else 0
+        return True
+
+    @property
+    def estimate_ns(self) -> int:
+        """The current estimate, applied or not."""
+        return int(median(self.samples)) if self.samples else 0
+
+
+class TxTimestamps:
+    """Receive timestamp as sent (NTP 64-bit, lowest bit set) -> [client address, transmit time in
+    ns, whether the kernel gave it], for one socket's replies. Written by its listener's thread only
+    (`thread`); `pending` hands the shell the entry the last reply built made, to time its send."""
+
+    __slots__ = ("daemon_served", "entries", "interleaved", "kernel_stamps", "lag", "max_entries", "pending",
+                 "thread", "unmatched")  # fmt: skip
+
+    def __init__(self, max_entries: int = MAX_ENTRIES, lag: TxLag | None = None) -> None:
+        self.entries: dict[int, list[object]] = {}
+        self.max_entries = max_entries
+        self.lag = lag if lag is not None else TxLag()
+        self.pending: tuple[int, int] | None = None  # (receive key, time read before the send)
+        self.thread = threading.get_ident()  # the listener's thread (set again when it starts)
+        self.interleaved = 0  # replies sent in interleaved mode
+        self.unmatched = 0  # interleaved-looking requests answered in basic mode (no usable entry)
+        self.kernel_stamps = 0  # transmit timestamps the kernel gave
+        self.daemon_served = 0  # interleaved replies that had only the daemon's time (no kernel's yet)
+
+    def note(self, key: int, client: str, tx_ns: int) -> None:
+        """A reply with receive timestamp `key` goes to `client` now (`tx_ns`, the daemon's time)."""
+        entries = self.entries
+        if len(entries) >= self.max_entries:
+            del entries[next(iter(entries))]  # the oldest (insertion order)
+        entries[key] = [client, tx_ns, False]
+        self.pending = (key, tx_ns)
+
+    def kernel(self, key: int, tx_ns: int) -> None:
+        """The kernel's transmit timestamp of the reply noted under `key`, when it still is."""
+        entry = self.entries.get(key)
+        if entry is not None:
+            entry[1], entry[2] = tx_ns, True
+            self.kernel_stamps += 1
+
+    def take(self, key: int, client: str) -> int | None:
+        """The transmit time of the reply whose receive timestamp a request from `client` quotes as
+        its origin, or None; a found entry is used up (one interleaved reply per exchange)."""
+        entry = self.entries.get(key)
+        if entry is None or entry[0] != client:
+            self.unmatched += 1
+            return None
+        del self.entries[key]
+        self.interleaved += 1
+        if not entry[2]:
+            self.daemon_served += 1
+        return entry[1]  # type: ignore[return-value]
