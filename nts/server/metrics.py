@@ -38,6 +38,10 @@ SHELL_COUNTERS: CounterHelp = {
     ),
     "io_calls": (("call",), "Batched listeners' recvmmsg and sendmmsg calls (requests per recvmmsg: the mean batch)."),
     "log_lines": (("level",), "Log lines written at warning level and above, by level (all processes)."),
+    "interleaved_replies": ((), "Replies sent in interleaved mode (RFC 9769): transmit time of the previous reply."),
+    "interleaved_unmatched": ((), "Requests that looked interleaved but named no reply of theirs: basic replies."),
+    "interleaved_daemon_timestamps": ((), "Interleaved replies with the daemon's time (the kernel's not yet read)."),
+    "tx_timestamps": (("source",), "Kernel transmit timestamps read (kernel), or that matched no reply (unmatched)."),
     "reloads": (
         ("outcome",),
         "Configuration reloads (SIGHUP): applied, failed (refused, or in part), unconfirmed (a worker too slow).",
@@ -45,6 +49,9 @@ SHELL_COUNTERS: CounterHelp = {
 }
 SHELL_GAUGES: GaugeHelp = {
     "uptime_seconds": "Seconds since the server started.",
+    "interleaved_timestamps": "Replies whose transmit time is kept for interleaved mode (per socket, bounded).",
+    "tx_lag_seconds": "Median time from a reply's transmit timestamp to the kernel's (measured).",
+    "tx_correction_seconds": "What basic replies' transmit time is moved on by (ntp.correct_transmit).",
     "workers": "Worker processes serving NTP.",
     "config_last_reload_successful": "1 when the last reload applied all of the files (or none was made), else 0.",
     "config_last_reload_success_timestamp_seconds": "When the files were last applied in full (start or reload).",
@@ -54,6 +61,7 @@ SHELL_GAUGES: GaugeHelp = {
 SHELL_SERIES: SeriesHelp = {
     "socket_errors": (("OSError",), ("ConnectionRefusedError",), ("PermissionError",)),
     "io_calls": (("recvmmsg",), ("sendmmsg",)),
+    "tx_timestamps": (("kernel",), ("unmatched",)),
 }
 
 

@@ -162,7 +162,8 @@ class Server:
     def adopt(self, sockets: Mapping[tuple[str, int], socket.socket], loop: asyncio.AbstractEventLoop) -> None:
         for addr, sock in sockets.items():
             ntp = self.config.ntp
-            listener = UdpListener(sock, self.new_pipeline, self.drop_log, ntp.batch, ntp.max_hold_us * 1000)
+            listener = UdpListener(sock, self.new_pipeline, self.drop_log, ntp.batch, ntp.max_hold_us * 1000,
+                                   ntp.correct_transmit)  # fmt: skip
             listener.start(loop)
             self.listeners[addr] = listener
 
@@ -184,6 +185,7 @@ class Server:
         for listener in self.listeners.values():
             listener.renew(self.new_pipeline)
             listener.hold_ns = config.ntp.max_hold_us * 1000  # (a new ntp.batch waits for a restart)
+            listener.correct(config.ntp.correct_transmit)
         await self.stop_plugins(retired)
         if not may_bind:  # a worker: the supervisor says it once every worker is done
             log.debug("configuration reloaded from %s in this worker", config.source)
@@ -272,6 +274,9 @@ class Server:
         }
         for auth in self.authenticators:
             out.update(auth.gauges())
+        for listener in list(self.listeners.values()):  # the largest lag, the largest table of this process's
+            for name, value in listener.gauges().items():
+                out[name] = max(out.get(name, value), value)
         return out
 
     def close(self) -> None:

@@ -153,16 +153,39 @@ class UdpListener:
         self.hold_ns = hold_ns  # read per batch: a reload may change it
         self.pktinfo = _reports_destination(sock)  # then replies must leave from the address asked
 
+    def correct(self, on: bool) -> None:
+        """Add the measured lag to basic replies' transmit time, or not (measured either way)."""
+        if self.timestamps is not None:
+            lag = self.timestamps.lag
+            lag.enabled = on
+            lag.ns = lag.estimate_ns if on else 0
+
     def renew(self, make_pipeline: MakePipeline) -> None:
         """Serve through a new pipeline (a reload) from the next datagram on, with the same counters
         and the same interleaved-mode table (it is the socket's)."""
         self.pipeline = make_pipeline(self.stats, self.loop_stats, self.timestamps)
 
     def counters(self) -> dict[Key, int]:
-        """Everything this listener counted, its pipelines' decisions included."""
+        """Everything this listener counted, its pipelines' decisions included, and its transmit
+        timestamps (as chrony's serverstats counts them)."""
         merged = self.stats.snapshot()
         add(merged, self.loop_stats.snapshot())
+        t = self.timestamps
+        if t is not None:
+            merged[("interleaved_replies",)] = t.interleaved
+            merged[("interleaved_unmatched",)] = t.unmatched
+            merged[("tx_timestamps", "kernel")] = t.kernel_stamps
+            merged[("tx_timestamps", "unmatched")] = self.stamp_mismatches
+            merged[("interleaved_daemon_timestamps",)] = t.daemon_served
         return merged
+
+    def gauges(self) -> dict[str, float]:
+        """The interleaved table's size, and the transmit-time correction (estimate and applied)."""
+        t = self.timestamps
+        if t is None:
+            return {}
+        return {"interleaved_timestamps": len(t.entries), "tx_lag_seconds": t.lag.estimate_ns / 1e9,
+                "tx_correction_seconds": t.lag.ns / 1e9}  # fmt: skip
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -250,6 +273,7 @@ class UdpListener:
             stamp = self.timestamps is not None and self._stamp(decision)
             self._send(self.stats, decision, addr, anc, stamp)
             if stamp:
+                self._await(decision)
                 self._drain()
             return
         if self.timestamps is not None:
@@ -315,7 +339,10 @@ class UdpListener:
                 if kind is Seal:  # verified; finished below, after the rest of the batch
                     sealing.append((i, namelen, decision, addr))  # type: ignore[arg-type]
                 elif kind is bytes:
-                    queue(i, namelen, decision, timestamps is not None and stamp(decision))  # type: ignore[arg-type]
+                    stamped = timestamps is not None and stamp(decision)  # type: ignore[arg-type]
+                    queue(i, namelen, decision, stamped)  # type: ignore[arg-type]
+                    if stamped:
+                        self._await(decision)  # type: ignore[arg-type]
                     if not first:
                         first = time_ns()
                 else:
@@ -337,7 +364,10 @@ class UdpListener:
                     self._internal_error(addr)
                     continue
                 if type(reply) is bytes:
-                    queue(i, namelen, reply, timestamps is not None and stamp(reply))
+                    stamped = timestamps is not None and stamp(reply)
+                    queue(i, namelen, reply, stamped)
+                    if stamped:
+                        self._await(reply)
                     now = time_ns()
                     if not first:
                         first = now
@@ -372,9 +402,21 @@ class UdpListener:
             self.stats.inc(("socket_errors", _error_label(err)))
 
     def _stamp(self, reply: bytes) -> bool:
-        """Whether to ask the kernel when `reply` leaves: always for a reply noted in the interleaved
-        table (`pending`), and for a basic time reply every few milliseconds (the correction's
-        samples). Noted in `_awaited` under the reply's receive field, which `_drain` finds again."""
+        """Whether to ask the kernel when `reply` leaves (cheap: it runs between the transmit
+        timestamp and the send): always for a reply noted in the interleaved table, and for a basic
+        time reply every few milliseconds (the correction's samples). `_await` notes it after."""
+        timestamps = self.timestamps
+        assert timestamps is not None
+        if timestamps.pending is not None:
+            return True
+        if time.monotonic_ns() - self._last_sample < _SAMPLE_EVERY_NS or reply[1] == 0 or not reply[39] & 1:
+            return False  # (stratum 0 is a Kiss-o'-Death: its times are not a time reply's)
+        self._last_sample = time.monotonic_ns()
+        return True
+
+    def _await(self, reply: bytes) -> None:
+        """Note a reply sent with a stamp request under its receive field, which `_drain` finds again
+        in what the kernel hands back, with the time it was stamped with before any correction."""
         timestamps = self.timestamps
         assert timestamps is not None
         pending = timestamps.pending
@@ -383,12 +425,8 @@ class UdpListener:
             key, stamped = pending
             held = True
         else:
-            now = time.time_ns()
-            if now - self._last_sample < _SAMPLE_EVERY_NS or reply[1] == 0 or not reply[39] & 1:
-                return False  # (stratum 0 is a Kiss-o'-Death: its times are not a time reply's)
-            self._last_sample = now
             key = int.from_bytes(reply[32:40], "big")
-            stamped = ntp64_to_unix_ns(int.from_bytes(reply[40:48], "big"), now) - timestamps.lag.ns
+            stamped = ntp64_to_unix_ns(int.from_bytes(reply[40:48], "big"), time.time_ns()) - timestamps.lag.ns
             held = False
         awaited = self._awaited
         if len(awaited) >= _STAMPS_KEPT:
@@ -399,7 +437,6 @@ class UdpListener:
             if len(self._awaited_lengths) > 16:
                 self._awaited_lengths.clear()
             self._awaited_lengths.add(len(reply))
-        return True
 
     def _drain(self) -> None:
         """Read the kernel's transmit timestamps from the socket's error queue (never blocks). Each

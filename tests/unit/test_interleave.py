@@ -1,0 +1,80 @@
+"""Interleaved mode's server side, sans-IO: which requests get interleaved replies, and the table's bounds."""
+
+from __future__ import annotations
+
+import struct
+
+from nts.core.clockstate import Replies, ServerState
+from nts.core.interleave import TxLag, TxTimestamps
+from nts.wire.packet import parse_packet
+from nts.wire.timestamps import unix_ns_to_ntp64
+
+STATE = ServerState(0, 1, -20, 0, 0, b"LOCL", 0)
+T = 1_800_000_000 * 10**9
+
+
+def request(origin: int = 0, receive: int = 0, transmit: int = 0x1234, mode: int = 3, version: int = 4) -> bytes:
+    return (
+        struct.pack(">BBbb", version << 3 | mode, 0, 6, 0) + bytes(20) + struct.pack(">QQQ", origin, receive, transmit)
+    )
+
+
+def server(client: str = "192.0.2.1", now: int = T) -> tuple[Replies, TxTimestamps]:
+    table = TxTimestamps(max_entries=4, lag=TxLag(enabled=False))
+    replies = Replies(STATE, lambda: now, table)
+    replies.client = client
+    return replies, table
+
+
+def test_an_interleaved_exchange_quotes_the_kernel_time_of_the_earlier_reply() -> None:
+    replies, table = server()
+    first = parse_packet(replies.reply_header(request(), T - 10_000)).header  # a new client: origin 0
+    assert first.receive_ts & 1 and not first.transmit_ts & 1 and not table.entries  # basic: nothing kept
+    second_req = request(origin=first.receive_ts, receive=0xAAAA, transmit=0xBBBB)
+    second = parse_packet(replies.reply_header(second_req, T - 5_000)).header
+    assert second.origin_ts == 0xBBBB  # basic (nothing known yet), but from now on this client is timed
+    assert table.pending == (second.receive_ts, T)
+    table.kernel(second.receive_ts, T + 7_000)  # the kernel says when reply 2 left
+    third = parse_packet(
+        replies.reply_header(request(origin=second.receive_ts, receive=0xCCCC, transmit=0xDDDD), T)
+    ).header
+    assert third.origin_ts == 0xCCCC  # the request's receive field (the client's receive time of reply 2)
+    assert third.transmit_ts == unix_ns_to_ntp64(T + 7_000) & ~1  # when reply 2 really left
+    assert third.receive_ts == unix_ns_to_ntp64(T) | 1
+    assert table.interleaved == 1 and second.receive_ts not in table.entries  # used up
+
+
+def test_no_request_reads_another_clients_timestamps_and_the_table_stays_bounded() -> None:
+    replies, table = server()
+    table.note(0x55 | 1, "192.0.2.1", T)
+    table.kernel(0x55 | 1, T + 1)
+    replies.client = "198.51.100.9"  # another address quoting that entry: a basic reply
+    reply = parse_packet(replies.reply_header(request(origin=0x55 | 1, receive=1, transmit=2), T)).header
+    assert reply.origin_ts == 2 and table.unmatched == 1 and 0x55 | 1 in table.entries
+    for i in range(100):  # a flood of interleaved-looking requests: the table keeps its bound
+        replies.reply_header(request(origin=(2 * i + 1) << 8 | 1, receive=1, transmit=2), T + i)
+    assert len(table.entries) <= 4
+
+
+def test_basic_clients_cost_no_entry_and_version_3_or_equal_fields_are_basic() -> None:
+    replies, table = server()
+    for req in (request(origin=0x100), request(origin=0x101, receive=5, transmit=5), request(0x101, 5, 6, version=3)):
+        assert parse_packet(replies.reply_header(req, T)).header.origin_ts == struct.unpack_from(">Q", req, 40)[0]
+    assert not table.entries and table.pending is None
+
+
+def test_symmetric_active_requests_get_symmetric_passive_replies() -> None:
+    replies, _ = server()
+    assert parse_packet(replies.reply_header(request(mode=1), T)).header.mode == 2
+    assert parse_packet(replies.kiss(request(mode=1), b"RATE", T)).header.mode == 2
+    assert parse_packet(replies.reply_header(request(mode=3), T)).header.mode == 4
+
+
+def test_the_lag_estimate_is_a_median_and_ignores_absurd_samples() -> None:
+    lag = TxLag()
+    for sample in (10_000, 11_000, 9_000, 50_000_000, -5, 10_500, 9_500, 10_000, 10_200, 9_900):
+        lag.sample(sample)
+    assert lag.ns == lag.estimate_ns == 10_000 and len(lag.samples) == 8
+    off = TxLag(enabled=False)
+    off.sample(10_000)
+    assert off.ns == 0 and off.estimate_ns == 10_000
