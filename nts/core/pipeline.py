@@ -2,8 +2,10 @@
 
 Strategy: `handle(data, client, rx_ns)` runs parse -> access -> rate -> handler -> reply -> length
 guard and returns a Decision (reply bytes, a Drop, a Defer, or with `late` a Seal the shell
-completes right before sending), counting the outcome in the stats sink it was given. Only mode-3
-requests of versions 1-4 are answered. The common case (a bare 48-byte request in plain mode) takes
+completes right before sending), counting the outcome in the stats sink it was given. Client
+(mode 3) requests of versions 1-4 are answered in server mode, symmetric active ones (mode 1) in
+symmetric passive mode with no association kept (`clockstate.Replies` picks the mode; NTS, defined
+for client/server only, drops them). The common case (a bare 48-byte request in plain mode) takes
 the same steps without building a Packet: the header's first byte gives mode and version, and the
 reply header comes from bytes prebuilt whenever the server state changes (`clockstate.Replies`,
 which is also what handlers build their answers with). Handlers' fast paths (chosen by datagram length) come
