@@ -108,12 +108,15 @@ class Replies:
     get interleaved replies (`interleave`); `client` is the address of the request being answered.
     A symmetric active request (mode 1) is answered in symmetric passive mode (2)."""
 
-    __slots__ = ("_first", "_lag", "_middle", "client", "clock", "timestamps")
+    __slots__ = ("_first", "_lag", "_middle", "_tx_offset", "client", "clock", "timestamps")
 
     def __init__(self, state: ServerState, clock: Callable[[], int], timestamps: TxTimestamps | None = None) -> None:
         self.clock = clock
         self.timestamps = timestamps
         self._lag = timestamps.lag if timestamps is not None else TxLag(enabled=False)
+        # the conversion's offset with the correction in it (the lag, taken when the state is, each
+        # second), so a basic reply pays no addition for it
+        self._tx_offset = NTP_SCALED_OFFSET + (self._lag.ns << 32)
         self.client = ""
         mode = [Mode.SERVER, Mode.SYMMETRIC_PASSIVE]  # for client (3) and symmetric active (1) requests
         self._first = [bytes(((state.leap << 6) | (v << 3) | mode[m == 1], state.stratum))
@@ -133,7 +136,7 @@ class Replies:
             self._middle,
             request[40:48],
             ((((rx_ns << 32) + NTP_SCALED_OFFSET) // 1_000_000_000) & MASK64) | 1,
-            ((((self.clock() + self._lag.ns + tx_delay_ns) << 32) + NTP_SCALED_OFFSET) // 1_000_000_000) & _EVEN64,
+            ((((self.clock() + tx_delay_ns) << 32) + self._tx_offset) // 1_000_000_000) & _EVEN64,
         )
 
     def _interleave(self, request: bytes, rx_ns: int, tx_delay_ns: int) -> bytes:

@@ -139,6 +139,7 @@ class Batch:
             tx_control = tx_control_addr + i * txctl if txctl else 0
             _MMSG.pack_into(self.tx, i * _MMSG.size, 0, 0, self._tx_iov_addr + i * _IOVEC.size, 1, tx_control, 0, 0, 0)
         self.pending = 0
+        self._controlled: set[int] = set()  # send slots whose message carries control data now
         self._ips: dict[bytes, str] = {}
 
     def recv(self) -> int:
@@ -188,11 +189,15 @@ class Batch:
         self._out[start : start + n] = reply
         _LENGTH.pack_into(self._tx_iov, j * _IOVEC_SIZE + 8, n)
         _PEER.pack_into(self.tx, j * _MMSG_SIZE, self._names_addr + i * _NAME_LEN, namelen)
-        if self._txctl:  # the request's destination address becomes the reply's source; the stamp request
+        if stamp or self.pktinfo:  # the request's destination address becomes the reply's source; the stamp
             control = (self.pktinfo_bytes(i) if self.pktinfo else b"") + (TS_REQUEST if stamp else b"")
             at = j * self._txctl
             self._tx_control[at : at + len(control)] = control
             _LENGTH.pack_into(self.tx, j * _MMSG_SIZE + _CONTROLLEN_AT, len(control))
+            self._controlled.add(j)
+        elif j in self._controlled:  # (a slot that carried a control message last time)
+            self._controlled.discard(j)
+            _LENGTH.pack_into(self.tx, j * _MMSG_SIZE + _CONTROLLEN_AT, 0)
         self.pending = j + 1
 
     def pktinfo_bytes(self, i: int) -> bytes:

@@ -270,7 +270,10 @@ class UdpListener:
             self._internal_error(addr)
             return
         if type(decision) is bytes:
-            stamp = self.timestamps is not None and self._stamp(decision)
+            stamp = self.timestamps is not None and (
+                self.timestamps.pending is not None
+                or (time.monotonic_ns() - self._last_sample >= _SAMPLE_EVERY_NS and self._sampleable(decision))
+            )
             self._send(self.stats, decision, addr, anc, stamp)
             if stamp:
                 self._await(decision)
@@ -300,7 +303,7 @@ class UdpListener:
     def _serve_batched(self) -> None:
         batch = mmsg.Batch(self.sock, self.batch, MAX_DATAGRAM, self.pktinfo, self.stamping)
         timestamps = self.timestamps
-        stamp = self._stamp
+        stamp = self._sampleable
         recv, messages, queue = batch.recv, batch.messages, batch.queue
         time_ns = time.time_ns
         limit = MAX_DATAGRAM
@@ -322,6 +325,8 @@ class UdpListener:
             handle = pipeline.handle
             hold = self.hold_ns
             first = 0  # when the oldest reply waiting to be sent got its transmit timestamp
+            # one basic reply of a batch may be timed for the correction, when one is due
+            sample = timestamps is not None and time.monotonic_ns() - self._last_sample >= _SAMPLE_EVERY_NS
             sealing: list[tuple[int, int, Seal, Any]] = []
             requests.n += n
             for i, data, length, namelen, rx, addr in messages(n):
@@ -339,10 +344,12 @@ class UdpListener:
                 if kind is Seal:  # verified; finished below, after the rest of the batch
                     sealing.append((i, namelen, decision, addr))  # type: ignore[arg-type]
                 elif kind is bytes:
-                    stamped = timestamps is not None and stamp(decision)  # type: ignore[arg-type]
-                    queue(i, namelen, decision, stamped)  # type: ignore[arg-type]
-                    if stamped:
+                    if timestamps is not None and (timestamps.pending is not None or (sample and stamp(decision))):  # type: ignore[arg-type]
+                        queue(i, namelen, decision, True)  # type: ignore[arg-type]
                         self._await(decision)  # type: ignore[arg-type]
+                        sample = False
+                    else:
+                        queue(i, namelen, decision)  # type: ignore[arg-type]
                     if not first:
                         first = time_ns()
                 else:
@@ -364,10 +371,12 @@ class UdpListener:
                     self._internal_error(addr)
                     continue
                 if type(reply) is bytes:
-                    stamped = timestamps is not None and stamp(reply)
-                    queue(i, namelen, reply, stamped)
-                    if stamped:
+                    if timestamps is not None and (timestamps.pending is not None or (sample and stamp(reply))):
+                        queue(i, namelen, reply, True)
                         self._await(reply)
+                        sample = False
+                    else:
+                        queue(i, namelen, reply)
                     now = time_ns()
                     if not first:
                         first = now
@@ -401,18 +410,11 @@ class UdpListener:
         for _, err in batch.flush():
             self.stats.inc(("socket_errors", _error_label(err)))
 
-    def _stamp(self, reply: bytes) -> bool:
-        """Whether to ask the kernel when `reply` leaves (cheap: it runs between the transmit
-        timestamp and the send): always for a reply noted in the interleaved table, and for a basic
-        time reply every few milliseconds (the correction's samples). `_await` notes it after."""
-        timestamps = self.timestamps
-        assert timestamps is not None
-        if timestamps.pending is not None:
-            return True
-        if time.monotonic_ns() - self._last_sample < _SAMPLE_EVERY_NS or reply[1] == 0 or not reply[39] & 1:
-            return False  # (stratum 0 is a Kiss-o'-Death: its times are not a time reply's)
-        self._last_sample = time.monotonic_ns()
-        return True
+    @staticmethod
+    def _sampleable(reply: bytes) -> bool:
+        """Whether a reply's send may be timed for the correction: a time reply of ours (not a
+        Kiss-o'-Death, stratum 0, whose times are not a reply's; its receive field flagged)."""
+        return reply[1] != 0 and reply[39] & 1 == 1
 
     def _await(self, reply: bytes) -> None:
         """Note a reply sent with a stamp request under its receive field, which `_drain` finds again
@@ -425,6 +427,7 @@ class UdpListener:
             key, stamped = pending
             held = True
         else:
+            self._last_sample = time.monotonic_ns()
             key = int.from_bytes(reply[32:40], "big")
             stamped = ntp64_to_unix_ns(int.from_bytes(reply[40:48], "big"), time.time_ns()) - timestamps.lag.ns
             held = False
