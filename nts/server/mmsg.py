@@ -45,6 +45,7 @@ TS_REQUEST = struct.pack(
     "@NiiI4x", socket.CMSG_LEN(4), socket.SOL_SOCKET, SO_TIMESTAMPING, SOF_TIMESTAMPING_TX_SOFTWARE
 )
 TS_REQUEST_SPACE = len(TS_REQUEST)  # a control message asking the kernel to timestamp one datagram's send
+_ALIGN = struct.calcsize("@N")  # control messages are aligned to a size_t (CMSG_ALIGN)
 PKTINFO_SPACE = socket.CMSG_SPACE(20)  # room for struct in6_pktinfo (struct in_pktinfo is 12 bytes)
 _CMSG_HEAD = struct.Struct("@Nii")
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python 3.11's socket module lacks the name
@@ -190,7 +191,9 @@ class Batch:
         _LENGTH.pack_into(self._tx_iov, j * _IOVEC_SIZE + 8, n)
         _PEER.pack_into(self.tx, j * _MMSG_SIZE, self._names_addr + i * _NAME_LEN, namelen)
         if stamp or self.pktinfo:  # the request's destination address becomes the reply's source; the stamp
-            control = (self.pktinfo_bytes(i) if self.pktinfo else b"") + (TS_REQUEST if stamp else b"")
+            control = self.pktinfo_bytes(i) if self.pktinfo else b""
+            if stamp:  # the next control message starts at the aligned end of this one (CMSG_NXTHDR)
+                control += bytes(-len(control) % _ALIGN) + TS_REQUEST
             at = j * self._txctl
             self._tx_control[at : at + len(control)] = control
             _LENGTH.pack_into(self.tx, j * _MMSG_SIZE + _CONTROLLEN_AT, len(control))

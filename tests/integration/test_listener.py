@@ -322,3 +322,24 @@ def test_metrics_endpoint_bounds_idle_connections(monkeypatch: pytest.MonkeyPatc
             await server.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg here")
+def test_a_batched_reply_can_carry_its_source_address_and_a_stamp_request(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    """The stamp request followed the 28-byte IPv4 pktinfo message unaligned: the kernel refused that
+    datagram (EINVAL) and the reply was lost (one in a burst of 64, where a wildcard socket was timed)."""
+    server, client = sockets
+    server.setsockopt(socket.IPPROTO_IP, mmsg.IP_PKTINFO, 1)
+    batch = mmsg.Batch(server, 4, 100, pktinfo=True, timestamping=True)
+    client.sendto(b"ping", server.getsockname())
+    assert batch.recv() == 1
+    ((i, _, _, namelen, rx, _),) = batch.messages(1)
+    assert rx > 0 and batch.pktinfo_bytes(i)
+    batch.queue(i, namelen, b"timed reply", stamp=True)
+    batch.queue(i, namelen, b"plain reply")
+    assert batch.flush() == []
+    assert {client.recv(100), client.recv(100)} == {b"timed reply", b"plain reply"}
+    data, anc, _, _ = server.recvmsg(512, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+    assert data.endswith(b"timed reply") and any(kind == mmsg.SO_TIMESTAMPING for _, kind, _ in anc)
