@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
-"""What batching costs in accuracy: the offset chrony measures against ntsd, idle and saturated.
+"""The time ntsd serves, against chrony's server in the same run: offset and spread as a chrony
+client measures them, basic and interleaved, idle and under partial load; and interleaved throughput.
 
-Strategy: ntsd runs pinned to core 1 (as in bench.py); `chronyd -Q` takes 8 samples of plain NTP
-from it and reports the clock offset it would correct, first with ntsd idle, then while loadgen.c
-(core 0) saturates ntsd with SHA1 MAC requests, alternating, for each set of ntp options given.
-Both sides read the same kernel clock, so every microsecond of offset is measurement error: a
-reply whose transmit timestamp was read early (waiting for a batch's send call) shows up as a
-negative offset of half that wait.
+Strategy: ntsd and chronyd serve on loopback, pinned to core 1 (bench.py's `Servers`); for each of
+them, a chronyd client (-x: it never touches the clock) polls 16 times a second for `--seconds`,
+in basic mode or with `xleave`, logging each sample (measurements.log). Both sides read the same
+kernel clock, so every microsecond of offset is the server's error: the median offset and the
+median absolute deviation (spread) of the samples of the mode asked (I or B in chrony's MTxRx
+column) are printed. Under load, loadgen.c (core 0) sends plain requests at `--load` times the
+rate that saturates that server (measured first). Last, loadgen.c saturates each server with
+interleaved requests (LOADGEN_XLEAVE: each quotes an earlier reply's receive timestamp) and the
+rates and the share answered in interleaved mode are compared.
 
-Usage: python3 tests/bench/accuracy.py [--rounds 2] ["batch: 1" "max_hold_us: 10" ...]
+Usage: python3 tests/bench/accuracy.py [--seconds 15] [--load 0.5] [--ntp-options "max_hold_us: 0"]
 Needs: chronyd, gcc, taskset; run as root.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -26,57 +31,85 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from bench import Servers  # noqa: E402
-
-from tests.interop.peers import chrony_measure  # noqa: E402
+from bench import PLAIN_REQUEST, Servers  # noqa: E402
 
 
-def measure(work: Path, options: str, rounds: int, loadgen: Path) -> dict[str, list[float]]:
-    servers = Servers(work, "ec", 1, options)
-    out: dict[str, list[float]] = {"idle": [], "saturated": []}
-    try:
-        packet = servers.mac_packet(servers.mac_keys[0]).hex()
-        port = servers.ntp["ntsd"]
-        for r in range(rounds):
-            for state in ("idle", "saturated"):
-                load = None
-                if state == "saturated":
-                    load = subprocess.Popen(
-                        ["taskset", "-c", "0", str(loadgen), "127.0.0.1", str(port), "30", "64", packet],
-                        stdout=subprocess.DEVNULL,
-                    )
-                    time.sleep(1)  # not synchronisation: lets the load reach its steady state first
-                tmp = work / f"chrony-{state}-{r}"
-                tmp.mkdir()
-                offset, output = chrony_measure(tmp, f"server 127.0.0.1 port {port} iburst minsamples 8 maxsamples 8")
-                if load is not None:
-                    load.kill()
-                    load.wait()
-                if offset is None:
-                    raise SystemExit(f"accuracy: chronyd measured nothing ({state}):\n{output}")
-                out[state].append(offset * 1e6)
-    finally:
-        servers.stop()
-    return out
+def loadgen(binary: Path, port: int, seconds: float, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["taskset", "-c", "0", str(binary), "127.0.0.1", str(port), str(seconds), "64", PLAIN_REQUEST.hex()],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )  # fmt: skip
 
 
-def main() -> int:
+def result(proc: subprocess.Popen[str]) -> dict[str, float]:
+    out, _ = proc.communicate()
+    return {k: float(v) for k, v in (kv.split("=") for kv in out.split())}
+
+
+def chrony_samples(work: Path, port: int, xleave: bool, seconds: float) -> list[tuple[str, float]]:
+    """(MTxRx, offset in us) of the samples a chronyd client took from 127.0.0.1:port."""
+    work.mkdir(parents=True)
+    conf = work / "chrony.conf"
+    conf.write_text(
+        f"server 127.0.0.1 port {port} iburst minpoll -4 maxpoll -4{' xleave' if xleave else ''}\n"
+        f"logdir {work}\nlog measurements\ncmdport 0\npidfile {work}/chronyd.pid\n"
+    )
+    proc = subprocess.Popen(["chronyd", "-x", "-d", "-u", "root", "-f", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(seconds)  # not synchronisation: the sampling period itself
+    proc.terminate()
+    proc.wait(10)
+    log = work / "measurements.log"
+    rows = [line.split() for line in log.read_text().splitlines() if line[:2] == "20"] if log.exists() else []
+    return [(r[-3], float(r[11]) * 1e6) for r in rows if len(r) >= 17]
+
+
+def summary(samples: list[tuple[str, float]], flag: str) -> str:
+    offsets = [offset for mtxrx, offset in samples[4:] if mtxrx.endswith(flag)]  # (chrony's first ones: basic)
+    if not offsets:
+        return f"no {flag} samples of {len(samples)}"
+    median = statistics.median(offsets)
+    spread = statistics.median(abs(o - median) for o in offsets)
+    return f"median {median:+7.3f} us  spread {spread:6.3f} us  ({len(offsets)} samples)"
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("options", nargs="*", help='ntsd ntp settings to compare, e.g. "batch: 1"')
+    ap.add_argument("--seconds", type=float, default=15.0, help="sampling time per row (default 15)")
+    ap.add_argument("--load", type=float, default=0.5, help="partial load, as a share of saturation (default 0.5)")
+    ap.add_argument("--ntp-options", default="", help="ntsd's ntp options, e.g. 'max_hold_us: 0'")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ntsd-accuracy-") as tmp:
         work = Path(tmp)
-        loadgen = work / "loadgen"
-        subprocess.run(["gcc", "-O2", "-o", str(loadgen), str(HERE / "loadgen.c")], check=True)
-        print(f"{'ntp options':32} {'idle offset (us)':>18} {'saturated offset (us)':>22}")
-        for i, options in enumerate(args.options or [""]):
-            (work / str(i)).mkdir()
-            got = measure(work / str(i), options, args.rounds, loadgen)
-            idle, busy = (statistics.median(got[k]) for k in ("idle", "saturated"))
-            print(f"{options or '(defaults)':32} {idle:18.1f} {busy:22.1f}")
-    return 0
+        binary = work / "loadgen"
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / "loadgen.c")], check=True)
+        servers = Servers(work, "ec", 1, args.ntp_options)
+        try:
+            saturation = {n: result(loadgen(binary, servers.ntp[n], 3))["rate"] for n in ("ntsd", "chrony")}
+            print(f"saturation (plain): ntsd {saturation['ntsd']:.0f}/s, chrony {saturation['chrony']:.0f}/s")
+            for mode, flag in (("basic", "B"), ("interleaved", "I")):
+                for state in ("idle", "load"):
+                    for name in ("ntsd", "chrony"):
+                        load = None
+                        if state == "load":
+                            rate = args.load * saturation[name]
+                            load = loadgen(binary, servers.ntp[name], args.seconds + 5, {"LOADGEN_RATE": str(rate)})
+                        got = chrony_samples(work / f"{name}-{mode}-{state}", servers.ntp[name], mode != "basic",
+                                             args.seconds)  # fmt: skip
+                        if load is not None:
+                            load.kill()
+                            load.wait()
+                        what = f"{state} ({args.load:.0%} load)" if state == "load" else state
+                        print(f"{mode:11} {what:15} {name:6} {summary(got, flag)}")
+            rates = {}
+            for name in ("ntsd", "chrony"):
+                rates[name] = result(loadgen(binary, servers.ntp[name], 5, {"LOADGEN_XLEAVE": "1"}))
+                share = rates[name]["interleaved"] / max(rates[name]["replies"], 1)
+                print(f"interleaved throughput {name:6} {rates[name]['rate']:9.0f}/s ({share:.0%} interleaved)")
+            print(f"  ratio ntsd/chrony: {rates['ntsd']['rate'] / rates['chrony']['rate']:.2f}")
+        finally:
+            servers.stop()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

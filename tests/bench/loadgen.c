@@ -4,7 +4,12 @@
  * reply received, batch with sendmmsg/recvmmsg, and refill the window when nothing has come back
  * for a while (lost packets). Counts only replies that look like NTP mode 4 packets.
  * Usage: loadgen HOST PORT SECONDS WINDOW HEXPACKET [HEXPACKET...]
- * Prints: "replies=N seconds=S rate=R short=K" on one line.
+ * Prints: "replies=N seconds=S rate=R other=K sent=N interleaved=I" on one line.
+ * LOADGEN_RATE=R caps the requests sent to R per second (a partial load, for accuracy runs).
+ * LOADGEN_XLEAVE=1 sends NTPv4 requests in interleaved mode (RFC 9769): each quotes, as its origin,
+ * the receive timestamp of a reply received earlier, with receive and transmit fields of its own
+ * (marked 0xAB and 0xCD in their top byte); a reply whose origin carries the 0xAB mark is counted
+ * as interleaved.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -75,7 +80,13 @@ int main(int argc, char **argv) {
         smsgs[i].msg_hdr.msg_iov = &siov[i];
         smsgs[i].msg_hdr.msg_iovlen = 1;
     }
-    long replies = 0, shortr = 0, sent = 0;
+    long replies = 0, shortr = 0, sent = 0, interleaved = 0;
+    const char *rate_env = getenv("LOADGEN_RATE");
+    double rate = rate_env ? atof(rate_env) : 0;
+    int xleave = getenv("LOADGEN_XLEAVE") != NULL;
+    static unsigned char sbuf[BATCH][MAXPKT];
+    static unsigned char seen[4096][8];  /* receive timestamps of replies, quoted by later requests */
+    unsigned long nseen = 0, quoted = 0;
     int inflight = 0, next = 0;
     double start = now(), last_rx = start, end = start + seconds;
     struct pollfd pfd = {.fd = fd, .events = POLLIN};
@@ -84,11 +95,26 @@ int main(int argc, char **argv) {
         if (t >= end) break;
         if (t - last_rx > 0.02) { inflight = 0; last_rx = t; }
         int want = window - inflight;
+        if (rate > 0) {
+            long allowed = (long)(rate * (t - start)) - sent;
+            if (want > allowed) want = (int)allowed;
+        }
         while (want > 0) {
             int n = want < BATCH ? want : BATCH;
             for (int i = 0; i < n; i++) {
                 siov[i].iov_base = tmpl[next];
                 siov[i].iov_len = tlen[next];
+                if (xleave && tlen[next] >= 48) {
+                    memcpy(sbuf[i], tmpl[next], tlen[next]);
+                    if (quoted < nseen) memcpy(sbuf[i] + 24, seen[quoted++ % 4096], 8);
+                    unsigned long long r = 0xAB00000000000000ULL | (unsigned long long)sent;
+                    unsigned long long x = 0xCD00000000000000ULL | (unsigned long long)sent;
+                    for (int b = 0; b < 8; b++) {
+                        sbuf[i][32 + b] = (unsigned char)(r >> (56 - 8 * b));
+                        sbuf[i][40 + b] = (unsigned char)(x >> (56 - 8 * b));
+                    }
+                    siov[i].iov_base = sbuf[i];
+                }
                 next = (next + 1) % ntmpl;
             }
             int s = sendmmsg(fd, smsgs, n, 0);
@@ -101,12 +127,17 @@ int main(int argc, char **argv) {
         for (int i = 0; i < r; i++) {
             unsigned len = rmsgs[i].msg_len;
             if (len >= 48 && (rbuf[i][0] & 7) == 4 && rbuf[i][1] != 0) replies++; else shortr++;
+            if (xleave && len >= 48) {
+                if (rbuf[i][24] == 0xAB) interleaved++;
+                if (nseen - quoted < 4096) memcpy(seen[nseen++ % 4096], rbuf[i] + 32, 8);
+            }
         }
         inflight -= r;
         if (inflight < 0) inflight = 0;
         last_rx = now();
     }
     double el = now() - start;
-    printf("replies=%ld seconds=%.3f rate=%.0f other=%ld sent=%ld\n", replies, el, replies / el, shortr, sent);
+    printf("replies=%ld seconds=%.3f rate=%.0f other=%ld sent=%ld interleaved=%ld\n", replies, el, replies / el,
+           shortr, sent, interleaved);
     return 0;
 }
