@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.decisions import Defer, Seal
 from ..core.interleave import TxLag, TxTimestamps
 from ..core.stats import Counters, Key, add
+from ..net import format_addr
 from ..wire.timestamps import ntp64_to_unix_ns
 from . import mmsg
 
@@ -220,6 +221,10 @@ class UdpListener:
     def _run(self) -> None:
         if self.timestamps is not None:
             self.timestamps.thread = threading.get_ident()  # its table is this thread's alone
+        else:
+            log.warning("%s: the kernel refused SO_TIMESTAMPING: no kernel transmit timestamps, so no interleaved "
+                        "mode and no transmit-time correction (receive times from SO_TIMESTAMPNS)",
+                        format_addr(self.local))  # fmt: skip
         try:
             self._serve()
         except Exception:  # a bug must be loud, and must not leave a silent dead listener

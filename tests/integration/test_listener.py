@@ -22,7 +22,7 @@ from nts.core.stats import Counters
 from nts.server import metrics as metrics_module
 from nts.server import mmsg
 from nts.server.udp import MAX_DATAGRAM, UdpListener, open_udp_socket
-from tests.helpers import client_request
+from tests.helpers import client_request, query
 
 
 class SlowSigner(RequestHandler):
@@ -343,3 +343,29 @@ def test_a_batched_reply_can_carry_its_source_address_and_a_stamp_request(
     assert {client.recv(100), client.recv(100)} == {b"timed reply", b"plain reply"}
     data, anc, _, _ = server.recvmsg(512, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
     assert data.endswith(b"timed reply") and any(kind == mmsg.SO_TIMESTAMPING for _, kind, _ in anc)
+
+
+def test_without_kernel_timestamping_the_listener_says_so_and_serves(caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel (or platform) that refuses SO_TIMESTAMPING: logged, and basic replies as before."""
+    from nts.core.plain import PlainHandler
+    from nts.server import udp
+
+    real = udp.kernel_timestamping
+    udp.kernel_timestamping = lambda sock: False  # as where setsockopt(SO_TIMESTAMPING) failed
+    try:
+        listener, _, port = _listener(PlainHandler(), 1)
+    finally:
+        udp.kernel_timestamping = real
+
+    async def main() -> None:
+        listener.start(asyncio.get_running_loop())
+        try:
+            reply = await asyncio.to_thread(query, port, client_request())
+            assert reply is not None and len(reply) == 48
+        finally:
+            listener.stop()
+
+    with caplog.at_level("WARNING", "ntsd.udp"):
+        asyncio.run(main())
+    assert listener.timestamps is None
+    assert "the kernel refused SO_TIMESTAMPING: no kernel transmit timestamps" in caplog.text

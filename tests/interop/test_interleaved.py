@@ -96,3 +96,18 @@ def test_chrony_peer_gets_symmetric_passive_replies(tmp_path: Path) -> None:
         assert all(abs(offset) < 0.001 for _, offset in got), got
         m = parse_text(fetch_metrics("127.0.0.1", mport))
         assert m.get('ntsd_drops_total{reason="mode_1"}', 0) == 0
+
+
+def test_tshark_dissects_interleaved_and_symmetric_passive_replies(tmp_path: Path) -> None:
+    from tests.interop.peers import capture, dissect, dissection_problems
+
+    port, mport = free_port(), free_port(socket.SOCK_STREAM)
+    with running_ntsd(tmp_path, lab_config(port, metrics_port=mport, extra=NO_RATE)):
+        with capture(tmp_path, f"udp port {port}") as pcap:
+            run_chrony(tmp_path / "x", f"server 127.0.0.1 port {port} iburst minpoll -4 maxpoll -4 xleave", "",
+                       lambda s: len(s) >= 8)  # fmt: skip
+            run_chrony(tmp_path / "p", f"peer 127.0.0.1 port {port} minpoll -4 maxpoll -4", "", lambda s: len(s) >= 2)
+        assert parse_text(fetch_metrics("127.0.0.1", mport))["ntsd_interleaved_replies_total"] >= 4
+    text = dissect(pcap, "-d", f"udp.port=={port},ntp")
+    assert dissection_problems(text) == []
+    assert "Mode: server (4)" in text and "Mode: symmetric passive (2)" in text
