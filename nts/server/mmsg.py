@@ -52,6 +52,8 @@ IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; Python 3.11's sock
 PKTINFO = {(socket.IPPROTO_IP, IP_PKTINFO), (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)}
 _SCM_TIMESTAMPNS = 35  # == SO_TIMESTAMPNS
 _MSG_WAITFORONE = 0x10000
+_MSG_ERRQUEUE, _MSG_DONTWAIT = 0x2000, 0x40
+_ERRQ_CONTROL = 512  # control bytes per error-queue slot (the timestamps and the extended error)
 # A sockaddr_storage slot read as IPv4: family read big-endian (compared to a swapped constant), port, address
 _NAME4_SLOT = struct.Struct(">HH4s120x")
 _NAME6 = struct.Struct(">HHI16s")
@@ -242,3 +244,49 @@ class Batch:
             errors.append((start, err))
             start += 1  # that datagram is lost; the rest still go
         return errors
+
+
+class ErrorQueue:
+    """Batched reads of a socket's error queue (recvmmsg with MSG_ERRQUEUE, never blocking): the
+    kernel's transmit timestamps, each with the datagram it belongs to as it left (from its link
+    header on), so a timestamp costs a share of one system call instead of one of its own."""
+
+    def __init__(self, sock: socket.socket, size: int, max_datagram: int) -> None:
+        if not available():
+            raise OSError(errno.ENOSYS, "recvmmsg is not usable here")
+        self.fd = sock.fileno()
+        self.size = size
+        self.slot = max_datagram + 256  # the reply and the headers in front of it
+        self._data = ctypes.create_string_buffer(size * self.slot)
+        data_addr = ctypes.addressof(self._data)
+        self.control, control_addr = _buffer(size * _ERRQ_CONTROL)
+        self._iov, iov_addr = _buffer(size * _IOVEC.size)
+        self.msgs, self._msgs_addr = _buffer(size * _MMSG.size)
+        for i in range(size):
+            _IOVEC.pack_into(self._iov, i * _IOVEC.size, data_addr + i * self.slot, self.slot)
+            _MMSG.pack_into(self.msgs, i * _MMSG.size, 0, 0, iov_addr + i * _IOVEC.size, 1,
+                            control_addr + i * _ERRQ_CONTROL, _ERRQ_CONTROL, 0, 0)  # fmt: skip
+        self._pristine = bytes(self.msgs)
+
+    def read(self) -> list[tuple[bytes, int]]:
+        """What is queued now, up to `size`: (the datagram as it left, the kernel's software transmit
+        time in ns); [] when nothing is (or on an error)."""
+        self.msgs[:] = self._pristine
+        n = _recvmmsg(self.fd, self._msgs_addr, self.size, _MSG_ERRQUEUE | _MSG_DONTWAIT, None)  # type: ignore[misc]
+        out: list[tuple[bytes, int]] = []
+        for i in range(max(n, 0)):
+            _, controllen, length = _LENGTHS.unpack_from(self.msgs, i * _MMSG_SIZE)
+            base, pos = i * _ERRQ_CONTROL, i * _ERRQ_CONTROL
+            end = base + min(controllen, _ERRQ_CONTROL)
+            while pos + _CMSG_HEAD.size <= end:
+                cmsg_len, level, kind = _CMSG_HEAD.unpack_from(self.control, pos)
+                if cmsg_len < _CMSG_HEAD.size or pos + cmsg_len > end:
+                    break
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and cmsg_len >= _CMSG_HEAD.size + 16:
+                    sec, nsec = struct.unpack_from("@qq", self.control, pos + _CMSG_HEAD.size)
+                    start = i * self.slot
+                    data: bytes = self._data[start : start + min(length, self.slot)]  # type: ignore[assignment]
+                    out.append((data, sec * 1_000_000_000 + nsec))
+                    break
+                pos += socket.CMSG_SPACE(cmsg_len - _CMSG_HEAD.size)
+        return out

@@ -142,6 +142,7 @@ class UdpListener:
         self._awaited_lengths: set[int] = set()
         self._last_sample = 0
         self._stamped = False  # a reply of the batch under way asked for its transmit timestamp
+        self._errqueue: mmsg.ErrorQueue | None = None  # (made on first use, in the listener's thread)
         self.stamp_mismatches = 0
         self.pipeline = make_pipeline(self.stats, self.loop_stats, self.timestamps)  # replaced by reload
         self._on_drop = on_drop
@@ -451,32 +452,46 @@ class UdpListener:
         comes with the datagram as it left, whose receive field names the reply it belongs to."""
         timestamps = self.timestamps
         assert timestamps is not None
-        recvmsg, awaited = self.sock.recvmsg, self._awaited
+        if self._errqueue is None and mmsg.available():
+            self._errqueue = mmsg.ErrorQueue(self.sock, 64, MAX_DATAGRAM)
+        while True:
+            got = self._errqueue.read() if self._errqueue is not None else self._read_error_queue()
+            for data, tx in got:
+                self._stamped_at(data, tx)
+            if len(got) < 64:
+                return
+
+    def _read_error_queue(self) -> list[tuple[bytes, int]]:
+        """The unbatched read (no recvmmsg here): what the error queue holds now."""
+        out: list[tuple[bytes, int]] = []
         while True:
             try:
-                data, anc, _, _ = recvmsg(MAX_DATAGRAM + 256, 256, _MSG_ERRQUEUE | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            tx = 0
+                data, anc, _, _ = self.sock.recvmsg(MAX_DATAGRAM + 256, 256, _MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except OSError:  # (BlockingIOError: nothing more)
+                return out
             for level, kind, payload in anc:
                 if kind == mmsg.SO_TIMESTAMPING and level == socket.SOL_SOCKET and len(payload) >= _TS_SPEC.size:
                     sec, nsec = _TS_SPEC.unpack_from(payload)
-                    tx = sec * 1_000_000_000 + nsec
-            end = len(data)
-            for length in self._awaited_lengths:
-                if tx and end >= length:
-                    key = int.from_bytes(data[end - length + 32 : end - length + 40], "big")
-                    found = awaited.get(key)
-                    if found is not None and found[0] == length:
-                        del awaited[key]
-                        timestamps.lag.sample(tx - found[1])
-                        if found[2]:
-                            timestamps.kernel(key, tx)
-                        break
-            else:
-                self.stamp_mismatches += 1
+                    out.append((data, sec * 1_000_000_000 + nsec))
+            if len(out) >= 64:
+                return out
+
+    def _stamped_at(self, data: bytes, tx: int) -> None:
+        """The kernel sent `data` (a reply, behind its link, IP and UDP headers) at `tx`."""
+        timestamps, awaited = self.timestamps, self._awaited
+        assert timestamps is not None
+        end = len(data)
+        for length in self._awaited_lengths:
+            if tx and end >= length:
+                key = int.from_bytes(data[end - length + 32 : end - length + 40], "big")
+                found = awaited.get(key)
+                if found is not None and found[0] == length:
+                    del awaited[key]
+                    timestamps.lag.sample(tx - found[1])
+                    if found[2]:
+                        timestamps.kernel(key, tx)
+                    return
+        self.stamp_mismatches += 1
 
     def _internal_error(self, addr: tuple[str, int]) -> None:
         self.stats.inc(_K_INTERNAL)
