@@ -1,9 +1,13 @@
-"""NTP over UDP: one receive thread per socket, kernel receive timestamps, replies in batches.
+"""NTP over UDP: one receive thread per socket, kernel timestamps, replies in batches.
 
 Strategy: measured here, asyncio's per-event overhead costs a fifth of the throughput of a blocking
 loop, and its datagram API cannot return ancillary data at all. So each socket gets a thread that
 blocks in the kernel (the GIL is released while it waits; the asyncio thread, which runs everything
-else, is idle nearly always). SO_TIMESTAMPNS makes the kernel attach the receive time. Each listener
+else, is idle nearly always). SO_TIMESTAMPING (software; SO_TIMESTAMPNS where it is refused) makes
+the kernel attach the receive time, and a reply can ask for the time it leaves: replies noted in the
+interleaved table (`core.interleave`) always, one basic reply every few milliseconds for the
+correction. Those times come back on the socket's error queue, read in batches after the send (never
+before it), each matched to its reply by the reply's receive field. Each listener
 has its own Pipeline and owns the stats sinks it hands to it (one per writing thread: its own, and
 the event loop's for deferred replies), so counters are exact and survive a reload's new pipeline;
 access and rate-limit tables are shared. On Linux a thread takes up to `batch` datagrams per
