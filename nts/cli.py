@@ -391,30 +391,26 @@ def _reload_counts(where: tuple[str, int]) -> dict[str, float] | None:
     return {k[len(prefix) : -2]: v for k, v in values.items() if k.startswith(prefix)}
 
 
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    """An argparse type: a whole number from lo to hi (argparse turns the ValueError into a usage error)."""
+def _in_range(parse: Callable[[str], float], lo: float, hi: float) -> Callable[[str], Any]:
+    """An argparse type: a number `parse` reads, from lo to hi (argparse turns the ValueError into a
+    usage error naming the function: "invalid number from 1 to 65535 value")."""
 
-    def convert(text: str) -> int:
-        value = int(text)
-        if not lo <= value <= hi:
-            raise ValueError(text)
-        return value
-
-    convert.__name__ = f"number from {lo} to {hi}"  # what argparse's message calls it
-    return convert
-
-
-def _number_in(lo: float, hi: float) -> Callable[[str], float]:
-    """An argparse type: a number from lo to hi."""
-
-    def convert(text: str) -> float:
-        value = float(text)
+    def convert(text: str) -> Any:
+        value = parse(text)
         if not lo <= value <= hi:
             raise ValueError(text)
         return value
 
     convert.__name__ = f"number from {lo:g} to {hi:g}"
     return convert
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    return _in_range(int, lo, hi)
+
+
+def _number_in(lo: float, hi: float) -> Callable[[str], float]:
+    return _in_range(float, lo, hi)
 
 
 class _CliWhere:

@@ -75,6 +75,18 @@ except (OSError, AttributeError):
     pass
 
 
+TS_FLAGS = (1 << 4) | (1 << 3)  # SOF_TIMESTAMPING_SOFTWARE | SOF_TIMESTAMPING_RX_SOFTWARE: what NTP sockets set
+
+
+def kernel_timestamping(sock: socket.socket) -> bool:
+    """Whether `sock` has SO_TIMESTAMPING on (else its receive times come through SO_TIMESTAMPNS
+    and there are no kernel transmit times)."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING) & TS_FLAGS == TS_FLAGS
+    except OSError:
+        return False
+
+
 def available() -> bool:
     """True where the mmsghdr layout we pack is the platform's: 64-bit Linux (other systems that have
     recvmmsg lay out msghdr differently, and the sizes alone would not tell)."""
@@ -116,7 +128,7 @@ class Batch:
         self.names, self._names_addr = _buffer(size * _NAME_LEN)
         self.pktinfo = pktinfo
         if timestamping is None:  # as the socket was set up
-            timestamping = sock.getsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING) != 0
+            timestamping = kernel_timestamping(sock)
         self.timestamping = timestamping  # SO_TIMESTAMPING (receive times, transmit times asked per reply)
         rx_ts = _CMSG_TS if timestamping else _CMSG
         self._rx_kind = SO_TIMESTAMPING if timestamping else _SCM_TIMESTAMPNS

@@ -43,6 +43,7 @@ from ..core.stats import Counters, Key, add
 from ..net import format_addr
 from ..wire.timestamps import ntp64_to_unix_ns
 from . import mmsg
+from .mmsg import kernel_timestamping
 
 if TYPE_CHECKING:
     from ..core.pipeline import Pipeline
@@ -54,7 +55,6 @@ _SO_MEMINFO = 55  # Linux: the socket's memory counters (u32 each); the ninth co
 _MEMINFO_LEN = 9 * 4
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; absent from the socket module
-_TS_FLAGS = (1 << 4) | (1 << 3)  # SOF_TIMESTAMPING_SOFTWARE | SOF_TIMESTAMPING_RX_SOFTWARE
 _MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 _TS_SPEC = struct.Struct("@qq")
 _SAMPLE_EVERY_NS = 5_000_000  # a basic reply's send is timed at most this often (the correction's samples)
@@ -84,7 +84,7 @@ def open_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:  # receive times, and transmit times for the replies that ask (interleaved mode, the correction)
-            sock.setsockopt(socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING, _TS_FLAGS)
+            sock.setsockopt(socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING, mmsg.TS_FLAGS)
         except OSError:  # (logged by the listener, which then takes transmit times before the send only)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
@@ -98,15 +98,6 @@ def open_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket
         sock.close()
         raise
     return sock
-
-
-def kernel_timestamping(sock: socket.socket) -> bool:
-    """Whether open_udp_socket could enable SO_TIMESTAMPING (else receive times come through
-    SO_TIMESTAMPNS and there are no kernel transmit times)."""
-    try:
-        return sock.getsockopt(socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING) & _TS_FLAGS == _TS_FLAGS
-    except OSError:
-        return False
 
 
 def _reports_destination(sock: socket.socket) -> bool:
