@@ -27,12 +27,23 @@ def is_ip_address(text: str) -> bool:
     return True
 
 
+def client_key(ip: str) -> str:
+    """What counts as one client for per-client limits: the IPv4 address, or the /64 an IPv6 address
+    is in (one host, or one subscriber's network, gets a /64: it can pick any address inside it)."""
+    if ":" not in ip:
+        return ip
+    try:
+        return str(ipaddress.IPv6Network((ip.partition("%")[0], 64), strict=False).network_address) + "/64"
+    except ValueError:
+        return ip
+
+
 def is_dns_name(name: str) -> bool:
     """An ASCII host name by RFC 1123 (letters, digits, inner hyphens; labels of 1-63; 253 in all)."""
     return len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.removesuffix(".").split("."))
 
 
-def open_tcp_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
+def open_tcp_listener(host: str, port: int, backlog: int = 4096) -> socket.socket:
     """A bound, listening, non-blocking TCP socket (IPv6 sockets are IPv6-only)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -14,23 +14,43 @@ being called back through it cost more than the set's system calls (2% of a sess
 session). What to answer is the sans-IO session's (`ke_session`): this module feeds it the decrypted
 bytes, sends what it returns, counts its outcome, sends close_notify and closes (RFC 8915 section
 4).
+
+Admission favours connections that make progress, as hardened HTTP servers do, because a flood of
+connections that never finish (and come back the moment they are closed) must not crowd out the
+clients that do. A connection accepted is only a descriptor and a few fields (`Waiting`) until its
+first bytes arrive: no TLS state, so thousands cost little, and it waits at most
+`first_bytes_timeout`. When the waiting room is full the oldest waiter makes room; on its first
+bytes a connection becomes a session (TLS objects, the sans-IO session), and when every session
+slot is taken, a connection whose first TLS record is whole (as a real client's ClientHello is)
+evicts the session that is still in its handshake and has been idle longest (never one that has
+finished it). A connection that cannot have a slot (none to take, or its client, an address or an
+IPv6 /64, has `max_per_client` sessions) is parked: left unread until its deadline, then reset,
+because an attacker's connection closed at once comes straight back, at whatever rate the server
+can close them. Refusals at accept (access lists, the per-address rate) come before anything is
+allocated; a refused connection too is held, unread, to its deadline. Refused, evicted and
+timed-out connections are reset (SO_LINGER 0: no TIME_WAIT here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import math
+import resource
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable
 
 from OpenSSL import SSL
 
-from ..core.policy import ALLOW, RATE_OK, AccessPolicy, RateLimiter, RateSettings, Shared
+from ..core.policy import ALLOW, RATE_OK, AccessPolicy, NetworkSet, RateLimiter, RateSettings, Shared
 from ..core.stats import Counters
 from ..logutil import RateLimitedLog
+from ..net import client_key
 from ..wire.errors import ParseError
 from .aead import AEADS, AeadId
 from .certs import AlpnRefused, CertStore, alpn_chosen
@@ -41,8 +61,24 @@ log = logging.getLogger("ntsd.nts")
 
 
 _SWEEP_S = 0.1  # how often session deadlines are checked
-_ACCEPTS = 64  # connections accepted per readiness event, so sessions under way keep their turn
+_ACCEPTS = 128  # connections accepted per readiness event, so sessions under way keep their turn
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_COUNTED = "counted"  # a parked connection whose outcome was counted when it was parked (a refusal)
 _ACCEPT_RETRY_S = 1.0  # the pause after accept() failed for want of descriptors or memory
+
+
+class Waiting:
+    """An accepted connection that has sent nothing yet: all a connection costs until it does."""
+
+    __slots__ = ("fd", "key", "parked", "peer", "sock", "started")
+
+    def __init__(self, sock: socket.socket, peer: str, key: str) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.key = key  # the client, as per-client limits count it
+        self.started = time.monotonic()
+        self.parked = ""  # why its bytes are left unread until its deadline ("busy", "per_client")
 
 
 class KeServer:
@@ -55,19 +91,29 @@ class KeServer:
         self.stats = stats
         self.shared = Shared(AccessPolicy())  # the server's access lists and workers (set by the plugin)
         self._limiter = self._new_limiter(settings)
+        self._exempt = NetworkSet(settings.exempt)
         self._events = RateLimitedLog(log)
         self._alarms = RateLimitedLog(log, level=logging.WARNING)
         self.wall_clock: Callable[[], float] = time.time
         self._listeners: list[socket.socket] = []
         self._sessions: dict[int, KeSession] = {}  # by socket fd, oldest first
+        self._waiting: dict[int, Waiting] = {}  # accepted, nothing received yet; by fd, oldest first
+        self._per_client: dict[str, int] = {}  # sessions under way per client key
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self.poller: select.epoll | None = None  # the sessions' sockets (Linux, once started), as one reader
+        self.poller: select.epoll | None = None  # the connections' sockets (Linux, once started), as one reader
         self.decided = DecidedRequests()  # whole requests seen before, shared by this server's sessions
+        self._descriptors = 1 << 30  # connections that may wait, as the descriptor limit allows (at start)
 
     @property
     def active(self) -> int:
+        """Sessions under way (past their first bytes)."""
         return len(self._sessions)
+
+    @property
+    def waiting(self) -> int:
+        """Connections accepted that have sent nothing yet."""
+        return len(self._waiting)
 
     @property
     def sessions(self) -> tuple[KeSession, ...]:
@@ -77,7 +123,13 @@ class KeServer:
     def configure(self, settings: KeSettings) -> None:
         if (settings.rate, settings.burst) != (self.settings.rate, self.settings.burst):
             self._limiter = self._new_limiter(settings)
+        changed = settings.first_bytes_timeout != self.settings.first_bytes_timeout
+        if settings.exempt != self.settings.exempt:
+            self._exempt = NetworkSet(settings.exempt)
         self.settings = settings
+        if changed:
+            for sock in self._listeners:
+                self._defer(sock)
 
     def share(self, shared: Shared) -> None:
         """Obey the server's access lists; with workers, enforce this worker's share of the limits
@@ -95,6 +147,13 @@ class KeServer:
 
     async def start(self, sockets: list[socket.socket]) -> None:
         self._loop = asyncio.get_running_loop()
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit != resource.RLIM_INFINITY:
+            self._descriptors = max(64, limit - self.shared.count(self.settings.max_connections) - 512)
+            if self._descriptors < self.shared.count(self.settings.max_pending):
+                log.warning("NTS-KE: the descriptor limit (%d) lets %d connections wait for their first bytes, "
+                            "not nts.max_pending_connections (raise LimitNOFILE / ulimit -n)", limit,
+                            self._descriptors)  # fmt: skip
         if hasattr(select, "epoll"):
             self.poller = select.epoll()
             self._loop.add_reader(self.poller.fileno(), self.step_ready)
@@ -106,8 +165,19 @@ class KeServer:
         """Accept sessions on one more listening socket (after start)."""
         assert self._loop is not None
         sock.setblocking(False)
+        self._defer(sock)
         self._loop.add_reader(sock.fileno(), self._accept, sock, self._loop)
         self._listeners.append(sock)
+
+    def _defer(self, sock: socket.socket) -> None:
+        """Have the kernel hold a new connection until its first bytes, for about the first-bytes
+        deadline (TCP_DEFER_ACCEPT, Linux): a silent connection then costs the server nothing until
+        the kernel hands it over anyway, when the deadline here takes over."""
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, math.ceil(self.settings.first_bytes_timeout)
+                )
 
     def unlisten(self, sock: socket.socket) -> None:
         """Stop accepting on `sock` and close it; sessions it accepted go on to their end."""
@@ -128,6 +198,8 @@ class KeServer:
             self._sweeper = None
         for session in list(self._sessions.values()):
             session.close()
+        for waiting in list(self._waiting.values()):
+            self._drop(waiting, "")
         if self.poller is not None:
             if self._loop is not None:
                 self._loop.remove_reader(self.poller.fileno())
@@ -135,13 +207,18 @@ class KeServer:
             self.poller = None
 
     def step_ready(self) -> None:
-        """Step every session whose socket is ready (the loop saw the epoll set readable)."""
+        """Step every session whose socket is ready, and make sessions of the waiting connections
+        whose first bytes came (the loop saw the epoll set readable)."""
         assert self.poller is not None
         sessions = self._sessions
         for fd, _ in self.poller.poll(0):
             session = sessions.get(fd)
             if session is not None:
                 session.step()
+            else:
+                waiting = self._waiting.get(fd)
+                if waiting is not None:
+                    self._ready(waiting)
 
     def _accept(self, listener: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         for _ in range(_ACCEPTS):
@@ -164,32 +241,125 @@ class KeServer:
             refusal = self.admit(peer)
             if refusal is not None:
                 self.count(refusal, peer)
-                sock.close()
-                continue
-            self.count("connections")
+            else:
+                self.count("connections")
             try:
                 sock.setblocking(False)
-                session = KeSession(self, sock, peer, loop)
+                self._hold(Waiting(sock, peer, client_key(peer)), loop, refusal)
             except Exception:  # a bug must cost this connection only, and say so
                 self.count("internal_error")
-                log.exception("internal error setting up an NTS-KE session with %s (closed)", peer)
+                log.exception("internal error accepting an NTS-KE connection from %s (closed)", peer)
                 sock.close()
-                continue
-            self.adopt(session)
+
+    def _hold(self, waiting: Waiting, loop: asyncio.AbstractEventLoop, refusal: str | None = None) -> None:
+        """Keep an accepted connection until its first bytes (or its deadline, or eviction); a
+        refused one (counted already) is held unread until its deadline, as a parked one is."""
+        room = min(self.shared.count(self.settings.max_pending), self._descriptors)
+        while len(self._waiting) >= room:  # the oldest waiter makes room
+            self._alarms("evicting", "NTS-KE: %d connections wait for their first bytes: closing the oldest "
+                         "for each new one (a flood of idle connections?)", len(self._waiting))  # fmt: skip
+            oldest = self._waiting[next(iter(self._waiting))]
+            self._drop(oldest, _COUNTED if oldest.parked == _COUNTED else "evicted")
+        self._waiting[waiting.fd] = waiting
+        if refusal is not None:
+            waiting.parked = _COUNTED
+            return
+        if self.poller is not None:  # edge-triggered: told again only when more bytes come
+            self.poller.register(waiting.fd, select.EPOLLIN | select.EPOLLET)
+        else:
+            loop.add_reader(waiting.fd, self._first_bytes, waiting.fd)
+
+    def _first_bytes(self, fd: int) -> None:
+        """(Without epoll) a waiting connection is readable."""
+        waiting = self._waiting.get(fd)
+        if waiting is not None:
+            self._ready(waiting)
+
+    def _ready(self, waiting: Waiting) -> None:
+        """Bytes came on a waiting connection. Until its first TLS record is whole (a real client
+        sends its ClientHello at once; a trickling attacker never finishes it) it goes on waiting.
+        Then it becomes a session, in a free slot or in the one of the session that has made least
+        progress (in its handshake, idle longest). When there is none, or its client has
+        `max_per_client` sessions already, it is parked: left unread until its deadline, then reset
+        (closing it at once would only bring it back)."""
+        settings = self.settings
+        if self.poller is not None and not _whole_record(waiting.sock):
+            return None
+        if self._per_client.get(waiting.key, 0) >= self.shared.count(settings.max_per_client) and (
+            waiting.peer not in self._exempt
+        ):
+            return self._park(waiting, "per_client")
+        if len(self._sessions) >= self.shared.count(settings.max_connections):
+            victim = self._least_progress()
+            if victim is None:
+                return self._park(waiting, "busy")
+            self._alarms("full", "NTS-KE: every session slot is taken: evicting the idlest handshake for each "
+                         "new client that is ready (a flood of slow handshakes?)")  # fmt: skip
+            victim.end("evicted")
+            victim.close()
+        del self._waiting[waiting.fd]
+        if self.poller is None and self._loop is not None:
+            self._loop.remove_reader(waiting.fd)
+        assert self._loop is not None
+        try:
+            session = KeSession(self, waiting.sock, waiting.peer, self._loop, self.poller is not None, waiting.key)
+        except Exception:  # a bug must cost this connection only, and say so
+            self.count("internal_error")
+            log.exception("internal error setting up an NTS-KE session with %s (closed)", waiting.peer)
+            _reset(waiting.sock)
+            return
+        session.started = waiting.started
+        self.adopt(session)
+        session.step()
+
+    def _park(self, waiting: Waiting, why: str) -> None:
+        waiting.parked = why
+        if self.poller is not None:
+            self.poller.unregister(waiting.fd)
+        elif self._loop is not None:
+            self._loop.remove_reader(waiting.fd)
+
+    def _least_progress(self) -> KeSession | None:
+        """The session to evict for a newer one: of those still in their handshake, the one that has
+        been idle longest; None when every session has finished its handshake."""
+        victim: KeSession | None = None
+        for session in self._sessions.values():
+            if not session.handshaken and (victim is None or session.active < victim.active):
+                victim = session
+        return victim
+
+    def _drop(self, waiting: Waiting, outcome: str, peer: str | None = None) -> None:
+        """Close a waiting connection with a reset; `outcome` counted (none: the server stops)."""
+        del self._waiting[waiting.fd]
+        if outcome and outcome != _COUNTED:
+            self.count(outcome, peer)
+        if self.poller is None and self._loop is not None and not waiting.parked:
+            self._loop.remove_reader(waiting.fd)
+        _reset(waiting.sock)  # (closing it takes it out of the epoll set)
 
     def adopt(self, session: KeSession) -> None:
         """Serve `session` (accepted here, or built by a test around a socket pair)."""
         self._sessions[session.fd] = session
+        self._per_client[session.key] = self._per_client.get(session.key, 0) + 1
 
     def _resume(self, listener: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         if listener in self._listeners:  # not stopped meanwhile
             loop.add_reader(listener.fileno(), self._accept, listener, loop)
 
     def _sweep(self) -> None:
-        """Close the sessions past their deadline (the dict is in order of arrival)."""
+        """Close the connections past their deadline (both dicts are in order of arrival)."""
         assert self._loop is not None
         self._sweeper = self._loop.call_later(_SWEEP_S, self._sweep)
-        deadline = time.monotonic() - self.settings.session_timeout
+        now = time.monotonic()
+        deadline = now - self.settings.first_bytes_timeout
+        late = []
+        for waiting in self._waiting.values():
+            if waiting.started > deadline:
+                break
+            late.append(waiting)
+        for waiting in late:
+            self._drop(waiting, waiting.parked or "no_first_bytes")
+        deadline = now - self.settings.session_timeout
         expired = []
         for session in self._sessions.values():
             if session.started > deadline:
@@ -199,8 +369,13 @@ class KeServer:
             session.end("timeout", session.peer)
             session.close()
 
-    def forget(self, fd: int) -> None:
-        self._sessions.pop(fd, None)
+    def forget(self, session: KeSession) -> None:
+        if self._sessions.pop(session.fd, None) is not None:
+            left = self._per_client.get(session.key, 0) - 1
+            if left > 0:
+                self._per_client[session.key] = left
+            else:
+                self._per_client.pop(session.key, None)
 
     def count(self, what: str, peer: str | None = None) -> None:
         """Count an event in the family it belongs to (`metric_key`); log refusals and failures."""
@@ -213,14 +388,37 @@ class KeServer:
         first, before any TLS work: a server kept to its networks signs handshakes for no one else."""
         if self.shared.access.check(ip) != ALLOW:
             return "refused_access"
-        if self.active >= self.shared.count(self.settings.max_connections):
-            return "refused_busy"
-        if self._limiter.check(ip, time.monotonic_ns()) != RATE_OK:
+        if self._limiter.check(ip, time.monotonic_ns()) != RATE_OK and ip not in self._exempt:
             return "refused_rate"
         return None
 
 
-ADMISSION_REFUSALS = ("refused_access", "refused_busy", "refused_rate")
+_PEEK = bytearray(4096)  # (the loop's thread only)
+_TLS_HANDSHAKE = 22
+
+
+def _whole_record(sock: socket.socket) -> bool:
+    """Whether the first TLS record a connection sent has fully arrived (or is not TLS at all, which
+    fails at once): what a real client's first flight looks like, and a trickling attacker's not."""
+    try:
+        got = sock.recv_into(_PEEK, len(_PEEK), socket.MSG_PEEK)
+    except OSError:
+        return True  # (reset: the session's first step sees it and ends)
+    if got < 5 or _PEEK[0] != _TLS_HANDSHAKE:
+        return got == 0 or _PEEK[0] != _TLS_HANDSHAKE
+    return got >= min(5 + int.from_bytes(_PEEK[3:5], "big"), len(_PEEK))
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close a connection with a reset (refused, evicted or late: nothing more is owed to it)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    except OSError:  # (already reset by the peer)
+        pass
+    sock.close()
+
+
+ADMISSION_REFUSALS = ("refused_access", "refused_rate")
 
 
 def metric_key(what: str) -> tuple[str, ...]:
@@ -249,16 +447,25 @@ class KeSession:
     instead of when it is readable.
     """
 
-    __slots__ = ("closed", "fd", "handshaken", "loop", "outcome", "peer", "pending", "server", "session", "sock",
-                 "started", "tls", "writing")  # fmt: skip
+    __slots__ = ("active", "closed", "fd", "handshaken", "key", "loop", "outcome", "peer", "pending", "server",
+                 "session", "sock", "started", "tls", "writing")  # fmt: skip
 
-    def __init__(self, server: KeServer, sock: socket.socket, peer: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        server: KeServer,
+        sock: socket.socket,
+        peer: str,
+        loop: asyncio.AbstractEventLoop,
+        registered: bool = False,
+        key: str | None = None,
+    ) -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        self.key = key if key is not None else client_key(peer)
         self.loop = loop
-        self.started = time.monotonic()
+        self.started = self.active = time.monotonic()  # accepted; last stepped
         self.tls = SSL.Connection(server.certs.context, sock)
         self.tls.set_accept_state()
         self.session = KeServerSession(server.settings, server.keyring, server.decided)
@@ -268,13 +475,17 @@ class KeSession:
         self.closed = False
         self.outcome: str | None = None  # how it ended, counted once (the first word stands)
         if server.poller is not None:
-            server.poller.register(self.fd, select.EPOLLIN)
+            if registered:  # a waiting connection's socket, in the set already (edge-triggered)
+                server.poller.modify(self.fd, select.EPOLLIN)
+            else:
+                server.poller.register(self.fd, select.EPOLLIN)
         else:
             loop.add_reader(self.fd, self.step)
 
     def step(self) -> None:
         if self.closed:  # closed (by the deadline, say) after this call was already queued
             return
+        self.active = time.monotonic()
         try:
             if self.pending is None:
                 self._advance()
@@ -355,7 +566,7 @@ class KeSession:
         if self.closed:
             return
         self.closed = True
-        self.server.forget(self.fd)
+        self.server.forget(self)
         # (an epoll set drops a socket when it is closed: no other descriptor refers to it)
         if self.server.poller is None:
             if self.writing:

@@ -19,6 +19,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..core.policy import Network
 from ..wire.errors import ParseError
 from ..wire.ke_records import (
     NEXT_PROTOCOL_NTPV4,
@@ -41,8 +42,12 @@ Exporter = Callable[[bytes, int, bytes], bytes]  # (label, length, context) -> t
 @dataclass(frozen=True, slots=True)
 class KeSettings:
     supported_aeads: tuple[int, ...]
-    max_connections: int = 256
+    max_connections: int = 256  # sessions under way (past their first bytes)
     session_timeout: float = 5.0
+    max_pending: int = 16384  # connections accepted that have not sent a byte yet
+    first_bytes_timeout: float = 2.0
+    max_per_client: int = 16  # sessions under way at once per client address (IPv6: per /64)
+    exempt: tuple[Network, ...] = ()  # clients the per-address rate and max_per_client do not apply to
     max_request: int = 1024
     rate: float = 2.0  # sessions per second per client address
     burst: int = 16

@@ -69,22 +69,34 @@ class NtsPlugin(RequestHandler):
         "nts_ke_connections": ((), "NTS-KE connections accepted; each ends in one nts_ke_sessions outcome."),
         "nts_ke_sessions": (
             ("outcome", "aead"),
-            "NTS-KE sessions by how they ended: ok (aead: the one agreed), error_* (an Error record sent), "
-            "no_common_*, refused_* (ALPN, a malformed request), timeout, handshake_failed, tls_error, "
-            "client_closed_early, internal_error.",
+            "NTS-KE connections by how they ended: ok (aead: the one agreed), error_* (an Error record "
+            "sent), no_common_*, refused_* (ALPN, a malformed request), timeout, handshake_failed, tls_error, "
+            "client_closed_early, internal_error; no_first_bytes (silent past first_bytes_timeout), evicted "
+            "(closed for a newer connection: idle, or the idlest handshake), busy and per_client (left "
+            "unread to their deadline: no session slot, or the client had max_connections_per_client).",
         ),
-        "nts_ke_refused": (("reason",), "NTS-KE connections closed before TLS: access lists, busy, rate."),
+        "nts_ke_refused": (("reason",), "NTS-KE connections refused at accept: access lists, rate."),
         "nts_ke_accept_errors": (("error",), "Failed accept() calls on NTS-KE sockets (accepting pauses)."),
     }
     SERIES: ClassVar[SeriesHelp] = {
         "nts_ke_connections": ((),),
-        "nts_ke_refused": (("access",), ("busy",), ("rate",)),
-        "nts_ke_sessions": (("timeout", ""), ("handshake_failed", ""), ("tls_error", ""), ("internal_error", "")),
+        "nts_ke_refused": (("access",), ("rate",)),
+        "nts_ke_sessions": (
+            ("timeout", ""),
+            ("handshake_failed", ""),
+            ("tls_error", ""),
+            ("internal_error", ""),
+            ("no_first_bytes", ""),
+            ("evicted", ""),
+            ("busy", ""),
+        ),
         "replies": (("nts",),),
         "naks": (("nts", "cookie_malformed"), ("nts", "cookie_forged"), ("nts", "cookie_key_unknown")),
     }
     GAUGES: ClassVar[GaugeHelp] = {
         "nts_certificate_expiry_timestamp_seconds": "When the NTS-KE certificate in use expires (notAfter).",
+        "nts_ke_open_sessions": "NTS-KE sessions under way (past their first bytes; max_connections).",
+        "nts_ke_pending_connections": "NTS-KE connections that have sent nothing yet (max_pending_connections).",
     }
     may_bind = True
 
@@ -273,8 +285,11 @@ class NtsPlugin(RequestHandler):
         return {}
 
     def gauges(self) -> Mapping[str, float]:
+        out = {"nts_ke_open_sessions": float(self.ke.active), "nts_ke_pending_connections": float(self.ke.waiting)}
         not_after = self.certs.not_after
-        return {"nts_certificate_expiry_timestamp_seconds": not_after.timestamp()} if not_after else {}
+        if not_after:
+            out["nts_certificate_expiry_timestamp_seconds"] = not_after.timestamp()
+        return out
 
     def close(self) -> None:
         for sock in self.sockets.values():

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Node, Reader, address, integer, listof, number, optional, path, read_settings
+from ..config import Node, Reader, address, integer, listof, network, number, optional, path, read_settings
+from ..core.policy import Network
 from ..net import is_dns_name, is_ip_address
 from .aead import AEAD_NAMES, AEADS, DEFAULT_AEADS
 from .ke_session import KeSettings
@@ -29,6 +30,10 @@ class NtsSettings:
     ntp_port: int | None = None
     max_connections: int = 256
     session_timeout: float = 5.0
+    max_pending_connections: int = 16384
+    first_bytes_timeout: float = 2.0
+    max_connections_per_client: int = 16
+    ke_exempt: tuple[Network, ...] = ()
     max_request: int = 1024
     ke_rate: float = 2.0
     ke_burst: int = 16
@@ -39,6 +44,10 @@ class NtsSettings:
             supported_aeads=self.aeads,
             max_connections=self.max_connections,
             session_timeout=self.session_timeout,
+            max_pending=self.max_pending_connections,
+            first_bytes_timeout=self.first_bytes_timeout,
+            max_per_client=self.max_connections_per_client,
+            exempt=self.ke_exempt,
             max_request=self.max_request,
             rate=self.ke_rate,
             burst=self.ke_burst,
@@ -85,6 +94,10 @@ _READERS: dict[str, Reader] = {
     "ntp_port": optional(integer(1, 65535)),
     "max_connections": integer(1, 100_000),
     "session_timeout": number(0.1, 300),
+    "max_pending_connections": integer(1, 1_000_000),
+    "first_bytes_timeout": number(0.05, 300),
+    "max_connections_per_client": integer(1, 100_000),
+    "ke_exempt": listof(network),
     "max_request": integer(64, 65536),
     "ke_rate": number(0.001, 1e6),
     "ke_burst": integer(1, 1_000_000),

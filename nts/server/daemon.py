@@ -20,6 +20,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import signal
 import socket
 import sys
@@ -83,6 +84,20 @@ def bind_all(config: Config, copies: int) -> list[dict[tuple[str, int], socket.s
             hint = " (no such local address on this host)"
         raise StartupError(f"cannot listen on {format_addr(addr)}: {exc.strerror}{hint}") from None
     return sets
+
+
+def raise_fd_limit() -> None:
+    """Let the process hold as many descriptors as it may (the soft limit up to the hard one, at
+    most 2**20): NTS-KE holds one per connection that has not spoken yet, so a flood of idle
+    connections is held instead of closed and reopened. Under the systemd unit, LimitNOFILE sets it
+    (the unit forbids the call)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError) as exc:
+            log.debug("cannot raise the descriptor limit from %d: %s", soft, exc)
 
 
 def trust_service_user(config: Config) -> None:
@@ -168,6 +183,7 @@ class Daemon:
         self.zeros = zero_series((getattr(cls, "SERIES", {}) for cls in used),
                                  [cls.name for cls in self.plugins.values() if cls not in used])  # fmt: skip
         setup_logging(config)
+        raise_fd_limit()
         workers = config.ntp.workers
         socket_sets = bind_all(config, workers)
         metrics_sock = None

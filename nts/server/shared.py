@@ -23,6 +23,9 @@ _SLOT_HEAD = struct.Struct("<II")  # generation, length
 _RELOAD = struct.Struct("<Q")  # slot 0: the reload the parent ordered; slot 1 + i: the one worker i finished
 
 
+_PER_WORKER = ("_clients", "_entries", "_sessions", "_connections", "_timestamps")  # gauges summed over workers
+
+
 class SharedCounters:
     """Per-worker counter snapshots in anonymous shared memory, summed by the parent."""
 
@@ -96,8 +99,8 @@ class SharedCounters:
                 data = json.loads(self.mem[base + _SLOT_HEAD.size : base + _SLOT_HEAD.size + length])
                 self._last[i] = {tuple(k): v for k, v in data["c"]}
                 self._last_reports[i] = data.get("r", {})
-                for k, v in data["g"].items():
-                    gauges[k] = gauges.get(k, 0) + v if k.endswith(("_clients", "_entries")) else v  # per-worker tables
+                for k, v in data["g"].items():  # what each worker holds adds up; the rest is the same in all
+                    gauges[k] = gauges.get(k, 0) + v if k.endswith(_PER_WORKER) else v
             except (ValueError, KeyError, TypeError):
                 pass  # torn read: use the previous snapshot
             for k, v in self._last[i].items():

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Floods, and what honest clients keep: ntsd against chrony's server, same load, same run.
+
+Strategy: ntsd and chronyd serve NTP and NTS-KE on loopback, pinned to one core (`--server-core`);
+the clients and attackers run on another. For each server in turn:
+- NTS-KE: keload.c (16 parallel chrony-like sessions from 127.0.0.1) measures sessions/s alone,
+  then while keflood.c holds 8,000 connections that never finish a handshake, reopened the moment
+  the server drops them: idle (no byte) and trickling (a byte every 200 ms), from 1,000 source
+  addresses and from one. Per-address NTS-KE rate limits are lifted on both servers for the
+  many-address floods (the honest client is one address) and left at their defaults from one.
+- UDP: loadgen.c with one request in flight (127.0.0.1) measures replies/s alone, then while
+  udpflood.c sends requests from `--spoofed` distinct source addresses of 127/8, and then
+  malformed datagrams; ntsd's counters must add up (requests = replies + drops).
+- Memory: the server's resident memory (its whole process tree) idle, at the end of each flood
+  and after the last, when the server has been left alone for a few seconds.
+It prints each figure for both servers and the shares (under flood / alone). Every loop is bounded
+by `--seconds`; all traffic stays on 127/8. MS-SNTP saturation through a real Samba has its own
+script (mssntp_flood.py: it needs a provisioned domain).
+
+Usage: python3 tests/bench/flood.py [--seconds 8] [--only ke,udp] [--python PY]
+Needs: chronyd, gcc, libssl-dev, taskset; run as root (descriptor limits, 127/8 source addresses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE))
+
+from bench import KE_CLIENTS, PLAIN_REQUEST, free_port, wait_port  # noqa: E402
+
+from nts.nts.devcerts import make_dev_certs  # noqa: E402
+
+CONNECTIONS = 8000
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its descendants, MB."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat[1])
+            rss[int(entry)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo += [c for c, parent in parents.items() if parent == p and c not in tree]
+    return sum(rss.get(p, 0) for p in tree) / 2**20
+
+
+class Pair:
+    """ntsd and chronyd with the same certificate. `limits`: ntsd's per-address NTS-KE limits at
+    their defaults, with the honest client's address exempt (nts.ke_exempt); else lifted. chrony
+    has none unless configured (ntsratelimit would throttle the honest client too)."""
+
+    def __init__(self, work: Path, core: int, python: str, limits: bool) -> None:
+        work.mkdir()
+        certs = make_dev_certs(work / "certs", ["localhost", "127.0.0.1"], kind="ec")
+        self.ntp = {n: free_port() for n in ("ntsd", "chrony")}
+        self.ke = {n: free_port(socket.SOCK_STREAM) for n in ("ntsd", "chrony")}
+        (work / "chrony.conf").write_text(
+            f"port {self.ntp['chrony']}\nntsport {self.ke['chrony']}\nbindaddress 127.0.0.1\n"
+            f"ntsservercert {certs.certificate}\nntsserverkey {certs.private_key}\nntsdumpdir {work}\n"
+            f"local stratum 1\nallow 127.0.0.0/8\ncmdport 0\npidfile {work}/chronyd.pid\n"
+        )
+        ke_limits = ", ke_exempt: [127.0.0.1/32]" if limits else ", ke_rate: 1000000, ke_burst: 1000000"
+        (work / "ntsd.yaml").write_text(
+            f'ntp: {{listen: ["127.0.0.1:{self.ntp["ntsd"]}"]}}\n'
+            "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\nmetrics: {listen: null}\n"
+            "log: {level: warning}\n"
+            f'nts: {{listen: ["127.0.0.1:{self.ke["ntsd"]}"], certificate: {certs.certificate}, '
+            f"private_key: {certs.private_key}, key_dir: {work / 'keys'}{ke_limits}}}\n"
+        )
+        pin = ["taskset", "-c", str(core)]
+        self.procs = {
+            "chrony": subprocess.Popen([*pin, "chronyd", "-x", "-u", "root", "-d", "-f", str(work / "chrony.conf")],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),  # fmt: skip
+            "ntsd": subprocess.Popen([*pin, python, "-m", "nts", "serve", "-c", str(work / "ntsd.yaml")],
+                                     cwd=HERE.parent.parent),  # fmt: skip
+        }
+        for name in self.procs:
+            wait_port(self.ntp[name], socket.SOCK_DGRAM)
+            wait_port(self.ke[name], socket.SOCK_STREAM)
+
+    def rss(self, name: str) -> float:
+        return tree_rss_mb(self.procs[name].pid)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.terminate()
+        for p in self.procs.values():
+            p.wait(10)
+
+
+def tool(cmd: list[str], core: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(["taskset", "-c", str(core), *cmd], stdout=subprocess.PIPE, text=True)
+
+
+def figures(proc: subprocess.Popen[str]) -> dict[str, float]:
+    out, _ = proc.communicate(timeout=600)
+    return {k: float(v) for k, v in (kv.split("=") for kv in out.split())}
+
+
+def ke_floods(work: Path, args: argparse.Namespace, keload: Path, keflood: Path) -> None:
+    secs = args.seconds
+    for addresses, limits in ((1000, False), (1, True)):
+        for mode in ("idle", "trickle"):
+            pair = Pair(work / f"ke-{addresses}-{mode}", args.server_core, args.python, limits)
+            try:
+                print(f"\nNTS-KE, {CONNECTIONS} {mode} connections from {addresses} address(es); "
+                      f"ntsd's per-address limits {'default (honest client exempt)' if limits else 'lifted'}")  # fmt: skip
+                print(f"  {'server':8} {'alone/s':>9} {'flood/s':>9} {'share':>6} {'rss idle':>9} {'flood':>7} "
+                      f"{'after':>7}  flood connections")  # fmt: skip
+                for name in ("ntsd", "chrony"):
+                    port = str(pair.ke[name])
+                    idle = pair.rss(name)
+                    alone = figures(tool([str(keload), "127.0.0.1", port, str(secs), "16"], args.client_core))
+                    flood = tool([str(keflood), "127.0.0.1", port, str(secs + 4), str(CONNECTIONS), str(addresses),
+                                  mode], args.client_core)  # fmt: skip
+                    time.sleep(2)  # not synchronisation: the flood builds up before the honest client starts
+                    under = figures(tool([str(keload), "127.0.0.1", port, str(secs), "16"], args.client_core))
+                    during = pair.rss(name)
+                    attack = figures(flood)
+                    time.sleep(3)  # (the server's own deadlines close what the flood left open)
+                    after = pair.rss(name)
+                    share = under["rate"] / max(alone["rate"], 1)
+                    print(f"  {name:8} {alone['rate']:9.0f} {under['rate']:9.0f} {share:6.0%} {idle:8.0f}M "
+                          f"{during:6.0f}M {after:6.0f}M  opened {attack['opened']:.0f}, "
+                          f"closed by server {attack['closed_by_server']:.0f}")  # fmt: skip
+            finally:
+                pair.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8.0, help="each measurement's length (default 8)")
+    ap.add_argument("--only", default="ke,udp", help="comma-separated: ke, udp")
+    ap.add_argument("--server-core", type=int, default=1)
+    ap.add_argument("--client-core", type=int, default=0)
+    ap.add_argument("--python", default=sys.executable, help="the interpreter that runs ntsd")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    with tempfile.TemporaryDirectory(prefix="ntsd-flood-") as tmp:
+        work = Path(tmp)
+        binaries = {}
+        for name, flags in (("keflood", []), ("loadgen", []), ("keload", [*KE_CLIENTS["lite"][1], "-lpthread"])):
+            binaries[name] = work / name
+            source = HERE / ("keload.c" if name == "keload" else f"{name}.c")
+            subprocess.run(["gcc", "-O2", "-o", str(binaries[name]), str(source), *flags], check=True)
+        if "ke" in only:
+            ke_floods(work, args, binaries["keload"], binaries["keflood"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
