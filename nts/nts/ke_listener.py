@@ -63,6 +63,7 @@ log = logging.getLogger("ntsd.nts")
 _SWEEP_S = 0.1  # how often session deadlines are checked
 _ACCEPTS = 128  # connections accepted per readiness event, so sessions under way keep their turn
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+_ENDED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR if hasattr(select, "EPOLLRDHUP") else 0
 _COUNTED = "counted"  # a parked connection whose outcome was counted when it was parked (a refusal)
 _ACCEPT_RETRY_S = 1.0  # the pause after accept() failed for want of descriptors or memory
 
@@ -211,14 +212,14 @@ class KeServer:
         whose first bytes came (the loop saw the epoll set readable)."""
         assert self.poller is not None
         sessions = self._sessions
-        for fd, _ in self.poller.poll(0):
+        for fd, events in self.poller.poll(0):
             session = sessions.get(fd)
             if session is not None:
                 session.step()
             else:
                 waiting = self._waiting.get(fd)
                 if waiting is not None:
-                    self._ready(waiting)
+                    self._ready(waiting, events & _ENDED != 0)
 
     def _accept(self, listener: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         for _ in range(_ACCEPTS):
@@ -265,7 +266,7 @@ class KeServer:
             waiting.parked = _COUNTED
             return
         if self.poller is not None:  # edge-triggered: told again only when more bytes come
-            self.poller.register(waiting.fd, select.EPOLLIN | select.EPOLLET)
+            self.poller.register(waiting.fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
         else:
             loop.add_reader(waiting.fd, self._first_bytes, waiting.fd)
 
@@ -275,15 +276,16 @@ class KeServer:
         if waiting is not None:
             self._ready(waiting)
 
-    def _ready(self, waiting: Waiting) -> None:
+    def _ready(self, waiting: Waiting, ended: bool = False) -> None:
         """Bytes came on a waiting connection. Until its first TLS record is whole (a real client
         sends its ClientHello at once; a trickling attacker never finishes it) it goes on waiting.
         Then it becomes a session, in a free slot or in the one of the session that has made least
         progress (in its handshake, idle longest). When there is none, or its client has
         `max_per_client` sessions already, it is parked: left unread until its deadline, then reset
-        (closing it at once would only bring it back)."""
+        (closing it at once would only bring it back). `ended`: the peer has closed or reset it (a
+        session sees that at once, and counts it)."""
         settings = self.settings
-        if self.poller is not None and not _whole_record(waiting.sock):
+        if self.poller is not None and not ended and not _whole_record(waiting.sock):
             return None
         if self._per_client.get(waiting.key, 0) >= self.shared.count(settings.max_per_client) and (
             waiting.peer not in self._exempt

@@ -69,11 +69,12 @@ class NtsPlugin(RequestHandler):
         "nts_ke_connections": ((), "NTS-KE connections accepted; each ends in one nts_ke_sessions outcome."),
         "nts_ke_sessions": (
             ("outcome", "aead"),
-            "NTS-KE connections by how they ended: ok (aead: the one agreed), error_* (an Error record "
-            "sent), no_common_*, refused_* (ALPN, a malformed request), timeout, handshake_failed, tls_error, "
-            "client_closed_early, internal_error; no_first_bytes (silent past first_bytes_timeout), evicted "
-            "(closed for a newer connection: idle, or the idlest handshake), busy and per_client (left "
-            "unread to their deadline: no session slot, or the client had max_connections_per_client).",
+            "NTS-KE sessions (accepted connections) by how they ended: ok (aead: the one agreed), "
+            "error_* (an Error record sent), no_common_*, refused_* (ALPN, a malformed request), timeout, "
+            "handshake_failed, tls_error, client_closed_early, internal_error; no_first_bytes (silent past "
+            "first_bytes_timeout), evicted (closed for a newer connection: idle, or the idlest handshake), "
+            "busy and per_client (left unread to their deadline: no session slot, or the client had "
+            "max_connections_per_client).",
         ),
         "nts_ke_refused": (("reason",), "NTS-KE connections refused at accept: access lists, rate."),
         "nts_ke_accept_errors": (("error",), "Failed accept() calls on NTS-KE sockets (accepting pauses)."),

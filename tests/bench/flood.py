@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from bench import KE_CLIENTS, PLAIN_REQUEST, free_port, wait_port  # noqa: E402
+from bench import KE_CLIENTS, free_port, wait_port  # noqa: E402
 
 from nts.nts.devcerts import make_dev_certs  # noqa: E402
 
@@ -88,10 +88,14 @@ class Pair:
         )
         pin = ["taskset", "-c", str(core)]
         self.procs = {
-            "chrony": subprocess.Popen([*pin, "chronyd", "-x", "-u", "root", "-d", "-f", str(work / "chrony.conf")],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),  # fmt: skip
-            "ntsd": subprocess.Popen([*pin, python, "-m", "nts", "serve", "-c", str(work / "ntsd.yaml")],
-                                     cwd=HERE.parent.parent),  # fmt: skip
+            "chrony": subprocess.Popen(
+                [*pin, "chronyd", "-x", "-u", "root", "-d", "-f", str(work / "chrony.conf")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            "ntsd": subprocess.Popen(
+                [*pin, python, "-m", "nts", "serve", "-c", str(work / "ntsd.yaml")], cwd=HERE.parent.parent
+            ),
         }
         for name in self.procs:
             wait_port(self.ntp[name], socket.SOCK_DGRAM)
@@ -123,7 +127,7 @@ def ke_floods(work: Path, args: argparse.Namespace, keload: Path, keflood: Path)
             pair = Pair(work / f"ke-{addresses}-{mode}", args.server_core, args.python, limits)
             try:
                 print(f"\nNTS-KE, {CONNECTIONS} {mode} connections from {addresses} address(es); "
-                      f"ntsd's per-address limits {'default (honest client exempt)' if limits else 'lifted'}")  # fmt: skip
+                      f"ntsd's per-address limits {'default, honest client exempt' if limits else 'off'}")  # fmt: skip
                 print(f"  {'server':8} {'alone/s':>9} {'flood/s':>9} {'share':>6} {'rss idle':>9} {'flood':>7} "
                       f"{'after':>7}  flood connections")  # fmt: skip
                 for name in ("ntsd", "chrony"):

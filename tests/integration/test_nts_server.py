@@ -143,32 +143,148 @@ def test_peers_that_are_not_tls_or_vanish_are_closed_at_once_and_counted(tmp_pat
         assert events["ok_AES-SIV-CMAC-256"] == 1 and "timeout" not in events and "internal_error" not in events
 
 
-def test_connection_limit_refuses_fast_and_others_are_served(tmp_path: Path) -> None:
+def ke_gauges(mport: int) -> tuple[float, float]:
+    """(sessions under way, connections that have not sent their first record yet)."""
+    m = parse_text(fetch_metrics("127.0.0.1", mport))
+    return m.get("ntsd_nts_ke_open_sessions", 0.0), m.get("ntsd_nts_ke_pending_connections", 0.0)
+
+
+def reset_or_closed(sock: socket.socket, timeout: float = 10) -> bool:
+    """Whether the server has closed `sock` (reset, or FIN after whatever it sent) within `timeout`."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def still_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        while sock.recv(65536):  # (what the server sent: its handshake flight)
+            pass
+    except (BlockingIOError, ssl.SSLWantReadError):  # nothing more to read, and not closed
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def accounted(mport: int) -> bool:
+    """Every accepted NTS-KE connection has ended in one outcome or is still open."""
+    events, (sessions, pending) = ke_events(mport), ke_gauges(mport)
+    return events["connections"] == session_outcomes(events) + sessions + pending
+
+
+def test_silent_connections_keep_no_client_out_and_end_at_their_deadline(tmp_path: Path) -> None:
     ntp, ke, mport = ports()
-    extra = "  max_connections: 4\n  session_timeout: 30\n"
+    extra = "  max_connections: 2\n  max_pending_connections: 3\n  first_bytes_timeout: 0.5\n  session_timeout: 30\n"
     with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport, extra)):
-        idle = [socket.create_connection(("127.0.0.1", ke)) for _ in range(4)]
+        silent = [socket.create_connection(("127.0.0.1", ke)) for _ in range(5)]
         try:
-            wait_until(lambda: ke_events(mport).get("connections", 0) >= 4, what="4 idle sessions")
-            # refused at once: ke_raw gives up long before a slot would free (session_timeout 30 s)
-            assert ke_raw(ke, request(NP, AEAD15)).startswith("handshake failed")
-            assert ke_events(mport)["refused_busy"] >= 1
-            # UDP service is untouched by a KE flood
-            ca = dev_certs(tmp_path).ca
-            with pytest.raises(QueryError):
-                run_query("127.0.0.1", ke_port=ke, ca=ca)
+            # the kernel hands silent connections over after about a second (TCP_DEFER_ACCEPT); then
+            # three wait, and each newer one makes the oldest make room
+            wait_until(lambda: ke_events(mport).get("evicted", 0) >= 2, 15, what="two silent connections evicted")
+            # a client that speaks is served meanwhile (its connection too may have made room)
+            ok = ke_raw(ke, request(NP, AEAD15))
+            assert isinstance(ok, list) and [r.type for r in ok].count(RecordType.NEW_COOKIE) == 8
+            assert all(reset_or_closed(s) for s in silent)  # evicted, or reset at the first-bytes deadline
         finally:
-            for s in idle:
+            for s in silent:
                 s.close()
+        events = wait_until(lambda: (e := ke_events(mport)).get("no_first_bytes", 0) + e["evicted"] == 5 and e)
+        assert events["evicted"] >= 2 and events["ok_AES-SIV-CMAC-256"] == 1
+        assert wait_until(lambda: accounted(mport), what="every connection accounted for")
 
-        def query() -> dict[str, object] | None:
+
+def _started_handshake(port: int, hello: bytes) -> socket.socket:
+    """A connection that sent a whole ClientHello and then nothing (a handshake under way)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(hello)
+    s.settimeout(10)
+    assert s.recv(5)  # the server's flight began: this is a session now
+    return s
+
+
+def test_when_every_session_slot_is_taken_the_idlest_handshake_makes_room(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    extra = "  max_connections: 2\n  session_timeout: 30\n"
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport, extra)):
+        older = _started_handshake(ke, _client_hello())
+        newer = _started_handshake(ke, _client_hello())
+        try:
+            ok = ke_raw(ke, request(NP, AEAD15))
+            assert isinstance(ok, list) and [r.type for r in ok].count(RecordType.NEW_COOKIE) == 8
+            assert reset_or_closed(older)  # idle longest: evicted for the client that was ready
+            assert still_open(newer)
+        finally:
+            older.close()
+            newer.close()
+        assert ke_events(mport)["evicted"] == 1
+        assert wait_until(lambda: accounted(mport), what="every connection accounted for")
+
+
+def _finished_handshake(port: int, ca: Path, source: str = "127.0.0.1") -> ssl.SSLSocket:
+    """A session past its handshake that sends no request (it cannot be evicted)."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.set_alpn_protocols(["ntske/1"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def test_finished_handshakes_are_not_evicted_and_a_client_has_a_session_cap(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    extra = "  max_connections: 2\n  max_connections_per_client: 1\n  first_bytes_timeout: 0.5\n  session_timeout: 30\n"
+    ca = dev_certs(tmp_path).ca
+    with running_ntsd(tmp_path, nts_config(tmp_path, ntp, ke, mport, extra)):
+        first = _finished_handshake(ke, ca)
+        try:
+            # 127.0.0.1 has its one session: a second is left unread, then reset at its deadline
+            assert ke_raw(ke, request(NP, AEAD15)).startswith(("handshake failed", "closed"))  # type: ignore[union-attr]
+            assert ke_events(mport)["per_client"] == 1
+            second = _finished_handshake(ke, ca, "127.0.0.2")  # another client: served
             try:
-                return run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca)
-            except QueryError:
-                return None
+                # both slots hold finished handshakes: nothing to evict, so a third client waits and
+                # is reset (busy); the two are untouched
+                third = socket.create_connection(("127.0.0.1", ke), timeout=10, source_address=("127.0.0.3", 0))
+                third.sendall(_client_hello())
+                assert reset_or_closed(third)
+                third.close()
+                assert ke_events(mport)["busy"] == 1
+                assert still_open(first) and still_open(second)
+            finally:
+                second.close()
+        finally:
+            first.close()
+        assert wait_until(lambda: accounted(mport), what="every connection accounted for")
 
-        out = wait_until(query, what="a slot free again")
-        assert out["authenticated"] is True
+
+def test_ke_exempt_networks_have_no_session_cap_or_rate(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    extra = "  max_connections_per_client: 1\n  ke_rate: 0.001\n  ke_burst: 1\n  ke_exempt: [127.0.0.1/32]\n"
+    config = nts_config(tmp_path, ntp, ke, mport, extra).replace("  ke_rate: 1000\n  ke_burst: 1000\n", "")
+    ca = dev_certs(tmp_path).ca
+    with running_ntsd(tmp_path, config):
+        held = _finished_handshake(ke, ca)
+        try:
+            for _ in range(3):  # over the rate and beside a session of its own: still served
+                ok = ke_raw(ke, request(NP, AEAD15))
+                assert isinstance(ok, list) and [r.type for r in ok].count(RecordType.NEW_COOKIE) == 8
+            # another address has both limits
+            with socket.create_connection(("127.0.0.1", ke), timeout=10, source_address=("127.0.0.2", 0)):
+                pass  # (its one-session burst)
+            refused = socket.create_connection(("127.0.0.1", ke), timeout=10, source_address=("127.0.0.2", 0))
+            refused.sendall(_client_hello())
+            assert reset_or_closed(refused)  # held unread, then reset at its deadline
+            refused.close()
+        finally:
+            held.close()
+        events = ke_events(mport)
+        assert events["refused_rate"] == 1 and "per_client" not in events
 
 
 def test_cookies_survive_a_restart(tmp_path: Path) -> None:

@@ -176,6 +176,9 @@ class ExhaustedListener:
     def setblocking(self, flag: bool) -> None:
         pass
 
+    def setsockopt(self, *option: object) -> None:
+        pass
+
     def accept(self) -> tuple[socket.socket, Any]:
         self.calls += 1
         self.tried.set()
@@ -224,3 +227,28 @@ def test_with_workers_each_takes_its_share_of_the_limits(server: KeServer) -> No
     assert [server.admit("192.0.2.1") for _ in range(17)] == [None] * 16 + ["refused_rate"]
     server.share(Shared(AccessPolicy(), workers=4))
     assert [server.admit("192.0.2.2") for _ in range(5)] == [None] * 4 + ["refused_rate"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "whole"),
+    [
+        (bytes([22, 3, 1, 0, 4]) + b"abcd", True),  # a whole handshake record
+        (bytes([22, 3, 1, 0, 4]) + b"abc", False),  # its last byte still to come
+        (bytes([22, 3, 1]), False),  # not even a header yet
+        (b"GET / HTTP/1.1\r\n", True),  # not TLS: the session fails it at once
+        (bytes([22, 3, 1, 0xFF, 0xFF]) + bytes(5000), True),  # more than is peeked: enough to judge
+    ],
+)
+def test_a_connection_is_ready_for_a_session_when_its_first_record_is_whole(sent: bytes, whole: bool) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(sent)
+        assert listener._whole_record(b) is whole
+        assert b.recv(len(sent) + 1) == sent  # only peeked: the session reads it all
+
+
+def test_a_connection_closed_by_its_peer_is_ready_too() -> None:
+    a, b = socket.socketpair()
+    with b:
+        a.close()
+        assert listener._whole_record(b) is True  # (the session sees the end and counts it)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
 from nts.core.clockstate import STA_UNSYNC, ClockSettings, KernelClock, server_state
 from nts.core.policy import (
     ALLOW,
@@ -17,6 +19,7 @@ from nts.core.policy import (
     RateLimiter,
     RateSettings,
 )
+from nts.net import client_key
 from nts.wire.packet import Leap
 
 
@@ -109,3 +112,17 @@ def test_rate_limiter_survives_the_clock_stepping_back() -> None:
     assert r.check("a", back) == RATE_KOD  # and still limited by the same rule
     assert r.check("a", back + 10**6) == RATE_DROP  # KoDs still spaced by kod_interval after the step
     assert r.check("b", back) == RATE_OK
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),  # one /64: one client
+        ("fe80::1%eth0", "fe80::/64"),
+        ("not an address", "not an address"),
+    ],
+)
+def test_per_client_limits_count_an_ipv6_64_as_one_client(ip: str, key: str) -> None:
+    assert client_key(ip) == key
