@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -36,11 +37,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from bench import KE_CLIENTS, free_port, wait_port  # noqa: E402
+from bench import KE_CLIENTS, PLAIN_REQUEST, free_port, tree_cpu_seconds, wait_port  # noqa: E402
 
 from nts.nts.devcerts import make_dev_certs  # noqa: E402
 
 CONNECTIONS = 8000
+PLAIN_V3 = bytes([0x1B]) + bytes(39) + struct.pack(">Q", 0x1234567890ABCDEF)  # NTPv3, client
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -68,7 +70,9 @@ class Pair:
     their defaults, with the honest client's address exempt (nts.ke_exempt); else lifted. chrony
     has none unless configured (ntsratelimit would throttle the honest client too)."""
 
-    def __init__(self, work: Path, core: int, python: str, limits: bool) -> None:
+    def __init__(
+        self, work: Path, core: int, python: str, limits: bool, ntsd_extra: str = "", chrony_extra: str = ""
+    ) -> None:
         work.mkdir()
         certs = make_dev_certs(work / "certs", ["localhost", "127.0.0.1"], kind="ec")
         self.ntp = {n: free_port() for n in ("ntsd", "chrony")}
@@ -76,7 +80,7 @@ class Pair:
         (work / "chrony.conf").write_text(
             f"port {self.ntp['chrony']}\nntsport {self.ke['chrony']}\nbindaddress 127.0.0.1\n"
             f"ntsservercert {certs.certificate}\nntsserverkey {certs.private_key}\nntsdumpdir {work}\n"
-            f"local stratum 1\nallow 127.0.0.0/8\ncmdport 0\npidfile {work}/chronyd.pid\n"
+            f"local stratum 1\nallow 127.0.0.0/8\ncmdport 0\npidfile {work}/chronyd.pid\n{chrony_extra}"
         )
         ke_limits = ", ke_exempt: [127.0.0.1/32]" if limits else ", ke_rate: 1000000, ke_burst: 1000000"
         (work / "ntsd.yaml").write_text(
@@ -84,7 +88,7 @@ class Pair:
             "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\nmetrics: {listen: null}\n"
             "log: {level: warning}\n"
             f'nts: {{listen: ["127.0.0.1:{self.ke["ntsd"]}"], certificate: {certs.certificate}, '
-            f"private_key: {certs.private_key}, key_dir: {work / 'keys'}{ke_limits}}}\n"
+            f"private_key: {certs.private_key}, key_dir: {work / 'keys'}{ke_limits}}}\n{ntsd_extra}"
         )
         pin = ["taskset", "-c", str(core)]
         self.procs = {
@@ -150,10 +154,47 @@ def ke_floods(work: Path, args: argparse.Namespace, keload: Path, keflood: Path)
                 pair.stop()
 
 
+def loadgen(binary: Path, port: int, seconds: float, window: int, packet: bytes, core: int) -> subprocess.Popen[str]:
+    return tool([str(binary), "127.0.0.1", str(port), str(seconds), str(window), packet.hex()], core)
+
+
+def mssntp_saturation(work: Path, args: argparse.Namespace, binary: Path) -> None:
+    """Plain requests, one in flight, alone and while MS-SNTP requests keep Samba signing flat out."""
+    sys.path.insert(0, str(HERE.parent.parent))
+    from tests.interop.samba import provision  # (needs samba, samba-tool, ldbsearch)
+
+    dc = provision(work / "samba")
+    dc.start(prefix=("taskset", "-c", str(args.client_core)))  # (off the server's core, as the clients)
+    try:
+        signed = PLAIN_V3 + struct.pack("<I", dc.rid) + bytes(16)  # as Windows sends it
+        mssntp = f"mssntp: {{socket: {dc.socket}, networks: [127.0.0.0/8], rate: 1000000, burst: 1000000}}\n"
+        pair = Pair(work / "mssntp", args.server_core, args.python, False,
+                    "rate_limit: {enabled: false}\n" + mssntp, f"ntpsigndsocket {dc.socket.parent}\n")  # fmt: skip
+        try:
+            secs = args.seconds
+            print(f"\nMS-SNTP saturation through one Samba (RID {dc.rid}): plain replies/s with one request in flight")
+            print(f"  {'server':8} {'alone/s':>9} {'beside/s':>9} {'share':>6} {'signed/s':>9} {'cpu':>6}")
+            for name in ("ntsd", "chrony"):
+                port = pair.ntp[name]
+                alone = figures(loadgen(binary, port, secs, 1, PLAIN_REQUEST, args.client_core))
+                load = loadgen(binary, port, secs + 2, 64, signed, args.client_core)
+                time.sleep(1)  # not synchronisation: signing reaches its pace first
+                cpu0, t0 = tree_cpu_seconds(pair.procs[name].pid), time.monotonic()
+                beside = figures(loadgen(binary, port, secs, 1, PLAIN_REQUEST, args.client_core))
+                cpu = (tree_cpu_seconds(pair.procs[name].pid) - cpu0) / (time.monotonic() - t0)
+                sign = figures(load)
+                print(f"  {name:8} {alone['rate']:9.0f} {beside['rate']:9.0f} {beside['rate'] / alone['rate']:6.0%} "
+                      f"{sign['rate']:9.0f} {cpu:6.0%}")  # fmt: skip
+        finally:
+            pair.stop()
+    finally:
+        dc.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0, help="each measurement's length (default 8)")
-    ap.add_argument("--only", default="ke,udp", help="comma-separated: ke, udp")
+    ap.add_argument("--only", default="ke,udp,mssntp", help="comma-separated: ke, udp, mssntp")
     ap.add_argument("--server-core", type=int, default=1)
     ap.add_argument("--client-core", type=int, default=0)
     ap.add_argument("--python", default=sys.executable, help="the interpreter that runs ntsd")
@@ -168,6 +209,8 @@ def main() -> int:
             subprocess.run(["gcc", "-O2", "-o", str(binaries[name]), str(source), *flags], check=True)
         if "ke" in only:
             ke_floods(work, args, binaries["keload"], binaries["keflood"])
+        if "mssntp" in only:
+            mssntp_saturation(work, args, binaries["loadgen"])
     return 0
 
 

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
-import re
-import secrets
 import shutil
 import socket
 import struct
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,84 +17,22 @@ import pytest
 from nts.cli import fetch_metrics
 from nts.client import run_query
 from nts.server.metrics import parse_text
-from tests.helpers import client_request, free_port, lab_config, need, query, running_ntsd, wait_until
+from tests.helpers import client_request, free_port, lab_config, need, query, running_ntsd
+from tests.interop.samba import Samba, provision
 from tests.nts_helpers import dev_certs, nts_config, ports
 
 pytestmark = pytest.mark.interop
 
 
-@dataclass
-class Samba:
-    root: Path
-    socket: Path
-    rid: int  # an enabled machine account
-    nt_hash: bytes
-    disabled_rid: int
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [need("samba"), "-i", "-s", str(self.root / "dc/etc/smb.conf"), "--option=server services=ntp_signd"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        proc = self.proc
-
-        def signd_up() -> bool:
-            assert proc.poll() is None, "Samba exited before its ntp_signd socket appeared"
-            return _connectable(self.socket)
-
-        wait_until(signd_up, 30, what="Samba's ntp_signd socket")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(15)
-            self.proc = None
-
-
-def _connectable(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-def _tool(*args: str) -> str:
-    return subprocess.run([need("samba-tool"), *args], capture_output=True, text=True, timeout=120, check=True).stdout
-
-
-def _account(sam: Path, name: str) -> tuple[int, bytes | None]:
-    out = subprocess.run([need("ldbsearch"), "-H", str(sam), f"(sAMAccountName={name})", "objectSid", "unicodePwd"],
-                         capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
-    rid = int(re.search(r"^objectSid: S-[\d-]+-(\d+)$", out, re.M).group(1))  # type: ignore[union-attr]
-    pwd = re.search(r"^unicodePwd:: (\S+)$", out, re.M)
-    return rid, base64.b64decode(pwd.group(1)) if pwd else None
-
-
 @pytest.fixture(scope="module")
 def samba() -> Iterator[Samba]:
-    need("samba")
+    for name in ("samba", "samba-tool", "ldbsearch"):
+        need(name)
     if os.geteuid() != 0:
         pytest.skip("a Samba DC needs root")
     root = Path(tempfile.mkdtemp(prefix="ntsd-samba-"))
     try:
-        signd = root / "signd"
-        _tool("domain", "provision", "--realm=NTS.TEST", "--domain=NTSTEST", "--server-role=dc",
-              "--dns-backend=NONE", f"--adminpass=A1-{secrets.token_hex(8)}", f"--targetdir={root / 'dc'}",
-              f"--option=ntp signd socket directory={signd}", "--option=interfaces=lo",
-              "--option=bind interfaces only=yes")  # fmt: skip
-        signd.mkdir(mode=0o750)
-        sam = root / "dc/private/sam.ldb"
-        for name in ("WS1", "WS2"):
-            _tool("computer", "create", name, "-H", str(sam))
-        _tool("user", "setpassword", "WS1$", f"--newpassword=M1-{secrets.token_hex(12)}", "-H", str(sam))
-        _tool("user", "enable", "WS1$", "-H", str(sam))  # created disabled; WS2 stays disabled
-        rid, nt_hash = _account(sam, "WS1$")
-        disabled_rid, _ = _account(sam, "WS2$")
-        assert nt_hash is not None and len(nt_hash) == 16
-        dc = Samba(root, signd / "socket", rid, nt_hash, disabled_rid)
+        dc = provision(root)
         dc.start()
         yield dc
         dc.stop()
