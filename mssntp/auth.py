@@ -7,8 +7,10 @@ dropped, since Samba cannot sign it. Signed replies let anyone brute-force machi
 offline ("Timeroast"), so requests are rate-limited per client and each address may have only a
 few machine accounts signed (`accounts.py`, with a global budget for accounts no one asked for
 recently); refusals are counted and logged. Then the reply header is built,
-transmit time included, and handed to Samba through `SigndClient` as a Defer: the UDP listener
-never waits. A failed or late signature means no reply at all, never an unsigned one.
+transmit time included, and handed to Samba through `SigndClient` as a Defer finished on the
+plugin's lane (`nts.server.lane`: a niced thread with its own event loop): the UDP listener never
+waits, and under saturation signing takes only the CPU that serving leaves. A failed or late
+signature means no reply at all, never an unsigned one.
 With no `networks` configured the plugin claims nothing: MS-SNTP is off until you say where
 the domain is.
 """
@@ -30,6 +32,7 @@ from nts.core.handler import ReplyContext, Request, RequestHandler
 from nts.core.policy import RATE_OK, Network, NetworkSet, RateLimiter, RateSettings, Shared
 from nts.core.stats import CounterHelp, Counters, GaugeHelp, SeriesHelp
 from nts.logutil import RateLimitedLog
+from nts.server.lane import NICE, Lane
 
 from .accounts import NEW_BUDGET, PER_CLIENT, RID_MASK, AccountGuard, AccountLimits
 from .signer import SigndClient
@@ -150,6 +153,9 @@ class MsSntpPlugin(RequestHandler):
         self._sweeps = RateLimitedLog(log, 60.0, logging.WARNING)
         self.client = SigndClient(settings.socket, self.stats, settings.connections, settings.queue_size,
                                   settings.deadline)  # fmt: skip
+        # the conversation with Samba runs on a lane (a niced thread with its own loop): signing
+        # never delays the UDP listeners' other replies, nor NTS-KE on the server's loop
+        self.lane = Lane("mssntp signing")
         self._last_extended_log = 0.0
         if not settings.networks:
             log.warning("mssntp.networks is empty: MS-SNTP requests are answered for no one")
@@ -174,7 +180,7 @@ class MsSntpPlugin(RequestHandler):
         if refused is not None:
             self._refused(refused, request.client[0], key_id & RID_MASK)
             return _D_ACCOUNTS[refused]
-        return Defer(partial(self._signed, key_id, request, ctx), self.name, request.client)
+        return Defer(partial(self._signed, key_id, request, ctx), self.name, request.client, self.lane.loop)
 
     def _account_limits(self, settings: MsSntpSettings) -> AccountLimits:
         """The account limits this process enforces: with workers, its share of the new-account budget."""
@@ -203,15 +209,19 @@ class MsSntpPlugin(RequestHandler):
         return await self.client.sign(key_id, lambda delay: ctx.reply_header(data, rx_ns, delay))
 
     async def start(self) -> None:
-        await self.client.start()
+        self.lane.start()
+        await self.lane.run(self.client.start())
         self._announce()
 
     def _announce(self) -> None:
-        log.info("MS-SNTP signing through %s for %s", self.settings.socket,
-                 ", ".join(map(str, self.settings.networks)) or "no networks")  # fmt: skip
+        log.info("MS-SNTP signing through %s for %s (on a thread of its own%s)", self.settings.socket,
+                 ", ".join(map(str, self.settings.networks)) or "no networks",
+                 f", at nice +{NICE}" if self.lane.niced else "")  # fmt: skip
 
     async def stop(self) -> None:
-        await self.client.stop()
+        if self.lane.loop is not None:
+            await self.lane.run(self.client.stop())
+            await self.lane.stop()
 
     def reconfigure(self, settings: MsSntpSettings) -> bool:
         """Applied in place, so a reload keeps the connections to Samba, the requests waiting for a

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .stats import Counters
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,7 @@ class Defer:
     complete: Callable[[], Awaitable[bytes | None]]
     name: str  # the handler's, for the counters
     client: tuple[str, int]
+    lane: asyncio.AbstractEventLoop | None = None  # the loop to finish it on (None: the server's)
 
 
 class Seal:

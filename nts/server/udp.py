@@ -127,7 +127,7 @@ class UdpListener:
         self.sock = sock
         self.local = sock.getsockname()
         self.stats = Counters()  # written by the listener's thread (and its pipeline)
-        self.loop_stats = Counters()  # written on the event loop (deferred replies)
+        self.loop_stats = Counters()  # written where deferred replies are finished (one loop: see _defer)
         self._requests = self.stats.tally(_K_REQUESTS)
         self.stamping = kernel_timestamping(sock)
         self.timestamps = TxTimestamps(lag=TxLag(enabled=correct)) if self.stamping else None
@@ -210,8 +210,8 @@ class UdpListener:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
-        for task in self._tasks:
-            task.cancel()
+        for task in list(self._tasks):
+            task.get_loop().call_soon_threadsafe(task.cancel)
         self.sock.close()
 
     def _run(self) -> None:
@@ -284,7 +284,7 @@ class UdpListener:
             self.timestamps.pending = None
         if type(decision) is Defer:
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision, anc)
+            (decision.lane or self._loop).call_soon_threadsafe(self._defer, pipeline, data, decision, anc)
         elif self._on_drop is not None:
             self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
 
@@ -359,7 +359,8 @@ class UdpListener:
                     if kind is Defer:
                         assert self._loop is not None
                         anc = batch.pktinfo_ancillary(i)
-                        self._loop.call_soon_threadsafe(self._defer, pipeline, data, decision, anc)  # type: ignore[arg-type]
+                        lane = decision.lane or self._loop  # type: ignore[union-attr]
+                        lane.call_soon_threadsafe(self._defer, pipeline, data, decision, anc)  # type: ignore[arg-type]
                     elif self._on_drop is not None:
                         self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
                 if first and time_ns() - first >= hold:  # a queued timestamp must not go stale
@@ -497,8 +498,9 @@ class UdpListener:
                           "for a minute)", addr[0])  # fmt: skip
 
     def _defer(self, pipeline: Pipeline, request: bytes, d: Defer, anc: list[Any]) -> None:
-        assert self._loop is not None
-        task = self._loop.create_task(self._complete(pipeline, request, d, anc))
+        """(On the loop the reply is finished on: the server's, or the handler's lane, whose thread
+        then writes `loop_stats`; a handler's deferred replies all go one way.)"""
+        task = asyncio.get_running_loop().create_task(self._complete(pipeline, request, d, anc))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

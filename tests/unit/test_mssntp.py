@@ -316,13 +316,14 @@ def test_a_reload_keeps_the_signer_connections_and_counters() -> None:
             plugin = MsSntpPlugin(settings)
             await plugin.start()
             try:
-                assert await plugin.client.sign(1, PACKET) is not None
+                # the client lives on the plugin's lane, where deferred replies are finished
+                assert await plugin.lane.run(plugin.client.sign(1, PACKET)) is not None
                 client = plugin.client
                 wider = dataclasses.replace(settings, networks=(ipaddress.ip_network("0.0.0.0/0"),), deadline=2.0)
                 assert plugin.reconfigure(wider)
                 assert plugin.client is client and client.deadline == 2.0
                 assert "192.0.2.1" in plugin.networks
-                assert await plugin.client.sign(2, PACKET) is not None
+                assert await plugin.lane.run(plugin.client.sign(2, PACKET)) is not None
                 assert plugin.counters()[("mssntp_sign", "signed")] == 2
                 assert plugin.counters()[("mssntp_sign", "connects")] == 2  # the same two connections
                 assert not plugin.reconfigure(dataclasses.replace(wider, connections=3))  # needs a new client
@@ -469,3 +470,40 @@ def test_with_workers_each_takes_its_share_of_the_new_account_budget() -> None:
     assert (ms.accounts.limits.new_rate, ms.accounts.limits.new_burst) == (2.0, 500)
     ms.share(Shared(AccessPolicy(), workers=4))
     assert (ms.accounts.limits.new_rate, ms.accounts.limits.new_burst) == (0.5, 125)
+
+
+def test_signing_runs_on_a_niced_thread_of_its_own_and_stops_with_the_plugin() -> None:
+    import ipaddress
+    import threading
+    import time
+
+    from nts.core.clockstate import ClockSettings, Replies, server_state
+    from nts.core.decisions import Defer
+    from nts.core.handler import Request
+    from nts.server.lane import NICE
+
+    ctx = Replies(server_state(ClockSettings(local_reference=True), None, -20, time.time_ns()), time.time_ns)
+    request = Request(bytes([0x1B]) + bytes(47), (), struct.pack("<I", 1104) + bytes(16), ("10.1.2.3", 123), 1)
+
+    async def where() -> tuple[int, int]:
+        tid = threading.get_native_id()
+        return tid, os.getpriority(os.PRIO_PROCESS, tid)
+
+    async def main() -> None:
+        async with fake() as signer:
+            settings = MsSntpSettings(socket=signer.path, networks=(ipaddress.ip_network("10.0.0.0/8"),))
+            plugin = MsSntpPlugin(settings)
+            await plugin.start()
+            try:
+                tid, nice = await plugin.lane.run(where())
+                assert tid != threading.get_native_id()
+                assert nice == os.getpriority(os.PRIO_PROCESS, 0) + NICE and plugin.lane.niced
+                decision = plugin.respond(request, ctx)
+                assert isinstance(decision, Defer) and decision.lane is plugin.lane.loop
+                assert await plugin.lane.run(decision.complete()) is not None  # signed there
+                thread = plugin.lane._thread
+            finally:
+                await plugin.stop()
+            assert thread is not None and not thread.is_alive()
+
+    run(main)
