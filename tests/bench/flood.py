@@ -76,6 +76,7 @@ class Pair:
         work.mkdir()
         certs = make_dev_certs(work / "certs", ["localhost", "127.0.0.1"], kind="ec")
         self.ntp = {n: free_port() for n in ("ntsd", "chrony")}
+        self.metrics = free_port(socket.SOCK_STREAM)
         self.ke = {n: free_port(socket.SOCK_STREAM) for n in ("ntsd", "chrony")}
         (work / "chrony.conf").write_text(
             f"port {self.ntp['chrony']}\nntsport {self.ke['chrony']}\nbindaddress 127.0.0.1\n"
@@ -85,7 +86,8 @@ class Pair:
         ke_limits = ", ke_exempt: [127.0.0.1/32]" if limits else ", ke_rate: 1000000, ke_burst: 1000000"
         (work / "ntsd.yaml").write_text(
             f'ntp: {{listen: ["127.0.0.1:{self.ntp["ntsd"]}"]}}\n'
-            "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\nmetrics: {listen: null}\n"
+            "clock: {local_reference: true, stratum: 1, reference_id: LOCL}\n"
+            f'metrics: {{listen: "127.0.0.1:{self.metrics}"}}\n'
             "log: {level: warning}\n"
             f'nts: {{listen: ["127.0.0.1:{self.ke["ntsd"]}"], certificate: {certs.certificate}, '
             f"private_key: {certs.private_key}, key_dir: {work / 'keys'}{ke_limits}}}\n{ntsd_extra}"
@@ -154,8 +156,12 @@ def ke_floods(work: Path, args: argparse.Namespace, keload: Path, keflood: Path)
                 pair.stop()
 
 
-def loadgen(binary: Path, port: int, seconds: float, window: int, packet: bytes, core: int) -> subprocess.Popen[str]:
-    return tool([str(binary), "127.0.0.1", str(port), str(seconds), str(window), packet.hex()], core)
+def loadgen(
+    binary: Path, port: int, seconds: float, window: int, packet: bytes, core: int, rate: float = 0
+) -> subprocess.Popen[str]:
+    env = {**os.environ, "LOADGEN_RATE": str(rate)} if rate else None
+    cmd = ["taskset", "-c", str(core), str(binary), "127.0.0.1", str(port), str(seconds), str(window), packet.hex()]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
 
 
 def mssntp_saturation(work: Path, args: argparse.Namespace, binary: Path) -> None:
@@ -191,10 +197,70 @@ def mssntp_saturation(work: Path, args: argparse.Namespace, binary: Path) -> Non
         dc.stop()
 
 
+def counters(port: int) -> dict[str, float]:
+    from nts.cli import fetch_metrics
+    from nts.server.metrics import parse_text
+
+    return parse_text(fetch_metrics("127.0.0.1", port))
+
+
+def family(m: dict[str, float], *names: str) -> float:
+    return sum(v for k, v in m.items() if k.split("{")[0] in names)
+
+
+def udp_floods(work: Path, args: argparse.Namespace, loadgen_bin: Path, flood_bin: Path) -> None:
+    """An honest client (127.0.0.1, 1,000 requests/s, one in flight) alone and while a flood comes
+    from `--spoofed` other addresses (valid requests: more clients than ntsd's rate table holds),
+    or of malformed datagrams, at `--udp-rate` and flat out: the share of its requests answered and
+    its round trip. ntsd's rate limiting is on (its rate lifted so that only the table's bound
+    matters), chrony's as by default (none)."""
+    secs = args.seconds
+    limits = "rate_limit: {enabled: true, rate: 1000000, burst: 1000000}\n"
+    for mode in ("spoofed", "malformed"):
+        pair = Pair(work / f"udp-{mode}", args.server_core, args.python, False, limits)
+        try:
+            for rate in (args.udp_rate, 0):
+                print(f"\nUDP flood, {mode}, {f'{rate:.0f}/s' if rate else 'flat out'} from {args.spoofed} addresses; "
+                      "an honest client at 1,000/s")  # fmt: skip
+                print(f"  {'server':8} {'answered':>9} {'rtt us':>7} {'alone':>7} {'flood sent':>11} {'rss idle':>9} "
+                      f"{'flood':>7} {'after':>7}")  # fmt: skip
+                for name in ("ntsd", "chrony"):
+                    port = pair.ntp[name]
+                    idle = pair.rss(name)
+                    alone = figures(loadgen(loadgen_bin, port, secs, 1, PLAIN_REQUEST, args.client_core, 1000))
+                    before = counters(pair.metrics) if name == "ntsd" else {}
+                    cmd = [str(flood_bin), "127.0.0.1", str(port), str(secs + 2), str(rate), str(args.spoofed), mode]
+                    flood = tool([*cmd, PLAIN_REQUEST.hex()], args.client_core)
+                    time.sleep(1)  # not synchronisation: the flood reaches its pace first
+                    under = figures(loadgen(loadgen_bin, port, secs, 1, PLAIN_REQUEST, args.client_core, 1000))
+                    during = pair.rss(name)
+                    sent = figures(flood)
+                    time.sleep(2)  # (the server drains its queue)
+                    after = pair.rss(name)
+                    print(f"  {name:8} {under['replies'] / max(under['sent'], 1):9.1%} {under.get('rtt_us', 0):7.0f} "
+                          f"{alone.get('rtt_us', 0):7.0f} {sent['sent']:11.0f} {idle:8.0f}M {during:6.0f}M "
+                          f"{after:6.0f}M")  # fmt: skip
+                    if name == "ntsd":
+                        m = counters(pair.metrics)
+                        delta = {k: m.get(k, 0) - before.get(k, 0) for k in m}
+                        requests = family(delta, "ntsd_requests_total")
+                        outcomes = family(delta, "ntsd_replies_total", "ntsd_naks_total", "ntsd_drops_total")
+                        kernel = family(delta, "ntsd_kernel_drops_total")
+                        datagrams = sent["sent"] + under["sent"]
+                        print(f"    ntsd counters: requests {requests:.0f} = replies+naks+drops {outcomes:.0f} "
+                              f"({'exact' if requests == outcomes else 'MISMATCH'}); requests + kernel drops "
+                              f"{requests + kernel:.0f} of {datagrams:.0f} datagrams sent; rate table "
+                              f"{m.get('ntsd_rate_limit_clients', 0):.0f} clients")  # fmt: skip
+        finally:
+            pair.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0, help="each measurement's length (default 8)")
     ap.add_argument("--only", default="ke,udp,mssntp", help="comma-separated: ke, udp, mssntp")
+    ap.add_argument("--spoofed", type=int, default=1_000_000, help="source addresses of the UDP flood")
+    ap.add_argument("--udp-rate", type=float, default=50_000, help="the UDP flood's datagrams/s (0: flat out)")
     ap.add_argument("--server-core", type=int, default=1)
     ap.add_argument("--client-core", type=int, default=0)
     ap.add_argument("--python", default=sys.executable, help="the interpreter that runs ntsd")
@@ -203,12 +269,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ntsd-flood-") as tmp:
         work = Path(tmp)
         binaries = {}
-        for name, flags in (("keflood", []), ("loadgen", []), ("keload", [*KE_CLIENTS["lite"][1], "-lpthread"])):
+        tools = (("keflood", []), ("udpflood", []), ("loadgen", []), ("keload", [*KE_CLIENTS["lite"][1], "-lpthread"]))
+        for name, flags in tools:
             binaries[name] = work / name
             source = HERE / ("keload.c" if name == "keload" else f"{name}.c")
             subprocess.run(["gcc", "-O2", "-o", str(binaries[name]), str(source), *flags], check=True)
         if "ke" in only:
             ke_floods(work, args, binaries["keload"], binaries["keflood"])
+        if "udp" in only:
+            udp_floods(work, args, binaries["loadgen"], binaries["udpflood"])
         if "mssntp" in only:
             mssntp_saturation(work, args, binaries["loadgen"])
     return 0

@@ -4,7 +4,8 @@
  * reply received, batch with sendmmsg/recvmmsg, and refill the window when nothing has come back
  * for a while (lost packets). Counts only replies that look like NTP mode 4 packets.
  * Usage: loadgen HOST PORT SECONDS WINDOW HEXPACKET [HEXPACKET...]
- * Prints: "replies=N seconds=S rate=R other=K sent=N interleaved=I" on one line.
+ * Prints: "replies=N seconds=S rate=R other=K sent=N interleaved=I rtt_us=T" on one line (T: the
+ * mean round trip, measured with WINDOW 1 only).
  * LOADGEN_RATE=R caps the requests sent to R per second (a partial load, for accuracy runs).
  * LOADGEN_XLEAVE=1 sends NTPv4 requests in interleaved mode (RFC 9769): each quotes, as its origin,
  * the receive timestamp of a reply received earlier, with receive and transmit fields of its own
@@ -89,6 +90,8 @@ int main(int argc, char **argv) {
     unsigned long nseen = 0, quoted = 0;
     int inflight = 0, next = 0;
     double start = now(), last_rx = start, end = start + seconds;
+    double sent_at = 0, rtt_sum = 0;  /* with window 1: each answered request's round trip */
+    long rtt_n = 0;
     struct pollfd pfd = {.fd = fd, .events = POLLIN};
     while (1) {
         double t = now();
@@ -119,6 +122,7 @@ int main(int argc, char **argv) {
             }
             int s = sendmmsg(fd, smsgs, n, 0);
             if (s <= 0) break;
+            if (window == 1) sent_at = now();
             inflight += s; sent += s; want -= s;
         }
         if (poll(&pfd, 1, 5) <= 0) continue;
@@ -135,9 +139,10 @@ int main(int argc, char **argv) {
         inflight -= r;
         if (inflight < 0) inflight = 0;
         last_rx = now();
+        if (window == 1 && sent_at > 0) { rtt_sum += last_rx - sent_at; rtt_n++; sent_at = 0; }
     }
     double el = now() - start;
-    printf("replies=%ld seconds=%.3f rate=%.0f other=%ld sent=%ld interleaved=%ld\n", replies, el, replies / el,
-           shortr, sent, interleaved);
+    printf("replies=%ld seconds=%.3f rate=%.0f other=%ld sent=%ld interleaved=%ld rtt_us=%.1f\n", replies, el,
+           replies / el, shortr, sent, interleaved, rtt_n ? rtt_sum / rtt_n * 1e6 : 0.0);
     return 0;
 }
