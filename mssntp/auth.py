@@ -8,7 +8,7 @@ offline ("Timeroast"), so requests are rate-limited per client and each address 
 few machine accounts signed (`accounts.py`, with a global budget for accounts no one asked for
 recently); refusals are counted and logged. Then the reply header is built,
 transmit time included, and handed to Samba through `SigndClient` as a Defer finished on the
-plugin's lane (`nts.server.lane`: a niced thread with its own event loop): the UDP listener never
+plugin's lane (`nts.lane`: a niced thread with its own event loop): the UDP listener never
 waits, and under saturation signing takes only the CPU that serving leaves. A failed or late
 signature means no reply at all, never an unsigned one.
 With no `networks` configured the plugin claims nothing: MS-SNTP is off until you say where
@@ -31,8 +31,8 @@ from nts.core.decisions import Answer, Defer, drop
 from nts.core.handler import ReplyContext, Request, RequestHandler
 from nts.core.policy import RATE_OK, Network, NetworkSet, RateLimiter, RateSettings, Shared
 from nts.core.stats import CounterHelp, Counters, GaugeHelp, SeriesHelp
+from nts.lane import NICE, Lane
 from nts.logutil import RateLimitedLog
-from nts.server.lane import NICE, Lane
 
 from .accounts import NEW_BUDGET, PER_CLIENT, RID_MASK, AccountGuard, AccountLimits
 from .signer import SigndClient

@@ -62,14 +62,19 @@ def ke_raw(
     alpn: list[bytes] | None = None,
     max_version: int | None = None,
     timeout: float = 10.0,
+    source: str | None = None,
+    prefix: bytes = b"",
 ) -> list[Record] | str:
-    """One raw NTS-KE session; returns the server's records, or a string saying how it ended."""
+    """One raw NTS-KE session; returns the server's records, or a string saying how it ended.
+    `source`: the local address to connect from; `prefix`: bytes sent before TLS (a PROXY header)."""
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     if max_version is not None:
         ctx.set_max_proto_version(max_version)
     if alpn != []:  # [] offers no ALPN at all
         ctx.set_alpn_protos(alpn if alpn is not None else [b"ntske/1"])
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    bind = (source, 0) if source else None
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=bind)
+    sock.sendall(prefix)
     sock.settimeout(None)
     tv = struct.pack("@qq", int(timeout), 0)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)

@@ -51,6 +51,7 @@ from ..core.policy import ALLOW, RATE_OK, AccessPolicy, NetworkSet, RateLimiter,
 from ..core.stats import Counters
 from ..logutil import RateLimitedLog
 from ..net import client_key
+from ..wire import proxy
 from ..wire.errors import ParseError
 from .aead import AEADS, AeadId
 from .certs import AlpnRefused, CertStore, alpn_chosen
@@ -71,15 +72,16 @@ _ACCEPT_RETRY_S = 1.0  # the pause after accept() failed for want of descriptors
 class Waiting:
     """An accepted connection that has sent nothing yet: all a connection costs until it does."""
 
-    __slots__ = ("fd", "key", "parked", "peer", "sock", "started")
+    __slots__ = ("fd", "key", "parked", "peer", "proxied", "sock", "started")
 
-    def __init__(self, sock: socket.socket, peer: str, key: str) -> None:
+    def __init__(self, sock: socket.socket, peer: str, key: str, proxied: bool = False) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.peer = peer
+        self.peer = peer  # the client: the address it connected from, or the one a PROXY header named
         self.key = key  # the client, as per-client limits count it
         self.started = time.monotonic()
         self.parked = ""  # why its bytes are left unread until its deadline ("busy", "per_client")
+        self.proxied = proxied  # from a load balancer, and its PROXY header not read yet
 
 
 class KeServer:
@@ -93,6 +95,7 @@ class KeServer:
         self.shared = Shared(AccessPolicy())  # the server's access lists and workers (set by the plugin)
         self._limiter = self._new_limiter(settings)
         self._exempt = NetworkSet(settings.exempt)
+        self._proxies = NetworkSet(settings.proxies)  # balancers whose connections begin with a PROXY header
         self._events = RateLimitedLog(log)
         self._alarms = RateLimitedLog(log, level=logging.WARNING)
         self.wall_clock: Callable[[], float] = time.time
@@ -127,6 +130,8 @@ class KeServer:
         changed = settings.first_bytes_timeout != self.settings.first_bytes_timeout
         if settings.exempt != self.settings.exempt:
             self._exempt = NetworkSet(settings.exempt)
+        if settings.proxies != self.settings.proxies:
+            self._proxies = NetworkSet(settings.proxies)
         self.settings = settings
         if changed:
             for sock in self._listeners:
@@ -239,6 +244,14 @@ class KeServer:
                 loop.call_later(_ACCEPT_RETRY_S, self._resume, listener, loop)
                 return
             peer = addr[0] if addr else "?"
+            if self._proxies.networks and peer in self._proxies:  # a balancer's: admitted once its header is read
+                try:
+                    sock.setblocking(False)
+                    self._hold(Waiting(sock, peer, client_key(peer), proxied=True), loop)
+                except Exception:  # a bug must cost this connection only, and say so
+                    log.exception("internal error accepting an NTS-KE connection from %s (closed)", peer)
+                    sock.close()
+                continue
             refusal = self.admit(peer)
             if refusal is not None:
                 self.count(refusal, peer)
@@ -260,7 +273,8 @@ class KeServer:
             self._alarms("evicting", "NTS-KE: %d connections wait for their first bytes: closing the oldest "
                          "for each new one (a flood of idle connections?)", len(self._waiting))  # fmt: skip
             oldest = self._waiting[next(iter(self._waiting))]
-            self._drop(oldest, _COUNTED if oldest.parked == _COUNTED else "evicted")
+            evicted = "proxy_evicted" if oldest.proxied else "evicted"
+            self._drop(oldest, _COUNTED if oldest.parked == _COUNTED else evicted)
         self._waiting[waiting.fd] = waiting
         if refusal is not None:
             waiting.parked = _COUNTED
@@ -285,8 +299,14 @@ class KeServer:
         (closing it at once would only bring it back). `ended`: the peer has closed or reset it (a
         session sees that at once, and counts it)."""
         settings = self.settings
-        if self.poller is not None and not ended and not _whole_record(waiting.sock):
-            return None
+        if waiting.proxied:
+            return self._proxy_header(waiting, ended)
+        if self.poller is not None and not ended:
+            first = _first_record(waiting.sock)
+            if first is _PARTIAL:
+                return None
+            if first is _PROXY_HEADER:  # from a peer not named in nts.proxy_protocol
+                return self._drop(waiting, "unexpected_proxy_header", waiting.peer)
         if self._per_client.get(waiting.key, 0) >= self.shared.count(settings.max_per_client) and (
             waiting.peer not in self._exempt
         ):
@@ -313,6 +333,37 @@ class KeServer:
         session.started = waiting.started
         self.adopt(session)
         session.step()
+
+    def _proxy_header(self, waiting: Waiting, ended: bool) -> None:
+        """A balancer's connection: read the PROXY header (HAProxy's protocol, v2 or v1) that must
+        begin it, and from then on the client it names is the peer: admission, per-client limits,
+        logs and metrics are about it. A header missing, malformed or not whole by the deadline
+        closes the connection (nts_ke_refused, by reason). A LOCAL header (the balancer's health
+        check) leaves the balancer the peer."""
+        try:
+            data = waiting.sock.recv(proxy.MAX_LENGTH, socket.MSG_PEEK)
+        except OSError:
+            data = b""
+        try:
+            header = proxy.parse(data)
+        except ParseError as exc:
+            return self._drop(waiting, exc.code, waiting.peer)
+        if header is None:
+            if ended:
+                self._drop(waiting, "proxy_truncated", waiting.peer)
+            return None
+        waiting.sock.recv(header.length)  # (all there: it was just peeked)
+        waiting.proxied = False
+        if header.client is not None:
+            waiting.peer, waiting.key = header.client[0], client_key(header.client[0])
+            refusal = self.admit(waiting.peer)
+            if refusal is not None:  # held unread to its deadline, as any refused connection
+                self.count(refusal, waiting.peer)
+                self._park(waiting, _COUNTED)
+                return None
+        self.count("connections")
+        self._ready(waiting, ended)  # (its first record may be in already: no new edge would come)
+        return None
 
     def _park(self, waiting: Waiting, why: str) -> None:
         waiting.parked = why
@@ -360,7 +411,7 @@ class KeServer:
                 break
             late.append(waiting)
         for waiting in late:
-            self._drop(waiting, waiting.parked or "no_first_bytes")
+            self._drop(waiting, waiting.parked or ("proxy_timeout" if waiting.proxied else "no_first_bytes"))
         deadline = now - self.settings.session_timeout
         expired = []
         for session in self._sessions.values():
@@ -399,16 +450,22 @@ _PEEK = bytearray(4096)  # (the loop's thread only)
 _TLS_HANDSHAKE = 22
 
 
-def _whole_record(sock: socket.socket) -> bool:
-    """Whether the first TLS record a connection sent has fully arrived (or is not TLS at all, which
-    fails at once): what a real client's first flight looks like, and a trickling attacker's not."""
+_WHOLE, _PARTIAL, _PROXY_HEADER = "whole", "partial", "proxy"
+
+
+def _first_record(sock: socket.socket) -> str:
+    """Whether the first TLS record a connection sent has fully arrived (_WHOLE; also when it is
+    not TLS at all, which fails at once): what a real client's first flight looks like, and a
+    trickling attacker's not (_PARTIAL); or whether it begins with a PROXY header (_PROXY_HEADER)."""
     try:
         got = sock.recv_into(_PEEK, len(_PEEK), socket.MSG_PEEK)
     except OSError:
-        return True  # (reset: the session's first step sees it and ends)
-    if got < 5 or _PEEK[0] != _TLS_HANDSHAKE:
-        return got == 0 or _PEEK[0] != _TLS_HANDSHAKE
-    return got >= min(5 + int.from_bytes(_PEEK[3:5], "big"), len(_PEEK))
+        return _WHOLE  # (reset: the session's first step sees it and ends)
+    if got and _PEEK[0] != _TLS_HANDSHAKE:
+        return _PROXY_HEADER if proxy.is_proxy_start(bytes(_PEEK[: min(got, 12)])) else _WHOLE
+    if got < 5:
+        return _WHOLE if got == 0 else _PARTIAL
+    return _WHOLE if got >= min(5 + int.from_bytes(_PEEK[3:5], "big"), len(_PEEK)) else _PARTIAL
 
 
 def _reset(sock: socket.socket) -> None:
@@ -434,6 +491,8 @@ def metric_key(what: str) -> tuple[str, ...]:
         return ("nts_ke_refused", what.removeprefix("refused_"))
     if what.startswith("accept_"):
         return ("nts_ke_accept_errors", what.removeprefix("accept_"))
+    if what.startswith("proxy_"):  # a balancer's connection closed before it named a client
+        return ("nts_ke_refused", what)
     if what.startswith("ok_aead_"):
         number = int(what.removeprefix("ok_aead_"))
         return ("nts_ke_sessions", "ok", AeadId(number).name.replace("_", "-") if number in AEADS else str(number))

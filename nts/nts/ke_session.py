@@ -48,6 +48,7 @@ class KeSettings:
     first_bytes_timeout: float = 2.0
     max_per_client: int = 16  # sessions under way at once per client address (IPv6: per /64)
     exempt: tuple[Network, ...] = ()  # clients the per-address rate and max_per_client do not apply to
+    proxies: tuple[Network, ...] = ()  # load balancers whose connections begin with a PROXY header
     max_request: int = 1024
     rate: float = 2.0  # sessions per second per client address
     burst: int = 16

@@ -74,9 +74,12 @@ class NtsPlugin(RequestHandler):
             "handshake_failed, tls_error, client_closed_early, internal_error; no_first_bytes (silent past "
             "first_bytes_timeout), evicted (closed for a newer connection: idle, or the idlest handshake), "
             "busy and per_client (left unread to their deadline: no session slot, or the client had "
-            "max_connections_per_client).",
+            "max_connections_per_client), unexpected_proxy_header (from an address not in proxy_protocol).",
         ),
-        "nts_ke_refused": (("reason",), "NTS-KE connections refused at accept: access lists, rate."),
+        "nts_ke_refused": (
+            ("reason",),
+            ("NTS-KE connections refused: access lists, rate; proxy_* (a balancer's without a good PROXY header)."),
+        ),
         "nts_ke_accept_errors": (("error",), "Failed accept() calls on NTS-KE sockets (accepting pauses)."),
     }
     SERIES: ClassVar[SeriesHelp] = {

@@ -34,6 +34,7 @@ class NtsSettings:
     first_bytes_timeout: float = 2.0
     max_connections_per_client: int = 16
     ke_exempt: tuple[Network, ...] = ()
+    proxy_protocol: tuple[Network, ...] = ()
     max_request: int = 1024
     ke_rate: float = 2.0
     ke_burst: int = 16
@@ -48,6 +49,7 @@ class NtsSettings:
             first_bytes_timeout=self.first_bytes_timeout,
             max_per_client=self.max_connections_per_client,
             exempt=self.ke_exempt,
+            proxies=self.proxy_protocol,
             max_request=self.max_request,
             rate=self.ke_rate,
             burst=self.ke_burst,
@@ -98,6 +100,7 @@ _READERS: dict[str, Reader] = {
     "first_bytes_timeout": number(0.05, 300),
     "max_connections_per_client": integer(1, 100_000),
     "ke_exempt": listof(network),
+    "proxy_protocol": listof(network),
     "max_request": integer(64, 65536),
     "ke_rate": number(0.001, 1e6),
     "ke_burst": integer(1, 1_000_000),

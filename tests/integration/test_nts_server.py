@@ -49,7 +49,7 @@ def ke_events(mport: int) -> dict[str, float]:
 
 def session_outcomes(events: dict[str, float]) -> float:
     return sum(v for k, v in events.items() if k != "connections" and not k.startswith(("refused_access",
-               "refused_busy", "refused_rate", "accept_")))  # fmt: skip
+               "refused_rate", "refused_proxy_", "accept_")))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -762,3 +762,52 @@ def test_nts_ke_names_the_ntp_port_when_it_is_not_123(tmp_path: Path) -> None:
     with running_ntsd(tmp_path, config):
         out = run_query("127.0.0.1", ke_port=ke, ca=dev_certs(tmp_path).ca)  # no --port: the record's
         assert out["authenticated"] is True and out["server"] == f"127.0.0.1 port {ntp}"
+
+
+def _v2_header(client: str, port: int = 40000) -> bytes:
+    import ipaddress
+
+    addresses = ipaddress.ip_address(client).packed + ipaddress.ip_address("127.0.0.1").packed
+    body = addresses + struct.pack(">HH", port, 4460)
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack(">H", len(body)) + body
+
+
+def test_behind_a_balancer_the_proxy_header_names_the_client_and_bad_headers_are_refused(tmp_path: Path) -> None:
+    ntp, ke, mport = ports()
+    extra = "  proxy_protocol: [127.0.0.1/32]\n  first_bytes_timeout: 1.0\n"
+    config = nts_config(tmp_path, ntp, ke, mport, extra) + "access: {deny: [192.0.2.0/24]}\n"
+    with running_ntsd(tmp_path, config) as server:
+        hello = _client_hello()
+        ok = ke_raw(ke, request(NP, AEAD15), prefix=_v2_header("198.51.100.1"))  # v2, then the session
+        assert isinstance(ok, list) and [r.type for r in ok].count(RecordType.NEW_COOKIE) == 8
+        ok = ke_raw(ke, request(NP, AEAD15), prefix=b"PROXY TCP4 198.51.100.2 127.0.0.1 40001 4460\r\n")  # v1
+        assert isinstance(ok, list)
+        # the access lists judge the client the header names, not the balancer
+        assert not isinstance(ke_raw(ke, request(NP, AEAD15), prefix=_v2_header("192.0.2.7")), list)
+        server.wait_for("NTS-KE session from 192.0.2.7: refused_access")
+        bad = {
+            "proxy_missing": hello,  # a ClientHello where the header must be
+            "proxy_malformed": b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x04" + bytes(4),  # addresses cut short
+            "proxy_family": b"\r\n\r\n\x00\r\nQUIT\n\x21\x12\x00\x0c" + bytes(12),  # UDP
+            "proxy_too_long": b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x10\x00" + bytes(64),  # 4 KiB announced
+        }
+        for sent in bad.values():
+            with socket.create_connection(("127.0.0.1", ke), timeout=5) as s:
+                s.sendall(sent)
+                assert reset_or_closed(s, 5)  # at once (not at the 1 s deadline: see the sum below)
+        with socket.create_connection(("127.0.0.1", ke), timeout=5) as s:  # half a header, then FIN
+            s.sendall(_v2_header("198.51.100.3")[:20])
+            s.shutdown(socket.SHUT_WR)
+            assert reset_or_closed(s, 5)
+        with socket.create_connection(("127.0.0.1", ke), timeout=5) as s:  # half a header, then nothing
+            s.sendall(_v2_header("198.51.100.4")[:20])
+            assert reset_or_closed(s, 5)  # at the first-bytes deadline
+        # a header from an address that is not a balancer's is not believed
+        with socket.create_connection(("127.0.0.1", ke), timeout=5, source_address=("127.0.0.2", 0)) as s:
+            s.sendall(_v2_header("198.51.100.5") + hello)
+            assert reset_or_closed(s, 5)
+        events = wait_until(lambda: (e := ke_events(mport)).get("unexpected_proxy_header") and e)
+        for reason in (*bad, "proxy_truncated", "proxy_timeout"):
+            assert events[f"refused_{reason}"] == 1, (reason, events)
+        assert events["refused_access"] == 1 and events["ok_AES-SIV-CMAC-256"] == 2
+        assert wait_until(lambda: accounted(mport), what="every connection accounted for")

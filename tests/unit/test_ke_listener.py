@@ -236,6 +236,8 @@ def test_with_workers_each_takes_its_share_of_the_limits(server: KeServer) -> No
         (bytes([22, 3, 1, 0, 4]) + b"abc", False),  # its last byte still to come
         (bytes([22, 3, 1]), False),  # not even a header yet
         (b"GET / HTTP/1.1\r\n", True),  # not TLS: the session fails it at once
+        (b"PROXY TCP4 ", False),  # a PROXY header, from a peer not named in nts.proxy_protocol
+        (b"\r\n\r\n\x00\r\nQUIT\n\x21", False),
         (bytes([22, 3, 1, 0xFF, 0xFF]) + bytes(5000), True),  # more than is peeked: enough to judge
     ],
 )
@@ -243,7 +245,7 @@ def test_a_connection_is_ready_for_a_session_when_its_first_record_is_whole(sent
     a, b = socket.socketpair()
     with a, b:
         a.sendall(sent)
-        assert listener._whole_record(b) is whole
+        assert (listener._first_record(b) == "whole") is whole
         assert b.recv(len(sent) + 1) == sent  # only peeked: the session reads it all
 
 
@@ -251,4 +253,4 @@ def test_a_connection_closed_by_its_peer_is_ready_too() -> None:
     a, b = socket.socketpair()
     with b:
         a.close()
-        assert listener._whole_record(b) is True  # (the session sees the end and counts it)
+        assert listener._first_record(b) == "whole"  # (the session sees the end and counts it)

@@ -480,7 +480,7 @@ def test_signing_runs_on_a_niced_thread_of_its_own_and_stops_with_the_plugin() -
     from nts.core.clockstate import ClockSettings, Replies, server_state
     from nts.core.decisions import Defer
     from nts.core.handler import Request
-    from nts.server.lane import NICE
+    from nts.lane import NICE
 
     ctx = Replies(server_state(ClockSettings(local_reference=True), None, -20, time.time_ns()), time.time_ns)
     request = Request(bytes([0x1B]) + bytes(47), (), struct.pack("<I", 1104) + bytes(16), ("10.1.2.3", 123), 1)
