@@ -15,6 +15,7 @@ IPv6 carry a client here; UDP and unix-socket families are refused. The whole he
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -96,8 +97,8 @@ def _v2_addresses(body: bytes, shape: struct.Struct, version: int) -> tuple[tupl
     if len(body) < shape.size:
         raise ParseError("proxy_malformed", f"PROXY v2 addresses need {shape.size} bytes, got {len(body)}")
     src, dst, sport, dport = shape.unpack_from(body)
-    make = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
-    return (str(make(src)), sport), (str(make(dst)), dport), body[shape.size :]
+    family = socket.AF_INET if version == 4 else socket.AF_INET6  # (inet_ntop: ipaddress costs 10 times more)
+    return (socket.inet_ntop(family, src), sport), (socket.inet_ntop(family, dst), dport), body[shape.size :]
 
 
 def _tlvs(body: bytes) -> tuple[tuple[int, bytes], ...]:

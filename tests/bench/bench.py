@@ -115,8 +115,9 @@ def wait_port(port: int, kind: int, timeout: float = 15.0) -> None:
     raise SystemExit(f"bench: nothing answered on port {port}")
 
 
-def run_tool(cmd: list[str], core: int) -> dict[str, str]:
-    out = subprocess.run(["taskset", "-c", str(core), *cmd], check=True, capture_output=True, text=True).stdout
+def run_tool(cmd: list[str], core: int, env: dict[str, str] | None = None) -> dict[str, str]:
+    out = subprocess.run(["taskset", "-c", str(core), *cmd], check=True, capture_output=True, text=True,
+                         env={**os.environ, **env} if env else None).stdout  # fmt: skip
     return dict(kv.split("=") for kv in out.split())
 
 
@@ -131,6 +132,7 @@ class Servers:
         ntp_options: str = "",
         python: str = sys.executable,
         baseline: tuple[Path, str] | None = None,
+        proxy: bool = False,
     ) -> None:
         self.work = work / cert_kind
         self.work.mkdir()
@@ -142,7 +144,7 @@ class Servers:
         ):
             (self.work / path).write_text(text)
             (self.work / path).chmod(0o600)
-        names = ["chrony", "ntsd", "base"] if baseline is not None else ["chrony", "ntsd"]
+        names = ["chrony", "ntsd", *(["base"] if baseline is not None else []), *(["proxy"] if proxy else [])]
         self.ntp = {name: free_port() for name in names}
         self.ke = {name: free_port(socket.SOCK_STREAM) for name in names}
         (self.work / "chrony.conf").write_text(
@@ -159,7 +161,8 @@ class Servers:
                 "log: {level: warning}\n"
                 f'nts: {{listen: ["127.0.0.1:{self.ke[name]}"], certificate: {self.certs.certificate}, '
                 f"private_key: {self.certs.private_key}, key_dir: {self.work / (name + '-keys')}, "
-                f"ntp_port: {self.ntp[name]}, ke_rate: 1000000, ke_burst: 1000000, max_connections: 1024}}\n"
+                f"ntp_port: {self.ntp[name]}, ke_rate: 1000000, ke_burst: 1000000, max_connections: 1024"
+                f"{', proxy_protocol: [127.0.0.1/32]' if name == 'proxy' else ''}}}\n"
                 f"mac: {{keys: {self.work / 'ntp.keys'}}}\n"
             )
         pin = ["taskset", "-c", str(core)]
@@ -179,8 +182,14 @@ class Servers:
             self.procs["base"] = subprocess.Popen(
                 [*pin, base_python, "-m", "nts", "serve", "-c", str(self.work / "base.yaml")], cwd=tree
             )
+        if proxy:  # this tree's ntsd again, its NTS-KE behind PROXY headers (KELOAD_PROXY)
+            self.procs["proxy"] = subprocess.Popen(
+                [*pin, python, "-m", "nts", "serve", "-c", str(self.work / "proxy.yaml")], cwd=HERE.parent.parent
+            )
         for name in self.procs:
             wait_port(self.ntp[name], socket.SOCK_DGRAM)
+            if name == "proxy":
+                continue  # (its NTS-KE port wants a PROXY header first)
             wait_port(self.ke[name], socket.SOCK_STREAM)
 
     def nts_packet(self, name: str) -> bytes:
@@ -243,6 +252,8 @@ def compare(
     if "base" in rates:
         print(f"  ratio base/chrony: {med['base'] / med['chrony']:.2f}")
         print_paired("ratio ntsd/base", rates["ntsd"], rates["base"], 3)
+    if "proxy" in rates:
+        print_paired("ratio proxy/ntsd (PROXY v2 header path)", rates["proxy"], rates["ntsd"], 3)
     return med, used
 
 
@@ -281,7 +292,7 @@ def run_all(
     def ke_load(tool: Path) -> Callable[[str], float]:
         def load(n: str) -> float:
             cmd = [str(tool), "127.0.0.1", str(servers.ke[n]), secs, str(args.ke_clients)]
-            return float(run_tool(cmd, core)["rate"])
+            return float(run_tool(cmd, core, {"KELOAD_PROXY": "1"} if n == "proxy" else None)["rate"])
 
         return load
 
@@ -321,9 +332,14 @@ def main() -> int:
     )
     ap.add_argument("--baseline", metavar="DIR", help="another ntsd tree, measured in the same rounds")
     ap.add_argument("--baseline-python", default=sys.executable, help="the interpreter that runs the baseline")
+    proxy_help = "with --only ke: also an ntsd taking PROXY v2 headers (nts.proxy_protocol), driven with them"
+    ap.add_argument("--proxy", action="store_true", help=proxy_help)
     args = ap.parse_args()
     baseline = (Path(args.baseline).resolve(), args.baseline_python) if args.baseline else None
     only = set(args.only.split(","))
+    if args.proxy and only != {"ke"}:
+        print("bench: --proxy measures NTS-KE only (--only ke)", file=sys.stderr)
+        return 2
     for tool in ("chronyd", "gcc", "taskset"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is required", file=sys.stderr)
@@ -346,7 +362,7 @@ def main() -> int:
             )
         for kind in ("ec", "rsa"):
             if kind == "ec" or "ke" in only:
-                servers = Servers(work, kind, args.server_core, args.ntp_options, args.python, baseline)
+                servers = Servers(work, kind, args.server_core, args.ntp_options, args.python, baseline, args.proxy)
                 try:
                     run_all(servers, kind, args, only, loadgen, keload)
                 finally:

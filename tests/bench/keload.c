@@ -17,6 +17,8 @@
  *   load-only client that costs a fraction of a server's session, so one core saturates chrony
  *   (the two library clients above cannot with EC certificates: a client's ECDSA verify and key
  *   shares cost more than the server's sign). See its top comment for what it leaves out.
+ * KELOAD_PROXY=1 begins each connection with a PROXY protocol v2 header (TCP over IPv4, the
+ * connection's own addresses), as a load balancer with send-proxy-v2 does.
  * Usage: keload HOST PORT SECONDS THREADS
  * Prints: "sessions=N seconds=S rate=R failed=F"
  */
@@ -129,6 +131,22 @@ int response_state(const unsigned char *buf, int len) {
     return 0;
 }
 
+static int proxy_header;  /* KELOAD_PROXY: send a PROXY v2 header first */
+
+static int send_proxy_header(int fd) {
+    struct sockaddr_in me, peer;
+    socklen_t a = sizeof me, b = sizeof peer;
+    if (getsockname(fd, (struct sockaddr *)&me, &a) < 0 || getpeername(fd, (struct sockaddr *)&peer, &b) < 0 ||
+        me.sin_family != AF_INET)
+        return 0;
+    unsigned char h[28] = {0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11, 0, 12};
+    memcpy(h + 16, &me.sin_addr, 4);
+    memcpy(h + 20, &peer.sin_addr, 4);
+    memcpy(h + 24, &me.sin_port, 2);
+    memcpy(h + 26, &peer.sin_port, 2);
+    return send(fd, h, sizeof h, MSG_NOSIGNAL) == (ssize_t)sizeof h;
+}
+
 static int one_session(void) {
     int fd = socket(target->ai_family, SOCK_STREAM, 0), one = 1, ok = 0;
     unsigned char buf[8192];
@@ -136,7 +154,8 @@ static int one_session(void) {
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     struct timeval tv = {5, 0};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    if (connect(fd, target->ai_addr, target->ai_addrlen) == 0) ok = tls_exchange(fd, buf, sizeof buf);
+    if (connect(fd, target->ai_addr, target->ai_addrlen) == 0 && (!proxy_header || send_proxy_header(fd)))
+        ok = tls_exchange(fd, buf, sizeof buf);
     close(fd);
     return ok;
 }
@@ -157,6 +176,7 @@ int main(int argc, char **argv) {
     int threads = atoi(argv[4]);
     if (threads < 1 || threads > 256) threads = 16;
     signal(SIGPIPE, SIG_IGN); /* a refused connection must count as a failure, not kill us */
+    proxy_header = getenv("KELOAD_PROXY") != NULL;
     if (!tls_setup()) { fprintf(stderr, "TLS set-up failed\n"); return 2; }
     double start = now();
     end_time = start + atof(argv[3]);
