@@ -2,23 +2,26 @@
 """Floods, and what honest clients keep: ntsd against chrony's server, same load, same run.
 
 Strategy: ntsd and chronyd serve NTP and NTS-KE on loopback, pinned to one core (`--server-core`);
-the clients and attackers run on another. For each server in turn:
-- NTS-KE: keload.c (16 parallel chrony-like sessions from 127.0.0.1) measures sessions/s alone,
-  then while keflood.c holds 8,000 connections that never finish a handshake, reopened the moment
-  the server drops them: idle (no byte) and trickling (a byte every 200 ms), from 1,000 source
-  addresses and from one. Per-address NTS-KE rate limits are lifted on both servers for the
-  many-address floods (the honest client is one address) and left at their defaults from one.
-- UDP: loadgen.c with one request in flight (127.0.0.1) measures replies/s alone, then while
-  udpflood.c sends requests from `--spoofed` distinct source addresses of 127/8, and then
-  malformed datagrams; ntsd's counters must add up (requests = replies + drops).
-- Memory: the server's resident memory (its whole process tree) idle, at the end of each flood
-  and after the last, when the server has been left alone for a few seconds.
-It prints each figure for both servers and the shares (under flood / alone). Every loop is bounded
-by `--seconds`; all traffic stays on 127/8. MS-SNTP saturation through a real Samba has its own
-script (mssntp_flood.py: it needs a provisioned domain).
+the clients, the attackers and Samba run on another. For each server in turn:
+- NTS-KE (`ke`): keload.c (16 parallel chrony-like sessions from 127.0.0.1) measures sessions/s
+  alone, then while keflood.c holds 8,000 connections that never finish a handshake, reopened the
+  moment the server drops them: idle (no byte) and trickling (a byte every 200 ms), from 1,000
+  source addresses with ntsd's per-address limits off, and from one with its defaults (the honest
+  client exempt, nts.ke_exempt). chrony has no per-address NTS-KE limit unless configured.
+- UDP (`udp`): an honest client (loadgen.c, 1,000 requests/s, one in flight) alone, then while
+  udpflood.c sends valid requests from `--spoofed` distinct 127/8 addresses (more than ntsd's rate
+  table holds) or malformed datagrams, at `--udp-rate` and flat out: the share answered and the
+  round trip; ntsd's counters must add up (requests = replies + NAKs + drops; requests + kernel
+  drops = datagrams sent).
+- MS-SNTP (`mssntp`): a real Samba AD DC (provisioned in a temp dir) signs flat out for MS-SNTP
+  requests while a plain client with one request in flight measures its replies/s, against alone.
+- Memory: the server's resident memory (its whole process tree) idle, during and after each flood;
+  `--mixed MINUTES` then runs every flood at once against ntsd and samples it every 10 s.
+Every loop is bounded by `--seconds` (or `--mixed`); all traffic stays on 127/8.
 
-Usage: python3 tests/bench/flood.py [--seconds 8] [--only ke,udp] [--python PY]
-Needs: chronyd, gcc, libssl-dev, taskset; run as root (descriptor limits, 127/8 source addresses).
+Usage: python3 tests/bench/flood.py [--seconds 8] [--only ke,udp,mssntp] [--mixed 10] [--python PY]
+Needs: chronyd, gcc, libssl-dev, taskset, Samba (mssntp); run as root (descriptor limits, 127/8
+source addresses).
 """
 
 from __future__ import annotations
@@ -255,12 +258,55 @@ def udp_floods(work: Path, args: argparse.Namespace, loadgen_bin: Path, flood_bi
             pair.stop()
 
 
+def mixed(work: Path, args: argparse.Namespace, binaries: dict[str, Path]) -> None:
+    """Everything at once for `--mixed` minutes against ntsd alone: idle and trickling NTS-KE
+    connections (4,000 each, from 1,000 addresses), valid UDP requests from a million addresses
+    and malformed datagrams, beside an honest NTS-KE client and an honest NTP client; ntsd's
+    resident memory every 10 s."""
+    pair = Pair(work / "mixed", args.server_core, args.python, False, "rate_limit: {rate: 1000000, burst: 1000000}\n")
+    try:
+        pair.procs["chrony"].terminate()  # (ntsd's memory over time is the figure here; stop() reaps it)
+        port, ke, secs = pair.ntp["ntsd"], str(pair.ke["ntsd"]), args.mixed * 60
+        idle = pair.rss("ntsd")
+        core = args.client_core
+        udp = [str(binaries["udpflood"]), "127.0.0.1", str(port), str(secs)]
+        tools = [
+            tool([str(binaries["keflood"]), "127.0.0.1", ke, str(secs), "4000", "1000", "idle"], core),
+            tool([str(binaries["keflood"]), "127.0.0.1", ke, str(secs), "4000", "1000", "trickle"], core),
+            tool([*udp, "30000", "1000000", "spoofed", PLAIN_REQUEST.hex()], core),
+            tool([*udp, "20000", "1000000", "malformed"], core),
+        ]
+        honest_ke = tool([str(binaries["keload"]), "127.0.0.1", ke, str(secs), "4"], core)
+        honest_ntp = loadgen(binaries["loadgen"], port, secs, 1, PLAIN_REQUEST, core, 100)
+        samples: list[float] = []
+        start = time.monotonic()
+        while time.monotonic() - start < secs:
+            time.sleep(10)  # (a sampling period: nothing to wait on)
+            samples.append(pair.rss("ntsd"))
+        attacks = [figures(t) for t in tools]
+        ke_rate, ntp = figures(honest_ke), figures(honest_ntp)
+        time.sleep(3)
+        after = pair.rss("ntsd")
+        per_minute = samples[5::6]
+        print(f"\nMixed flood, {args.mixed} minutes (ntsd): resident memory idle {idle:.0f} MB, at each minute "
+              + ", ".join(f"{m:.0f}" for m in per_minute) + f" MB, 3 s after {after:.0f} MB")  # fmt: skip
+        first = per_minute[0] if per_minute else samples[-1]
+        print(f"  last minute / first minute: {samples[-1] / first:.2f}; last / idle: {samples[-1] / idle:.2f}")
+        opened, datagrams = attacks[0]["opened"] + attacks[1]["opened"], attacks[2]["sent"] + attacks[3]["sent"]
+        print(f"  honest NTS-KE {ke_rate['rate']:.0f} sessions/s ({ke_rate['failed']:.0f} failed); honest NTP "
+              f"{ntp['replies'] / max(ntp['sent'], 1):.1%} answered; attack connections {opened:.0f}, "
+              f"datagrams {datagrams:.0f}")  # fmt: skip
+    finally:
+        pair.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0, help="each measurement's length (default 8)")
     ap.add_argument("--only", default="ke,udp,mssntp", help="comma-separated: ke, udp, mssntp")
     ap.add_argument("--spoofed", type=int, default=1_000_000, help="source addresses of the UDP flood")
     ap.add_argument("--udp-rate", type=float, default=50_000, help="the UDP flood's datagrams/s (0: flat out)")
+    ap.add_argument("--mixed", type=float, default=0, help="then MINUTES of every flood at once (ntsd's memory)")
     ap.add_argument("--server-core", type=int, default=1)
     ap.add_argument("--client-core", type=int, default=0)
     ap.add_argument("--python", default=sys.executable, help="the interpreter that runs ntsd")
@@ -280,6 +326,8 @@ def main() -> int:
             udp_floods(work, args, binaries["loadgen"], binaries["udpflood"])
         if "mssntp" in only:
             mssntp_saturation(work, args, binaries["loadgen"])
+        if args.mixed:
+            mixed(work, args, binaries)
     return 0
 
 
