@@ -16,7 +16,11 @@ as extension fields require. Cookies of the one-component format, which versions
 support sealed (key id with the top bit set; key id and nonce as AES-SIV's only associated-data
 component, which saved a CMAC pass in OpenSSL's AES-SIV, while Nettle takes exactly two
 components), are still opened; periods stay below 2**31 (the interval is at least 60 s), so the
-two never collide. Sealing is sans-IO: time (and, in tests, the nonce) comes in.
+two never collide. A compact format (key id with bit 30 set, a 12-byte nonce, the two keys alone:
+96 bytes for AES-SIV-CMAC-256 sessions, 64 for AES-128-GCM-SIV) replaces cookies shorter than ours
+(chrony's), so a reply is never longer than its request. Sealing is sans-IO: time (and, in tests,
+the nonce) comes in. A chrony server's keys (`foreign`, from its ntskeys file: `chrony_keys.py`)
+open the cookies it issued; they seal nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..files import hand_over, read_private_file
 from .aead import AEADS, AeadId, Cipher
+from .chrony_keys import open_cookie
 
 SECRET_LEN = 32
 _COOKIE_AEAD = AEADS[AeadId.AES_SIV_CMAC_256]
@@ -44,10 +49,15 @@ _KEYS_HEAD = struct.Struct(">HH")
 _FIELD_HEAD = struct.Struct(">HH")
 _COOKIE_FIELD = 0x0204  # NTS Cookie extension field type
 _ONE_COMPONENT = 0x80000000  # key id flag of the one-component format (opened, no longer sealed)
+_COMPACT = 0x40000000  # key id flag of the compact format (periods stay below 2**30 for 2,000 years)
+_COMPACT_NONCE_LEN = 12
 _PERIOD_MASK = 0x7FFFFFFF
 MASTER_FILE = "nts-master.key"
 # what sealed contents start with (AEAD id u16, zero u16) -> their whole length (two keys follow)
 _CONTENTS_LEN = {_KEYS_HEAD.pack(aead_id, 0): 4 + 2 * aead.key_len for aead_id, aead in AEADS.items()}
+# the compact format's sessions: its AEAD follows from the key length, as in chrony's cookies
+_COMPACT_AEAD = {32: int(AeadId.AES_SIV_CMAC_256), 16: int(AeadId.AES_128_GCM_SIV)}
+_COMPACTABLE = {_KEYS_HEAD.pack(aead_id, 0) for aead_id in _COMPACT_AEAD.values()}
 
 
 class _Tables(NamedTuple):
@@ -58,6 +68,7 @@ class _Tables(NamedTuple):
     end: float
     accepting: dict[bytes, Cipher]  # key id (4 bytes, as cookies carry it) -> cipher
     one_component: dict[bytes, AESSIV]  # the same for the one-component format
+    compact: dict[bytes, Cipher]  # the same for the compact format
     sealing_id: bytes
     sealing: Cipher
 
@@ -89,6 +100,7 @@ class KeyRing:
         self._current: _Tables | None = None  # the hot path's tables, rebuilt on next use
         self.set_rotation(rotate_interval, keep_keys)
         self._ciphers: dict[int, tuple[Cipher, AESSIV]] = {}  # per period, both formats' (keyed once)
+        self.foreign: dict[bytes, tuple[Cipher, int]] = {}  # another server's keys (chrony's), by key id
 
     def set_secret(self, secret: bytes) -> bool:
         """Use another master secret from now on (a reload after the file was replaced); cookies
@@ -136,15 +148,17 @@ class KeyRing:
         period = self.period(now_s)
         start = (now_s // self.rotate_interval) * self.rotate_interval
         # accepted: this period, keep_keys before it, one after it (clock skew within a fleet)
-        accepting, one_component = {}, {}
+        accepting, one_component, compact = {}, {}, {}
         for age in range(-1, self.keep_keys + 1):
             p = (period - age) & _PERIOD_MASK
             accepting[_HEAD.pack(p)], one_component[_HEAD.pack(p | _ONE_COMPONENT)] = self._cipher(p, cache, secret)
+            compact[_HEAD.pack(p | _COMPACT)] = accepting[_HEAD.pack(p)]
         current = _Tables(
             start,
             start + self.rotate_interval,
             accepting,
             one_component,
+            compact,
             _HEAD.pack(period),
             self._cipher(period, cache, secret)[0],
         )
@@ -161,8 +175,13 @@ class KeyRing:
         plaintext = _KEYS_HEAD.pack(keys.aead, 0) + keys.c2s + keys.s2c
         return self._seal(plaintext, now_s, count, os.urandom(_NONCE_LEN * count) if nonces is None else nonces, b"")
 
-    def seal_fields(self, contents: bytes, now_s: float, count: int, nonces: bytes) -> bytes:
-        """`count` fresh cookies with the `contents` of an opened one, as NTS Cookie fields (hot path)."""
+    def seal_fields(self, contents: bytes, now_s: float, count: int, nonces: bytes, fit: int = 0) -> bytes:
+        """`count` fresh cookies with the `contents` of an opened one, as NTS Cookie fields (hot path).
+        `fit`: the length of the cookie they replace; when ours would be longer (a chrony cookie of
+        an AES-SIV-CMAC-256 or AES-128-GCM-SIV session), the compact format keeps the reply no
+        longer than the request."""
+        if fit and fit < 4 + _NONCE_LEN + 16 + len(contents) and contents[:4] in _COMPACTABLE:
+            return self._seal_compact(contents[4:], now_s, count, nonces)
         field = _FIELD_HEAD.pack(_COOKIE_FIELD, 4 + 4 + _NONCE_LEN + 16 + len(contents))
         if count == 1:  # the usual request (one cookie, no placeholders): no list to build and join
             tables = self._tables(now_s)
@@ -182,6 +201,18 @@ class KeyRing:
             out.append(prefix + key_id + nonce + seal(nonce, plaintext, key_id))
         return out
 
+    def _seal_compact(self, keys: bytes, now_s: float, count: int, nonces: bytes) -> bytes:
+        """Key id (the period, flagged compact) | 12-byte nonce | AES-SIV over C2S | S2C: no longer
+        than chrony's cookies of the same sessions (96 bytes to its 100; 64 to its 64)."""
+        tables = self._tables(now_s)
+        key_id = _HEAD.pack(_HEAD.unpack(tables.sealing_id)[0] | _COMPACT)
+        field = _FIELD_HEAD.pack(_COOKIE_FIELD, 4 + 4 + _COMPACT_NONCE_LEN + 16 + len(keys))
+        out = []
+        for i in range(0, _NONCE_LEN * count, _NONCE_LEN):
+            nonce = nonces[i : i + _COMPACT_NONCE_LEN]
+            out.append(field + key_id + nonce + tables.sealing.seal(nonce, keys, key_id))
+        return b"".join(out)
+
     def open(self, cookie: bytes, now_s: float) -> CookieKeys:
         contents = self.open_contents(cookie, now_s)
         key_len = (len(contents) - 4) // 2
@@ -196,6 +227,10 @@ class KeyRing:
         cipher = tables.accepting.get(key_id)
         if cipher is not None:
             contents = cipher.open(cookie[4 : 4 + _NONCE_LEN], cookie[4 + _NONCE_LEN :], key_id)
+        elif key_id in tables.compact:
+            contents = self._open_compact(tables.compact[key_id], key_id, cookie)
+        elif key_id in self.foreign:  # a cookie a chrony server issued (nts.chrony_keys)
+            contents = open_cookie(*self.foreign[key_id], cookie)
         else:
             contents = self._open_one_component(tables, cookie)
         if contents is None:
@@ -203,6 +238,13 @@ class KeyRing:
         if _CONTENTS_LEN.get(contents[:4]) != len(contents):  # a known AEAD id, zero, both keys
             raise CookieError("cookie_malformed")
         return contents
+
+    @staticmethod
+    def _open_compact(cipher: Cipher, key_id: bytes, cookie: bytes) -> bytes | None:
+        keys = cipher.open(cookie[4 : 4 + _COMPACT_NONCE_LEN], cookie[4 + _COMPACT_NONCE_LEN :], key_id)
+        if keys is None or len(keys) % 2 or len(keys) // 2 not in _COMPACT_AEAD:
+            return None
+        return _KEYS_HEAD.pack(_COMPACT_AEAD[len(keys) // 2], 0) + keys
 
     @staticmethod
     def _open_one_component(tables: _Tables, cookie: bytes) -> bytes | None:

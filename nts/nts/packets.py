@@ -228,7 +228,7 @@ class NtsPackets:
         count = min(wanted, MAX_COOKIES)
         # the cookies' nonces, then the reply's (all from the CSPRNG)
         randomness = _draw() if count == 1 else os.urandom(SERVER_NONCE_LEN + 16 * count)
-        cookies = self.keyring.seal_fields(contents, now, count, randomness)
+        cookies = self.keyring.seal_fields(contents, now, count, randomness, size - 4)
         nonce = randomness[-(aead.nonce_len or SERVER_NONCE_LEN) :]
         uid = data[uid_at:uid_end]
         ct_len, min_length = len(cookies) + TAG_LEN, end - HEADER_LEN - len(uid)

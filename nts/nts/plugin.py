@@ -28,11 +28,12 @@ from ..core.decisions import Answer, drop
 from ..core.handler import Client, ReplyContext, Request, RequestHandler
 from ..core.policy import Shared
 from ..core.stats import CounterHelp, Counters, GaugeHelp, SeriesHelp
-from ..files import every
+from ..files import every, read_private_file
 from ..net import format_addr, open_tcp_listener
+from ..wire.errors import ParseError
 from ..wire.extensions import FieldType
 from ..wire.packet import HEADER_LEN, MAX_MAC_LEN
-from . import nettle, tlsconf
+from . import chrony_keys, nettle, tlsconf
 from .aead import AeadId
 from .certs import CertError, CertStore, expiry_problem
 from .cookies import KeyRing, check_secret, load_or_create_secret
@@ -55,6 +56,11 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 
 
 _SHORTEST = HEADER_LEN + MAX_MAC_LEN  # a body this short holds no field (it is a MAC, if anything)
+
+
+def read_chrony_keys(path: Path) -> tuple[chrony_keys.ChronyKey, ...]:
+    """A chrony server's ntskeys file: a secret, so checked as ntsd's own (not readable by others)."""
+    return chrony_keys.parse(read_private_file(path, 64 * 1024).decode("ascii", "replace"))
 
 
 class NtsPlugin(RequestHandler):
@@ -130,6 +136,11 @@ class NtsPlugin(RequestHandler):
         why = check_secret(settings.key_dir)
         if why is not None:
             out.append((True, located("nts.key_dir", why, settings.key_dir)))
+        if settings.chrony_keys is not None:
+            try:
+                read_chrony_keys(settings.chrony_keys)
+            except (OSError, ParseError) as exc:
+                out.append((True, located("nts.chrony_keys", str(exc), settings.chrony_keys)))
         return out
 
     @classmethod
@@ -160,6 +171,11 @@ class NtsPlugin(RequestHandler):
         if created:
             log.info("created a new NTS master secret in %s", settings.key_dir)
         self.keyring = KeyRing(secret, settings.rotate_interval, settings.keep_keys)
+        if settings.chrony_keys is not None:
+            try:
+                self._use_chrony_keys(settings.chrony_keys)
+            except (OSError, ParseError) as exc:
+                raise PluginError(located("nts.chrony_keys", str(exc), settings.chrony_keys)) from None
         self.packets = NtsPackets(self.keyring, settings.aeads, time.time)
         self.ke = KeServer(self.certs, self.keyring, settings.ke(), self.stats)
         self.sockets: dict[tuple[str, int], socket.socket] = {}  # by configured address
@@ -248,6 +264,13 @@ class NtsPlugin(RequestHandler):
             self.certs.check(force=True)
         self.keyring.set_rotation(new.rotate_interval, new.keep_keys)
         self._reload_secret(new.key_dir)
+        if new.chrony_keys is None:
+            self.keyring.foreign = {}
+        else:
+            try:
+                self._use_chrony_keys(new.chrony_keys)
+            except (OSError, ParseError) as exc:
+                log.error("nts: chrony's keys in %s not read again, keeping those in use: %s", new.chrony_keys, exc)
         self.packets.supported = new.aeads
         self.ke.configure(self._ke_settings(new))
         self.settings = new
@@ -270,6 +293,13 @@ class NtsPlugin(RequestHandler):
         for addr in [a for a in self.sockets if a not in wanted]:
             self.ke.unlisten(self.sockets.pop(addr))
             log.info("stopped serving NTS-KE on %s", format_addr(addr))
+
+    def _use_chrony_keys(self, path: Path) -> None:
+        """Open the cookies a chrony server issued with the keys in its ntskeys file (read-only)."""
+        keys = read_chrony_keys(path)
+        self.keyring.foreign = chrony_keys.key_ids(keys)
+        log.info("nts: opening chrony's cookies too: %d keys (ids %s) from %s", len(keys),
+                 ", ".join(f"{k.key_id:08X}" for k in keys), path)  # fmt: skip
 
     def _reload_secret(self, key_dir: Path) -> None:
         """A replaced master secret file (rotating a fleet's secret) takes effect on reload."""

@@ -35,6 +35,7 @@ class NtsSettings:
     max_connections_per_client: int = 16
     ke_exempt: tuple[Network, ...] = ()
     proxy_protocol: tuple[Network, ...] = ()
+    chrony_keys: Path | None = None
     max_request: int = 1024
     ke_rate: float = 2.0
     ke_burst: int = 16
@@ -101,6 +102,7 @@ _READERS: dict[str, Reader] = {
     "max_connections_per_client": integer(1, 100_000),
     "ke_exempt": listof(network),
     "proxy_protocol": listof(network),
+    "chrony_keys": optional(path),
     "max_request": integer(64, 65536),
     "ke_rate": number(0.001, 1e6),
     "ke_burst": integer(1, 1_000_000),
