@@ -52,7 +52,7 @@ class KeSettings:
     max_request: int = 1024
     rate: float = 2.0  # sessions per second per client address
     burst: int = 16
-    ntp_server: str | None = None
+    ntp_server: tuple[str, ...] = ()  # Server Negotiation: one host, or several handed out in turn
     ntp_port: int | None = None
 
 
@@ -242,12 +242,15 @@ class KeRequest:
 class KeServerSession:
     """One NTS-KE exchange: bytes in, the reply's bytes and outcome out (see the module comment)."""
 
-    __slots__ = ("keyring", "request", "settings")
+    __slots__ = ("keyring", "request", "settings", "turn")
 
-    def __init__(self, settings: KeSettings, keyring: KeyRing, decided: DecidedRequests | None = None) -> None:
+    def __init__(
+        self, settings: KeSettings, keyring: KeyRing, decided: DecidedRequests | None = None, turn: int = 0
+    ) -> None:
         self.settings = settings
         self.keyring = keyring
         self.request = KeRequest(settings.supported_aeads, settings.max_request, decided)
+        self.turn = turn  # which of several NTP servers this session names (the server counts sessions)
 
     def receive(self, data: bytes, export: Exporter, now: float) -> KeReply | None:
         """Feed decrypted bytes. None until the request is complete; then what to send. Raises
@@ -264,5 +267,6 @@ class KeServerSession:
         c2s = export(EXPORTER_LABEL, key_len, outcome.exporter_context(False))
         s2c = export(EXPORTER_LABEL, key_len, outcome.exporter_context(True))
         cookies = self.keyring.seal_many(CookieKeys(outcome.aead, c2s, s2c), now, COOKIES_PER_RESPONSE)
-        settings = self.settings
-        return KeReply(response(outcome, cookies, settings.ntp_server, settings.ntp_port), f"ok_aead_{outcome.aead}")
+        settings, servers = self.settings, self.settings.ntp_server
+        server = servers[self.turn % len(servers)] if servers else None
+        return KeReply(response(outcome, cookies, server, settings.ntp_port), f"ok_aead_{outcome.aead}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ..config import Node, Reader, address, integer, listof, network, number, optional, path, read_settings
 from ..core.policy import Network
 from ..net import is_dns_name, is_ip_address
@@ -26,7 +28,7 @@ class NtsSettings:
     rotate_interval: int = 3600
     keep_keys: int = 24
     aeads: tuple[int, ...] = DEFAULT_AEADS
-    ntp_server: str | None = None
+    ntp_server: tuple[str, ...] = ()  # one host, or several handed out in turn
     ntp_port: int | None = None
     max_connections: int = 256
     session_timeout: float = 5.0
@@ -85,6 +87,19 @@ def _host(node: Node) -> str:
     return name
 
 
+def _hosts(node: Node) -> tuple[str, ...]:
+    """One host name or address, or a list of them (NTP servers handed out in turn)."""
+    if node.is_null:
+        return ()
+    if isinstance(node.node, yaml.SequenceNode):
+        return tuple(_host(item) for item in node.items()) or _no_server(node)
+    return (_host(node),)
+
+
+def _no_server(node: Node) -> tuple[str, ...]:
+    raise node.error("at least one NTP server is required (or null: none)")
+
+
 _READERS: dict[str, Reader] = {
     "listen": _non_empty(listof(address), "listen address"),
     "certificate": path,
@@ -93,7 +108,7 @@ _READERS: dict[str, Reader] = {
     "rotate_interval": integer(60, 30 * 86400),
     "keep_keys": integer(1, 1000),
     "aeads": _non_empty(listof(_aead), "AEAD"),
-    "ntp_server": optional(_host),
+    "ntp_server": _hosts,
     "ntp_port": optional(integer(1, 65535)),
     "max_connections": integer(1, 100_000),
     "session_timeout": number(0.1, 300),

@@ -71,6 +71,14 @@ BROKEN = [
         'nts: {certificate: c, private_key: k, key_dir: d, ntp_server: "-x.example"}\n',
         "1: nts.ntp_server: expected a host name or an IP address",
     ),
+    (
+        'nts: {certificate: c, private_key: k, key_dir: d, ntp_server: [a.example, "b c"]}\n',
+        "1: nts.ntp_server[1]: expected a host name or an IP address",
+    ),
+    (
+        "nts: {certificate: c, private_key: k, key_dir: d, ntp_server: []}\n",
+        "1: nts.ntp_server: at least one NTP server is required (or null: none)",
+    ),
     ("ntp:\n  max_hold_us: -1\n", "2: ntp.max_hold_us: expected a whole number from 0 to 100000"),
 ]
 SECTIONS = sections(discover())

@@ -200,3 +200,17 @@ def test_the_session_turns_request_bytes_into_the_reply_bytes_and_an_outcome() -
     assert keyring.open(cookies[0], 1e9) == CookieKeys(15, bytes([1]) * 32, bytes([2]) * 32)
     refused = KeServerSession(settings, keyring).receive(serialize_records([AEAD, rec(0)]), export, 1e9)
     assert refused is not None and refused.outcome == "error_next_protocol_count" and len(asked) == 2
+
+
+def test_several_ntp_servers_are_named_in_turn() -> None:
+    """A key-establishment front for NTP back-ends: each session names the next (Server Negotiation)."""
+    keyring = KeyRing(bytes(32))
+    settings = KeSettings(supported_aeads=SUPPORTED, ntp_server=("10.0.0.2", "ntp3.example"), ntp_port=123)
+
+    def named(turn: int) -> bytes:
+        session = KeServerSession(settings, keyring, turn=turn)
+        reply = session.receive(serialize_records([NP, AEAD, rec(0)]), lambda _l, n, _c: bytes(n), 1e9)
+        assert reply is not None
+        return next(r.body for r in parse_records(reply.data) if r.type == RecordType.NTPV4_SERVER)
+
+    assert [named(turn) for turn in range(1, 5)] == [b"ntp3.example", b"10.0.0.2", b"ntp3.example", b"10.0.0.2"]
