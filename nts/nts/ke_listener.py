@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import logging
 import math
 import resource
@@ -108,7 +109,7 @@ class KeServer:
         self.poller: select.epoll | None = None  # the connections' sockets (Linux, once started), as one reader
         self.decided = DecidedRequests()  # whole requests seen before, shared by this server's sessions
         self._descriptors = 1 << 30  # connections that may wait, as the descriptor limit allows (at start)
-        self.turns = 0  # sessions begun: which NTP server of several the next one names
+        self.turns = itertools.count()  # sessions answered: which NTP server of several the next one names
 
     @property
     def active(self) -> int:
@@ -530,7 +531,6 @@ class KeSession:
         self.started = self.active = time.monotonic()  # accepted; last stepped
         self.tls = SSL.Connection(server.certs.context, sock)
         self.tls.set_accept_state()
-        server.turns += 1
         self.session = KeServerSession(server.settings, server.keyring, server.decided, server.turns)
         self.handshaken = False
         self.pending: bytes | None = None  # the response, until the socket took all of it

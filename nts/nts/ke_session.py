@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..core.policy import Network
@@ -242,15 +242,19 @@ class KeRequest:
 class KeServerSession:
     """One NTS-KE exchange: bytes in, the reply's bytes and outcome out (see the module comment)."""
 
-    __slots__ = ("keyring", "request", "settings", "turn")
+    __slots__ = ("keyring", "request", "settings", "turns")
 
     def __init__(
-        self, settings: KeSettings, keyring: KeyRing, decided: DecidedRequests | None = None, turn: int = 0
+        self,
+        settings: KeSettings,
+        keyring: KeyRing,
+        decided: DecidedRequests | None = None,
+        turns: Iterator[int] | None = None,
     ) -> None:
         self.settings = settings
         self.keyring = keyring
         self.request = KeRequest(settings.supported_aeads, settings.max_request, decided)
-        self.turn = turn  # which of several NTP servers this session names (the server counts sessions)
+        self.turns = turns  # shared by the server's sessions: which of several NTP servers to name next
 
     def receive(self, data: bytes, export: Exporter, now: float) -> KeReply | None:
         """Feed decrypted bytes. None until the request is complete; then what to send. Raises
@@ -268,5 +272,5 @@ class KeServerSession:
         s2c = export(EXPORTER_LABEL, key_len, outcome.exporter_context(True))
         cookies = self.keyring.seal_many(CookieKeys(outcome.aead, c2s, s2c), now, COOKIES_PER_RESPONSE)
         settings, servers = self.settings, self.settings.ntp_server
-        server = servers[self.turn % len(servers)] if servers else None
+        server = servers[next(self.turns, 0) % len(servers) if self.turns else 0] if servers else None
         return KeReply(response(outcome, cookies, server, settings.ntp_port), f"ok_aead_{outcome.aead}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -207,10 +208,13 @@ def test_several_ntp_servers_are_named_in_turn() -> None:
     keyring = KeyRing(bytes(32))
     settings = KeSettings(supported_aeads=SUPPORTED, ntp_server=("10.0.0.2", "ntp3.example"), ntp_port=123)
 
-    def named(turn: int) -> bytes:
-        session = KeServerSession(settings, keyring, turn=turn)
-        reply = session.receive(serialize_records([NP, AEAD, rec(0)]), lambda _l, n, _c: bytes(n), 1e9)
-        assert reply is not None
-        return next(r.body for r in parse_records(reply.data) if r.type == RecordType.NTPV4_SERVER)
+    turns = itertools.count()  # (the server's, shared by its sessions)
 
-    assert [named(turn) for turn in range(1, 5)] == [b"ntp3.example", b"10.0.0.2", b"ntp3.example", b"10.0.0.2"]
+    def named(request: bytes) -> bytes | None:
+        reply = KeServerSession(settings, keyring, turns=turns).receive(request, lambda _l, n, _c: bytes(n), 1e9)
+        assert reply is not None
+        return next((r.body for r in parse_records(reply.data) if r.type == RecordType.NTPV4_SERVER), None)
+
+    good, refused = serialize_records([NP, AEAD, rec(0)]), serialize_records([AEAD, rec(0)])
+    # a refused request names no server and takes no turn
+    assert [named(r) for r in (good, good, refused, good)] == [b"10.0.0.2", b"ntp3.example", None, b"10.0.0.2"]
