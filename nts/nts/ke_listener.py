@@ -67,6 +67,7 @@ _ACCEPTS = 128  # connections accepted per readiness event, so sessions under wa
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 _ENDED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR if hasattr(select, "EPOLLRDHUP") else 0
 _COUNTED = "counted"  # a parked connection whose outcome was counted when it was parked (a refusal)
+_KEEP_ALIVE_REPLIES = 10_000  # replies on one Keep Alive connection; then it is closed after the next
 _ACCEPT_RETRY_S = 1.0  # the pause after accept() failed for want of descriptors or memory
 
 
@@ -110,6 +111,7 @@ class KeServer:
         self.decided = DecidedRequests()  # whole requests seen before, shared by this server's sessions
         self._descriptors = 1 << 30  # connections that may wait, as the descriptor limit allows (at start)
         self.turns = itertools.count()  # sessions answered: which NTP server of several the next one names
+        self.kept = 0  # connections the NTS pool keeps alive
 
     @property
     def active(self) -> int:
@@ -424,6 +426,16 @@ class KeServer:
             session.end("timeout", session.peer)
             session.close()
 
+    def keep_alive_room(self) -> bool:
+        return self.kept < self.shared.count(self.settings.pool_connections)
+
+    def refresh(self, session: KeSession) -> None:
+        """A Keep Alive connection waits for its next request: its deadline starts again (and it
+        goes to the end of the sessions, which the sweep reads oldest first)."""
+        session.started = time.monotonic()
+        if self._sessions.pop(session.fd, None) is not None:
+            self._sessions[session.fd] = session
+
     def forget(self, session: KeSession) -> None:
         if self._sessions.pop(session.fd, None) is not None:
             left = self._per_client.get(session.key, 0) - 1
@@ -495,6 +507,8 @@ def metric_key(what: str) -> tuple[str, ...]:
         return ("nts_ke_accept_errors", what.removeprefix("accept_"))
     if what.startswith("proxy_"):  # a balancer's connection closed before it named a client
         return ("nts_ke_refused", what)
+    if what.startswith("pool_reply_"):  # a reply on a Keep Alive connection (not its outcome)
+        return ("nts_ke_pool_replies", what.removeprefix("pool_reply_"))
     if what.startswith("ok_aead_"):
         number = int(what.removeprefix("ok_aead_"))
         return ("nts_ke_sessions", "ok", AeadId(number).name.replace("_", "-") if number in AEADS else str(number))
@@ -510,8 +524,8 @@ class KeSession:
     instead of when it is readable.
     """
 
-    __slots__ = ("active", "closed", "fd", "handshaken", "key", "loop", "outcome", "peer", "pending", "server",
-                 "session", "sock", "started", "tls", "writing")  # fmt: skip
+    __slots__ = ("active", "closed", "fd", "handshaken", "keep", "kept", "key", "loop", "outcome", "peer", "pending",
+                 "replies", "server", "session", "sock", "started", "tls", "writing")  # fmt: skip
 
     def __init__(
         self,
@@ -531,7 +545,10 @@ class KeSession:
         self.started = self.active = time.monotonic()  # accepted; last stepped
         self.tls = SSL.Connection(server.certs.context, sock)
         self.tls.set_accept_state()
-        self.session = KeServerSession(server.settings, server.keyring, server.decided, server.turns)
+        self.session = self._new_session()
+        self.keep = ""  # the reply pending granted Keep Alive: its outcome (the NTS pool's requests)
+        self.kept = False  # holds one of the server's Keep Alive slots
+        self.replies = 0
         self.handshaken = False
         self.pending: bytes | None = None  # the response, until the socket took all of it
         self.writing = False  # waiting for the socket to be writable rather than readable
@@ -550,10 +567,11 @@ class KeSession:
             return
         self.active = time.monotonic()
         try:
-            if self.pending is None:
-                self._advance()
-            if self.pending is not None:
-                self._send()
+            while True:  # (a Keep Alive connection's next request may be read already)
+                if self.pending is None:
+                    self._advance()
+                if self.pending is None or not self._send():
+                    break
         except SSL.WantReadError:
             self._wait(writing=False)
         except SSL.WantWriteError:
@@ -562,7 +580,7 @@ class KeSession:
             self.end("refused_alpn", self.peer)  # OpenSSL has sent the no_application_protocol alert
             self.close()
         except (SSL.ZeroReturnError, SSL.SysCallError):  # the peer closed (close_notify, FIN) or reset
-            self.end("client_closed_early")
+            self.end("pool_closed" if self.kept else "client_closed_early")
             self.close()
         except SSL.Error:
             self.end("tls_error" if self.handshaken else "handshake_failed", self.peer)
@@ -588,8 +606,20 @@ class KeSession:
         while self.pending is None:
             reply = self.session.receive(tls.recv(4096), self._export, self.server.wall_clock())
             if reply is not None:
-                self.end(reply.outcome)
+                if reply.keep_alive:  # counted as a reply; the connection's outcome comes at its end
+                    self.keep = reply.outcome
+                else:
+                    self.end(reply.outcome)
                 self.pending = reply.data
+
+    def _new_session(self) -> KeServerSession:
+        server = self.server
+        return KeServerSession(server.settings, server.keyring, server.decided, server.turns, self._may_keep)
+
+    def _may_keep(self) -> bool:
+        """Whether a reply may grant Keep Alive: this connection holds a slot already, or one is
+        free (`pool_connections`); and it has not had its share of requests."""
+        return self.replies < _KEEP_ALIVE_REPLIES and (self.kept or self.server.keep_alive_room())
 
     def _export(self, label: bytes, length: int, context: bytes) -> bytes:
         return bytes(self.tls.export_keying_material(label, length, context))
@@ -601,16 +631,27 @@ class KeSession:
             self.outcome = outcome
             self.server.count(outcome, peer)
 
-    def _send(self) -> None:
+    def _send(self) -> bool:
         """Write the response (one TLS record: some clients need the answer in a single read),
-        then close_notify, then close."""
+        then close_notify, then close; True when Keep Alive keeps the connection for another
+        request instead (its deadline starts again)."""
         assert self.pending is not None
         self.tls.send(self.pending)  # partial writes are whole records: all of it, or WantWrite
+        if self.keep:
+            self.server.count(f"pool_reply_{self.keep}")
+            self.keep, self.pending, self.replies = "", None, self.replies + 1
+            if not self.kept:
+                self.kept = True
+                self.server.kept += 1
+            self.session = self._new_session()
+            self.server.refresh(self)
+            return True
         try:
             self.tls.shutdown()
         except SSL.Error:  # the peer is gone already: nothing more to say to it
             pass
         self.close()
+        return False
 
     def _wait(self, writing: bool) -> None:
         if self.closed or writing == self.writing:
@@ -629,6 +670,8 @@ class KeSession:
         if self.closed:
             return
         self.closed = True
+        if self.kept:
+            self.server.kept -= 1
         self.server.forget(self)
         # (an epoll set drops a socket when it is closed: no other descriptor refers to it)
         if self.server.poller is None:

@@ -58,6 +58,19 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 _SHORTEST = HEADER_LEN + MAX_MAC_LEN  # a body this short holds no field (it is a MAC, if anything)
 
 
+def read_pool_tokens(path: Path) -> tuple[bytes, ...]:
+    """The NTS pool's authentication tokens, one per line (# comments): a secret file, checked so."""
+    tokens = []
+    for number, line in enumerate(read_private_file(path, 64 * 1024).decode("ascii", "replace").splitlines(), 1):
+        token = line.split("#", 1)[0].strip()
+        if not token:
+            continue
+        if len(token) < 16 or not token.isprintable() or " " in token:
+            raise ParseError("pool_token", f"line {number}: a token is 16 or more printable characters, no spaces")
+        tokens.append(token.encode())
+    return tuple(tokens)
+
+
 def read_chrony_keys(path: Path) -> tuple[chrony_keys.ChronyKey, ...]:
     """A chrony server's ntskeys file: a secret, so checked as ntsd's own (not readable by others)."""
     return chrony_keys.parse(read_private_file(path, 64 * 1024).decode("ascii", "replace"))
@@ -80,13 +93,19 @@ class NtsPlugin(RequestHandler):
             "handshake_failed, tls_error, client_closed_early, internal_error; no_first_bytes (silent past "
             "first_bytes_timeout), evicted (closed for a newer connection: idle, or the idlest handshake), "
             "busy and per_client (left unread to their deadline: no session slot, or the client had "
-            "max_connections_per_client), unexpected_proxy_header (from an address not in proxy_protocol).",
+            "max_connections_per_client), unexpected_proxy_header (from an address not in proxy_protocol); "
+            "the NTS pool's: pool_support, pool_fixed_key, pool_closed (it closed a kept connection).",
         ),
         "nts_ke_refused": (
             ("reason",),
             ("NTS-KE connections refused: access lists, rate; proxy_* (a balancer's without a good PROXY header)."),
         ),
         "nts_ke_accept_errors": (("error",), "Failed accept() calls on NTS-KE sockets (accepting pauses)."),
+        "nts_ke_pool_replies": (
+            ("kind",),
+            "Replies the NTS pool kept its connection open after (Keep Alive), by request: pool_support, "
+            "pool_fixed_key (a connection's last reply is its nts_ke_sessions outcome).",
+        ),
     }
     SERIES: ClassVar[SeriesHelp] = {
         "nts_ke_connections": ((),),
@@ -136,11 +155,13 @@ class NtsPlugin(RequestHandler):
         why = check_secret(settings.key_dir)
         if why is not None:
             out.append((True, located("nts.key_dir", why, settings.key_dir)))
-        if settings.chrony_keys is not None:
-            try:
-                read_chrony_keys(settings.chrony_keys)
-            except (OSError, ParseError) as exc:
-                out.append((True, located("nts.chrony_keys", str(exc), settings.chrony_keys)))
+        for key, path, read in (("nts.chrony_keys", settings.chrony_keys, read_chrony_keys),
+                                 ("nts.pool_tokens", settings.pool_tokens, read_pool_tokens)):  # fmt: skip
+            if path is not None:
+                try:
+                    read(path)
+                except (OSError, ParseError) as exc:
+                    out.append((True, located(key, str(exc), path)))
         return out
 
     @classmethod
@@ -171,13 +192,19 @@ class NtsPlugin(RequestHandler):
         if created:
             log.info("created a new NTS master secret in %s", settings.key_dir)
         self.keyring = KeyRing(secret, settings.rotate_interval, settings.keep_keys)
+        self.pool_tokens: tuple[bytes, ...] = ()
+        if settings.pool_tokens is not None:
+            try:
+                self.pool_tokens = read_pool_tokens(settings.pool_tokens)
+            except (OSError, ParseError) as exc:
+                raise PluginError(located("nts.pool_tokens", str(exc), settings.pool_tokens)) from None
         if settings.chrony_keys is not None:
             try:
                 self._use_chrony_keys(settings.chrony_keys)
             except (OSError, ParseError) as exc:
                 raise PluginError(located("nts.chrony_keys", str(exc), settings.chrony_keys)) from None
         self.packets = NtsPackets(self.keyring, settings.aeads, time.time)
-        self.ke = KeServer(self.certs, self.keyring, settings.ke(), self.stats)
+        self.ke = KeServer(self.certs, self.keyring, replace(settings.ke(), pool_tokens=self.pool_tokens), self.stats)
         self.sockets: dict[tuple[str, int], socket.socket] = {}  # by configured address
         try:
             for host, port in settings.listen:
@@ -214,7 +241,7 @@ class NtsPlugin(RequestHandler):
     def _ke_settings(self, settings: NtsSettings) -> KeSettings:
         """The NTS-KE settings, with a Port record when NTP is not on 123 and nts.ntp_port is unset:
         clients that follow RFC 8915 would otherwise go to port 123, where nothing answers."""
-        ke, ports = settings.ke(), self.ke.shared.ntp_ports
+        ke, ports = replace(settings.ke(), pool_tokens=self.pool_tokens), self.ke.shared.ntp_ports
         if ke.ntp_port is None and ports and 123 not in ports:
             ke = replace(ke, ntp_port=ports[0])
         return ke
@@ -264,6 +291,13 @@ class NtsPlugin(RequestHandler):
             self.certs.check(force=True)
         self.keyring.set_rotation(new.rotate_interval, new.keep_keys)
         self._reload_secret(new.key_dir)
+        if new.pool_tokens is None:
+            self.pool_tokens = ()
+        else:
+            try:
+                self.pool_tokens = read_pool_tokens(new.pool_tokens)
+            except (OSError, ParseError) as exc:
+                log.error("nts: pool tokens in %s not read again, keeping those in use: %s", new.pool_tokens, exc)
         if new.chrony_keys is None:
             self.keyring.foreign = {}
         else:

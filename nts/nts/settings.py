@@ -38,6 +38,8 @@ class NtsSettings:
     ke_exempt: tuple[Network, ...] = ()
     proxy_protocol: tuple[Network, ...] = ()
     chrony_keys: Path | None = None
+    pool_tokens: Path | None = None
+    pool_connections: int = 8
     max_request: int = 1024
     ke_rate: float = 2.0
     ke_burst: int = 16
@@ -53,6 +55,7 @@ class NtsSettings:
             max_per_client=self.max_connections_per_client,
             exempt=self.ke_exempt,
             proxies=self.proxy_protocol,
+            pool_connections=self.pool_connections,
             max_request=self.max_request,
             rate=self.ke_rate,
             burst=self.ke_burst,
@@ -118,6 +121,8 @@ _READERS: dict[str, Reader] = {
     "ke_exempt": listof(network),
     "proxy_protocol": listof(network),
     "chrony_keys": optional(path),
+    "pool_tokens": optional(path),
+    "pool_connections": integer(1, 10_000),
     "max_request": integer(64, 65536),
     "ke_rate": number(0.001, 1e6),
     "ke_burst": integer(1, 1_000_000),

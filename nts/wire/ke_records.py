@@ -20,7 +20,7 @@ CRITICAL = 0x8000
 
 
 class RecordType(IntEnum):
-    """IANA NTS-KE record types (RFC 8915 section 7.6) and chrony's compliance record."""
+    """IANA NTS-KE record types (RFC 8915 section 7.6), the NTS pool's and chrony's compliance record."""
 
     END_OF_MESSAGE = 0  # 4.1.1
     NEXT_PROTOCOL = 1  # 4.1.2
@@ -30,6 +30,13 @@ class RecordType(IntEnum):
     NEW_COOKIE = 5  # 4.1.6
     NTPV4_SERVER = 6  # 4.1.7
     NTPV4_PORT = 7  # 4.1.8
+    # draft-ietf-ntp-nts-keyexchange-pool, as ntpd-rs 1.9 numbers them (the NTS pool's key exchange)
+    KEEP_ALIVE = 8
+    SUPPORTED_NEXT_PROTOCOL_LIST = 9
+    SUPPORTED_ALGORITHM_LIST = 10
+    FIXED_KEY_REQUEST = 12
+    NTP_SERVER_DENY = 13
+    AUTHENTICATION = 14
     COMPLIANT_128GCM_EXPORT = 1024  # chrony 4.6: exporter context uses AEAD id 30, not 15
 
 

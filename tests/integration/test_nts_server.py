@@ -24,9 +24,9 @@ from nts.client import KeResult, QueryError, check_nts_reply, exchange, key_exch
 from nts.nts import nettle
 from nts.nts.devcerts import make_dev_certs
 from nts.server.metrics import parse_text
-from nts.wire.ke_records import Record, RecordType
+from nts.wire.ke_records import Record, RecordReader, RecordType, serialize_records
 from tests.helpers import Ntsd, free_port, running_ntsd, wait_until
-from tests.nts_helpers import AEAD15, NP, dev_certs, ke_raw, nts_config, ports, request
+from tests.nts_helpers import AEAD15, EOM, NP, dev_certs, ke_raw, nts_config, ports, request
 
 
 def ke_events(mport: int) -> dict[str, float]:
@@ -811,3 +811,67 @@ def test_behind_a_balancer_the_proxy_header_names_the_client_and_bad_headers_are
             assert events[f"refused_{reason}"] == 1, (reason, events)
         assert events["refused_access"] == 1 and events["ok_AES-SIV-CMAC-256"] == 2
         assert wait_until(lambda: accounted(mport), what="every connection accounted for")
+
+
+POOL_TOKEN = "pool-token-for-the-test-0123"
+
+
+def _pool_request(*records: Record) -> bytes:
+    auth = Record(False, RecordType.AUTHENTICATION, POOL_TOKEN.encode())
+    return serialize_records([auth, *records, Record(True, RecordType.END_OF_MESSAGE)])
+
+
+def _read_reply(tls: ssl.SSLSocket) -> list[Record]:
+    reader, out = RecordReader(65536), []
+    while not out or out[-1].type != RecordType.END_OF_MESSAGE:
+        chunk = tls.recv(65536)
+        assert chunk, "closed before End of Message"
+        out += reader.feed(chunk)
+    return out
+
+
+def test_the_nts_pool_gets_support_and_cookies_for_its_keys_on_one_kept_connection(tmp_path: Path) -> None:
+    """A client of ours as the NTS pool's key-exchange balancer: with its token it asks what is
+    supported, then for cookies for keys it agreed with a client, on one Keep Alive connection; the
+    cookies carry those keys (an NTS request made with them is answered). Without the token: Error 1."""
+    ntp, ke, mport = ports()
+    tokens = tmp_path / "pool.tokens"
+    tokens.write_text(f"# the pool's\n{POOL_TOKEN}\n")
+    tokens.chmod(0o600)
+    config = nts_config(tmp_path, ntp, ke, mport, f"  pool_tokens: {tokens}\n  pool_connections: 1\n")
+    ca = dev_certs(tmp_path).ca
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.set_alpn_protocols(["ntske/1"])
+    keep = Record(False, RecordType.KEEP_ALIVE)
+    with running_ntsd(tmp_path, config), socket.create_connection(("127.0.0.1", ke), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(_pool_request(Record(True, RecordType.SUPPORTED_ALGORITHM_LIST), keep))
+            support = _read_reply(tls)
+            assert support[0].type == RecordType.SUPPORTED_ALGORITHM_LIST
+            assert struct.pack(">HH", 15, 32) in support[0].body
+            assert RecordType.KEEP_ALIVE in [r.type for r in support]
+            # a second Keep Alive connection is over pool_connections: answered, not kept
+            with (
+                socket.create_connection(("127.0.0.1", ke), timeout=10) as raw2,
+                ctx.wrap_socket(raw2, server_hostname="localhost") as other,
+            ):
+                other.sendall(_pool_request(Record(True, RecordType.SUPPORTED_NEXT_PROTOCOL_LIST), keep))
+                assert RecordType.KEEP_ALIVE not in [r.type for r in _read_reply(other)]
+            c2s, s2c = os.urandom(32), os.urandom(32)
+            tls.sendall(_pool_request(Record(True, RecordType.FIXED_KEY_REQUEST, c2s + s2c), NP, AEAD15, keep))
+            cookies = [r.body for r in _read_reply(tls) if r.type == RecordType.NEW_COOKIE]
+            tls.sendall(_pool_request(Record(True, RecordType.FIXED_KEY_REQUEST, c2s + s2c), NP, AEAD15))
+            last = _read_reply(tls)  # no Keep Alive asked: the server closes after it
+            assert RecordType.KEEP_ALIVE not in [r.type for r in last] and tls.recv(100) == b""
+        assert len(cookies) == 8
+        session = KeResult(15, c2s, s2c, cookies, None, None, "", "")
+        packet, uid, _ = nts_request(session, cookies[0])
+        nak, fresh = check_nts_reply(session, exchange("127.0.0.1", ntp, packet)[0], uid)
+        assert not nak and len(fresh) == 1  # the client's keys work with the pool's cookies
+        denied = ke_raw(ke, serialize_records([Record(True, RecordType.SUPPORTED_ALGORITHM_LIST), EOM]))
+        assert isinstance(denied, list) and (denied[0].type, denied[0].body) == (RecordType.ERROR, b"\x00\x01")
+        events = wait_until(lambda: (e := ke_events(mport)).get("error_pool_not_permitted") and e)
+        m = parse_text(fetch_metrics("127.0.0.1", mport))
+        assert m['ntsd_nts_ke_pool_replies_total{kind="pool_support"}'] == 1
+        assert m['ntsd_nts_ke_pool_replies_total{kind="pool_fixed_key"}'] == 1
+        assert events["pool_fixed_key"] == 1 and events["pool_support"] == 1  # each connection's last reply
