@@ -12,7 +12,16 @@ from nts.core.decisions import Drop
 from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainHandler
 from nts.nts.cookies import CookieError, KeyRing
-from nts.nts.ke_session import DecidedRequests, KeRefusal, KeRequest, Negotiation, negotiate, response
+from nts.nts.ke_session import (
+    DecidedRequests,
+    KeRefusal,
+    KeRequest,
+    Negotiation,
+    PoolFixedKey,
+    PoolSupport,
+    negotiate,
+    response,
+)
 from nts.nts.packets import NtsPackets
 from nts.wire.errors import ParseError
 from nts.wire.ke_records import Record, RecordReader, RecordType, parse_records, serialize_records
@@ -48,6 +57,25 @@ def test_reader_chunking_does_not_matter(rs: list[Record], cuts: list[int]) -> N
 @given(st.lists(records, max_size=10))
 def test_negotiate_always_decides(rs: list[Record]) -> None:
     assert isinstance(negotiate(rs, (15, 30)), Negotiation | KeRefusal)
+
+
+TOKEN = b"a-token-of-the-pool-0123"
+pool_records = st.one_of(
+    records,
+    st.builds(Record, critical=st.booleans(), type=st.sampled_from([8, 9, 10, 12, 13, 14, 1, 4]),
+              body=st.one_of(st.binary(max_size=70), st.just(TOKEN), st.just(b"\x00\x00"), st.just(b"\x00\x0f"))),
+)  # fmt: skip
+
+
+@given(st.lists(pool_records, max_size=10))
+def test_negotiate_decides_any_mix_of_pool_records(rs: list[Record]) -> None:
+    outcome = negotiate(rs, (15, 30), (TOKEN,))
+    assert isinstance(outcome, Negotiation | KeRefusal | PoolSupport | PoolFixedKey)
+    if isinstance(outcome, PoolSupport | PoolFixedKey):  # only with the token
+        assert (
+            Record(False, RecordType.AUTHENTICATION, TOKEN) in rs
+            or Record(True, RecordType.AUTHENTICATION, TOKEN) in rs
+        )
 
 
 @given(
