@@ -285,6 +285,9 @@ class KeServer:
             return
         if self.poller is not None:  # edge-triggered: told again only when more bytes come
             self.poller.register(waiting.fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+            # the kernel hands a connection over when its first bytes are in (TCP_DEFER_ACCEPT):
+            # look at once rather than a loop's turn later (nothing there: the edge will tell)
+            self._ready(waiting)
         else:
             loop.add_reader(waiting.fd, self._first_bytes, waiting.fd)
 
@@ -473,6 +476,8 @@ def _first_record(sock: socket.socket) -> str:
     trickling attacker's not (_PARTIAL); or whether it begins with a PROXY header (_PROXY_HEADER)."""
     try:
         got = sock.recv_into(_PEEK, len(_PEEK), socket.MSG_PEEK)
+    except BlockingIOError:
+        return _PARTIAL  # nothing yet (the kernel's deferral ran out before a byte came)
     except OSError:
         return _WHOLE  # (reset: the session's first step sees it and ends)
     if got and _PEEK[0] != _TLS_HANDSHAKE:
