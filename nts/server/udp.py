@@ -329,6 +329,7 @@ class UdpListener:
             # one basic reply of a batch may be timed for the correction, when one is due
             sample = timestamps is not None and time.monotonic_ns() - self._last_sample >= _SAMPLE_EVERY_NS
             sealing: list[tuple[int, int, Seal, Any]] = []
+            deferred: list[tuple[Pipeline, bytes, Defer, list[Any]]] = []
             requests.n += n
             for i, data, length, namelen, rx, addr in messages(n):
                 if addr is None:  # not an IP peer (cannot happen on an IP socket)
@@ -356,11 +357,8 @@ class UdpListener:
                 else:
                     if timestamps is not None:
                         timestamps.pending = None  # (a header built, then not sent)
-                    if kind is Defer:
-                        assert self._loop is not None
-                        anc = batch.pktinfo_ancillary(i)
-                        lane = decision.lane or self._loop  # type: ignore[union-attr]
-                        lane.call_soon_threadsafe(self._defer, pipeline, data, decision, anc)  # type: ignore[arg-type]
+                    if kind is Defer:  # handed over after the batch, all at once per loop
+                        deferred.append((pipeline, data, decision, batch.pktinfo_ancillary(i)))  # type: ignore[arg-type]
                     elif self._on_drop is not None:
                         self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
                 if first and time_ns() - first >= hold:  # a queued timestamp must not go stale
@@ -392,9 +390,28 @@ class UdpListener:
                         self._on_drop(reply.reason, addr)  # type: ignore[union-attr]
             if batch.pending:
                 self._flush(batch)
+            if deferred:
+                self._hand_over(deferred)
             if self._stamped:
                 self._stamped = False
                 self._drain()
+
+    def _hand_over(self, deferred: list[tuple[Pipeline, bytes, Defer, list[Any]]]) -> None:
+        """Give a batch's deferred replies to the loops that finish them: one wake-up per loop (each
+        call_soon_threadsafe writes to the loop's self-pipe), not one per request."""
+        assert self._loop is not None
+        lanes: dict[asyncio.AbstractEventLoop, list[tuple[Pipeline, bytes, Defer, list[Any]]]] = {}
+        for item in deferred:
+            lanes.setdefault(item[2].lane or self._loop, []).append(item)
+        for lane, items in lanes.items():
+            try:
+                lane.call_soon_threadsafe(self._defer_all, items)
+            except RuntimeError:  # (its loop closed: the plugin stopped under a reload)
+                pass
+
+    def _defer_all(self, items: list[tuple[Pipeline, bytes, Defer, list[Any]]]) -> None:
+        for pipeline, data, decision, anc in items:
+            self._defer(pipeline, data, decision, anc)
 
     def _one(self, pipeline: Pipeline, message: tuple[int, bytes, int, int, int, Any], anc: list[Any]) -> None:
         _, data, length, _, rx, addr = message
