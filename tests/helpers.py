@@ -61,6 +61,12 @@ async def async_wait_until(
         await asyncio.sleep(interval)
 
 
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on host:port now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        return s.connect_ex((host, port)) == 0
+
+
 def need(tool: str) -> str:
     """Path of a real peer's binary; skip (or fail, when NTSD_REQUIRE_PEERS=1) if it is missing."""
     path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)

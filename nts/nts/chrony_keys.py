@@ -81,6 +81,12 @@ def open_cookie(cipher: Cipher, nonce_len: int, cookie: bytes) -> bytes | None:
     if len(nonce) != nonce_len:
         return None
     keys = cipher.open(nonce, sealed, b"")
-    if keys is None or len(keys) // 2 not in _SESSION_AEAD or len(keys) % 2:
+    return None if keys is None else contents_of(keys)
+
+
+def contents_of(keys: bytes) -> bytes | None:
+    """C2S | S2C as the key ring's cookies hold them (AEAD id, zero, the keys), the AEAD implied by
+    the key length as chrony implies it: 16 bytes AES-128-GCM-SIV, 32 AES-SIV-CMAC-256; else None."""
+    if len(keys) % 2 or len(keys) // 2 not in _SESSION_AEAD:
         return None
     return _HEAD.pack(_SESSION_AEAD[len(keys) // 2], 0) + keys

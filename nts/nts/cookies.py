@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..files import hand_over, read_private_file
 from .aead import AEADS, AeadId, Cipher
-from .chrony_keys import open_cookie
+from .chrony_keys import contents_of, open_cookie
 
 SECRET_LEN = 32
 _COOKIE_AEAD = AEADS[AeadId.AES_SIV_CMAC_256]
@@ -55,9 +55,8 @@ _PERIOD_MASK = 0x7FFFFFFF
 MASTER_FILE = "nts-master.key"
 # what sealed contents start with (AEAD id u16, zero u16) -> their whole length (two keys follow)
 _CONTENTS_LEN = {_KEYS_HEAD.pack(aead_id, 0): 4 + 2 * aead.key_len for aead_id, aead in AEADS.items()}
-# the compact format's sessions: its AEAD follows from the key length, as in chrony's cookies
-_COMPACT_AEAD = {32: int(AeadId.AES_SIV_CMAC_256), 16: int(AeadId.AES_128_GCM_SIV)}
-_COMPACTABLE = {_KEYS_HEAD.pack(aead_id, 0) for aead_id in _COMPACT_AEAD.values()}
+# the compact format's sessions: their AEAD follows from the key length, as in chrony's cookies
+_COMPACTABLE = {_KEYS_HEAD.pack(aead_id, 0) for aead_id in (AeadId.AES_SIV_CMAC_256, AeadId.AES_128_GCM_SIV)}
 
 
 class _Tables(NamedTuple):
@@ -242,9 +241,7 @@ class KeyRing:
     @staticmethod
     def _open_compact(cipher: Cipher, key_id: bytes, cookie: bytes) -> bytes | None:
         keys = cipher.open(cookie[4 : 4 + _COMPACT_NONCE_LEN], cookie[4 + _COMPACT_NONCE_LEN :], key_id)
-        if keys is None or len(keys) % 2 or len(keys) // 2 not in _COMPACT_AEAD:
-            return None
-        return _KEYS_HEAD.pack(_COMPACT_AEAD[len(keys) // 2], 0) + keys
+        return None if keys is None else contents_of(keys)
 
     @staticmethod
     def _open_one_component(tables: _Tables, cookie: bytes) -> bytes | None:

@@ -45,6 +45,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 from OpenSSL import SSL
 
@@ -410,21 +411,9 @@ class KeServer:
         assert self._loop is not None
         self._sweeper = self._loop.call_later(_SWEEP_S, self._sweep)
         now = time.monotonic()
-        deadline = now - self.settings.first_bytes_timeout
-        late = []
-        for waiting in self._waiting.values():
-            if waiting.started > deadline:
-                break
-            late.append(waiting)
-        for waiting in late:
+        for waiting in _started_before(self._waiting, now - self.settings.first_bytes_timeout):
             self._drop(waiting, waiting.parked or ("proxy_timeout" if waiting.proxied else "no_first_bytes"))
-        deadline = now - self.settings.session_timeout
-        expired = []
-        for session in self._sessions.values():
-            if session.started > deadline:
-                break
-            expired.append(session)
-        for session in expired:
+        for session in _started_before(self._sessions, now - self.settings.session_timeout):
             session.end("timeout", session.peer)
             session.close()
 
@@ -460,6 +449,17 @@ class KeServer:
         if self._limiter.check(ip, time.monotonic_ns()) != RATE_OK and ip not in self._exempt:
             return "refused_rate"
         return None
+
+
+def _started_before(connections: dict[int, Waiting] | dict[int, KeSession], deadline: float) -> list[Any]:
+    """The connections that started before `deadline`: the first ones of a dict kept in order of
+    arrival (taken as a list: the caller closes them, which takes them out of the dict)."""
+    out = []
+    for connection in connections.values():
+        if connection.started > deadline:
+            break
+        out.append(connection)
+    return out
 
 
 _PEEK = bytearray(4096)  # (the loop's thread only)

@@ -403,9 +403,14 @@ class KeServerSession:
         c2s = export(EXPORTER_LABEL, key_len, outcome.exporter_context(False))
         s2c = export(EXPORTER_LABEL, key_len, outcome.exporter_context(True))
         cookies = self.keyring.seal_many(CookieKeys(outcome.aead, c2s, s2c), now, COOKIES_PER_RESPONSE)
-        settings, servers = self.settings, self.settings.ntp_server
-        server = servers[next(self.turns, 0) % len(servers) if self.turns else 0] if servers else None
-        return KeReply(response(outcome, cookies, server, settings.ntp_port), f"ok_aead_{outcome.aead}")
+        return KeReply(response(outcome, cookies, self._server(), self.settings.ntp_port), f"ok_aead_{outcome.aead}")
+
+    def _server(self) -> str | None:
+        """The NTP server this answer names (Server Negotiation): the next of several, in turn."""
+        servers = self.settings.ntp_server
+        if not servers:
+            return None
+        return servers[next(self.turns, 0) % len(servers) if self.turns else 0]
 
     def _pool(self, outcome: PoolSupport | PoolFixedKey, now: float) -> KeReply:
         """The NTS pool's requests: what is supported, or cookies for keys the pool negotiated with a
@@ -415,7 +420,6 @@ class KeServerSession:
             return KeReply(support_response(outcome, self.settings.supported_aeads, keep), "pool_support", keep)
         keys = CookieKeys(outcome.aead, outcome.c2s, outcome.s2c)
         cookies = self.keyring.seal_many(keys, now, COOKIES_PER_RESPONSE)
-        settings, servers = self.settings, self.settings.ntp_server
-        server = servers[next(self.turns, 0) % len(servers) if self.turns else 0] if servers else None
-        data = response(Negotiation(NEXT_PROTOCOL_NTPV4, outcome.aead), cookies, server, settings.ntp_port, keep)
+        accepted = Negotiation(NEXT_PROTOCOL_NTPV4, outcome.aead)
+        data = response(accepted, cookies, self._server(), self.settings.ntp_port, keep)
         return KeReply(data, "pool_fixed_key", keep)

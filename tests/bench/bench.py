@@ -76,8 +76,8 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
         return int(s.getsockname()[1])
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its children (threads included), in seconds."""
+def process_tree(pid: int) -> list[list[str]]:
+    """The /proc stat fields (after the command name) of a process and its descendants."""
     children: dict[int, list[int]] = {}
     stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
@@ -89,13 +89,18 @@ def tree_cpu_seconds(pid: int) -> float:
             continue
         stats[int(entry)] = fields
         children.setdefault(int(fields[1]), []).append(int(entry))
-    total, todo = 0.0, [pid]
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
         if p in stats:
-            total += int(stats[p][11]) + int(stats[p][12])
+            out.append(stats[p])
         todo += children.get(p, [])
-    return total / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its children (threads included), in seconds."""
+    return sum(int(f[11]) + int(f[12]) for f in process_tree(pid)) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_port(port: int, kind: int, timeout: float = 15.0) -> None:

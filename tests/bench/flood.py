@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from bench import KE_CLIENTS, PLAIN_REQUEST, free_port, tree_cpu_seconds, wait_port  # noqa: E402
+from bench import KE_CLIENTS, PLAIN_REQUEST, free_port, process_tree, tree_cpu_seconds, wait_port  # noqa: E402
 
 from nts.nts.devcerts import make_dev_certs  # noqa: E402
 
@@ -50,22 +50,7 @@ PLAIN_V3 = bytes([0x1B]) + bytes(39) + struct.pack(">Q", 0x1234567890ABCDEF)  # 
 
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and its descendants, MB."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat[1])
-            rss[int(entry)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
-    tree, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        tree.add(p)
-        todo += [c for c, parent in parents.items() if parent == p and c not in tree]
-    return sum(rss.get(p, 0) for p in tree) / 2**20
+    return sum(int(f[21]) for f in process_tree(pid)) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class Pair:

@@ -14,7 +14,7 @@ import pytest
 from nts.cli import fetch_metrics
 from nts.nts.devcerts import make_dev_certs
 from nts.server.metrics import parse_text
-from tests.helpers import free_port, lab_config, need, running_ntsd, wait_until
+from tests.helpers import free_port, lab_config, listening, need, running_ntsd, wait_until
 
 pytestmark = pytest.mark.interop
 
@@ -47,11 +47,6 @@ class Chronyd:
         return "".join(self.lines)
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def test_chrony_clients_keep_their_cookies_across_a_switch_from_chrony_to_ntsd(tmp_path: Path) -> None:
     certs = make_dev_certs(tmp_path / "certs", ["localhost", "127.0.0.1"])
     ntp, ke, mport = free_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
@@ -68,7 +63,7 @@ def test_chrony_clients_keep_their_cookies_across_a_switch_from_chrony_to_ntsd(t
         f"pidfile {client_dir}/chronyd.pid\n"
     )
     try:
-        wait_until(lambda: _listening(ke), 15, what="chrony's NTS-KE port")
+        wait_until(lambda: listening(ke), 15, what="chrony's NTS-KE port")
         client = Chronyd(client_dir / "chrony.conf", client_conf)
         try:  # NTS-KE with chrony's server, then NTS samples enough to select it
             wait_until(lambda: client.said("Selected source 127.0.0.1") or client.proc.poll() is not None, 20)

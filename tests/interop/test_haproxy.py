@@ -16,7 +16,7 @@ from nts.cli import fetch_metrics
 from nts.client import run_query
 from nts.server.metrics import parse_text
 from nts.wire.ke_records import RecordType
-from tests.helpers import Ntsd, free_port, need, running_ntsd, wait_until
+from tests.helpers import Ntsd, free_port, listening, need, running_ntsd, wait_until
 from tests.interop.peers import chrony_measure
 from tests.nts_helpers import AEAD15, NP, dev_certs, ke_raw, nts_config, ports, request
 
@@ -38,17 +38,12 @@ def haproxy(tmp: Path, backends: list[int]) -> Iterator[int]:
     proc = subprocess.Popen([need("haproxy"), "-db", "-f", str(conf)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        wait_until(lambda: _listening(front) or proc.poll() is not None, what="HAProxy listening")
+        wait_until(lambda: listening(front) or proc.poll() is not None, what="HAProxy listening")
         assert proc.poll() is None, proc.communicate()[0]
         yield front
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @contextmanager
