@@ -193,16 +193,7 @@ class NtsPlugin(RequestHandler):
             log.info("created a new NTS master secret in %s", settings.key_dir)
         self.keyring = KeyRing(secret, settings.rotate_interval, settings.keep_keys)
         self.pool_tokens: tuple[bytes, ...] = ()
-        if settings.pool_tokens is not None:
-            try:
-                self.pool_tokens = read_pool_tokens(settings.pool_tokens)
-            except (OSError, ParseError) as exc:
-                raise PluginError(located("nts.pool_tokens", str(exc), settings.pool_tokens)) from None
-        if settings.chrony_keys is not None:
-            try:
-                self._use_chrony_keys(settings.chrony_keys)
-            except (OSError, ParseError) as exc:
-                raise PluginError(located("nts.chrony_keys", str(exc), settings.chrony_keys)) from None
+        self._read_extra_files(settings, starting=True)
         self.packets = NtsPackets(self.keyring, settings.aeads, time.time)
         self.ke = KeServer(self.certs, self.keyring, replace(settings.ke(), pool_tokens=self.pool_tokens), self.stats)
         self.sockets: dict[tuple[str, int], socket.socket] = {}  # by configured address
@@ -291,20 +282,7 @@ class NtsPlugin(RequestHandler):
             self.certs.check(force=True)
         self.keyring.set_rotation(new.rotate_interval, new.keep_keys)
         self._reload_secret(new.key_dir)
-        if new.pool_tokens is None:
-            self.pool_tokens = ()
-        else:
-            try:
-                self.pool_tokens = read_pool_tokens(new.pool_tokens)
-            except (OSError, ParseError) as exc:
-                log.error("nts: pool tokens in %s not read again, keeping those in use: %s", new.pool_tokens, exc)
-        if new.chrony_keys is None:
-            self.keyring.foreign = {}
-        else:
-            try:
-                self._use_chrony_keys(new.chrony_keys)
-            except (OSError, ParseError) as exc:
-                log.error("nts: chrony's keys in %s not read again, keeping those in use: %s", new.chrony_keys, exc)
+        self._read_extra_files(new, starting=False)
         self.packets.supported = new.aeads
         self.ke.configure(self._ke_settings(new))
         self.settings = new
@@ -327,6 +305,27 @@ class NtsPlugin(RequestHandler):
         for addr in [a for a in self.sockets if a not in wanted]:
             self.ke.unlisten(self.sockets.pop(addr))
             log.info("stopped serving NTS-KE on %s", format_addr(addr))
+
+    def _read_extra_files(self, settings: NtsSettings, starting: bool) -> None:
+        """The NTS pool's tokens and a chrony server's keys, when configured (else none). A file that
+        cannot be used stops a start; on a reload it is logged and what is in use stays."""
+        if settings.pool_tokens is None:
+            self.pool_tokens = ()
+        if settings.chrony_keys is None:
+            self.keyring.foreign = {}
+        for key, path, use in (("nts.pool_tokens", settings.pool_tokens, self._use_pool_tokens),
+                               ("nts.chrony_keys", settings.chrony_keys, self._use_chrony_keys)):  # fmt: skip
+            if path is None:
+                continue
+            try:
+                use(path)
+            except (OSError, ParseError) as exc:
+                if starting:
+                    raise PluginError(located(key, str(exc), path)) from None
+                log.error("nts: %s: %s not read again, keeping what is in use: %s", key, path, exc)
+
+    def _use_pool_tokens(self, path: Path) -> None:
+        self.pool_tokens = read_pool_tokens(path)
 
     def _use_chrony_keys(self, path: Path) -> None:
         """Open the cookies a chrony server issued with the keys in its ntskeys file (read-only)."""
