@@ -6,11 +6,11 @@ knows its key id (the pipeline weighs both claims). The extended 120-byte form i
 dropped, since Samba cannot sign it. Signed replies let anyone brute-force machine passwords
 offline ("Timeroast"), so requests are rate-limited per client and each address may have only a
 few machine accounts signed (`accounts.py`, with a global budget for accounts no one asked for
-recently); refusals are counted and logged. Then the reply header is built,
-transmit time included, and handed to Samba through `SigndClient` as a Defer finished on the
-plugin's lane (`nts.lane`: a niced thread with its own event loop): the UDP listener never
-waits, and under saturation signing takes only the CPU that serving leaves. A failed or late
-signature means no reply at all, never an unsigned one.
+recently); refusals are counted and logged. Then the request is handed, as a Defer, to the
+`SigndClient` (`signer.py`: a niced thread of its own with a plain epoll loop), which builds the
+reply header, transmit time included, as the request goes to Samba, and sends the signed reply:
+the UDP listener never waits, and under saturation signing takes only the CPU that serving
+leaves. A failed or late signature means no reply at all, never an unsigned one.
 With no `networks` configured the plugin claims nothing: MS-SNTP is off until you say where
 the domain is.
 """
@@ -31,11 +31,10 @@ from nts.core.decisions import Answer, Defer, drop
 from nts.core.handler import ReplyContext, Request, RequestHandler
 from nts.core.policy import RATE_OK, Network, NetworkSet, RateLimiter, RateSettings, Shared
 from nts.core.stats import CounterHelp, Counters, GaugeHelp, SeriesHelp
-from nts.lane import NICE, Lane
 from nts.logutil import RateLimitedLog
 
 from .accounts import NEW_BUDGET, PER_CLIENT, RID_MASK, AccountGuard, AccountLimits
-from .signer import SigndClient
+from .signer import NICE, SigndClient
 
 log = logging.getLogger("ntsd.mssntp")
 DEFAULT_SOCKET = "/var/lib/samba/ntp_signd/socket"
@@ -153,9 +152,6 @@ class MsSntpPlugin(RequestHandler):
         self._sweeps = RateLimitedLog(log, 60.0, logging.WARNING)
         self.client = SigndClient(settings.socket, self.stats, settings.connections, settings.queue_size,
                                   settings.deadline)  # fmt: skip
-        # the conversation with Samba runs on a lane (a niced thread with its own loop): signing
-        # never delays the UDP listeners' other replies, nor NTS-KE on the server's loop
-        self.lane = Lane("mssntp signing")
         self._last_extended_log = 0.0
         if not settings.networks:
             log.warning("mssntp.networks is empty: MS-SNTP requests are answered for no one")
@@ -180,7 +176,12 @@ class MsSntpPlugin(RequestHandler):
         if refused is not None:
             self._refused(refused, request.client[0], key_id & RID_MASK)
             return _D_ACCOUNTS[refused]
-        return Defer(partial(self._signed, key_id, request, ctx), self.name, request.client, self.lane.loop)
+        # The header, and so the transmit timestamp, is made by the signer as the request goes to
+        # Samba, not when the datagram arrived: the hand-over and the queue are not counted in T3.
+        # With `compensate`, T3 is moved on by the recent signing delay, the time the signed reply
+        # takes to come back from Samba before it leaves (measured: README).
+        build = partial(_compensated if self.settings.compensate else _uncompensated, ctx, request.data, request.rx_ns)
+        return Defer(self.client, (key_id, build), self.name, request.client)
 
     def _account_limits(self, settings: MsSntpSettings) -> AccountLimits:
         """The account limits this process enforces: with workers, its share of the new-account budget."""
@@ -198,30 +199,17 @@ class MsSntpPlugin(RequestHandler):
                          "refused (RID %d from %s): a password-harvesting sweep (Timeroast)?", limits.new_rate, rid,
                          ip)  # fmt: skip
 
-    async def _signed(self, key_id: int, request: Request, ctx: ReplyContext) -> bytes | None:
-        # The header, and so the transmit timestamp, is made here, as the request goes to Samba,
-        # not when the datagram arrived: the hop to the event loop and the queue are not counted
-        # in T3. With `compensate`, T3 is moved on by the recent signing delay, the time the
-        # signed reply takes to come back from Samba before it leaves (measured: README).
-        data, rx_ns = request.data, request.rx_ns
-        if not self.settings.compensate:
-            return await self.client.sign(key_id, lambda _: ctx.reply_header(data, rx_ns))
-        return await self.client.sign(key_id, lambda delay: ctx.reply_header(data, rx_ns, delay))
-
     async def start(self) -> None:
-        self.lane.start()
-        await self.lane.run(self.client.start())
+        await self.client.start()
         self._announce()
 
     def _announce(self) -> None:
         log.info("MS-SNTP signing through %s for %s (on a thread of its own%s)", self.settings.socket,
                  ", ".join(map(str, self.settings.networks)) or "no networks",
-                 f", at nice +{NICE}" if self.lane.niced else "")  # fmt: skip
+                 f", at nice +{NICE}" if self.client.niced else "")  # fmt: skip
 
     async def stop(self) -> None:
-        if self.lane.loop is not None:
-            await self.lane.run(self.client.stop())
-            await self.lane.stop()
+        await self.client.stop()
 
     def reconfigure(self, settings: MsSntpSettings) -> bool:
         """Applied in place, so a reload keeps the connections to Samba, the requests waiting for a
@@ -258,3 +246,11 @@ class MsSntpPlugin(RequestHandler):
 
     def gauges(self) -> Mapping[str, float]:
         return {"mssntp_rate_limit_clients": len(self.limiter), "mssntp_account_clients": len(self.accounts)}
+
+
+def _compensated(ctx: ReplyContext, data: bytes, rx_ns: int, compensation_ns: int) -> bytes:
+    return ctx.reply_header(data, rx_ns, compensation_ns)
+
+
+def _uncompensated(ctx: ReplyContext, data: bytes, rx_ns: int, _compensation_ns: int) -> bytes:
+    return ctx.reply_header(data, rx_ns)

@@ -11,14 +11,11 @@ a Drop, a Defer, or a Seal that the shell completes right before its send call.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from .stats import Counters
-
-if TYPE_CHECKING:
-    import asyncio
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,15 +33,28 @@ class Nak:
     reason: str
 
 
+Done = Callable[["bytes | None", str], None]  # a deferred reply (None: none, for the reason given)
+
+
+class Finisher(Protocol):
+    """Where deferred replies are finished (MS-SNTP's signer): its own thread, off the serving path."""
+
+    def submit(self, work: Sequence[tuple[Any, Done]]) -> list[Any]:
+        """Take (job, done) pairs from a serving thread, without waiting; call each `done` once,
+        later, always from the same thread of the finisher's own. Returns the pairs it refused
+        (their `done` is never called): the caller counts them. RuntimeError: it has stopped."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Defer:
-    """The reply is finished asynchronously: the shell awaits `complete()` off the serving thread
-    and gives the result to `Pipeline.check_deferred` (None: nothing to send)."""
+    """The reply is finished elsewhere: the shell hands `job` to `to` (with the other deferred
+    requests of its batch, in one call) and gives what comes back to `Pipeline.check_deferred`."""
 
-    complete: Callable[[], Awaitable[bytes | None]]
+    to: Finisher
+    job: Any
     name: str  # the handler's, for the counters
     client: tuple[str, int]
-    lane: asyncio.AbstractEventLoop | None = None  # the loop to finish it on (None: the server's)
 
 
 class Seal:

@@ -9,17 +9,17 @@ interleaved table (`core.interleave`) always, one basic reply every few millisec
 correction. Those times come back on the socket's error queue, read in batches after the send (never
 before it), each matched to its reply by the reply's receive field. Each listener
 has its own Pipeline and owns the stats sinks it hands to it (one per writing thread: its own, and
-the event loop's for deferred replies), so counters are exact and survive a reload's new pipeline;
+the finisher's for deferred replies), so counters are exact and survive a reload's new pipeline;
 access and rate-limit tables are shared. On Linux a thread takes up to `batch` datagrams per
 recvmmsg (mmsg.py): it asks the pipeline about each, finishes the verified ones (`Seal`: transmit
 timestamp, then MAC or AEAD) only after the whole batch is decided, and sends the replies with one
 sendmmsg, flushing early when a timestamp has waited `hold_ns`. Elsewhere, or with batch 1, it is
 recvmsg and sendto per datagram. A reload swaps the pipeline between batches; stopping shuts the
-socket down, which wakes the blocked read. Deferred replies (asynchronous signers) are finished on
-the event loop and sent from there. A socket bound to a wildcard address (0.0.0.0, ::) asks the
-kernel for each datagram's destination address (IP_PKTINFO / IPV6_RECVPKTINFO) and sends the reply
-from it: left to routing, a reply to a request sent to a host's second address leaves from its
-first, and clients drop it.
+socket down, which wakes the blocked read. Deferred requests (MS-SNTP's) are handed to their
+finisher once per batch, and their replies are sent from its thread. A socket bound to a wildcard
+address (0.0.0.0, ::) asks the kernel for each datagram's destination address (IP_PKTINFO /
+IPV6_RECVPKTINFO) and sends the reply from it: left to routing, a reply to a request sent to a
+host's second address leaves from its first, and clients drop it.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ..core.decisions import Defer, Seal
+from ..core.decisions import Defer, Done, Finisher, Seal
 from ..core.interleave import TxLag, TxTimestamps
 from ..core.stats import Counters, Key, add
 from ..net import format_addr
@@ -127,7 +128,7 @@ class UdpListener:
         self.sock = sock
         self.local = sock.getsockname()
         self.stats = Counters()  # written by the listener's thread (and its pipeline)
-        self.loop_stats = Counters()  # written where deferred replies are finished (one loop: see _defer)
+        self.loop_stats = Counters()  # written where deferred replies are finished (one thread: see _finish)
         self._requests = self.stats.tally(_K_REQUESTS)
         self.stamping = kernel_timestamping(sock)
         self.timestamps = TxTimestamps(lag=TxLag(enabled=correct)) if self.stamping else None
@@ -145,7 +146,6 @@ class UdpListener:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_error_log = 0.0
-        self._tasks: set[asyncio.Task[None]] = set()
         self.batch = batch  # fixed for the socket's life (its buffers are sized by it)
         self.hold_ns = hold_ns  # read per batch: a reload may change it
         self.pktinfo = _reports_destination(sock)  # then replies must leave from the address asked
@@ -203,15 +203,13 @@ class UdpListener:
         return int.from_bytes(info[_MEMINFO_LEN - 4 :], sys.byteorder) if len(info) >= _MEMINFO_LEN else 0
 
     def stop(self) -> None:
-        """Stop the thread (waking its blocked read), cancel deferred replies, close the socket."""
+        """Stop the thread (waking its blocked read) and close the socket."""
         self._stopping = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RD)  # wakes recvmsg; raises ENOTCONN on UDP, harmlessly
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
-        for task in list(self._tasks):
-            task.get_loop().call_soon_threadsafe(task.cancel)
         self.sock.close()
 
     def _run(self) -> None:
@@ -283,8 +281,7 @@ class UdpListener:
         if self.timestamps is not None:
             self.timestamps.pending = None
         if type(decision) is Defer:
-            assert self._loop is not None
-            (decision.lane or self._loop).call_soon_threadsafe(self._defer, pipeline, data, decision, anc)
+            self._hand_over([(pipeline, data, decision, anc)])
         elif self._on_drop is not None:
             self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
 
@@ -397,21 +394,20 @@ class UdpListener:
                 self._drain()
 
     def _hand_over(self, deferred: list[tuple[Pipeline, bytes, Defer, list[Any]]]) -> None:
-        """Give a batch's deferred replies to the loops that finish them: one wake-up per loop (each
-        call_soon_threadsafe writes to the loop's self-pipe), not one per request."""
-        assert self._loop is not None
-        lanes: dict[asyncio.AbstractEventLoop, list[tuple[Pipeline, bytes, Defer, list[Any]]]] = {}
-        for item in deferred:
-            lanes.setdefault(item[2].lane or self._loop, []).append(item)
-        for lane, items in lanes.items():
+        """Give a batch's deferred requests to what finishes them (MS-SNTP's signer), in one call
+        per finisher, never waiting; what a finisher refuses (its queue is full) or cannot take (it
+        stopped under a reload) is counted here, not lost."""
+        groups: dict[Finisher, tuple[str, list[tuple[Any, Done]]]] = {}
+        for pipeline, data, d, anc in deferred:
+            groups.setdefault(d.to, (d.name, []))[1].append((d.job, partial(self._finish, pipeline, data, d, anc)))
+        for finisher, (name, work) in groups.items():
             try:
-                lane.call_soon_threadsafe(self._defer_all, items)
-            except RuntimeError:  # its loop closed (the plugin stopped under a reload): counted, not lost
-                self.stats.inc(("drops", "deferred_stopped"), len(items))
-
-    def _defer_all(self, items: list[tuple[Pipeline, bytes, Defer, list[Any]]]) -> None:
-        for pipeline, data, decision, anc in items:
-            self._defer(pipeline, data, decision, anc)
+                refused = len(finisher.submit(work))
+            except RuntimeError:  # stopped (a reload replaced the plugin)
+                self.stats.inc(("drops", "deferred_stopped"), len(work))
+                continue
+            if refused:
+                self.stats.inc(("drops", f"{name}_queue_full"), refused)
 
     def _one(self, pipeline: Pipeline, message: tuple[int, bytes, int, int, int, Any], anc: list[Any]) -> None:
         _, data, length, _, rx, addr = message
@@ -514,22 +510,11 @@ class UdpListener:
             log.exception("internal error handling a datagram from %s (dropped; further ones are only counted "
                           "for a minute)", addr[0])  # fmt: skip
 
-    def _defer(self, pipeline: Pipeline, request: bytes, d: Defer, anc: list[Any]) -> None:
-        """(On the loop the reply is finished on: the server's, or the handler's lane, whose thread
-        then writes `loop_stats`; a handler's deferred replies all go one way.)"""
-        task = asyncio.get_running_loop().create_task(self._complete(pipeline, request, d, anc))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _complete(self, pipeline: Pipeline, request: bytes, d: Defer, anc: list[Any]) -> None:
-        try:
-            reply = await d.complete()
-            reason = "failed"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a plugin failure must cost one reply, never the listener
-            log.warning("%s: deferred reply failed: %s", d.name, exc)
-            reply, reason = None, "error"
+    def _finish(
+        self, pipeline: Pipeline, request: bytes, d: Defer, anc: list[Any], reply: bytes | None, reason: str
+    ) -> None:
+        """A deferred reply, back from its finisher (on the finisher's thread, the one writer of
+        `loop_stats`): guarded and counted by the pipeline, then sent."""
         final = pipeline.check_deferred(request, reply, d.name, reason)
         if final is not None:
             self._send(self.loop_stats, final, d.client, anc)

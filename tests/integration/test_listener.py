@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import queue
 import socket
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar
 
 import pytest
 
 from nts.core.clockstate import ClockSettings, server_state
-from nts.core.decisions import Defer, Drop, Nak, Seal
+from nts.core.decisions import Defer, Done, Drop, Nak, Seal
 from nts.core.handler import ReplyContext, Request, RequestHandler
 from nts.core.interleave import TxTimestamps
 from nts.core.pipeline import Pipeline
@@ -26,23 +28,37 @@ from tests.helpers import client_request, query
 
 
 class SlowSigner(RequestHandler):
-    """Defers 20-byte-trailer requests; `complete` answers after a delay, or fails when asked to."""
+    """Defers 20-byte-trailer requests to itself as a finisher, whose thread answers after a delay
+    with the header and trailer, or none (trailer 0xEE: "failed", 0xFF: "error"); it refuses
+    trailers beginning 0xDD at once, as a full queue does."""
 
     name: ClassVar[str] = "slow"
     order: ClassVar[int] = 10
+
+    def __init__(self) -> None:
+        self.work: queue.SimpleQueue[tuple[bytes, Done]] = queue.SimpleQueue()
+        self.threads: set[int] = set()
+        threading.Thread(target=self._run, daemon=True).start()
 
     def matches(self, request: Request) -> bool:
         return len(request.trailer) == 20
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:
-        header, trailer = ctx.reply_header(request.data, request.rx_ns), request.trailer
-        return Defer(lambda: self.complete(header, trailer), self.name, request.client)
+        return Defer(self, ctx.reply_header(request.data, request.rx_ns) + request.trailer, self.name, request.client)
 
-    async def complete(self, header: bytes, trailer: bytes) -> bytes | None:
-        await asyncio.sleep(0.01)
-        if trailer[0] == 0xFF:
-            raise RuntimeError("signer exploded")
-        return None if trailer[0] == 0xEE else header + trailer
+    def submit(self, work: Sequence[tuple[bytes, Done]]) -> list[tuple[bytes, Done]]:
+        refused = [item for item in work if item[0][48] == 0xDD]
+        for item in work:
+            if item[0][48] != 0xDD:
+                self.work.put(item)
+        return refused
+
+    def _run(self) -> None:
+        while True:
+            reply, done = self.work.get()
+            time.sleep(0.01)  # (the signer's work, not synchronisation)
+            self.threads.add(threading.get_ident())
+            done(None if reply[48] in (0xEE, 0xFF) else reply, "error" if reply[48] == 0xFF else "failed")
 
 
 async def _exchange(port: int, packets: list[bytes]) -> list[bytes | None]:
@@ -83,34 +99,42 @@ def _listener(
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-def test_deferred_replies_are_sent_from_the_loop_and_failures_counted(batch: int) -> None:
+def test_deferred_replies_are_sent_from_the_finisher_and_failures_counted(batch: int) -> None:
     async def main() -> None:
-        listener, pipeline, port = _listener(SlowSigner(), batch)
+        signer = SlowSigner()
+        listener, pipeline, port = _listener(signer, batch)
         listener.start(asyncio.get_running_loop())
         try:
             ok = client_request() + bytes([1]) + bytes(19)
-            refused = client_request() + bytes([0xEE]) + bytes(19)
+            failed = client_request() + bytes([0xEE]) + bytes(19)
             broken = client_request() + bytes([0xFF]) + bytes(19)
-            replies = await _exchange(port, [ok, refused, broken, ok])
+            full = client_request() + bytes([0xDD]) + bytes(19)
+            replies = await _exchange(port, [ok, failed, broken, full, ok])
         finally:
             listener.stop()
         assert replies[0] is not None and len(replies[0]) == 68 and replies[0][48:] == ok[48:]
-        assert replies[1] is None and replies[2] is None
-        assert replies[3] is not None
+        assert replies[1] is None and replies[2] is None and replies[3] is None
+        assert replies[4] is not None
+        assert len(signer.threads) == 1 and threading.get_ident() not in signer.threads  # sent from its thread
         counts = pipeline.counters()
         assert counts[("replies", "slow")] == 2
         assert counts[("drops", "slow_failed")] == 1
         assert counts[("drops", "slow_error")] == 1
-        assert counts[("deferred", "slow")] == 4
-        assert counts[("requests",)] == 4
+        assert counts[("drops", "slow_queue_full")] == 1
+        assert counts[("deferred", "slow")] == 5
+        assert counts[("requests",)] == 5
 
     asyncio.run(main())
 
 
-class Exploding(SlowSigner):
+class Exploding(RequestHandler):
     """A plugin with a bug: raises on requests whose trailer starts with 0xEE."""
 
     name: ClassVar[str] = "exploding"
+    order: ClassVar[int] = 10
+
+    def matches(self, request: Request) -> bool:
+        return len(request.trailer) == 20
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer:
         if request.trailer[0] == 0xEE:
@@ -233,7 +257,7 @@ def test_batch_slots_carry_data_address_and_kernel_time(sockets: tuple[socket.so
     assert replies == {b"reply %d" % i for _, _, i in got[:3]}
 
 
-class CountingVerifier(SlowSigner):
+class CountingVerifier(Exploding):
     """Counts the requests it verified; the reply is finished (and its time read) by the Seal."""
 
     name: ClassVar[str] = "slowverify"

@@ -316,14 +316,13 @@ def test_a_reload_keeps_the_signer_connections_and_counters() -> None:
             plugin = MsSntpPlugin(settings)
             await plugin.start()
             try:
-                # the client lives on the plugin's lane, where deferred replies are finished
-                assert await plugin.lane.run(plugin.client.sign(1, PACKET)) is not None
+                assert await plugin.client.sign(1, PACKET) is not None
                 client = plugin.client
                 wider = dataclasses.replace(settings, networks=(ipaddress.ip_network("0.0.0.0/0"),), deadline=2.0)
                 assert plugin.reconfigure(wider)
                 assert plugin.client is client and client.deadline == 2.0
                 assert "192.0.2.1" in plugin.networks
-                assert await plugin.lane.run(plugin.client.sign(2, PACKET)) is not None
+                assert await plugin.client.sign(2, PACKET) is not None
                 assert plugin.counters()[("mssntp_sign", "signed")] == 2
                 assert plugin.counters()[("mssntp_sign", "connects")] == 2  # the same two connections
                 assert not plugin.reconfigure(dataclasses.replace(wider, connections=3))  # needs a new client
@@ -473,37 +472,47 @@ def test_with_workers_each_takes_its_share_of_the_new_account_budget() -> None:
 
 
 def test_signing_runs_on_a_niced_thread_of_its_own_and_stops_with_the_plugin() -> None:
+    """The plugin hands a request over (a Defer to its signer) without waiting; the signer builds
+    the reply as the request goes to Samba and calls back, on its own niced thread, with the
+    signed reply; stopping the plugin ends that thread."""
     import ipaddress
     import threading
     import time
 
+    from mssntp.signer import NICE
     from nts.core.clockstate import ClockSettings, Replies, server_state
     from nts.core.decisions import Defer
     from nts.core.handler import Request
-    from nts.lane import NICE
 
     ctx = Replies(server_state(ClockSettings(local_reference=True), None, -20, time.time_ns()), time.time_ns)
     request = Request(bytes([0x1B]) + bytes(47), (), struct.pack("<I", 1104) + bytes(16), ("10.1.2.3", 123), 1)
 
-    async def where() -> tuple[int, int]:
-        tid = threading.get_native_id()
-        return tid, os.getpriority(os.PRIO_PROCESS, tid)
-
     async def main() -> None:
+        loop = asyncio.get_running_loop()
         async with fake() as signer:
             settings = MsSntpSettings(socket=signer.path, networks=(ipaddress.ip_network("10.0.0.0/8"),))
             plugin = MsSntpPlugin(settings)
             await plugin.start()
             try:
-                tid, nice = await plugin.lane.run(where())
-                assert tid != threading.get_native_id()
-                assert nice == os.getpriority(os.PRIO_PROCESS, 0) + NICE and plugin.lane.niced
                 decision = plugin.respond(request, ctx)
-                assert isinstance(decision, Defer) and decision.lane is plugin.lane.loop
-                assert await plugin.lane.run(decision.complete()) is not None  # signed there
-                thread = plugin.lane._thread
+                assert isinstance(decision, Defer) and decision.to is plugin.client
+                got: asyncio.Future[tuple[bytes | None, int, int]] = loop.create_future()
+
+                def done(signed: bytes | None, _why: str) -> None:
+                    tid = threading.get_native_id()
+                    where = (signed, tid, os.getpriority(os.PRIO_PROCESS, tid))
+                    loop.call_soon_threadsafe(got.set_result, where)
+
+                assert plugin.client.submit([(decision.job, done)]) == []
+                signed, tid, nice = await asyncio.wait_for(got, 5)
+                assert signed is not None and len(signed) == 68 and signed[48:52] == struct.pack("<I", 1104)
+                assert tid != threading.get_native_id()
+                assert nice == os.getpriority(os.PRIO_PROCESS, 0) + NICE and plugin.client.niced
+                thread = plugin.client._thread
             finally:
                 await plugin.stop()
             assert thread is not None and not thread.is_alive()
+            with pytest.raises(RuntimeError):  # stopped: the listener counts what it could not hand over
+                plugin.client.submit([(decision.job, done)])
 
     run(main)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from typing import ClassVar
 
 import pytest
 
 from nts.core.clockstate import ClockSettings, server_state
-from nts.core.decisions import Defer, Drop, Nak, Seal
+from nts.core.decisions import Defer, Done, Drop, Nak, Seal
 from nts.core.handler import ReplyContext, Request, RequestHandler
 from nts.core.pipeline import Pipeline
 from nts.core.plain import PlainHandler
@@ -161,8 +162,8 @@ class TrailerAuth(RequestHandler):
     def matches(self, request: Request) -> bool:
         return len(request.trailer) == 20
 
-    async def signed(self) -> bytes | None:
-        return None
+    def submit(self, work: Sequence[tuple[object, Done]]) -> list[object]:  # (a Finisher)
+        return []
 
     def respond(self, request: Request, ctx: ReplyContext) -> bytes | Nak | Drop | Defer | Seal:
         if self.answer == "time":
@@ -172,7 +173,7 @@ class TrailerAuth(RequestHandler):
         if self.answer == "nak":
             return Nak(ctx.reply_header(request.data, request.rx_ns) + bytes(4), "bad_mac")
         if self.answer == "defer":
-            return Defer(self.signed, self.name, request.client)
+            return Defer(self, None, self.name, request.client)
         if self.answer in ("seal", "seal_long"):
             extra = bytes(40) if self.answer == "seal_long" else request.trailer
             return Seal(lambda: ctx.reply_header(request.data, request.rx_ns) + extra)
