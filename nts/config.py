@@ -303,6 +303,7 @@ class NtpSettings:
     batch: int = 32  # datagrams per recvmmsg/sendmmsg call (1: one syscall per datagram)
     max_hold_us: int = 20  # how long a finished reply may wait for others to share its send call
     correct_transmit: bool = True  # basic replies' transmit time moved on by the measured lag to the send
+    hwtimestamp: tuple[str, ...] = ()  # interfaces whose hardware timestamps are used ("*": all that have them)
     user: str | None = None
     group: str | None = None
 
@@ -356,6 +357,7 @@ _NTP: dict[str, Reader] = {
     "batch": integer(1, 1024),
     "max_hold_us": integer(0, 100_000),
     "correct_transmit": boolean,
+    "hwtimestamp": listof(string),
     "user": optional(_known(pwd.getpwnam, "user")),
     "group": optional(_known(grp.getgrnam, "group")),
 }

@@ -33,7 +33,7 @@ from .. import __version__, files
 from ..config import Config, ConfigError, PluginError, load_config
 from ..logutil import CONTEXT, LINES, formatter
 from ..net import format_addr, open_tcp_listener
-from . import runtime
+from . import hwstamp, runtime
 from .kernelclock import measure_precision
 from .metrics import Descriptions, MetricsServer, build_info, render_process, zero_series
 from .plugin import Plugin, discover, sections
@@ -58,13 +58,14 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
-def bind_all(config: Config, copies: int) -> list[dict[tuple[str, int], socket.socket]]:
-    """Bind every listen address `copies` times (SO_REUSEPORT when more than one)."""
+def bind_all(config: Config, copies: int, hardware: bool = False) -> list[dict[tuple[str, int], socket.socket]]:
+    """Bind every listen address `copies` times (SO_REUSEPORT when more than one); `hardware`: the
+    sockets ask for hardware timestamps too."""
     sets: list[dict[tuple[str, int], socket.socket]] = [{} for _ in range(copies)]
     try:
         for addr in config.ntp.listen:
             for i in range(copies):
-                sets[i][addr] = open_udp_socket(*addr, reuse_port=copies > 1)
+                sets[i][addr] = open_udp_socket(*addr, reuse_port=copies > 1, hardware=hardware)
             if copies > 1:
                 try:  # each client address to one worker, so per-client limits are the whole server's
                     steer_by_source(sets[0][addr], copies)
@@ -173,6 +174,7 @@ class Daemon:
         # ("reloads", outcome): count, in the main process; every outcome present from the start
         self.reloads = {("reloads", outcome): 0 for outcome in ("applied", "failed", "unconfirmed")}
         self.last_reload = (True, self.started)  # (applied, when the last applied one was)
+        self.phc: hwstamp.PhcClock | None = None  # the NIC clock of ntp.hwtimestamp, when one was switched on
 
     def load(self) -> Config:
         return load_config(self.config_path, sections(self.plugins))
@@ -185,7 +187,8 @@ class Daemon:
         setup_logging(config)
         raise_fd_limit()
         workers = config.ntp.workers
-        socket_sets = bind_all(config, workers)
+        self.phc = hwstamp.enable(config.ntp.hwtimestamp)  # (before the privileges go: it needs them)
+        socket_sets = bind_all(config, workers, self.phc is not None)
         metrics_sock = None
         if config.metrics_listen is not None:
             metrics_sock = _bind_tcp(config.metrics_listen)
@@ -268,7 +271,7 @@ class Daemon:
         auths: list[Plugin],
     ) -> int:
         loop = asyncio.get_running_loop()
-        server = Server(config, self.plugins, precision, auths)
+        server = Server(config, self.plugins, precision, auths, self.phc)
         server.adopt(sockets, loop)
         for addr in sockets:
             log.info("serving NTP on %s", format_addr(addr))
@@ -335,7 +338,7 @@ class Daemon:
         supervisor: int,
     ) -> int:
         loop = asyncio.get_running_loop()
-        server = Server(config, self.plugins, precision, auths)
+        server = Server(config, self.plugins, precision, auths, self.phc)
         server.adopt(sockets, loop)
         await server.start_plugins()
 
@@ -523,6 +526,8 @@ def restart_only_changes(running: Config, new: Config, plugins: Mapping[str, typ
         changed.append("ntp.workers")
     if new.ntp.batch != running.ntp.batch:
         changed.append("ntp.batch")
+    if new.ntp.hwtimestamp != running.ntp.hwtimestamp:
+        changed.append("ntp.hwtimestamp")
     shared = running.ntp.workers > 1  # the workers share the sockets bound before they started
     if shared and new.ntp.listen != running.ntp.listen:
         changed.append("ntp.listen")

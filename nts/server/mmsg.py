@@ -24,6 +24,7 @@ import errno
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 # struct mmsghdr { struct msghdr { name, namelen, iov, iovlen, control, controllen, flags }, len }
@@ -41,10 +42,19 @@ _CMSG_TS = struct.Struct("@NiiqQ32x")  # cmsghdr + struct scm_timestamping: soft
 _CONTROL_TS_LEN = socket.CMSG_SPACE(48)
 SO_TIMESTAMPING = 37  # == SCM_TIMESTAMPING (Linux); absent from the socket module
 SOF_TIMESTAMPING_TX_SOFTWARE = 1 << 1
+SOF_TIMESTAMPING_TX_HARDWARE = 1 << 0
 TS_REQUEST = struct.pack(
     "@NiiI4x", socket.CMSG_LEN(4), socket.SOL_SOCKET, SO_TIMESTAMPING, SOF_TIMESTAMPING_TX_SOFTWARE
 )
 TS_REQUEST_SPACE = len(TS_REQUEST)  # a control message asking the kernel to timestamp one datagram's send
+TS_REQUEST_HW = struct.pack(  # ...by the kernel and by the network card (ntp.hwtimestamp)
+    "@NiiI4x", socket.CMSG_LEN(4), socket.SOL_SOCKET, SO_TIMESTAMPING,
+    SOF_TIMESTAMPING_TX_SOFTWARE | SOF_TIMESTAMPING_TX_HARDWARE,
+)  # fmt: skip
+_HARDWARE_AT = 32  # the third timespec of a struct scm_timestamping: the raw hardware time
+_TS_HARDWARE_AT = struct.calcsize("@Nii") + _HARDWARE_AT  # ...in its control message
+_TIMESPEC = struct.Struct("@qq")
+Hardware = Callable[[int], int]  # a network card's time (ns) -> the system clock's (0: not known yet)
 _ALIGN = struct.calcsize("@N")  # control messages are aligned to a size_t (CMSG_ALIGN)
 PKTINFO_SPACE = socket.CMSG_SPACE(20)  # room for struct in6_pktinfo (struct in_pktinfo is 12 bytes)
 _CMSG_HEAD = struct.Struct("@Nii")
@@ -117,6 +127,7 @@ class Batch:
         max_datagram: int,
         pktinfo: bool = False,
         timestamping: bool | None = None,
+        hardware: Hardware | None = None,
     ) -> None:
         if not available():
             raise OSError(errno.ENOSYS, "recvmmsg/sendmmsg are not usable here")
@@ -130,6 +141,8 @@ class Batch:
         if timestamping is None:  # as the socket was set up
             timestamping = kernel_timestamping(sock)
         self.timestamping = timestamping  # SO_TIMESTAMPING (receive times, transmit times asked per reply)
+        self.hardware = hardware if timestamping else None  # (a card's timestamps, converted)
+        self._ts_request = TS_REQUEST_HW if self.hardware is not None else TS_REQUEST
         rx_ts = _CMSG_TS if timestamping else _CMSG
         self._rx_kind = SO_TIMESTAMPING if timestamping else _SCM_TIMESTAMPNS
         self._ctl = ctl = rx_ts.size + (PKTINFO_SPACE if pktinfo else 0)  # control bytes per slot
@@ -193,7 +206,21 @@ class Batch:
                 peer = (socket.inet_ntop(socket.AF_INET6, raw6), port, flowinfo, scope)
             out.append((i, data[start : start + (length if length < slot else slot)], length, namelen, rx, peer))
             start += slot
+        if self.hardware is not None:
+            self._hardware_times(out)
         return out
+
+    def _hardware_times(self, out: list[Any]) -> None:
+        """Where the network card stamped a datagram, its time replaces the kernel's (converted to
+        the system clock; the kernel's stays while the card's clock is not measured yet)."""
+        convert, control, ctl = self.hardware, self.control, self._ctl
+        assert convert is not None
+        for n, message in enumerate(out):
+            if message[4]:  # (a timestamp message is there: room for all three times)
+                sec, nsec = _TIMESPEC.unpack_from(control, message[0] * ctl + _TS_HARDWARE_AT)
+                rx = convert(sec * 1_000_000_000 + nsec) if sec or nsec else 0
+                if rx:
+                    out[n] = (*message[:4], rx, message[5])
 
     def queue(self, i: int, namelen: int, reply: bytes, stamp: bool = False) -> None:
         """Queue `reply` to the peer of receive slot i (sent by flush()); with `stamp`, the kernel is
@@ -207,7 +234,7 @@ class Batch:
         if stamp or self.pktinfo:  # the request's destination address becomes the reply's source; the stamp
             control = self.pktinfo_bytes(i) if self.pktinfo else b""
             if stamp:  # the next control message starts at the aligned end of this one (CMSG_NXTHDR)
-                control += bytes(-len(control) % _ALIGN) + TS_REQUEST
+                control += bytes(-len(control) % _ALIGN) + self._ts_request
             at = j * self._txctl
             self._tx_control[at : at + len(control)] = control
             _LENGTH.pack_into(self.tx, j * _MMSG_SIZE + _CONTROLLEN_AT, len(control))
@@ -263,9 +290,10 @@ class ErrorQueue:
     kernel's transmit timestamps, each with the datagram it belongs to as it left (from its link
     header on), so a timestamp costs a share of one system call instead of one of its own."""
 
-    def __init__(self, sock: socket.socket, size: int, max_datagram: int) -> None:
+    def __init__(self, sock: socket.socket, size: int, max_datagram: int, hardware: Hardware | None = None) -> None:
         if not available():
             raise OSError(errno.ENOSYS, "recvmmsg is not usable here")
+        self.hardware = hardware
         self.fd = sock.fileno()
         self.size = size
         self.slot = max_datagram + 256  # the reply and the headers in front of it
@@ -280,12 +308,13 @@ class ErrorQueue:
                             control_addr + i * _ERRQ_CONTROL, _ERRQ_CONTROL, 0, 0)  # fmt: skip
         self._pristine = bytes(self.msgs)
 
-    def read(self) -> list[tuple[bytes, int]]:
-        """What is queued now, up to `size`: (the datagram as it left, the kernel's software transmit
-        time in ns); [] when nothing is (or on an error)."""
+    def read(self) -> list[tuple[bytes, int, bool]]:
+        """What is queued now, up to `size`: (the datagram as it left, its transmit time in ns, and
+        whether the network card took it: the kernel's software time, else the card's, converted);
+        [] when nothing is (or on an error)."""
         self.msgs[:] = self._pristine
         n = _recvmmsg(self.fd, self._msgs_addr, self.size, _MSG_ERRQUEUE | _MSG_DONTWAIT, None)  # type: ignore[misc]
-        out: list[tuple[bytes, int]] = []
+        out: list[tuple[bytes, int, bool]] = []
         for i in range(max(n, 0)):
             _, controllen, length = _LENGTHS.unpack_from(self.msgs, i * _MMSG_SIZE)
             base, pos = i * _ERRQ_CONTROL, i * _ERRQ_CONTROL
@@ -295,10 +324,23 @@ class ErrorQueue:
                 if cmsg_len < _CMSG_HEAD.size or pos + cmsg_len > end:
                     break
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and cmsg_len >= _CMSG_HEAD.size + 16:
-                    sec, nsec = struct.unpack_from("@qq", self.control, pos + _CMSG_HEAD.size)
+                    at = pos + _CMSG_HEAD.size
+                    tx, card = transmit_time(self.control, at, cmsg_len - _CMSG_HEAD.size, self.hardware)
                     start = i * self.slot
                     data: bytes = self._data[start : start + min(length, self.slot)]  # type: ignore[assignment]
-                    out.append((data, sec * 1_000_000_000 + nsec))
+                    out.append((data, tx, card))
                     break
                 pos += socket.CMSG_SPACE(cmsg_len - _CMSG_HEAD.size)
         return out
+
+
+def transmit_time(stamps: Any, at: int, length: int, hardware: Hardware | None) -> tuple[int, bool]:
+    """The time in an error-queue SO_TIMESTAMPING message (its struct scm_timestamping, `length`
+    bytes at `at` in `stamps`): the kernel's software time, or, in the card's own message (software
+    time zero), the card's time converted to the system clock (0 while its clock is not measured
+    yet); and whether it is the card's."""
+    sec, nsec = _TIMESPEC.unpack_from(stamps, at)
+    if (sec or nsec) or hardware is None or length < _HARDWARE_AT + _TIMESPEC.size:
+        return sec * 1_000_000_000 + nsec, False
+    sec, nsec = _TIMESPEC.unpack_from(stamps, at + _HARDWARE_AT)
+    return (hardware(sec * 1_000_000_000 + nsec) if sec or nsec else 0), True

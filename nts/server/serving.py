@@ -26,6 +26,7 @@ from ..core.policy import AccessPolicy, KissLimiter, NetworkSet, RateLimiter, Ra
 from ..core.stats import Counters, Key, add
 from ..logutil import ALIKE, RateLimitedLog
 from ..net import format_addr
+from .hwstamp import PhcClock
 from .kernelclock import read_kernel_clock
 from .plugin import Plugin
 from .udp import UdpListener, open_udp_socket
@@ -92,9 +93,11 @@ class Server:
         plugins: Mapping[str, type[Plugin]],
         precision: int,
         authenticators: list[Plugin],
+        phc: PhcClock | None = None,
     ) -> None:
         self.plugins = plugins
         self.precision = precision
+        self.phc = phc  # hardware timestamps' clock (ntp.hwtimestamp), measured with the clock state
         self.listeners: dict[tuple[str, int], UdpListener] = {}
         self.drop_log = DropLog()
         self.config = config
@@ -163,7 +166,7 @@ class Server:
         for addr, sock in sockets.items():
             ntp = self.config.ntp
             listener = UdpListener(sock, self.new_pipeline, self.drop_log, ntp.batch, ntp.max_hold_us * 1000,
-                                   ntp.correct_transmit)  # fmt: skip
+                                   ntp.correct_transmit, self.phc)  # fmt: skip
             listener.start(loop)
             self.listeners[addr] = listener
 
@@ -201,7 +204,7 @@ class Server:
                 log.info("stopped listening on %s", format_addr(addr))
         for addr in sorted(wanted - set(self.listeners)):
             try:
-                sock = open_udp_socket(*addr)
+                sock = open_udp_socket(*addr, hardware=self.phc is not None)
             except OSError as exc:
                 log.error("cannot listen on %s: %s", format_addr(addr), exc.strerror)
                 continue
@@ -210,6 +213,8 @@ class Server:
         return True
 
     def refresh_state(self) -> None:
+        if self.phc is not None:
+            self.phc.measure()
         self.state = server_state(self.config.clock, read_kernel_clock(), self.precision, time.time_ns())
         self._log_state()
         self._log_kernel_drops()

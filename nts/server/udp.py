@@ -43,7 +43,8 @@ from ..core.interleave import TxLag, TxTimestamps
 from ..core.stats import Counters, Key, add
 from ..net import format_addr
 from ..wire.timestamps import ntp64_to_unix_ns
-from . import mmsg
+from . import hwstamp, mmsg
+from .hwstamp import PhcClock
 from .mmsg import kernel_timestamping
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ _TS_SPEC = struct.Struct("@qq")
 _SAMPLE_EVERY_NS = 5_000_000  # a basic reply's send is timed at most this often (the correction's samples)
 _STAMPS_KEPT = 4096  # replies whose transmit timestamp is awaited (more: the oldest are given up)
 _STAMP_REQUEST = (socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING, struct.pack("I", mmsg.SOF_TIMESTAMPING_TX_SOFTWARE))
+_TX_BOTH = mmsg.SOF_TIMESTAMPING_TX_SOFTWARE | mmsg.SOF_TIMESTAMPING_TX_HARDWARE  # (ntp.hwtimestamp)
+_STAMP_REQUEST_HW = (socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING, struct.pack("I", _TX_BOTH))
 MAX_DATAGRAM = 4096  # larger requests are dropped as oversize
 _TIMESPEC = struct.Struct("@qq")
 _ANC_SPACE = socket.CMSG_SPACE(3 * _TIMESPEC.size)  # SO_TIMESTAMPING: three timespecs (SO_TIMESTAMPNS: one)
@@ -75,8 +78,9 @@ def _error_label(err: int) -> str:
     return OSError(err, os.strerror(err)).__class__.__name__
 
 
-def open_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A bound UDP socket with kernel receive timestamps enabled."""
+def open_udp_socket(host: str, port: int, *, reuse_port: bool = False, hardware: bool = False) -> socket.socket:
+    """A bound UDP socket with kernel receive timestamps enabled; `hardware`: the network card's too
+    (ntp.hwtimestamp: where the card was switched on to take them)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -85,7 +89,7 @@ def open_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:  # receive times, and transmit times for the replies that ask (interleaved mode, the correction)
-            sock.setsockopt(socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING, mmsg.TS_FLAGS)
+            _timestamping(sock, hardware)
         except OSError:  # (logged by the listener, which then takes transmit times before the send only)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
@@ -99,6 +103,26 @@ def open_udp_socket(host: str, port: int, *, reuse_port: bool = False) -> socket
         sock.close()
         raise
     return sock
+
+
+def _timestamping(sock: socket.socket, hardware: bool) -> None:
+    if hardware:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING, mmsg.TS_FLAGS | hwstamp.SOCKET_FLAGS)
+            return
+        except OSError as exc:
+            log.warning("the kernel refused hardware timestamps on a socket (%s): software timestamps there",
+                        exc.strerror)  # fmt: skip
+    sock.setsockopt(socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING, mmsg.TS_FLAGS)
+
+
+def hardware_timestamping(sock: socket.socket) -> bool:
+    """Whether `sock` asks for the network card's timestamps (open_udp_socket with `hardware`)."""
+    try:
+        flags = sock.getsockopt(socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING)
+    except OSError:
+        return False
+    return flags & hwstamp.SOCKET_FLAGS == hwstamp.SOCKET_FLAGS
 
 
 def _reports_destination(sock: socket.socket) -> bool:
@@ -124,6 +148,7 @@ class UdpListener:
         batch: int = 1,
         hold_ns: int = 0,
         correct: bool = True,
+        phc: PhcClock | None = None,
     ) -> None:
         self.sock = sock
         self.local = sock.getsockname()
@@ -131,6 +156,9 @@ class UdpListener:
         self.loop_stats = Counters()  # written where deferred replies are finished (one thread: see _finish)
         self._requests = self.stats.tally(_K_REQUESTS)
         self.stamping = kernel_timestamping(sock)
+        # the network card's timestamps, converted to the system clock (ntp.hwtimestamp), if this socket has them
+        self.hardware = phc.to_system if phc is not None and self.stamping and hardware_timestamping(sock) else None
+        self._stamp_request = _STAMP_REQUEST_HW if self.hardware is not None else _STAMP_REQUEST
         self.timestamps = TxTimestamps(lag=TxLag(enabled=correct)) if self.stamping else None
         # replies whose kernel transmit time is awaited: receive field as sent -> (length, time stamped
         # before any correction, whether the interleaved table holds it)
@@ -253,6 +281,8 @@ class UdpListener:
                 if (kind == SO_TIMESTAMPNS or kind == mmsg.SO_TIMESTAMPING) and level == socket.SOL_SOCKET:
                     sec, nsec = unpack(payload)
                     rx = sec * 1_000_000_000 + nsec
+                    if self.hardware is not None and len(payload) >= 3 * _TIMESPEC.size:
+                        rx = self._card_time(payload) or rx
                 elif (level, kind) in mmsg.PKTINFO:
                     reply_anc = [(level, kind, payload)]
             if flags & trunc:
@@ -290,7 +320,7 @@ class UdpListener:
         `stamp`: ask the kernel for the time it leaves."""
         try:
             if stamp:
-                self.sock.sendmsg([reply], [*anc, _STAMP_REQUEST], 0, addr)
+                self.sock.sendmsg([reply], [*anc, self._stamp_request], 0, addr)
             elif anc:
                 self.sock.sendmsg([reply], anc, 0, addr)
             else:
@@ -299,7 +329,7 @@ class UdpListener:
             stats.inc(("socket_errors", exc.__class__.__name__))
 
     def _serve_batched(self) -> None:
-        batch = mmsg.Batch(self.sock, self.batch, MAX_DATAGRAM, self.pktinfo, self.stamping)
+        batch = mmsg.Batch(self.sock, self.batch, MAX_DATAGRAM, self.pktinfo, self.stamping, self.hardware)
         timestamps = self.timestamps
         stamp = self._sampleable
         recv, messages, queue = batch.recv, batch.messages, batch.queue
@@ -425,6 +455,12 @@ class UdpListener:
         for _, err in batch.flush():
             self.stats.inc(("socket_errors", _error_label(err)))
 
+    def _card_time(self, stamps: bytes) -> int:
+        """The network card's receive time in a struct scm_timestamping, converted; 0: none."""
+        assert self.hardware is not None
+        sec, nsec = _TIMESPEC.unpack_from(stamps, 2 * _TIMESPEC.size)
+        return self.hardware(sec * 1_000_000_000 + nsec) if sec or nsec else 0
+
     @staticmethod
     def _sampleable(reply: bytes) -> bool:
         """Whether a reply's send may be timed for the correction: a time reply of ours (not a
@@ -462,17 +498,17 @@ class UdpListener:
         timestamps = self.timestamps
         assert timestamps is not None
         if self._errqueue is None and mmsg.available():
-            self._errqueue = mmsg.ErrorQueue(self.sock, 64, MAX_DATAGRAM)
+            self._errqueue = mmsg.ErrorQueue(self.sock, 64, MAX_DATAGRAM, self.hardware)
         while True:
             got = self._errqueue.read() if self._errqueue is not None else self._read_error_queue()
-            for data, tx in got:
-                self._stamped_at(data, tx)
+            for data, tx, card in got:
+                self._stamped_at(data, tx, card)
             if len(got) < 64:
                 return
 
-    def _read_error_queue(self) -> list[tuple[bytes, int]]:
+    def _read_error_queue(self) -> list[tuple[bytes, int, bool]]:
         """The unbatched read (no recvmmsg here): what the error queue holds now."""
-        out: list[tuple[bytes, int]] = []
+        out: list[tuple[bytes, int, bool]] = []
         while True:
             try:
                 data, anc, _, _ = self.sock.recvmsg(MAX_DATAGRAM + 256, 256, _MSG_ERRQUEUE | socket.MSG_DONTWAIT)
@@ -480,19 +516,25 @@ class UdpListener:
                 return out
             for level, kind, payload in anc:
                 if kind == mmsg.SO_TIMESTAMPING and level == socket.SOL_SOCKET and len(payload) >= _TS_SPEC.size:
-                    sec, nsec = _TS_SPEC.unpack_from(payload)
-                    out.append((data, sec * 1_000_000_000 + nsec))
+                    out.append((data, *mmsg.transmit_time(payload, 0, len(payload), self.hardware)))
             if len(out) >= 64:
                 return out
 
-    def _stamped_at(self, data: bytes, tx: int) -> None:
-        """The kernel sent `data` (a reply, behind its link, IP and UDP headers) at `tx`."""
+    def _stamped_at(self, data: bytes, tx: int, card: bool = False) -> None:
+        """The kernel (or, `card`, the network card) sent `data` (a reply, behind its link, IP and
+        UDP headers) at `tx`. The card's time comes after the kernel's and replaces it in the
+        interleaved table (the kernel's alone feeds the correction of basic replies)."""
         timestamps, awaited = self.timestamps, self._awaited
         assert timestamps is not None
         end = len(data)
         for length in self._awaited_lengths:
             if tx and end >= length:
                 key = int.from_bytes(data[end - length + 32 : end - length + 40], "big")
+                if card:
+                    if key in timestamps.entries:
+                        timestamps.kernel(key, tx)
+                        return
+                    continue
                 found = awaited.get(key)
                 if found is not None and found[0] == length:
                     del awaited[key]

@@ -122,3 +122,22 @@ def test_metrics_have_zero_series_build_info_and_process_figures(tmp_path: Path)
         assert abs(m["process_start_time_seconds"] - (time.time() - m["ntsd_uptime_seconds"])) < 5
         one = int(Path(f"/proc/{server.proc.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         assert single > one  # the main process and its two workers
+
+
+def test_hwtimestamp_on_interfaces_without_it_is_logged_and_time_is_served(tmp_path: Path) -> None:
+    """ntp.hwtimestamp names loopback (software timestamping only) and an interface that does not
+    exist: both are said in the log, the server starts on software timestamps and serves, and a
+    reload that changes the list says a restart applies that."""
+    port = free_port()
+    config = lab_config(port, ntp_extra="hwtimestamp: [lo, nosuch0]").replace("level: debug", "level: info")
+    with running_ntsd(tmp_path, config) as server:
+        text = "\n".join(server.lines)
+        assert "ntp.hwtimestamp: lo: it does not timestamp packets in hardware; software timestamps there" in text
+        assert "ntp.hwtimestamp: nosuch0: No such device; software timestamps there" in text
+        assert "no interface gets hardware timestamps; software timestamps are used" in text
+        reply = query(port, client_request())
+        assert reply is not None and len(reply) == 48 and reply[39] & 1  # (a kernel receive timestamp, flagged)
+        mark = len(server.lines)
+        server.config.write_text(config.replace("hwtimestamp: [lo, nosuch0]", 'hwtimestamp: ["*"]'))
+        server.signal(signal.SIGHUP)
+        server.wait_for("ntp.hwtimestamp changed: a restart applies that, a reload cannot", start=mark)
