@@ -43,8 +43,10 @@ class Listening(RequestHandler):
 PLUGINS: dict[str, Any] = {"listening": Listening}
 
 
-def config(section: dict[str, Any] | None, workers: int = 2, batch: int = 32) -> Any:
-    ntp = SimpleNamespace(workers=workers, listen=(("127.0.0.1", 123),), user=None, group=None, batch=batch)
+def config(section: dict[str, Any] | None, workers: int = 2, batch: int = 32, hw: tuple[str, ...] = ()) -> Any:
+    ntp = SimpleNamespace(
+        workers=workers, listen=(("127.0.0.1", 123),), user=None, group=None, batch=batch, hwtimestamp=hw
+    )
     return SimpleNamespace(
         ntp=ntp, metrics_listen=None, metrics_reports=False, plugins={} if section is None else {"listening": section}
     )
@@ -82,6 +84,9 @@ def test_what_plugins_and_the_batch_size_keep_until_a_restart_is_named_in_any_pr
     for workers in (1, 2):
         assert restart_only_changes(config(ON, workers), config(stored, workers), PLUGINS) == ["listening.store"]
         assert restart_only_changes(config(ON, workers), config(ON, workers, batch=8), PLUGINS) == ["ntp.batch"]
+        assert restart_only_changes(config(ON, workers), config(ON, workers, hw=("eth0",)), PLUGINS) == [
+            "ntp.hwtimestamp"
+        ]
     assert restart_only_changes(config(None, 1), config(stored, 1), PLUGINS) == []  # enabled: built anew
 
 
