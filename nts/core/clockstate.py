@@ -108,7 +108,7 @@ class Replies:
     get interleaved replies (`interleave`); `client` is the address of the request being answered.
     A symmetric active request (mode 1) is answered in symmetric passive mode (2)."""
 
-    __slots__ = ("_first", "_lag", "_middle", "_tx_offset", "client", "clock", "timestamps")
+    __slots__ = ("_cold_offset", "_first", "_lag", "_middle", "_tx_offset", "client", "clock", "timestamps")
 
     def __init__(self, state: ServerState, clock: Callable[[], int], timestamps: TxTimestamps | None = None) -> None:
         self.clock = clock
@@ -117,6 +117,7 @@ class Replies:
         # the conversion's offset with the correction in it (the lag, taken when the state is, each
         # second), so a basic reply pays no addition for it
         self._tx_offset = NTP_SCALED_OFFSET + (self._lag.ns << 32)
+        self._cold_offset = NTP_SCALED_OFFSET + (timestamps.cold_lag.ns << 32) if timestamps is not None else 0
         self.client = ""
         mode = [Mode.SERVER, Mode.SYMMETRIC_PASSIVE]  # for client (3) and symmetric active (1) requests
         self._first = [bytes(((state.leap << 6) | (v << 3) | mode[m == 1], state.stratum))
@@ -128,15 +129,19 @@ class Replies:
     def reply_header(self, request: bytes, rx_ns: int, tx_delay_ns: int = 0) -> bytes:
         # The two timestamps are `unix_ns_to_ntp64` written out: calling it costs 4% of the
         # instructions of a plain reply (a property test checks the two agree).
-        if request[31] & 1 and self.timestamps is not None:  # the origin is one of our receive timestamps
-            return self._interleave(request, rx_ns, tx_delay_ns)
+        timestamps, offset = self.timestamps, self._tx_offset
+        if timestamps is not None:
+            if request[31] & 1:  # the origin is one of our receive timestamps
+                return self._interleave(request, rx_ns, tx_delay_ns)
+            if timestamps.cold:
+                offset = self._cold_offset
         return _REPLY.pack(
             self._first[request[0] & 63],
             request[2:3],
             self._middle,
             request[40:48],
             ((((rx_ns << 32) + NTP_SCALED_OFFSET) // 1_000_000_000) & MASK64) | 1,
-            ((((self.clock() + tx_delay_ns) << 32) + self._tx_offset) // 1_000_000_000) & _EVEN64,
+            ((((self.clock() + tx_delay_ns) << 32) + offset) // 1_000_000_000) & _EVEN64,
         )
 
     def _interleave(self, request: bytes, rx_ns: int, tx_delay_ns: int) -> bytes:
@@ -148,7 +153,8 @@ class Replies:
         assert timestamps is not None
         rx = ((((rx_ns << 32) + NTP_SCALED_OFFSET) // 1_000_000_000) & MASK64) | 1
         now = self.clock()
-        origin, tx_ns = request[40:48], now + self._lag.ns + tx_delay_ns
+        lag = timestamps.cold_lag if timestamps.cold else self._lag
+        origin, tx_ns = request[40:48], now + lag.ns + tx_delay_ns
         if (
             (request[0] >> 3) & 7 == 4
             and request[32:40] != request[40:48]

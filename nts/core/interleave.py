@@ -14,7 +14,11 @@ flood cannot grow it, and an address can only use entries made for it.
 Basic replies carry a transmit timestamp read before the reply is finished and sent, so they are
 early by the time to the kernel's timestamp. `TxLag` keeps a robust running estimate of that lag
 (the median of recent samples, each the kernel's time minus the time written) that the reply
-builder adds to the clock: the same kernel timestamps correct every basic reply too.
+builder adds to the clock. That lag depends on how warm the server is (`cold`, set by the shell
+for each request): after a pause of a millisecond or more the way to the wire is slow (5-11 us
+here) and a reply is corrected by the lag measured after pauses (`cold_lag`); under load it is
+quick (1-2 us), and the samples of that lag swing with the load between 1 and 35 us, so applying
+them moved the time served by more than they corrected: warm replies are measured, not corrected.
 """
 
 from __future__ import annotations
@@ -61,13 +65,15 @@ class TxTimestamps:
     ns, whether the kernel gave it], for one socket's replies. Written by its listener's thread only
     (`thread`); `pending` hands the shell the entry the last reply built made, to time its send."""
 
-    __slots__ = ("daemon_served", "entries", "interleaved", "kernel_stamps", "lag", "max_entries", "pending",
-                 "thread", "unmatched")  # fmt: skip
+    __slots__ = ("cold", "cold_lag", "daemon_served", "entries", "interleaved", "kernel_stamps", "lag",
+                 "max_entries", "pending", "thread", "unmatched")  # fmt: skip
 
-    def __init__(self, max_entries: int = MAX_ENTRIES, lag: TxLag | None = None) -> None:
+    def __init__(self, max_entries: int = MAX_ENTRIES, lag: TxLag | None = None, cold_lag: TxLag | None = None) -> None:
         self.entries: dict[int, list[object]] = {}
         self.max_entries = max_entries
-        self.lag = lag if lag is not None else TxLag()
+        self.lag = lag if lag is not None else TxLag(enabled=False)  # a warm server's: measured only
+        self.cold_lag = cold_lag if cold_lag is not None else TxLag()  # after a pause: added to replies
+        self.cold = False  # the request being answered came after a pause (set by the shell)
         self.pending: tuple[int, int] | None = None  # (receive key, time read before the send)
         self.thread = threading.get_ident()  # the listener's thread (set again when it starts)
         self.interleaved = 0  # replies sent in interleaved mode

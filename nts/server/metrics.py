@@ -50,8 +50,10 @@ SHELL_COUNTERS: CounterHelp = {
 SHELL_GAUGES: GaugeHelp = {
     "uptime_seconds": "Seconds since the server started.",
     "interleaved_timestamps": "Replies whose transmit time is kept for interleaved mode (per socket, bounded).",
-    "tx_lag_seconds": "Median time from a reply's transmit timestamp to the kernel's (measured).",
-    "tx_correction_seconds": "What basic replies' transmit time is moved on by (ntp.correct_transmit).",
+    "tx_lag_seconds": "Median time from a reply's transmit timestamp to the kernel's, under load (measured).",
+    "tx_correction_seconds": "What basic replies' transmit time is moved on by under load (0: measured only).",
+    "tx_lag_idle_seconds": "Median time from a reply's transmit timestamp to the kernel's after a pause (measured).",
+    "tx_correction_idle_seconds": "What basic replies' transmit time is moved on by after a pause (correct_transmit).",
     "workers": "Worker processes serving NTP.",
     "config_last_reload_successful": "1 when the last reload applied all of the files (or none was made), else 0.",
     "config_last_reload_success_timestamp_seconds": "When the files were last applied in full (start or reload).",

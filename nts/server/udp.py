@@ -60,6 +60,7 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; absent fr
 _MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 _TS_SPEC = struct.Struct("@qq")
 _SAMPLE_EVERY_NS = 5_000_000  # a basic reply's send is timed at most this often (the correction's samples)
+_COLD_AFTER_NS = 1_000_000  # a request after this long without one finds the way to the wire cold
 _STAMPS_KEPT = 4096  # replies whose transmit timestamp is awaited (more: the oldest are given up)
 _STAMP_REQUEST = (socket.SOL_SOCKET, mmsg.SO_TIMESTAMPING, struct.pack("I", mmsg.SOF_TIMESTAMPING_TX_SOFTWARE))
 _TX_BOTH = mmsg.SOF_TIMESTAMPING_TX_SOFTWARE | mmsg.SOF_TIMESTAMPING_TX_HARDWARE  # (ntp.hwtimestamp)
@@ -159,10 +160,11 @@ class UdpListener:
         # the network card's timestamps, converted to the system clock (ntp.hwtimestamp), if this socket has them
         self.hardware = phc.to_system if phc is not None and self.stamping and hardware_timestamping(sock) else None
         self._stamp_request = _STAMP_REQUEST_HW if self.hardware is not None else _STAMP_REQUEST
-        self.timestamps = TxTimestamps(lag=TxLag(enabled=correct)) if self.stamping else None
+        self.timestamps = TxTimestamps(cold_lag=TxLag(correct)) if self.stamping else None
+        self._idle_from = 0  # when this listener last finished a reply (wall ns): a long pause makes it cold
         # replies whose kernel transmit time is awaited: receive field as sent -> (length, time stamped
         # before any correction, whether the interleaved table holds it)
-        self._awaited: dict[int, tuple[int, int, bool]] = {}
+        self._awaited: dict[int, tuple[int, int, bool, TxLag | None]] = {}
         self._awaited_lengths: set[int] = set()
         self._last_sample = 0
         self._stamped = False  # a reply of the batch under way asked for its transmit timestamp
@@ -181,7 +183,7 @@ class UdpListener:
     def correct(self, on: bool) -> None:
         """Add the measured lag to basic replies' transmit time, or not (measured either way)."""
         if self.timestamps is not None:
-            lag = self.timestamps.lag
+            lag = self.timestamps.cold_lag  # (the warm one is measured only: see core/interleave.py)
             lag.enabled = on
             lag.ns = lag.estimate_ns if on else 0
 
@@ -210,7 +212,8 @@ class UdpListener:
         if t is None:
             return {}
         return {"interleaved_timestamps": len(t.entries), "tx_lag_seconds": t.lag.estimate_ns / 1e9,
-                "tx_correction_seconds": t.lag.ns / 1e9}  # fmt: skip
+                "tx_correction_seconds": t.lag.ns / 1e9, "tx_lag_idle_seconds": t.cold_lag.estimate_ns / 1e9,
+                "tx_correction_idle_seconds": t.cold_lag.ns / 1e9}  # fmt: skip
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -293,11 +296,16 @@ class UdpListener:
     def _answer(self, pipeline: Pipeline, data: bytes, addr: Any, rx: int, anc: list[Any]) -> None:
         """One datagram, answered at once (the reply is finished and sent before the next is read);
         `anc`: the control message that sets the reply's source address, on a wildcard socket."""
+        timestamps = self.timestamps
+        if timestamps is not None:  # after a pause the way to the wire is cold: its own lag is added
+            timestamps.cold = rx - self._idle_from > _COLD_AFTER_NS
         try:
             decision = pipeline.handle(data, addr, rx)
         except Exception:  # a bug (in a plugin, say) costs this datagram, never the listener
             self._internal_error(addr)
             return
+        finally:
+            self._idle_from = time.time_ns()
         if type(decision) is bytes:
             stamp = self.timestamps is not None and (
                 self.timestamps.pending is not None
@@ -352,6 +360,8 @@ class UdpListener:
                 continue
             handle = pipeline.handle
             hold = self.hold_ns
+            if timestamps is not None:
+                timestamps.cold = False  # (a batch: the server is busy)
             first = 0  # when the oldest reply waiting to be sent got its transmit timestamp
             # one basic reply of a batch may be timed for the correction, when one is due
             sample = timestamps is not None and time.monotonic_ns() - self._last_sample >= _SAMPLE_EVERY_NS
@@ -375,7 +385,7 @@ class UdpListener:
                 elif kind is bytes:
                     if timestamps is not None and (timestamps.pending is not None or (sample and stamp(decision))):  # type: ignore[arg-type]
                         queue(i, namelen, decision, True)  # type: ignore[arg-type]
-                        self._await(decision)  # type: ignore[arg-type]
+                        self._await(decision, False)  # type: ignore[arg-type]
                         sample = False
                     else:
                         queue(i, namelen, decision)  # type: ignore[arg-type]
@@ -400,7 +410,7 @@ class UdpListener:
                 if type(reply) is bytes:
                     if timestamps is not None and (timestamps.pending is not None or (sample and stamp(reply))):
                         queue(i, namelen, reply, True)
-                        self._await(reply)
+                        self._await(reply, False)
                         sample = False
                     else:
                         queue(i, namelen, reply)
@@ -417,6 +427,7 @@ class UdpListener:
                         self._on_drop(reply.reason, addr)  # type: ignore[union-attr]
             if batch.pending:
                 self._flush(batch)
+            self._idle_from = time_ns()
             if deferred:
                 self._hand_over(deferred)
             if self._stamped:
@@ -467,11 +478,13 @@ class UdpListener:
         Kiss-o'-Death, stratum 0, whose times are not a reply's; its receive field flagged)."""
         return reply[1] != 0 and reply[39] & 1 == 1
 
-    def _await(self, reply: bytes) -> None:
+    def _await(self, reply: bytes, sample: bool = True) -> None:
         """Note a reply sent with a stamp request under its receive field, which `_drain` finds again
-        in what the kernel hands back, with the time it was stamped with before any correction."""
+        in what the kernel hands back, with the time it was stamped with before any correction, and
+        the lag estimate its send is a sample of (`sample`: answered at once, not in a batch)."""
         timestamps = self.timestamps
         assert timestamps is not None
+        lag = timestamps.cold_lag if timestamps.cold else timestamps.lag
         pending = timestamps.pending
         if pending is not None:
             timestamps.pending = None
@@ -480,12 +493,12 @@ class UdpListener:
         else:
             self._last_sample = time.monotonic_ns()
             key = int.from_bytes(reply[32:40], "big")
-            stamped = ntp64_to_unix_ns(int.from_bytes(reply[40:48], "big"), time.time_ns()) - timestamps.lag.ns
+            stamped = ntp64_to_unix_ns(int.from_bytes(reply[40:48], "big"), time.time_ns()) - lag.ns
             held = False
         awaited = self._awaited
         if len(awaited) >= _STAMPS_KEPT:
             del awaited[next(iter(awaited))]
-        awaited[key] = (len(reply), stamped, held)
+        awaited[key] = (len(reply), stamped, held, lag if sample else None)
         self._stamped = True
         if len(reply) not in self._awaited_lengths:
             if len(self._awaited_lengths) > 16:
@@ -538,7 +551,8 @@ class UdpListener:
                 found = awaited.get(key)
                 if found is not None and found[0] == length:
                     del awaited[key]
-                    timestamps.lag.sample(tx - found[1])
+                    if found[3] is not None:
+                        found[3].sample(tx - found[1])
                     if found[2]:
                         timestamps.kernel(key, tx)
                     return

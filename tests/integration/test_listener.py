@@ -24,7 +24,7 @@ from nts.core.stats import Counters
 from nts.server import metrics as metrics_module
 from nts.server import mmsg
 from nts.server.udp import MAX_DATAGRAM, UdpListener, open_udp_socket
-from tests.helpers import client_request, query
+from tests.helpers import client_request, query, wait_until
 
 
 class SlowSigner(RequestHandler):
@@ -395,3 +395,33 @@ def test_without_kernel_timestamping_the_listener_says_so_and_serves(caplog: pyt
         asyncio.run(main())
     assert listener.timestamps is None
     assert "the kernel refused SO_TIMESTAMPING: no kernel transmit timestamps" in caplog.text
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_replies_after_a_pause_feed_the_cold_lag_and_back_to_back_ones_the_warm(batch: int) -> None:
+    """The lag from a reply's transmit time to the kernel's is measured apart after a pause (cold,
+    and corrected for) and under load (warm, measured only): each request is judged by the time
+    since the listener last answered."""
+    listener, _, port = _listener(PlainHandler(), batch)
+    loop = asyncio.new_event_loop()
+    listener.start(loop)
+    try:
+        stamps = listener.timestamps
+        assert stamps is not None
+        for _ in range(3):
+            time.sleep(0.01)  # (not synchronisation: the pause is what makes the next request cold)
+            assert query(port, client_request()) is not None
+        wait_until(lambda: len(stamps.cold_lag.samples) == 3, what="three cold samples")
+        assert not stamps.lag.samples
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1.0)
+            end = time.monotonic() + 0.05
+            while time.monotonic() < end:  # back to back for 50 ms: a sample every 5 ms, all warm
+                s.sendto(client_request(), ("127.0.0.1", port))
+                s.recv(100)
+        wait_until(lambda: len(stamps.lag.samples) >= 5, what="warm samples")
+        assert len(stamps.cold_lag.samples) <= 4  # (the first of the run may count as cold)
+        assert stamps.cold_lag.ns == stamps.cold_lag.estimate_ns > 0 and stamps.lag.ns == 0
+    finally:
+        listener.stop()
+        loop.close()

@@ -78,3 +78,26 @@ def test_the_lag_estimate_is_a_median_and_ignores_absurd_samples() -> None:
     off = TxLag(enabled=False)
     off.sample(10_000)
     assert off.ns == 0 and off.estimate_ns == 10_000
+
+
+def test_only_replies_after_a_pause_are_corrected_by_the_lag_measured_after_pauses() -> None:
+    """A warm server's lag (1-2 us here) swung with the load when it was applied; a cold one's
+    (5-11 us) is what basic replies after a pause are early by. Each is measured apart, and only
+    the cold one is added: to basic replies and to the basic answers of the interleaved path."""
+    cold, warm = TxLag(), TxLag(enabled=False)
+    for _ in range(8):
+        cold.sample(9_000)
+        warm.sample(1_500)
+    table = TxTimestamps(max_entries=4, lag=warm, cold_lag=cold)
+    assert (cold.ns, warm.ns, warm.estimate_ns) == (9_000, 0, 1_500)
+
+    def sent_at(req: bytes) -> int:
+        return parse_packet(Replies(STATE, lambda: T, table).reply_header(req, T - 10_000)).header.transmit_ts
+
+    table.cold = True
+    assert sent_at(request()) == unix_ns_to_ntp64(T + 9_000) & ~1
+    first = sent_at(request(origin=0x101, receive=5, transmit=6))  # interleaved-looking, nothing known: basic
+    assert first == unix_ns_to_ntp64(T + 9_000) & ~1
+    table.cold = False
+    assert sent_at(request()) == unix_ns_to_ntp64(T) & ~1
+    assert sent_at(request(origin=0x103, receive=5, transmit=6)) == unix_ns_to_ntp64(T) & ~1
