@@ -143,6 +143,7 @@ async def fake(delay: float = 0.0) -> AsyncIterator[FakeSigner]:
         try:
             yield signer
         finally:
+            await signer.hang_up_all()  # (its connections' transports end with the loop, not after it)
             signer.server.close()
 
 
