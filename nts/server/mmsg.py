@@ -64,6 +64,9 @@ _SCM_TIMESTAMPNS = 35  # == SO_TIMESTAMPNS
 _MSG_WAITFORONE = 0x10000
 _MSG_ERRQUEUE, _MSG_DONTWAIT = 0x2000, 0x40
 _ERRQ_CONTROL = 512  # control bytes per error-queue slot (the timestamps and the extended error)
+_ERRQ_FIRST = struct.Struct(f"@NiiqQ{_ERRQ_CONTROL - 32}x")  # a slot read as its first cmsg and a timespec
+_TS_CMSG_MIN = 16 + 16  # an SO_TIMESTAMPING message long enough for its first time
+_SOL_SOCKET = socket.SOL_SOCKET
 # A sockaddr_storage slot read as IPv4: family read big-endian (compared to a swapped constant), port, address
 _NAME4_SLOT = struct.Struct(">HH4s120x")
 _NAME6 = struct.Struct(">HHI16s")
@@ -315,23 +318,35 @@ class ErrorQueue:
         self.msgs[:] = self._pristine
         n = _recvmmsg(self.fd, self._msgs_addr, self.size, _MSG_ERRQUEUE | _MSG_DONTWAIT, None)  # type: ignore[misc]
         out: list[tuple[bytes, int, bool]] = []
-        for i in range(max(n, 0)):
-            _, controllen, length = _LENGTHS.unpack_from(self.msgs, i * _MMSG_SIZE)
-            base, pos = i * _ERRQ_CONTROL, i * _ERRQ_CONTROL
-            end = base + min(controllen, _ERRQ_CONTROL)
-            while pos + _CMSG_HEAD.size <= end:
-                cmsg_len, level, kind = _CMSG_HEAD.unpack_from(self.control, pos)
-                if cmsg_len < _CMSG_HEAD.size or pos + cmsg_len > end:
-                    break
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and cmsg_len >= _CMSG_HEAD.size + 16:
-                    at = pos + _CMSG_HEAD.size
-                    tx, card = transmit_time(self.control, at, cmsg_len - _CMSG_HEAD.size, self.hardware)
-                    start = i * self.slot
-                    data: bytes = self._data[start : start + min(length, self.slot)]  # type: ignore[assignment]
-                    out.append((data, tx, card))
-                    break
-                pos += socket.CMSG_SPACE(cmsg_len - _CMSG_HEAD.size)
+        if n <= 0:
+            return out
+        data, slot, control = self._data, self.slot, self.control
+        heads = _LENGTHS.iter_unpack(self.msgs[: n * _MMSG_SIZE])
+        firsts = _ERRQ_FIRST.iter_unpack(control[: n * _ERRQ_CONTROL])
+        # the kernel puts the timestamp first (before IP_RECVERR): one C loop reads them all; a
+        # message laid out otherwise, or with a card's time to convert, is walked cmsg by cmsg
+        plain = self.hardware is None
+        for i, (_, controllen, length), (cmsg_len, level, kind, sec, nsec) in zip(range(n), heads, firsts, strict=True):
+            start = i * slot
+            if plain and kind == SO_TIMESTAMPING and level == _SOL_SOCKET and _TS_CMSG_MIN <= cmsg_len <= controllen:
+                out.append((data[start : start + min(length, slot)], sec * 1_000_000_000 + nsec, False))  # type: ignore[arg-type]
+                continue
+            found = self._walk(i * _ERRQ_CONTROL, min(controllen, _ERRQ_CONTROL))
+            if found is not None:
+                out.append((data[start : start + min(length, slot)], *found))  # type: ignore[arg-type]
         return out
+
+    def _walk(self, base: int, controllen: int) -> tuple[int, bool] | None:
+        """The transmit time in one slot's control messages, read one by one; None: there is none."""
+        pos, end = base, base + controllen
+        while pos + _CMSG_HEAD.size <= end:
+            cmsg_len, level, kind = _CMSG_HEAD.unpack_from(self.control, pos)
+            if cmsg_len < _CMSG_HEAD.size or pos + cmsg_len > end:
+                return None
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and cmsg_len >= _TS_CMSG_MIN:
+                return transmit_time(self.control, pos + _CMSG_HEAD.size, cmsg_len - _CMSG_HEAD.size, self.hardware)
+            pos += socket.CMSG_SPACE(cmsg_len - _CMSG_HEAD.size)
+        return None
 
 
 def transmit_time(stamps: Any, at: int, length: int, hardware: Hardware | None) -> tuple[int, bool]:
