@@ -163,7 +163,7 @@ class UdpListener:
         self.timestamps = TxTimestamps(cold_lag=TxLag(correct)) if self.stamping else None
         self._idle_from = 0  # when this listener last finished a reply (wall ns): a long pause makes it cold
         # replies whose kernel transmit time is awaited: receive field as sent -> (length, time stamped
-        # before any correction, whether the interleaved table holds it)
+        # before any correction, whether the interleaved table holds it, the lag its send is a sample of)
         self._awaited: dict[int, tuple[int, int, bool, TxLag | None]] = {}
         self._awaited_lengths: set[int] = set()
         self._last_sample = 0
