@@ -114,6 +114,7 @@ class SigndClient:
         self._refused = itertools.count()  # refusals in submit (next() is atomic), folded into stats
         self._refusals_counted = 0
         self._turns = 0  # (of the loop, each of which calls next() on _refused once)
+        self._next_check = 0  # when a deadline or reconnection is next due (monotonic ns)
         self._queue: collections.deque[_Job] = collections.deque()  # the thread's, in order of arrival
         self._conns = [_Connection() for _ in range(connections)]
         self._by_fd: dict[int, _Connection] = {}
@@ -217,30 +218,50 @@ class SigndClient:
             self._close_all()
 
     def _loop(self) -> None:
-        by_fd, poll = self._by_fd, self._poller.poll
+        by_fd, poll, wake = self._by_fd, self._poller.poll, self._wake_r
+        monotonic_ns = time.monotonic_ns
         while not self._stopping:
-            for fd, _events in poll(self._timeout()):
-                if fd == self._wake_r:
+            for fd, _events in poll(max(self._next_check - monotonic_ns(), 0) / 1e9):
+                if fd == wake:
                     with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
+                        os.read(wake, 4096)
                 else:
                     conn = by_fd.get(fd)
                     if conn is not None:
                         self._readable(conn)
-            self._turn(time.monotonic_ns())
+            now = monotonic_ns()
+            self._take()
+            if now >= self._next_check:  # (the deadlines and reconnections only when one is due)
+                self._sweep(now)
+            queue = self._queue
+            if queue:
+                for conn in self._conns:
+                    if conn.sock is not None and conn.job is None:
+                        self._send(conn, queue.popleft())
+                        if not queue:
+                            break
 
-    def _turn(self, now: int) -> None:
-        """Take the requests handed over, end those past their deadline, connect, and send."""
+    def _take(self) -> None:
+        """Queue the requests handed over (and count those refused for a full queue)."""
         refused = next(self._refused) - self._turns  # (next() tells how often it was called before)
         self._turns += 1
         if refused > self._refusals_counted:
             self._count("queue_full", refused - self._refusals_counted)
             self._refusals_counted = refused
-        inbox, queue = self._inbox, self._queue
-        while inbox:
-            queue.append(inbox.popleft())
+        inbox = self._inbox
+        if inbox:
+            self._next_check = min(self._next_check, inbox[0].due)
+            queue = self._queue
+            while inbox:
+                queue.append(inbox.popleft())
+
+    def _sweep(self, now: int) -> None:
+        """End the requests past their deadline (queued or in flight), reset exchanges unanswered in
+        twice the deadline, connect where it is time; then note when the next of these is due."""
+        queue = self._queue
         while queue and queue[0].due <= now:  # in order of arrival: the oldest first
             self._finish(queue.popleft(), None, "timeout")
+        stall = int(2 * self.deadline * 1e9)
         for conn in self._conns:
             job = conn.job
             if conn.sock is None:
@@ -249,25 +270,20 @@ class SigndClient:
             elif job is not None:
                 if not job.finished and job.due <= now:
                     self._finish(job, None, "timeout")  # (its answer, should it come, is discarded)
-                if now - conn.started > 2 * self.deadline * 1e9:  # a stalled or trickling signer
+                if now - conn.started > stall:  # a stalled or trickling signer
                     self._lost(conn, "connection_lost", "no answer in twice the deadline")
-        for conn in self._conns:
-            if conn.sock is not None and conn.job is None and queue:
-                self._send(conn, queue.popleft())
-
-    def _timeout(self) -> float:
-        """How long the loop may sleep: until the next deadline or reconnection, at most 1 s."""
-        now, soonest = time.monotonic_ns(), 10**9
-        if self._queue:
-            soonest = min(soonest, self._queue[0].due - now)
+                    self._connect(conn, now)
+        soonest = now + 1_000_000_000
+        if queue:
+            soonest = min(soonest, queue[0].due)
         for conn in self._conns:
             if conn.sock is None:
-                soonest = min(soonest, conn.retry_at - now)
+                soonest = min(soonest, conn.retry_at)
             elif conn.job is not None:
-                soonest = min(soonest, conn.started + int(2 * self.deadline * 1e9) - now)
+                soonest = min(soonest, conn.started + stall)
                 if not conn.job.finished:
-                    soonest = min(soonest, conn.job.due - now)
-        return max(soonest, 0) / 1e9
+                    soonest = min(soonest, conn.job.due)
+        self._next_check = soonest
 
     def _connect(self, conn: _Connection, now: int) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -279,6 +295,7 @@ class SigndClient:
             self._note_failure(f"cannot connect to {self.path}: {exc.strerror or exc}")
             conn.retry_at = now + int(conn.backoff * 1e9)
             conn.backoff = min(conn.backoff * 2, BACKOFF_MAX)
+            self._next_check = min(self._next_check, conn.retry_at)
             return
         conn.sock, conn.backoff, conn.frames = sock, BACKOFF_START, ReplyReader()
         self._by_fd[sock.fileno()] = conn
@@ -296,6 +313,7 @@ class SigndClient:
         frame = encode_request(packet_id, job.key_id, packet)
         conn.job, conn.packet, conn.packet_id = job, packet, packet_id
         conn.sent, conn.started = self.clock(), time.monotonic_ns()
+        self._next_check = min(self._next_check, job.due)
         try:
             if conn.sock.send(frame) != len(frame):  # (a fresh request on an idle connection always fits)
                 raise BlockingIOError("ntp_signd's socket buffer is full")
@@ -344,7 +362,7 @@ class SigndClient:
             conn.job = None
         self._note_failure(f"ntp_signd connection lost: {why}")
         self._close(conn)
-        conn.retry_at = 0
+        conn.retry_at = self._next_check = 0  # (connect again on the next turn)
 
     def _close(self, conn: _Connection) -> None:
         if conn.sock is not None:
