@@ -408,10 +408,10 @@ def test_replies_after_a_pause_feed_the_cold_lag_and_back_to_back_ones_the_warm(
     try:
         stamps = listener.timestamps
         assert stamps is not None
-        for _ in range(3):
+        for _ in range(8):
             time.sleep(0.01)  # (not synchronisation: the pause is what makes the next request cold)
             assert query(port, client_request()) is not None
-        wait_until(lambda: len(stamps.cold_lag.samples) == 3, what="three cold samples")
+        wait_until(lambda: len(stamps.cold_lag.samples) == 8, what="eight cold samples")
         assert not stamps.lag.samples
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(1.0)
@@ -420,8 +420,8 @@ def test_replies_after_a_pause_feed_the_cold_lag_and_back_to_back_ones_the_warm(
                 s.sendto(client_request(), ("127.0.0.1", port))
                 s.recv(100)
         wait_until(lambda: len(stamps.lag.samples) >= 5, what="warm samples")
-        assert len(stamps.cold_lag.samples) <= 4  # (the first of the run may count as cold)
-        assert stamps.cold_lag.ns == stamps.cold_lag.estimate_ns > 0 and stamps.lag.ns == 0
+        assert len(stamps.cold_lag.samples) <= 9  # (the first of the run may count as cold)
+        assert stamps.cold_lag.ns > 0 and stamps.lag.ns == 0 and stamps.lag.estimate_ns > 0
     finally:
         listener.stop()
         loop.close()
