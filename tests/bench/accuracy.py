@@ -13,6 +13,7 @@ interleaved requests (LOADGEN_XLEAVE: each quotes an earlier reply's receive tim
 rates and the share answered in interleaved mode are compared.
 
 Usage: python3 tests/bench/accuracy.py [--seconds 15] [--load 0.5] [--ntp-options "max_hold_us: 0"]
+       [--python /usr/bin/python3] [--only-throughput]
 Needs: chronyd, gcc, taskset; run as root.
 """
 
@@ -31,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 sys.path.insert(0, str(HERE))
 
-from bench import PLAIN_REQUEST, Servers  # noqa: E402
+from bench import PLAIN_REQUEST, Servers, tree_cpu_seconds  # noqa: E402
 
 
 def loadgen(binary: Path, port: int, seconds: float, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -78,16 +79,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="sampling time per row (default 15)")
     ap.add_argument("--load", type=float, default=0.5, help="partial load, as a share of saturation (default 0.5)")
     ap.add_argument("--ntp-options", default="", help="ntsd's ntp options, e.g. 'max_hold_us: 0'")
+    ap.add_argument("--python", default=sys.executable, help="the interpreter that runs ntsd")
+    ap.add_argument("--only-throughput", action="store_true", help="only the interleaved throughput")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved throughput rounds (default 5)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="ntsd-accuracy-") as tmp:
         work = Path(tmp)
         binary = work / "loadgen"
         subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / "loadgen.c")], check=True)
-        servers = Servers(work, "ec", 1, args.ntp_options)
+        servers = Servers(work, "ec", 1, args.ntp_options, args.python)
         try:
             saturation = {n: result(loadgen(binary, servers.ntp[n], 3))["rate"] for n in ("ntsd", "chrony")}
             print(f"saturation (plain): ntsd {saturation['ntsd']:.0f}/s, chrony {saturation['chrony']:.0f}/s")
-            for mode, flag in (("basic", "B"), ("interleaved", "I")):
+            for mode, flag in () if args.only_throughput else (("basic", "B"), ("interleaved", "I")):
                 for state in ("idle", "load"):
                     for name in ("ntsd", "chrony"):
                         load = None
@@ -101,12 +105,20 @@ def main() -> None:
                             load.wait()
                         what = f"{state} ({args.load:.0%} load)" if state == "load" else state
                         print(f"{mode:11} {what:15} {name:6} {summary(got, flag)}")
-            rates = {}
-            for name in ("ntsd", "chrony"):
-                rates[name] = result(loadgen(binary, servers.ntp[name], 5, {"LOADGEN_XLEAVE": "1"}))
-                share = rates[name]["interleaved"] / max(rates[name]["replies"], 1)
-                print(f"interleaved throughput {name:6} {rates[name]['rate']:9.0f}/s ({share:.0%} interleaved)")
-            print(f"  ratio ntsd/chrony: {rates['ntsd']['rate'] / rates['chrony']['rate']:.2f}")
+            runs: dict[str, list[tuple[float, float, float]]] = {"ntsd": [], "chrony": []}
+            for r in range(args.rounds):  # alternating which goes first
+                for name in ("ntsd", "chrony") if r % 2 == 0 else ("chrony", "ntsd"):
+                    cpu0, t0 = tree_cpu_seconds(servers.procs[name].pid), time.monotonic()
+                    got = result(loadgen(binary, servers.ntp[name], 3, {"LOADGEN_XLEAVE": "1"}))
+                    cpu = (tree_cpu_seconds(servers.procs[name].pid) - cpu0) / (time.monotonic() - t0)
+                    runs[name].append((got["rate"], got["interleaved"] / max(got["replies"], 1), cpu))
+            for name, got in runs.items():
+                rate, share, cpu = (statistics.median(column) for column in zip(*got, strict=True))
+                print(f"interleaved throughput {name:6} {rate:9.0f}/s ({share:.0%} interleaved, {cpu:.0%} of its core; "
+                      f"median of {args.rounds})")  # fmt: skip
+            ratios = [a[0] / b[0] for a, b in zip(runs["ntsd"], runs["chrony"], strict=True)]
+            print(f"  ratio ntsd/chrony, round by round: median {statistics.median(ratios):.2f}, "
+                  f"from {min(ratios):.2f} to {max(ratios):.2f}")  # fmt: skip
         finally:
             servers.stop()
 
