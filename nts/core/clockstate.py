@@ -96,6 +96,7 @@ def server_state(settings: ClockSettings, kernel: KernelClock | None, precision:
 _REPLY = struct.Struct(">2s1s21s8sQQ")  # LI/VN/mode + stratum, poll, the state's bytes, origin, receive, transmit
 
 
+_U64 = struct.Struct(">Q")
 _EVEN64 = MASK64 - 1  # a transmit timestamp goes out with its lowest bit clear, a receive one with it set
 
 
@@ -160,7 +161,7 @@ class Replies:
             and request[32:40] != request[40:48]
             and threading.get_ident() == timestamps.thread  # (not a deferred reply on another thread)
         ):
-            earlier = timestamps.take(int.from_bytes(request[24:32], "big"), self.client)
+            earlier = timestamps.take(_U64.unpack_from(request, 24)[0], self.client)
             timestamps.note(rx, self.client, now)
             if earlier is not None:
                 origin, tx_ns = request[32:40], earlier

@@ -91,12 +91,14 @@ class TxTimestamps:
         entries[key] = [client, tx_ns, False]
         self.pending = (key, tx_ns)
 
-    def kernel(self, key: int, tx_ns: int) -> None:
-        """The kernel's transmit timestamp of the reply noted under `key`, when it still is."""
+    def kernel(self, key: int, tx_ns: int) -> bool:
+        """The kernel's transmit timestamp of the reply noted under `key`, when it still is (True)."""
         entry = self.entries.get(key)
-        if entry is not None:
-            entry[1], entry[2] = tx_ns, True
-            self.kernel_stamps += 1
+        if entry is None:
+            return False
+        entry[1], entry[2] = tx_ns, True
+        self.kernel_stamps += 1
+        return True
 
     def take(self, key: int, client: str) -> int | None:
         """The transmit time of the reply whose receive timestamp a request from `client` quotes as

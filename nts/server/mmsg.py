@@ -169,6 +169,9 @@ class Batch:
             _IOVEC.pack_into(self._tx_iov, i * _IOVEC.size, self._out_addr + i * self.slot, 0)
             tx_control = tx_control_addr + i * txctl if txctl else 0
             _MMSG.pack_into(self.tx, i * _MMSG.size, 0, 0, self._tx_iov_addr + i * _IOVEC.size, 1, tx_control, 0, 0, 0)
+        if timestamping and not pktinfo:  # (then a slot's control data is only ever the stamp request)
+            for j in range(size):
+                self._tx_control[j * txctl : (j + 1) * txctl] = self._ts_request
         self.pending = 0
         self._controlled: set[int] = set()  # send slots whose message carries control data now
         self._ips: dict[bytes, str] = {}
@@ -234,7 +237,10 @@ class Batch:
         self._out[start : start + n] = reply
         _LENGTH.pack_into(self._tx_iov, j * _IOVEC_SIZE + 8, n)
         _PEER.pack_into(self.tx, j * _MMSG_SIZE, self._names_addr + i * _NAME_LEN, namelen)
-        if stamp or self.pktinfo:  # the request's destination address becomes the reply's source; the stamp
+        if stamp and not self.pktinfo:  # the stamp request alone: written in every slot at the start
+            _LENGTH.pack_into(self.tx, j * _MMSG_SIZE + _CONTROLLEN_AT, TS_REQUEST_SPACE)
+            self._controlled.add(j)
+        elif stamp or self.pktinfo:  # the request's destination address becomes the reply's source; the stamp
             control = self.pktinfo_bytes(i) if self.pktinfo else b""
             if stamp:  # the next control message starts at the aligned end of this one (CMSG_NXTHDR)
                 control += bytes(-len(control) % _ALIGN) + self._ts_request

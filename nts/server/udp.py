@@ -488,6 +488,10 @@ class UdpListener:
         pending = timestamps.pending
         if pending is not None:
             timestamps.pending = None
+            self._stamped = True
+            if not sample:  # (batched: no lag sample; the table's entry is all its time is wanted for)
+                self._awaited_length(len(reply))
+                return
             key, stamped = pending
             held = True
         else:
@@ -500,10 +504,14 @@ class UdpListener:
             del awaited[next(iter(awaited))]
         awaited[key] = (len(reply), stamped, held, lag if sample else None)
         self._stamped = True
-        if len(reply) not in self._awaited_lengths:
+        self._awaited_length(len(reply))
+
+    def _awaited_length(self, length: int) -> None:
+        """Where to look for the receive field in what the error queue hands back: replies' lengths."""
+        if length not in self._awaited_lengths:
             if len(self._awaited_lengths) > 16:
                 self._awaited_lengths.clear()
-            self._awaited_lengths.add(len(reply))
+            self._awaited_lengths.add(length)
 
     def _drain(self) -> None:
         """Read the kernel's transmit timestamps from the socket's error queue (never blocks). Each
@@ -549,7 +557,11 @@ class UdpListener:
                         return
                     continue
                 found = awaited.get(key)
-                if found is not None and found[0] == length:
+                if found is None:  # an interleaved-table reply sent in a batch (not awaited: see _await)
+                    if timestamps.kernel(key, tx):
+                        return
+                    continue
+                if found[0] == length:
                     del awaited[key]
                     if found[3] is not None:
                         found[3].sample(tx - found[1])
