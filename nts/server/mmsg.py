@@ -306,8 +306,8 @@ class ErrorQueue:
         self.fd = sock.fileno()
         self.size = size
         self.slot = max_datagram + 256  # the reply and the headers in front of it
-        self._data = ctypes.create_string_buffer(size * self.slot)
-        data_addr = ctypes.addressof(self._data)
+        self.data = ctypes.create_string_buffer(size * self.slot)  # the datagrams as they left (see stamps)
+        data_addr = ctypes.addressof(self.data)
         self.control, control_addr = _buffer(size * _ERRQ_CONTROL)
         self._iov, iov_addr = _buffer(size * _IOVEC.size)
         self.msgs, self._msgs_addr = _buffer(size * _MMSG.size)
@@ -321,12 +321,18 @@ class ErrorQueue:
         """What is queued now, up to `size`: (the datagram as it left, its transmit time in ns, and
         whether the network card took it: the kernel's software time, else the card's, converted);
         [] when nothing is (or on an error)."""
+        data = self.data
+        return [(data[start:end], tx, card) for start, end, tx, card in self.stamps()]  # type: ignore[misc]
+
+    def stamps(self) -> list[tuple[int, int, int, bool]]:
+        """`read` without copying the datagrams: (where each starts and ends in `data`, its transmit
+        time, whether the card took it); valid until the next call."""
         self.msgs[:] = self._pristine
         n = _recvmmsg(self.fd, self._msgs_addr, self.size, _MSG_ERRQUEUE | _MSG_DONTWAIT, None)  # type: ignore[misc]
-        out: list[tuple[bytes, int, bool]] = []
+        out: list[tuple[int, int, int, bool]] = []
         if n <= 0:
             return out
-        data, slot, control = self._data, self.slot, self.control
+        slot, control = self.slot, self.control
         heads = _LENGTHS.iter_unpack(self.msgs[: n * _MMSG_SIZE])
         firsts = _ERRQ_FIRST.iter_unpack(control[: n * _ERRQ_CONTROL])
         # the kernel puts the timestamp first (before IP_RECVERR): one C loop reads them all; a
@@ -335,11 +341,11 @@ class ErrorQueue:
         for i, (_, controllen, length), (cmsg_len, level, kind, sec, nsec) in zip(range(n), heads, firsts, strict=True):
             start = i * slot
             if plain and kind == SO_TIMESTAMPING and level == _SOL_SOCKET and _TS_CMSG_MIN <= cmsg_len <= controllen:
-                out.append((data[start : start + min(length, slot)], sec * 1_000_000_000 + nsec, False))  # type: ignore[arg-type]
+                out.append((start, start + min(length, slot), sec * 1_000_000_000 + nsec, False))
                 continue
             found = self._walk(i * _ERRQ_CONTROL, min(controllen, _ERRQ_CONTROL))
             if found is not None:
-                out.append((data[start : start + min(length, slot)], *found))  # type: ignore[arg-type]
+                out.append((start, start + min(length, slot), *found))
         return out
 
     def _walk(self, base: int, controllen: int) -> tuple[int, bool] | None:

@@ -59,6 +59,7 @@ _MEMINFO_LEN = 9 * 4
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; absent from the socket module
 _MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
 _TS_SPEC = struct.Struct("@qq")
+_U64 = struct.Struct(">Q")
 _SAMPLE_EVERY_NS = 5_000_000  # a basic reply's send is timed at most this often (the correction's samples)
 _COLD_AFTER_NS = 1_000_000  # a request after this long without one finds the way to the wire cold
 _STAMPS_KEPT = 4096  # replies whose transmit timestamp is awaited (more: the oldest are given up)
@@ -520,11 +521,19 @@ class UdpListener:
         assert timestamps is not None
         if self._errqueue is None and mmsg.available():
             self._errqueue = mmsg.ErrorQueue(self.sock, 64, MAX_DATAGRAM, self.hardware)
+        queue, stamped_at = self._errqueue, self._stamped_at
         while True:
-            got = self._errqueue.read() if self._errqueue is not None else self._read_error_queue()
-            for data, tx, card in got:
-                self._stamped_at(data, tx, card)
-            if len(got) < 64:
+            if queue is None:  # (no recvmmsg here)
+                copied = self._read_error_queue()
+                for data, tx, card in copied:
+                    stamped_at(data, 0, len(data), tx, card)
+                count = len(copied)
+            else:
+                found, buffer = queue.stamps(), queue.data  # (the datagrams stay in the queue's buffer)
+                for start, end, tx, card in found:
+                    stamped_at(buffer, start, end, tx, card)
+                count = len(found)
+            if count < 64:
                 return
 
     def _read_error_queue(self) -> list[tuple[bytes, int, bool]]:
@@ -541,16 +550,15 @@ class UdpListener:
             if len(out) >= 64:
                 return out
 
-    def _stamped_at(self, data: bytes, tx: int, card: bool = False) -> None:
-        """The kernel (or, `card`, the network card) sent `data` (a reply, behind its link, IP and
-        UDP headers) at `tx`. The card's time comes after the kernel's and replaces it in the
-        interleaved table (the kernel's alone feeds the correction of basic replies)."""
+    def _stamped_at(self, data: Any, start: int, end: int, tx: int, card: bool = False) -> None:
+        """The kernel (or, `card`, the network card) sent the datagram in data[start:end] (a reply,
+        behind its link, IP and UDP headers) at `tx`. The card's time comes after the kernel's and
+        replaces it in the interleaved table (the kernel's alone feeds the correction of basic replies)."""
         timestamps, awaited = self.timestamps, self._awaited
         assert timestamps is not None
-        end = len(data)
         for length in self._awaited_lengths:
-            if tx and end >= length:
-                key = int.from_bytes(data[end - length + 32 : end - length + 40], "big")
+            if tx and end - start >= length:
+                (key,) = _U64.unpack_from(data, end - length + 32)  # (the reply's receive field)
                 if card:
                     if key in timestamps.entries:
                         timestamps.kernel(key, tx)
