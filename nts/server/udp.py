@@ -165,7 +165,7 @@ class UdpListener:
         self._idle_from = 0  # when this listener last finished a reply (wall ns): a long pause makes it cold
         # replies whose kernel transmit time is awaited: receive field as sent -> (length, time stamped
         # before any correction, whether the interleaved table holds it, the lag its send is a sample of)
-        self._awaited: dict[int, tuple[int, int, bool, TxLag | None]] = {}
+        self._awaited: dict[int, tuple[int, int, bool, TxLag]] = {}
         self._awaited_lengths: set[int] = set()
         self._last_sample = 0
         self._stamped = False  # a reply of the batch under way asked for its transmit timestamp
@@ -340,7 +340,6 @@ class UdpListener:
     def _serve_batched(self) -> None:
         batch = mmsg.Batch(self.sock, self.batch, MAX_DATAGRAM, self.pktinfo, self.stamping, self.hardware)
         timestamps = self.timestamps
-        stamp = self._sampleable
         recv, messages, queue = batch.recv, batch.messages, batch.queue
         time_ns = time.time_ns
         limit = MAX_DATAGRAM
@@ -364,8 +363,8 @@ class UdpListener:
             if timestamps is not None:
                 timestamps.cold = False  # (a batch: the server is busy)
             first = 0  # when the oldest reply waiting to be sent got its transmit timestamp
-            # one basic reply of a batch may be timed for the correction, when one is due
-            sample = timestamps is not None and time.monotonic_ns() - self._last_sample >= _SAMPLE_EVERY_NS
+            # (only replies in the interleaved table are timed in a batch: the correction's samples
+            # are replies answered at once, see _await)
             sealing: list[tuple[int, int, Seal, Any]] = []
             deferred: list[tuple[Pipeline, bytes, Defer, list[Any]]] = []
             requests.n += n
@@ -384,10 +383,9 @@ class UdpListener:
                 if kind is Seal:  # verified; finished below, after the rest of the batch
                     sealing.append((i, namelen, decision, addr))  # type: ignore[arg-type]
                 elif kind is bytes:
-                    if timestamps is not None and (timestamps.pending is not None or (sample and stamp(decision))):  # type: ignore[arg-type]
+                    if timestamps is not None and timestamps.pending is not None:
                         queue(i, namelen, decision, True)  # type: ignore[arg-type]
-                        self._await(decision, False)  # type: ignore[arg-type]
-                        sample = False
+                        self._held(decision)  # type: ignore[arg-type]
                     else:
                         queue(i, namelen, decision)  # type: ignore[arg-type]
                     if not first:
@@ -409,10 +407,9 @@ class UdpListener:
                     self._internal_error(addr)
                     continue
                 if type(reply) is bytes:
-                    if timestamps is not None and (timestamps.pending is not None or (sample and stamp(reply))):
+                    if timestamps is not None and timestamps.pending is not None:
                         queue(i, namelen, reply, True)
-                        self._await(reply, False)
-                        sample = False
+                        self._held(reply)
                     else:
                         queue(i, namelen, reply)
                     now = time_ns()
@@ -479,20 +476,26 @@ class UdpListener:
         Kiss-o'-Death, stratum 0, whose times are not a reply's; its receive field flagged)."""
         return reply[1] != 0 and reply[39] & 1 == 1
 
-    def _await(self, reply: bytes, sample: bool = True) -> None:
-        """Note a reply sent with a stamp request under its receive field, which `_drain` finds again
-        in what the kernel hands back, with the time it was stamped with before any correction, and
-        the lag estimate its send is a sample of (`sample`: answered at once, not in a batch)."""
+    def _held(self, reply: bytes) -> None:
+        """A reply of a batch sent with a stamp request for the interleaved table: `_drain` finds
+        its entry there by the receive field (no lag sample: see _await)."""
+        assert self.timestamps is not None
+        self.timestamps.pending = None
+        self._stamped = True
+        if len(reply) not in self._awaited_lengths:
+            self._awaited_length(len(reply))
+
+    def _await(self, reply: bytes) -> None:
+        """Note a reply answered at once and sent with a stamp request under its receive field,
+        which `_drain` finds again in what the kernel hands back, with the time it was stamped with
+        before any correction and the lag estimate (cold or warm) its send is a sample of. Replies
+        of a batch are no samples: they wait for the rest of it."""
         timestamps = self.timestamps
         assert timestamps is not None
         lag = timestamps.cold_lag if timestamps.cold else timestamps.lag
         pending = timestamps.pending
         if pending is not None:
             timestamps.pending = None
-            self._stamped = True
-            if not sample:  # (batched: no lag sample; the table's entry is all its time is wanted for)
-                self._awaited_length(len(reply))
-                return
             key, stamped = pending
             held = True
         else:
@@ -503,7 +506,7 @@ class UdpListener:
         awaited = self._awaited
         if len(awaited) >= _STAMPS_KEPT:
             del awaited[next(iter(awaited))]
-        awaited[key] = (len(reply), stamped, held, lag if sample else None)
+        awaited[key] = (len(reply), stamped, held, lag)
         self._stamped = True
         self._awaited_length(len(reply))
 
@@ -571,8 +574,7 @@ class UdpListener:
                     continue
                 if found[0] == length:
                     del awaited[key]
-                    if found[3] is not None:
-                        found[3].sample(tx - found[1])
+                    found[3].sample(tx - found[1])
                     if found[2]:
                         timestamps.kernel(key, tx)
                     return
