@@ -161,8 +161,7 @@ class Replies:
             and request[32:40] != request[40:48]
             and threading.get_ident() == timestamps.thread  # (not a deferred reply on another thread)
         ):
-            earlier = timestamps.take(_U64.unpack_from(request, 24)[0], self.client)
-            timestamps.note(rx, self.client, now)
+            earlier = timestamps.exchange(_U64.unpack_from(request, 24)[0], rx, self.client, now)
             if earlier is not None:
                 origin, tx_ns = request[32:40], earlier
         return _REPLY.pack(

@@ -83,14 +83,6 @@ class TxTimestamps:
         self.kernel_stamps = 0  # transmit timestamps the kernel gave
         self.daemon_served = 0  # interleaved replies that had only the daemon's time (no kernel's yet)
 
-    def note(self, key: int, client: str, tx_ns: int) -> None:
-        """A reply with receive timestamp `key` goes to `client` now (`tx_ns`, the daemon's time)."""
-        entries = self.entries
-        if len(entries) >= self.max_entries:
-            del entries[next(iter(entries))]  # the oldest (insertion order)
-        entries[key] = [client, tx_ns, False]
-        self.pending = (key, tx_ns)
-
     def kernel(self, key: int, tx_ns: int) -> bool:
         """The kernel's transmit timestamp of the reply noted under `key`, when it still is (True)."""
         entry = self.entries.get(key)
@@ -100,15 +92,24 @@ class TxTimestamps:
         self.kernel_stamps += 1
         return True
 
-    def take(self, key: int, client: str) -> int | None:
-        """The transmit time of the reply whose receive timestamp a request from `client` quotes as
-        its origin, or None; a found entry is used up (one interleaved reply per exchange)."""
-        entry = self.entries.get(key)
+    def exchange(self, quoted: int, key: int, client: str, tx_ns: int) -> int | None:
+        """An interleaved-looking request from `client` quoting `quoted`: the transmit time of the
+        reply with that receive timestamp when it went to `client` (the entry is used up: one
+        interleaved reply per exchange), else None; and its own reply, receive timestamp `key`,
+        noted as going to `client` now (`tx_ns`, the daemon's time) for the next one."""
+        entries = self.entries
+        entry = entries.get(quoted)
         if entry is None or entry[0] != client:
             self.unmatched += 1
-            return None
-        del self.entries[key]
-        self.interleaved += 1
-        if not entry[2]:
-            self.daemon_served += 1
-        return entry[1]  # type: ignore[return-value]
+            earlier = None
+        else:
+            del entries[quoted]
+            self.interleaved += 1
+            if not entry[2]:
+                self.daemon_served += 1
+            earlier = entry[1]
+        if len(entries) >= self.max_entries:
+            del entries[next(iter(entries))]  # the oldest (insertion order)
+        entries[key] = [client, tx_ns, False]
+        self.pending = (key, tx_ns)
+        return earlier  # type: ignore[return-value]

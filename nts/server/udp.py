@@ -533,11 +533,32 @@ class UdpListener:
                 count = len(copied)
             else:
                 found, buffer = queue.stamps(), queue.data  # (the datagrams stay in the queue's buffer)
-                for start, end, tx, card in found:
-                    stamped_at(buffer, start, end, tx, card)
+                if len(self._awaited_lengths) == 1 and self.hardware is None:
+                    self._table_stamps(found, buffer)
+                else:
+                    for start, end, tx, card in found:
+                        stamped_at(buffer, start, end, tx, card)
                 count = len(found)
             if count < 64:
                 return
+
+    def _table_stamps(self, found: list[tuple[int, int, int, bool]], buffer: Any) -> None:
+        """`_stamped_at` for a whole read, in the common case (one length of reply timed, no card's
+        times): the interleaved table's entries are given their times here, the rest there."""
+        timestamps, awaited = self.timestamps, self._awaited
+        assert timestamps is not None
+        (length,) = self._awaited_lengths
+        entries, unpack, at = timestamps.entries, _U64.unpack_from, 32 - length
+        for start, end, tx, _ in found:
+            if end - start >= length and tx:
+                (key,) = unpack(buffer, end + at)
+                if key not in awaited:
+                    entry = entries.get(key)
+                    if entry is not None:
+                        entry[1], entry[2] = tx, True
+                        timestamps.kernel_stamps += 1
+                        continue
+            self._stamped_at(buffer, start, end, tx)
 
     def _read_error_queue(self) -> list[tuple[bytes, int, bool]]:
         """The unbatched read (no recvmmsg here): what the error queue holds now."""

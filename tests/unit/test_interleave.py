@@ -46,11 +46,11 @@ def test_an_interleaved_exchange_quotes_the_kernel_time_of_the_earlier_reply() -
 
 def test_no_request_reads_another_clients_timestamps_and_the_table_stays_bounded() -> None:
     replies, table = server()
-    table.note(0x55 | 1, "192.0.2.1", T)
+    assert table.exchange(0x77 | 1, 0x55 | 1, "192.0.2.1", T) is None  # (nothing under 0x77: noted only)
     table.kernel(0x55 | 1, T + 1)
     replies.client = "198.51.100.9"  # another address quoting that entry: a basic reply
     reply = parse_packet(replies.reply_header(request(origin=0x55 | 1, receive=1, transmit=2), T)).header
-    assert reply.origin_ts == 2 and table.unmatched == 1 and 0x55 | 1 in table.entries
+    assert reply.origin_ts == 2 and table.unmatched == 2 and 0x55 | 1 in table.entries
     for i in range(100):  # a flood of interleaved-looking requests: the table keeps its bound
         replies.reply_header(request(origin=(2 * i + 1) << 8 | 1, receive=1, transmit=2), T + i)
     assert len(table.entries) <= 4
