@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
 import os
 import select
@@ -111,9 +110,8 @@ class SigndClient:
         self.round_trip_ns = 0  # running average of Samba's round trips (EWMA, 1/8), measured...
         self._measured_at = 0  # ...last at this clock() reading
         self._inbox: collections.deque[_Job] = collections.deque()  # appended by any thread, taken by ours
-        self._refused = itertools.count()  # refusals in submit (next() is atomic), folded into stats
-        self._refusals_counted = 0
-        self._turns = 0  # (of the loop, each of which calls next() on _refused once)
+        self._refusals = 0  # refused in submit (any thread, under the lock), counted by ours
+        self._refusals_lock = threading.Lock()
         self._next_check = 0  # when a deadline or reconnection is next due (monotonic ns)
         self._queue: collections.deque[_Job] = collections.deque()  # the thread's, in order of arrival
         self._conns = [_Connection() for _ in range(connections)]
@@ -128,8 +126,8 @@ class SigndClient:
 
     def submit(self, work: Sequence[tuple[tuple[int, bytes | Builder], Done]]) -> list[Any]:
         """Take requests ((key id, packet or builder), done) to sign; each `done` is called once, on
-        the signer's thread. Returns those refused (the queue is full, or the signer stopped): the
-        caller counts them, and their `done` is never called. RuntimeError: not running."""
+        the signer's thread. Returns those refused (the queue is full): the caller counts them, and
+        their `done` is never called. RuntimeError: not running."""
         if self._thread is None or self._stopping:
             raise RuntimeError("the MS-SNTP signer is not running")
         refused = []
@@ -138,10 +136,12 @@ class SigndClient:
         due = now + int(self.deadline * 1e9)
         for (key_id, packet), done in work:
             if len(inbox) + len(self._queue) >= room:
-                next(self._refused)
                 refused.append(((key_id, packet), done))
             else:
                 inbox.append(_Job(key_id, packet, done, now, due))
+        if refused:
+            with self._refusals_lock:
+                self._refusals += len(refused)
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\0")  # (a full pipe has woken it already)
         return refused
@@ -243,17 +243,19 @@ class SigndClient:
 
     def _take(self) -> None:
         """Queue the requests handed over (and count those refused for a full queue)."""
-        refused = next(self._refused) - self._turns  # (next() tells how often it was called before)
-        self._turns += 1
-        if refused > self._refusals_counted:
-            self._count("queue_full", refused - self._refusals_counted)
-            self._refusals_counted = refused
+        self._count_refusals()
         inbox = self._inbox
         if inbox:
             self._next_check = min(self._next_check, inbox[0].due)
             queue = self._queue
             while inbox:
                 queue.append(inbox.popleft())
+
+    def _count_refusals(self) -> None:
+        if self._refusals:
+            with self._refusals_lock:
+                refused, self._refusals = self._refusals, 0
+            self._count("queue_full", refused)
 
     def _sweep(self, now: int) -> None:
         """End the requests past their deadline (queued or in flight), reset exchanges unanswered in
@@ -372,6 +374,7 @@ class SigndClient:
             self.connected -= 1
 
     def _close_all(self) -> None:
+        self._count_refusals()
         for conn in self._conns:
             if conn.job is not None:
                 self._finish(conn.job, None, "")

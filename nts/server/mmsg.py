@@ -52,7 +52,6 @@ TS_REQUEST_HW = struct.pack(  # ...by the kernel and by the network card (ntp.hw
     SOF_TIMESTAMPING_TX_SOFTWARE | SOF_TIMESTAMPING_TX_HARDWARE,
 )  # fmt: skip
 _HARDWARE_AT = 32  # the third timespec of a struct scm_timestamping: the raw hardware time
-_TS_HARDWARE_AT = struct.calcsize("@Nii") + _HARDWARE_AT  # ...in its control message
 _TIMESPEC = struct.Struct("@qq")
 Hardware = Callable[[int], int]  # a network card's time (ns) -> the system clock's (0: not known yet)
 _ALIGN = struct.calcsize("@N")  # control messages are aligned to a size_t (CMSG_ALIGN)
@@ -223,8 +222,7 @@ class Batch:
         assert convert is not None
         for n, message in enumerate(out):
             if message[4]:  # (a timestamp message is there: room for all three times)
-                sec, nsec = _TIMESPEC.unpack_from(control, message[0] * ctl + _TS_HARDWARE_AT)
-                rx = convert(sec * 1_000_000_000 + nsec) if sec or nsec else 0
+                rx = card_time(control, message[0] * ctl + _CMSG_HEAD.size, convert)
                 if rx:
                     out[n] = (*message[:4], rx, message[5])
 
@@ -369,5 +367,11 @@ def transmit_time(stamps: Any, at: int, length: int, hardware: Hardware | None) 
     sec, nsec = _TIMESPEC.unpack_from(stamps, at)
     if (sec or nsec) or hardware is None or length < _HARDWARE_AT + _TIMESPEC.size:
         return sec * 1_000_000_000 + nsec, False
+    return card_time(stamps, at, hardware), True
+
+
+def card_time(stamps: Any, at: int, hardware: Hardware) -> int:
+    """The network card's time in a struct scm_timestamping at `at` in `stamps` (its third time),
+    converted to the system clock; 0 when there is none (or the card's clock is not measured yet)."""
     sec, nsec = _TIMESPEC.unpack_from(stamps, at + _HARDWARE_AT)
-    return (hardware(sec * 1_000_000_000 + nsec) if sec or nsec else 0), True
+    return hardware(sec * 1_000_000_000 + nsec) if sec or nsec else 0

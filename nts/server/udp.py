@@ -58,7 +58,6 @@ _MEMINFO_LEN = 9 * 4
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux value; absent from the socket module
 _MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
-_TS_SPEC = struct.Struct("@qq")
 _U64 = struct.Struct(">Q")
 _SAMPLE_EVERY_NS = 5_000_000  # a basic reply's send is timed at most this often (the correction's samples)
 _COLD_AFTER_NS = 1_000_000  # a request after this long without one finds the way to the wire cold
@@ -286,7 +285,7 @@ class UdpListener:
                     sec, nsec = unpack(payload)
                     rx = sec * 1_000_000_000 + nsec
                     if self.hardware is not None and len(payload) >= 3 * _TIMESPEC.size:
-                        rx = self._card_time(payload) or rx
+                        rx = mmsg.card_time(payload, 0, self.hardware) or rx
                 elif (level, kind) in mmsg.PKTINFO:
                     reply_anc = [(level, kind, payload)]
             if flags & trunc:
@@ -464,12 +463,6 @@ class UdpListener:
         for _, err in batch.flush():
             self.stats.inc(("socket_errors", _error_label(err)))
 
-    def _card_time(self, stamps: bytes) -> int:
-        """The network card's receive time in a struct scm_timestamping, converted; 0: none."""
-        assert self.hardware is not None
-        sec, nsec = _TIMESPEC.unpack_from(stamps, 2 * _TIMESPEC.size)
-        return self.hardware(sec * 1_000_000_000 + nsec) if sec or nsec else 0
-
     @staticmethod
     def _sampleable(reply: bytes) -> bool:
         """Whether a reply's send may be timed for the correction: a time reply of ours (not a
@@ -533,32 +526,11 @@ class UdpListener:
                 count = len(copied)
             else:
                 found, buffer = queue.stamps(), queue.data  # (the datagrams stay in the queue's buffer)
-                if len(self._awaited_lengths) == 1 and self.hardware is None:
-                    self._table_stamps(found, buffer)
-                else:
-                    for start, end, tx, card in found:
-                        stamped_at(buffer, start, end, tx, card)
+                for start, end, tx, card in found:
+                    stamped_at(buffer, start, end, tx, card)
                 count = len(found)
             if count < 64:
                 return
-
-    def _table_stamps(self, found: list[tuple[int, int, int, bool]], buffer: Any) -> None:
-        """`_stamped_at` for a whole read, in the common case (one length of reply timed, no card's
-        times): the interleaved table's entries are given their times here, the rest there."""
-        timestamps, awaited = self.timestamps, self._awaited
-        assert timestamps is not None
-        (length,) = self._awaited_lengths
-        entries, unpack, at = timestamps.entries, _U64.unpack_from, 32 - length
-        for start, end, tx, _ in found:
-            if end - start >= length and tx:
-                (key,) = unpack(buffer, end + at)
-                if key not in awaited:
-                    entry = entries.get(key)
-                    if entry is not None:
-                        entry[1], entry[2] = tx, True
-                        timestamps.kernel_stamps += 1
-                        continue
-            self._stamped_at(buffer, start, end, tx)
 
     def _read_error_queue(self) -> list[tuple[bytes, int, bool]]:
         """The unbatched read (no recvmmsg here): what the error queue holds now."""
@@ -569,7 +541,7 @@ class UdpListener:
             except OSError:  # (BlockingIOError: nothing more)
                 return out
             for level, kind, payload in anc:
-                if kind == mmsg.SO_TIMESTAMPING and level == socket.SOL_SOCKET and len(payload) >= _TS_SPEC.size:
+                if kind == mmsg.SO_TIMESTAMPING and level == socket.SOL_SOCKET and len(payload) >= _TIMESPEC.size:
                     out.append((data, *mmsg.transmit_time(payload, 0, len(payload), self.hardware)))
             if len(out) >= 64:
                 return out
