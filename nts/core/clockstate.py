@@ -11,9 +11,9 @@ its answers with.
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from threading import get_ident
 
 from ..wire.packet import Leap, Mode, kiss_of_death
 from ..wire.timestamps import MASK64, NTP_SCALED_OFFSET, seconds_to_short, unix_ns_to_ntp64
@@ -96,7 +96,8 @@ def server_state(settings: ClockSettings, kernel: KernelClock | None, precision:
 _REPLY = struct.Struct(">2s1s21s8sQQ")  # LI/VN/mode + stratum, poll, the state's bytes, origin, receive, transmit
 
 
-_U64 = struct.Struct(">Q")
+_REPLY_Q = struct.Struct(">2s1s21sQQQ")  # the same with the origin as a number (interleaved replies)
+_THREE = struct.Struct(">QQQ")  # a request's origin, receive and transmit timestamps
 _EVEN64 = MASK64 - 1  # a transmit timestamp goes out with its lowest bit clear, a receive one with it set
 
 
@@ -155,16 +156,17 @@ class Replies:
         rx = ((((rx_ns << 32) + NTP_SCALED_OFFSET) // 1_000_000_000) & MASK64) | 1
         now = self.clock()
         lag = timestamps.cold_lag if timestamps.cold else self._lag
-        origin, tx_ns = request[40:48], now + lag.ns + tx_delay_ns
+        quoted, received, sent = _THREE.unpack_from(request, 24)
+        origin, tx_ns = sent, now + lag.ns + tx_delay_ns
         if (
             (request[0] >> 3) & 7 == 4
-            and request[32:40] != request[40:48]
-            and threading.get_ident() == timestamps.thread  # (not a deferred reply on another thread)
+            and received != sent
+            and get_ident() == timestamps.thread  # (not a deferred reply on another thread)
         ):
-            earlier = timestamps.exchange(_U64.unpack_from(request, 24)[0], rx, self.client, now)
+            earlier = timestamps.exchange(quoted, rx, self.client, now)
             if earlier is not None:
-                origin, tx_ns = request[32:40], earlier
-        return _REPLY.pack(
+                origin, tx_ns = received, earlier
+        return _REPLY_Q.pack(
             self._first[request[0] & 63],
             request[2:3],
             self._middle,

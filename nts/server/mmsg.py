@@ -236,8 +236,9 @@ class Batch:
         _LENGTH.pack_into(self._tx_iov, j * _IOVEC_SIZE + 8, n)
         _PEER.pack_into(self.tx, j * _MMSG_SIZE, self._names_addr + i * _NAME_LEN, namelen)
         if stamp and not self.pktinfo:  # the stamp request alone: written in every slot at the start
-            _LENGTH.pack_into(self.tx, j * _MMSG_SIZE + _CONTROLLEN_AT, TS_REQUEST_SPACE)
-            self._controlled.add(j)
+            if j not in self._controlled:  # (else its length is there already)
+                _LENGTH.pack_into(self.tx, j * _MMSG_SIZE + _CONTROLLEN_AT, TS_REQUEST_SPACE)
+                self._controlled.add(j)
         elif stamp or self.pktinfo:  # the request's destination address becomes the reply's source; the stamp
             control = self.pktinfo_bytes(i) if self.pktinfo else b""
             if stamp:  # the next control message starts at the aligned end of this one (CMSG_NXTHDR)

@@ -343,6 +343,7 @@ class UdpListener:
         time_ns = time.time_ns
         limit = MAX_DATAGRAM
         stats, requests = self.stats, self._requests
+        lengths = self._awaited_lengths  # (cleared in place, never replaced)
         counts = stats.counts
         while True:
             n = recv()
@@ -365,6 +366,7 @@ class UdpListener:
             # (only replies in the interleaved table are timed in a batch: the correction's samples
             # are replies answered at once, see _await)
             sealing: list[tuple[int, int, Seal, Any]] = []
+            stamped = False  # a reply of this batch is in the interleaved table: its send is timed
             deferred: list[tuple[Pipeline, bytes, Defer, list[Any]]] = []
             requests.n += n
             for i, data, length, namelen, rx, addr in messages(n):
@@ -382,9 +384,12 @@ class UdpListener:
                 if kind is Seal:  # verified; finished below, after the rest of the batch
                     sealing.append((i, namelen, decision, addr))  # type: ignore[arg-type]
                 elif kind is bytes:
-                    if timestamps is not None and timestamps.pending is not None:
+                    if timestamps is not None and timestamps.pending is not None:  # (see the note above _await)
+                        timestamps.pending = None
                         queue(i, namelen, decision, True)  # type: ignore[arg-type]
-                        self._held(decision)  # type: ignore[arg-type]
+                        stamped = True
+                        if len(decision) not in lengths:  # type: ignore[arg-type]
+                            self._awaited_length(len(decision))  # type: ignore[arg-type]
                     else:
                         queue(i, namelen, decision)  # type: ignore[arg-type]
                     if not first:
@@ -407,8 +412,11 @@ class UdpListener:
                     continue
                 if type(reply) is bytes:
                     if timestamps is not None and timestamps.pending is not None:
+                        timestamps.pending = None
                         queue(i, namelen, reply, True)
-                        self._held(reply)
+                        stamped = True
+                        if len(reply) not in lengths:
+                            self._awaited_length(len(reply))
                     else:
                         queue(i, namelen, reply)
                     now = time_ns()
@@ -427,7 +435,7 @@ class UdpListener:
             self._idle_from = time_ns()
             if deferred:
                 self._hand_over(deferred)
-            if self._stamped:
+            if stamped or self._stamped:
                 self._stamped = False
                 self._drain()
 
@@ -469,14 +477,9 @@ class UdpListener:
         Kiss-o'-Death, stratum 0, whose times are not a reply's; its receive field flagged)."""
         return reply[1] != 0 and reply[39] & 1 == 1
 
-    def _held(self, reply: bytes) -> None:
-        """A reply of a batch sent with a stamp request for the interleaved table: `_drain` finds
-        its entry there by the receive field (no lag sample: see _await)."""
-        assert self.timestamps is not None
-        self.timestamps.pending = None
-        self._stamped = True
-        if len(reply) not in self._awaited_lengths:
-            self._awaited_length(len(reply))
+    # A reply of a batch sent with a stamp request for the interleaved table (`_serve_batched`,
+    # written out there: a call per reply showed in the profile): its entry's `pending` is cleared,
+    # its length noted, and `_drain` finds the entry by the receive field (no lag sample: see _await).
 
     def _await(self, reply: bytes) -> None:
         """Note a reply answered at once and sent with a stamp request under its receive field,
@@ -513,8 +516,6 @@ class UdpListener:
     def _drain(self) -> None:
         """Read the kernel's transmit timestamps from the socket's error queue (never blocks). Each
         comes with the datagram as it left, whose receive field names the reply it belongs to."""
-        timestamps = self.timestamps
-        assert timestamps is not None
         if self._errqueue is None and mmsg.available():
             self._errqueue = mmsg.ErrorQueue(self.sock, 64, MAX_DATAGRAM, self.hardware)
         queue, stamped_at = self._errqueue, self._stamped_at
@@ -522,12 +523,11 @@ class UdpListener:
             if queue is None:  # (no recvmmsg here)
                 copied = self._read_error_queue()
                 for data, tx, card in copied:
-                    stamped_at(data, 0, len(data), tx, card)
+                    stamped_at(data, [(0, len(data), tx, card)])
                 count = len(copied)
             else:
-                found, buffer = queue.stamps(), queue.data  # (the datagrams stay in the queue's buffer)
-                for start, end, tx, card in found:
-                    stamped_at(buffer, start, end, tx, card)
+                found = queue.stamps()  # (the datagrams stay in the queue's buffer)
+                stamped_at(queue.data, found)
                 count = len(found)
             if count < 64:
                 return
@@ -546,32 +546,36 @@ class UdpListener:
             if len(out) >= 64:
                 return out
 
-    def _stamped_at(self, data: Any, start: int, end: int, tx: int, card: bool = False) -> None:
-        """The kernel (or, `card`, the network card) sent the datagram in data[start:end] (a reply,
-        behind its link, IP and UDP headers) at `tx`. The card's time comes after the kernel's and
-        replaces it in the interleaved table (the kernel's alone feeds the correction of basic replies)."""
-        timestamps, awaited = self.timestamps, self._awaited
+    def _stamped_at(self, data: Any, found: list[tuple[int, int, int, bool]]) -> None:
+        """The kernel (or, `card`, the network card) sent each datagram data[start:end] in `found`
+        (a reply, behind its link, IP and UDP headers) at `tx`. The card's time comes after the
+        kernel's and replaces it in the interleaved table (the kernel's alone feeds the correction
+        of basic replies). One call per read: a call per timestamp showed in the profile."""
+        timestamps, awaited, lengths = self.timestamps, self._awaited, self._awaited_lengths
         assert timestamps is not None
-        for length in self._awaited_lengths:
-            if tx and end - start >= length:
-                (key,) = _U64.unpack_from(data, end - length + 32)  # (the reply's receive field)
-                if card:
-                    if key in timestamps.entries:
-                        timestamps.kernel(key, tx)
-                        return
-                    continue
-                found = awaited.get(key)
-                if found is None:  # an interleaved-table reply sent in a batch (not awaited: see _await)
-                    if timestamps.kernel(key, tx):
-                        return
-                    continue
-                if found[0] == length:
-                    del awaited[key]
-                    found[3].sample(tx - found[1])
-                    if found[2]:
-                        timestamps.kernel(key, tx)
-                    return
-        self.stamp_mismatches += 1
+        kernel, unpack = timestamps.kernel, _U64.unpack_from
+        for start, end, tx, card in found:
+            for length in lengths:
+                if tx and end - start >= length:
+                    (key,) = unpack(data, end - length + 32)  # (the reply's receive field)
+                    if card:
+                        if key in timestamps.entries:
+                            kernel(key, tx)
+                            break
+                        continue
+                    waited = awaited.get(key) if awaited else None
+                    if waited is None:  # an interleaved-table reply sent in a batch (not awaited: see _await)
+                        if kernel(key, tx):
+                            break
+                        continue
+                    if waited[0] == length:
+                        del awaited[key]
+                        waited[3].sample(tx - waited[1])
+                        if waited[2]:
+                            kernel(key, tx)
+                        break
+            else:
+                self.stamp_mismatches += 1
 
     def _internal_error(self, addr: tuple[str, int]) -> None:
         self.stats.inc(_K_INTERNAL)
