@@ -68,7 +68,7 @@ class TxTimestamps:
     (`thread`); `pending` hands the shell the entry the last reply built made, to time its send."""
 
     __slots__ = ("cold", "cold_lag", "daemon_served", "entries", "interleaved", "kernel_stamps", "lag",
-                 "max_entries", "pending", "thread", "unmatched")  # fmt: skip
+                 "max_entries", "pending", "thread", "unhurried", "unmatched")  # fmt: skip
 
     def __init__(self, max_entries: int = MAX_ENTRIES, lag: TxLag | None = None, cold_lag: TxLag | None = None) -> None:
         self.entries: dict[int, list[object]] = {}
@@ -77,6 +77,9 @@ class TxTimestamps:
         self.cold_lag = cold_lag if cold_lag is not None else TxLag()  # after a pause: added to replies
         self.cold = False  # the request being answered came after a pause (set by the shell)
         self.pending: tuple[int, int] | None = None  # (receive key, time read before the send)
+        # the reply `pending` is for carries no time read before its send (interleaved: its transmit
+        # time is an earlier reply's, known), so it may wait for the rest of its batch's send call
+        self.unhurried = False
         self.thread = threading.get_ident()  # the listener's thread (set again when it starts)
         self.interleaved = 0  # replies sent in interleaved mode
         self.unmatched = 0  # interleaved-looking requests answered in basic mode (no usable entry)
@@ -112,4 +115,5 @@ class TxTimestamps:
             del entries[next(iter(entries))]  # the oldest (insertion order)
         entries[key] = [client, tx_ns, False]
         self.pending = (key, tx_ns)
+        self.unhurried = earlier is not None
         return earlier  # type: ignore[return-value]

@@ -390,10 +390,12 @@ class UdpListener:
                         stamped = True
                         if len(decision) not in lengths:  # type: ignore[arg-type]
                             self._awaited_length(len(decision))  # type: ignore[arg-type]
+                        if not first and not timestamps.unhurried:
+                            first = time_ns()
                     else:
                         queue(i, namelen, decision)  # type: ignore[arg-type]
-                    if not first:
-                        first = time_ns()
+                        if not first:
+                            first = time_ns()
                 else:
                     if timestamps is not None:
                         timestamps.pending = None  # (a header built, then not sent)
@@ -411,18 +413,19 @@ class UdpListener:
                     self._internal_error(addr)
                     continue
                 if type(reply) is bytes:
+                    hurried = True
                     if timestamps is not None and timestamps.pending is not None:
                         timestamps.pending = None
                         queue(i, namelen, reply, True)
                         stamped = True
                         if len(reply) not in lengths:
                             self._awaited_length(len(reply))
+                        hurried = not timestamps.unhurried
                     else:
                         queue(i, namelen, reply)
-                    now = time_ns()
-                    if not first:
-                        first = now
-                    if now - first >= hold:
+                    if hurried and not first:
+                        first = time_ns()
+                    if first and time_ns() - first >= hold:
                         self._flush(batch)
                         first = 0
                 else:
