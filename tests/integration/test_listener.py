@@ -7,6 +7,7 @@ import asyncio
 import errno
 import queue
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ from nts.core.stats import Counters
 from nts.server import metrics as metrics_module
 from nts.server import mmsg
 from nts.server.udp import MAX_DATAGRAM, UdpListener, open_udp_socket
+from nts.wire.timestamps import ntp64_to_unix_ns
 from tests.helpers import client_request, query, wait_until
 
 
@@ -293,6 +295,45 @@ def test_batched_replies_are_timestamped_after_the_whole_batch_is_verified() -> 
                 listener.stop()
         assert len(replies) == 10 and verified_when_read == [10] * 10
         assert pipeline.counters()[("replies", "slowverify")] == 10
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not mmsg.available(), reason="no recvmmsg here")
+def test_a_batch_of_interleaved_replies_shares_one_send_call_even_with_no_hold() -> None:
+    """max_hold_us 0 sends a reply as soon as its transmit time is read; an interleaved reply reads
+    none (its transmit time is an earlier reply's kernel time), so a whole batch of them leaves in
+    one sendmmsg, each with the earlier reply's time, while a basic reply in the batch is not held."""
+
+    async def main() -> None:
+        listener, _, port = _listener(PlainHandler(), 32, 0)
+        table = listener.timestamps
+        if table is None:
+            pytest.skip("no kernel timestamping here")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(5)
+            requests = []
+            for n in range(20):  # entries as earlier replies to this client left them, kernel-stamped
+                key = ((n + 1) << 8) | 1
+                table.entries[key] = ["127.0.0.1", 1_700_000_000_000_000_000 + n * 1000, True]
+                requests.append(client_request()[:24] + struct.pack(">QQQ", key, 0xAAAA0000 + n, 0xBBBB0000 + n))
+            requests.insert(10, client_request(transmit=0xCCCC))  # one basic request among them
+            for r in requests:  # queued before the listener reads: one batch
+                c.sendto(r, ("127.0.0.1", port))
+            listener.start(asyncio.get_running_loop())
+            try:
+                replies = [await asyncio.get_running_loop().run_in_executor(None, c.recv, 200) for _ in requests]
+            finally:
+                listener.stop()
+        origins = {struct.unpack_from(">Q", r, 24)[0]: r for r in replies}
+        assert set(origins) == {0xAAAA0000 + n for n in range(20)} | {0xCCCC}
+        for n in range(20):  # origin: the request's receive field; transmit: the earlier reply's time
+            tx = struct.unpack_from(">Q", origins[0xAAAA0000 + n], 40)[0]
+            assert ntp64_to_unix_ns(tx, time.time_ns()) // 1000 == 1_700_000_000_000_000 + n
+        counts = listener.counters()
+        assert counts[("interleaved_replies",)] == 20 and counts[("requests",)] == 21
+        # the basic reply was sent at once (hold 0): one call up to it, one for the rest
+        assert counts[("io_calls", "recvmmsg")] == 1 and counts[("io_calls", "sendmmsg")] == 2
 
     asyncio.run(main())
 
