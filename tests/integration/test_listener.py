@@ -11,7 +11,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -466,3 +466,54 @@ def test_replies_after_a_pause_feed_the_cold_lag_and_back_to_back_ones_the_warm(
     finally:
         listener.stop()
         loop.close()
+
+
+class _Watched(socket.socket):
+    """A listener's socket that notes each send: a probe (MSG_PROBE) or a real one."""
+
+    events: list[str]
+
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Any = None) -> int:
+        self.events.append("probe" if flags & 0x10 else "send")
+        return super().sendmsg(buffers, ancdata, flags, address)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_after_a_pause_the_way_to_the_wire_is_walked_before_the_transmit_time_is_read(batch: int) -> None:
+    """A request after a pause: the listener probes the send path to its client (MSG_PROBE, which
+    sends nothing) before the pipeline reads the clock for the reply, so the cold path's extra
+    microseconds are not in the time served; the client still gets exactly one datagram."""
+    events: list[str] = []
+    plain = open_udp_socket("127.0.0.1", 0)
+    sock = _Watched(fileno=plain.detach())
+    sock.events = events
+    state = server_state(ClockSettings(local_reference=True), None, -20, time.time_ns())
+
+    def clock() -> int:
+        events.append("clock")
+        return time.time_ns()
+
+    def make(stats: Counters, deferred_stats: Counters, timestamps: TxTimestamps | None = None) -> Pipeline:
+        return Pipeline(state=state, authenticators=[PlainHandler()], clock=clock, stats=stats,
+                        deferred_stats=deferred_stats, timestamps=timestamps)  # fmt: skip
+
+    listener = UdpListener(sock, make, batch=batch, hold_ns=50_000)
+    if listener.timestamps is None:
+        pytest.skip("no kernel timestamping here")
+    port = sock.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    listener.start(loop)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+            c.settimeout(1.0)
+            for n in range(3):
+                time.sleep(0.005)  # (not synchronisation: the pause is what makes the request cold)
+                c.sendto(client_request(transmit=n + 1), ("127.0.0.1", port))
+                assert int.from_bytes(c.recv(100)[24:32], "big") == n + 1
+            c.setblocking(False)
+            with pytest.raises(BlockingIOError):  # nothing more came (a probe sends nothing)
+                c.recv(100)
+    finally:
+        listener.stop()
+        loop.close()
+    assert events == ["probe", "clock", "send"] * 3
