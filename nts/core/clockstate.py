@@ -96,7 +96,7 @@ def server_state(settings: ClockSettings, kernel: KernelClock | None, precision:
 _REPLY = struct.Struct(">2s1s21s8sQQ")  # LI/VN/mode + stratum, poll, the state's bytes, origin, receive, transmit
 
 
-_REPLY_Q = struct.Struct(">2s1s21sQQQ")  # the same with the origin as a number (interleaved replies)
+_REPLY_Q = struct.Struct(">2sB21sQQQ")  # the same with poll and origin as numbers (interleaved replies)
 _THREE = struct.Struct(">QQQ")  # a request's origin, receive and transmit timestamps
 _EVEN64 = MASK64 - 1  # a transmit timestamp goes out with its lowest bit clear, a receive one with it set
 
@@ -155,24 +155,21 @@ class Replies:
         assert timestamps is not None
         rx = ((((rx_ns << 32) + NTP_SCALED_OFFSET) // 1_000_000_000) & MASK64) | 1
         now = self.clock()
-        lag = timestamps.cold_lag if timestamps.cold else self._lag
         quoted, received, sent = _THREE.unpack_from(request, 24)
-        origin, tx_ns = sent, now + lag.ns + tx_delay_ns
-        if (
-            (request[0] >> 3) & 7 == 4
-            and received != sent
-            and get_ident() == timestamps.thread  # (not a deferred reply on another thread)
-        ):
-            earlier = timestamps.exchange(quoted, rx, self.client, now)
-            if earlier is not None:
-                origin, tx_ns = received, earlier
+        first = request[0]
+        earlier = None
+        if (first >> 3) & 7 == 4 and received != sent and get_ident() == timestamps.thread:  # (not a deferred
+            earlier = timestamps.exchange(quoted, rx, self.client, now)  # reply, on another thread)
+        if earlier is None:  # basic mode
+            lag = timestamps.cold_lag if timestamps.cold else self._lag
+            received, earlier = sent, now + lag.ns + tx_delay_ns
         return _REPLY_Q.pack(
-            self._first[request[0] & 63],
-            request[2:3],
+            self._first[first & 63],
+            request[2],
             self._middle,
-            origin,
+            received,  # (the origin: the request's receive field, in interleaved mode)
             rx,
-            (((tx_ns << 32) + NTP_SCALED_OFFSET) // 1_000_000_000) & _EVEN64,
+            (((earlier << 32) + NTP_SCALED_OFFSET) // 1_000_000_000) & _EVEN64,
         )
 
     def kiss(self, request: bytes, code: bytes, rx_ns: int) -> bytes:
