@@ -179,27 +179,37 @@ def mssntp_saturation(work: Path, args: argparse.Namespace, binary: Path) -> Non
         rt = ("chrt", "-f", "50")
         try:
             secs = args.seconds
-            rows: dict[str, list[tuple[float, float, float, float]]] = {"ntsd": [], "chrony": []}
+            rows: dict[str, list[tuple[float, float, float, float, float]]] = {"ntsd": [], "chrony": []}
             for r in range(args.rounds):
                 for name in ("ntsd", "chrony") if r % 2 == 0 else ("chrony", "ntsd"):
                     port = pair.ntp[name]
                     alone = figures(loadgen(binary, port, secs, 1, PLAIN_REQUEST, args.client_core, prefix=rt))
+                    # the ceiling: what a busy client core alone (saturated Samba keeps it 95-99% busy)
+                    # costs the plain client, with no signing at all
+                    busy = subprocess.Popen(["taskset", "-c", str(args.client_core), "sh", "-c", "while :; do :; done"])
+                    try:
+                        ceiling = figures(loadgen(binary, port, secs, 1, PLAIN_REQUEST, args.client_core, prefix=rt))
+                    finally:
+                        busy.kill()
+                        busy.wait()
                     load = loadgen(binary, port, secs + 2, 64, signed, args.client_core)
                     time.sleep(1)  # not synchronisation: signing reaches its pace first
                     cpu0, t0 = tree_cpu_seconds(pair.procs[name].pid), time.monotonic()
                     beside = figures(loadgen(binary, port, secs, 1, PLAIN_REQUEST, args.client_core, prefix=rt))
                     cpu = (tree_cpu_seconds(pair.procs[name].pid) - cpu0) / (time.monotonic() - t0)
-                    rows[name].append((alone["rate"], beside["rate"], figures(load)["rate"], cpu))
+                    rows[name].append((alone["rate"], beside["rate"], figures(load)["rate"], cpu, ceiling["rate"]))
             print(f"\nMS-SNTP saturation through one Samba (RID {dc.rid}): plain replies/s with one request in "
-                  f"flight, medians of {args.rounds} rounds")  # fmt: skip
+                  f"flight, medians of {args.rounds} rounds; ceiling: the share kept beside a busy client core "
+                  "alone (no signing)")  # fmt: skip
             print(f"  {'server':8} {'alone/s':>9} {'beside/s':>9} {'share':>6} {'range':>9} {'signed/s':>9} "
-                  f"{'cpu':>6}")  # fmt: skip
+                  f"{'cpu':>6} {'ceiling':>8}")  # fmt: skip
             for name, got in rows.items():
-                alone_m, beside_m, signed_m, cpu_m = (statistics.median(col) for col in zip(*got, strict=True))
-                shares = sorted(b / a for a, b, _, _ in got)
+                alone_m, beside_m, signed_m, cpu_m, _ = (statistics.median(col) for col in zip(*got, strict=True))
+                shares = sorted(b / a for a, b, *_ in got)
+                ceiling_m = statistics.median(c / a for a, *_, c in got)
                 print(f"  {name:8} {alone_m:9.0f} {beside_m:9.0f} {statistics.median(shares):6.0%} "
                       f"{'-'.join(f'{x:.0%}' for x in (shares[0], shares[-1])):>9} {signed_m:9.0f} "
-                      f"{cpu_m:6.0%}")  # fmt: skip
+                      f"{cpu_m:6.0%} {ceiling_m:8.0%}")  # fmt: skip
         finally:
             pair.stop()
     finally:
