@@ -24,7 +24,7 @@ import errno
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 # struct mmsghdr { struct msghdr { name, namelen, iov, iovlen, control, controllen, flags }, len }
@@ -66,6 +66,7 @@ _ERRQ_CONTROL = 512  # control bytes per error-queue slot (the timestamps and th
 _ERRQ_FIRST = struct.Struct(f"@NiiqQ{_ERRQ_CONTROL - 32}x")  # a slot read as its first cmsg and a timespec
 _TS_CMSG_MIN = 16 + 16  # an SO_TIMESTAMPING message long enough for its first time
 _SOL_SOCKET = socket.SOL_SOCKET
+_TIMESTAMPING = ((socket.SOL_SOCKET, SO_TIMESTAMPING),)
 # A sockaddr_storage slot read as IPv4: family read big-endian (compared to a swapped constant), port, address
 _NAME4_SLOT = struct.Struct(">HH4s120x")
 _NAME6 = struct.Struct(">HHI16s")
@@ -255,17 +256,10 @@ class Batch:
     def pktinfo_bytes(self, i: int) -> bytes:
         """The IP_PKTINFO / IPV6_PKTINFO control message the kernel gave receive slot i, whole (header
         included, as sendmsg takes it), or b"" when there is none."""
-        base, ctl = i * self._ctl, self._ctl
+        base = i * self._ctl
         (_, controllen, _) = _LENGTHS.unpack_from(self.rx, i * _MMSG_SIZE)
-        end, pos = base + min(controllen, ctl), base
-        while pos + _CMSG_HEAD.size <= end:
-            length, level, kind = _CMSG_HEAD.unpack_from(self.control, pos)
-            if length < _CMSG_HEAD.size or pos + length > end:
-                break
-            if (level, kind) in PKTINFO:
-                return bytes(self.control[pos : pos + length])
-            pos += socket.CMSG_SPACE(length - _CMSG_HEAD.size)
-        return b""
+        found = find_cmsg(self.control, base, base + min(controllen, self._ctl), PKTINFO)
+        return b"" if found is None else bytes(self.control[found[0] : found[0] + found[1]])
 
     def pktinfo_ancillary(self, i: int) -> list[tuple[int, int, bytes]]:
         """Slot i's pktinfo as socket.sendmsg takes ancillary data ([] when there is none)."""
@@ -349,15 +343,25 @@ class ErrorQueue:
 
     def _walk(self, base: int, controllen: int) -> tuple[int, bool] | None:
         """The transmit time in one slot's control messages, read one by one; None: there is none."""
-        pos, end = base, base + controllen
-        while pos + _CMSG_HEAD.size <= end:
-            cmsg_len, level, kind = _CMSG_HEAD.unpack_from(self.control, pos)
-            if cmsg_len < _CMSG_HEAD.size or pos + cmsg_len > end:
-                return None
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and cmsg_len >= _TS_CMSG_MIN:
-                return transmit_time(self.control, pos + _CMSG_HEAD.size, cmsg_len - _CMSG_HEAD.size, self.hardware)
-            pos += socket.CMSG_SPACE(cmsg_len - _CMSG_HEAD.size)
-        return None
+        found = find_cmsg(self.control, base, base + controllen, _TIMESTAMPING)
+        if found is None or found[1] < _TS_CMSG_MIN:
+            return None
+        at, cmsg_len = found
+        return transmit_time(self.control, at + _CMSG_HEAD.size, cmsg_len - _CMSG_HEAD.size, self.hardware)
+
+
+def find_cmsg(control: Any, pos: int, end: int, wanted: Container[tuple[int, int]]) -> tuple[int, int] | None:
+    """The first control message in control[pos:end] whose (level, type) is `wanted`: where it
+    starts and its length (cmsg_len, header included); None when there is none, or the messages
+    stop making sense before it (a length too short, or past the end)."""
+    while pos + _CMSG_HEAD.size <= end:
+        cmsg_len, level, kind = _CMSG_HEAD.unpack_from(control, pos)
+        if cmsg_len < _CMSG_HEAD.size or pos + cmsg_len > end:
+            return None
+        if (level, kind) in wanted:
+            return pos, cmsg_len
+        pos += socket.CMSG_SPACE(cmsg_len - _CMSG_HEAD.size)
+    return None
 
 
 def transmit_time(stamps: Any, at: int, length: int, hardware: Hardware | None) -> tuple[int, bool]:

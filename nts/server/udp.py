@@ -169,7 +169,9 @@ class UdpListener:
         self._awaited: dict[int, tuple[int, int, bool, TxLag]] = {}
         self._awaited_lengths: set[int] = set()
         self._last_sample = 0
-        self._stamped = False  # a reply of the batch under way asked for its transmit timestamp
+        # a reply answered at once asked for its transmit time, which may come after the read that
+        # follows its send (a card's, or a send the kernel queued): the next batch reads again
+        self._stamped = False
         self._errqueue: mmsg.ErrorQueue | None = None  # (made on first use, in the listener's thread)
         self.stamp_mismatches = 0
         self.pipeline = make_pipeline(self.stats, self.loop_stats, self.timestamps)  # replaced by reload
@@ -340,16 +342,21 @@ class UdpListener:
         it and sends nothing) with the same control messages takes most of both out (measured:
         lag 25 -> 12 us, its median absolute deviation 3 -> 1 us)."""
         with contextlib.suppress(OSError):
-            self.sock.sendmsg([data], [*anc, self._stamp_request] if stamp else anc, _MSG_PROBE, addr)
+            self.sock.sendmsg([data], self._controls(anc, stamp), _MSG_PROBE, addr)
+
+    def _controls(self, anc: list[Any], stamp: bool) -> list[Any]:
+        """A send's control messages: the source address (`anc`, on a wildcard socket) and, with
+        `stamp`, the request for the time it leaves."""
+        if not stamp:
+            return anc
+        return [*anc, self._stamp_request] if anc else self._stamp_alone
 
     def _send(self, stats: Counters, reply: bytes, addr: Any, anc: list[Any], stamp: bool = False) -> None:
         """Send one reply; `stats`: the sink of the thread sending it (errors are counted there);
         `stamp`: ask the kernel for the time it leaves."""
         try:
-            if stamp:
-                self.sock.sendmsg([reply], [*anc, self._stamp_request] if anc else self._stamp_alone, 0, addr)
-            elif anc:
-                self.sock.sendmsg([reply], anc, 0, addr)
+            if stamp or anc:
+                self.sock.sendmsg([reply], self._controls(anc, stamp), 0, addr)
             else:
                 self.sock.sendto(reply, addr)
         except OSError as exc:
