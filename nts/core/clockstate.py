@@ -110,7 +110,7 @@ class Replies:
     get interleaved replies (`interleave`); `client` is the address of the request being answered.
     A symmetric active request (mode 1) is answered in symmetric passive mode (2)."""
 
-    __slots__ = ("_cold_offset", "_first", "_lag", "_middle", "_tx_offset", "client", "clock", "timestamps")
+    __slots__ = ("_first", "_lag", "_middle", "_tx_offset", "client", "clock", "timestamps")
 
     def __init__(self, state: ServerState, clock: Callable[[], int], timestamps: TxTimestamps | None = None) -> None:
         self.clock = clock
@@ -119,7 +119,6 @@ class Replies:
         # the conversion's offset with the correction in it (the lag, taken when the state is, each
         # second), so a basic reply pays no addition for it
         self._tx_offset = NTP_SCALED_OFFSET + (self._lag.ns << 32)
-        self._cold_offset = NTP_SCALED_OFFSET + (timestamps.cold_lag.ns << 32) if timestamps is not None else 0
         self.client = ""
         mode = [Mode.SERVER, Mode.SYMMETRIC_PASSIVE]  # for client (3) and symmetric active (1) requests
         self._first = [bytes(((state.leap << 6) | (v << 3) | mode[m == 1], state.stratum))
@@ -136,7 +135,7 @@ class Replies:
             if request[31] & 1:  # the origin is one of our receive timestamps
                 return self._interleave(request, rx_ns, tx_delay_ns)
             if timestamps.cold:
-                offset = self._cold_offset
+                offset = NTP_SCALED_OFFSET + (timestamps.cold_ns << 32)
         return _REPLY.pack(
             self._first[request[0] & 63],
             request[2:3],
@@ -161,8 +160,8 @@ class Replies:
         if (first >> 3) & 7 == 4 and received != sent and get_ident() == timestamps.thread:  # (not a deferred
             earlier = timestamps.exchange(quoted, rx, self.client, now)  # reply, on another thread)
         if earlier is None:  # basic mode
-            lag = timestamps.cold_lag if timestamps.cold else self._lag
-            received, earlier = sent, now + lag.ns + tx_delay_ns
+            lag = timestamps.cold_ns if timestamps.cold else self._lag.ns
+            received, earlier = sent, now + lag + tx_delay_ns
         return _REPLY_Q.pack(
             self._first[first & 63],
             request[2],

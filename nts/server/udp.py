@@ -165,8 +165,9 @@ class UdpListener:
         self.timestamps = TxTimestamps(cold_lag=TxLag(correct)) if self.stamping else None
         self._idle_from = 0  # when this listener last finished a reply (wall ns): a long pause makes it cold
         # replies whose kernel transmit time is awaited: receive field as sent -> (length, time stamped
-        # before any correction, whether the interleaved table holds it, the lag its send is a sample of)
-        self._awaited: dict[int, tuple[int, int, bool, TxLag]] = {}
+        # before any correction, whether the interleaved table holds it, the lag its send is a sample
+        # of, the pace it was answered at)
+        self._awaited: dict[int, tuple[int, int, bool, TxLag, int]] = {}
         self._awaited_lengths: set[int] = set()
         self._last_sample = 0
         # a reply answered at once asked for its transmit time, which may come after the read that
@@ -187,9 +188,7 @@ class UdpListener:
     def correct(self, on: bool) -> None:
         """Add the measured lag to basic replies' transmit time, or not (measured either way)."""
         if self.timestamps is not None:
-            lag = self.timestamps.cold_lag  # (the warm one is measured only: see core/interleave.py)
-            lag.enabled = on
-            lag.ns = lag.estimate_ns if on else 0
+            self.timestamps.cold_lag.enable(on)  # (the warm one is measured only: see core/interleave.py)
 
     def renew(self, make_pipeline: MakePipeline) -> None:
         """Serve through a new pipeline (a reload) from the next datagram on, with the same counters
@@ -305,10 +304,11 @@ class UdpListener:
         timestamps = self.timestamps
         due = False  # this reply's send may be timed for the correction (at most every few ms)
         if timestamps is not None:  # after a pause the way to the wire is cold: its own lag is added
-            cold = timestamps.cold = rx - self._idle_from > _COLD_AFTER_NS
             due = time.monotonic_ns() - self._last_sample >= _SAMPLE_EVERY_NS
-            if cold:
-                self._warm(data, addr, anc, due)
+            if rx - self._idle_from > _COLD_AFTER_NS:
+                timestamps.after_pause(self._warm(data, addr, anc, due))
+            else:
+                timestamps.cold = False
         try:
             decision = pipeline.handle(data, addr, rx)
         except Exception:  # a bug (in a plugin, say) costs this datagram, never the listener
@@ -335,14 +335,17 @@ class UdpListener:
         elif self._on_drop is not None:
             self._on_drop(decision.reason, addr)  # type: ignore[union-attr]
 
-    def _warm(self, data: bytes, addr: Any, anc: list[Any], stamp: bool) -> None:
-        """Walk the way to the wire once before the reply's transmit time is read: after a pause the
-        first send to `addr` takes 10-20 us longer than the next and varies by a few us from one
-        reply to another, which would be in the time served; a probe (MSG_PROBE: the kernel routes
-        it and sends nothing) with the same control messages takes most of both out (measured:
-        lag 25 -> 12 us, its median absolute deviation 3 -> 1 us)."""
+    def _warm(self, data: bytes, addr: Any, anc: list[Any], stamp: bool) -> int:
+        """Walk the way to the wire once before the reply's transmit time is read, and say how long
+        that took (ns: the pace, see core/interleave.py): after a pause the first send to `addr`
+        takes 10-20 us longer than the next and varies by a few us from one reply to another, which
+        would be in the time served; a probe (MSG_PROBE: the kernel routes it and sends nothing)
+        with the same control messages takes most of both out (measured: lag 25 -> 12 us, its
+        median absolute deviation 3 -> 1 us)."""
+        start = time.perf_counter_ns()
         with contextlib.suppress(OSError):
             self.sock.sendmsg([data], self._controls(anc, stamp), _MSG_PROBE, addr)
+        return time.perf_counter_ns() - start
 
     def _controls(self, anc: list[Any], stamp: bool) -> list[Any]:
         """A send's control messages: the source address (`anc`, on a wildcard socket) and, with
@@ -511,7 +514,8 @@ class UdpListener:
         of a batch are no samples: they wait for the rest of it."""
         timestamps = self.timestamps
         assert timestamps is not None
-        lag = timestamps.cold_lag if timestamps.cold else timestamps.lag
+        cold = timestamps.cold
+        lag = timestamps.cold_lag if cold else timestamps.lag
         pending = timestamps.pending
         if pending is not None:
             timestamps.pending = None
@@ -520,12 +524,13 @@ class UdpListener:
         else:
             self._last_sample = time.monotonic_ns()
             key = int.from_bytes(reply[32:40], "big")
-            stamped = ntp64_to_unix_ns(int.from_bytes(reply[40:48], "big"), time.time_ns()) - lag.ns
+            stamped = ntp64_to_unix_ns(int.from_bytes(reply[40:48], "big"), time.time_ns())
+            stamped -= timestamps.cold_ns if cold else lag.ns
             held = False
         awaited = self._awaited
         if len(awaited) >= _STAMPS_KEPT:
             del awaited[next(iter(awaited))]
-        awaited[key] = (len(reply), stamped, held, lag)
+        awaited[key] = (len(reply), stamped, held, lag, timestamps.pace if cold else 0)
         self._stamped = True
         self._awaited_length(len(reply))
 
@@ -593,7 +598,7 @@ class UdpListener:
                         continue
                     if waited[0] == length:
                         del awaited[key]
-                        waited[3].sample(tx - waited[1])
+                        waited[3].sample(tx - waited[1], waited[4])
                         if waited[2]:
                             kernel(key, tx)
                         break
