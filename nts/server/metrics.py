@@ -53,7 +53,8 @@ SHELL_GAUGES: GaugeHelp = {
     "tx_lag_seconds": "Median time from a reply's transmit timestamp to the kernel's, under load (measured).",
     "tx_correction_seconds": "What basic replies' transmit time is moved on by under load (0: measured only).",
     "tx_lag_idle_seconds": "Median time from a reply's transmit timestamp to the kernel's after a pause (measured).",
-    "tx_correction_idle_seconds": "What basic replies' transmit time is moved on by after a pause (correct_transmit).",
+    "tx_correction_idle_seconds": "What basic replies' transmit time is moved on by after a pause, their median "
+    "(correct_transmit; each reply's is the lag at its pace).",
     "workers": "Worker processes serving NTP.",
     "config_last_reload_successful": "1 when the last reload applied all of the files (or none was made), else 0.",
     "config_last_reload_success_timestamp_seconds": "When the files were last applied in full (start or reload).",
