@@ -441,8 +441,8 @@ def test_without_kernel_timestamping_the_listener_says_so_and_serves(caplog: pyt
 @pytest.mark.parametrize("batch", BATCHES)
 def test_replies_after_a_pause_feed_the_cold_lag_and_back_to_back_ones_the_warm(batch: int) -> None:
     """The lag from a reply's transmit time to the kernel's is measured apart after a pause (cold,
-    and corrected for) and under load (warm, measured only): each request is judged by the time
-    since the listener last answered."""
+    and corrected for, each sample with the pace of its probe) and under load (warm, measured
+    only): each request is judged by the time since the listener last answered."""
     listener, _, port = _listener(PlainHandler(), batch)
     loop = asyncio.new_event_loop()
     listener.start(loop)
@@ -454,6 +454,7 @@ def test_replies_after_a_pause_feed_the_cold_lag_and_back_to_back_ones_the_warm(
             assert query(port, client_request()) is not None
         wait_until(lambda: len(stamps.cold_lag.samples) == 8, what="eight cold samples")
         assert not stamps.lag.samples
+        assert all(0 < pace < 50_000_000 for pace in stamps.cold_lag.paces)  # (each with its probe's duration)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(1.0)
             end = time.monotonic() + 0.05
@@ -463,6 +464,7 @@ def test_replies_after_a_pause_feed_the_cold_lag_and_back_to_back_ones_the_warm(
         wait_until(lambda: len(stamps.lag.samples) >= 5, what="warm samples")
         assert len(stamps.cold_lag.samples) <= 9  # (the first of the run may count as cold)
         assert stamps.cold_lag.ns > 0 and stamps.lag.ns == 0 and stamps.lag.estimate_ns > 0
+        assert not any(stamps.lag.paces)  # (no probe when warm)
     finally:
         listener.stop()
         loop.close()
