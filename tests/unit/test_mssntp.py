@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import os
 import random
+import select
 import struct
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -144,7 +146,17 @@ async def fake(delay: float = 0.0) -> AsyncIterator[FakeSigner]:
             yield signer
         finally:
             await signer.hang_up_all()  # (its connections' transports end with the loop, not after it)
+            # Python 3.13.0's Server cannot take a connection it accepted before close() but made a
+            # transport for after (an assertion, then a TypeError in the half-made transport's
+            # __del__): let the connections the kernel holds be accepted and made first
+            while select.select(signer.server.sockets, [], [], 0)[0]:
+                await asyncio.sleep(0)
+            await asyncio.sleep(0)
             signer.server.close()
+            if sys.version_info >= (3, 13):  # and those whose handler has not run yet are closed
+                signer.server.close_clients()
+                async with asyncio.timeout(5):
+                    await signer.server.wait_closed()
 
 
 def run(coro: Callable[[], Awaitable[None]]) -> None:
