@@ -184,6 +184,8 @@ class Ntsd:
                 self.proc.kill()
                 self.proc.wait()
         self._reader.join(5)
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
         return self.proc.returncode
 
 
