@@ -302,10 +302,10 @@ class UdpListener:
         Between the transmit time read (in the pipeline) and the send, as little runs as can: what
         the send needs is worked out before."""
         timestamps = self.timestamps
-        due = False  # this reply's send may be timed for the correction (at most every few ms)
+        due = False  # after a pause: this reply's send may be timed for the correction (at most every few ms)
         if timestamps is not None:  # after a pause the way to the wire is cold: its own lag is added
-            due = time.monotonic_ns() - self._last_sample >= _SAMPLE_EVERY_NS
             if rx - self._idle_from > _COLD_AFTER_NS:
+                due = time.monotonic_ns() - self._last_sample >= _SAMPLE_EVERY_NS  # (the probe's controls match)
                 timestamps.after_pause(self._warm(data, addr, anc, due))
             else:
                 timestamps.cold = False
@@ -319,7 +319,12 @@ class UdpListener:
             # timed: a reply in the interleaved table, or a time reply of ours when a sample is due
             # (not a Kiss-o'-Death, stratum 0, whose times are not a reply's; its receive field flagged)
             stamp = timestamps is not None and (
-                timestamps.pending is not None or (due and decision[1] != 0 and decision[39] & 1 == 1)
+                timestamps.pending is not None
+                or (
+                    decision[1] != 0
+                    and decision[39] & 1 == 1
+                    and (due if timestamps.cold else time.monotonic_ns() - self._last_sample >= _SAMPLE_EVERY_NS)
+                )
             )
             self._send(self.stats, decision, addr, anc, stamp)
             self._idle_from = time.time_ns()
